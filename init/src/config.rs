@@ -1,0 +1,503 @@
+//! Configuration from measured inputs only: the kernel command line (part of the UKI) and the
+//! configuration file in the measured image. Every `cvm.*` option is validated; an unknown or
+//! malformed one stops the boot with an error that names it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use log::LevelFilter;
+use serde::Deserialize;
+
+/// Where the init reads its configuration file (inside the measured image).
+pub const CONFIG_PATH: &str = "/etc/cvm-init/config.toml";
+
+/// The `cvm.*` options this build understands, with the form each expects.
+pub const OPTIONS: &[(&str, &str)] = &[
+    ("cvm.debug", "no value (a flag)"),
+    ("cvm.loglevel", "one of error, warn, info, debug"),
+    (
+        "cvm.modules",
+        "a comma-separated list of module names ([A-Za-z0-9_-])",
+    ),
+    #[cfg(feature = "test-hooks")]
+    ("cvm.test-panic", "the name of a boot phase"),
+];
+
+/// The typed options from the kernel command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootOptions {
+    /// Hold instead of powering off on a fatal error (the command line is measured, so a debug
+    /// boot is visible in the measurements).
+    pub debug: bool,
+    pub log_level: LevelFilter,
+    /// Modules to load in addition to those the init always needs.
+    pub modules: Vec<String>,
+    /// Test builds only: panic inside this phase, to exercise the fatal path.
+    #[cfg(feature = "test-hooks")]
+    pub test_panic: Option<String>,
+}
+
+impl Default for BootOptions {
+    fn default() -> Self {
+        BootOptions {
+            debug: false,
+            log_level: LevelFilter::Info,
+            modules: Vec::new(),
+            #[cfg(feature = "test-hooks")]
+            test_panic: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CmdlineError {
+    #[error("unknown option {key} on the kernel command line (known: {known})")]
+    Unknown { key: String, known: String },
+    #[error("option {key}={value:?} on the kernel command line is malformed: expected {expected}")]
+    Malformed {
+        key: String,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("option {key} appears twice on the kernel command line")]
+    Duplicate { key: String },
+}
+
+impl CmdlineError {
+    /// The option the error is about.
+    pub fn key(&self) -> &str {
+        match self {
+            CmdlineError::Unknown { key, .. }
+            | CmdlineError::Malformed { key, .. }
+            | CmdlineError::Duplicate { key } => key,
+        }
+    }
+}
+
+/// Splits a kernel command line into `(key, value)` parameters the way the kernel does
+/// (`lib/cmdline.c`): space-separated, double quotes group spaces and are stripped around the
+/// value, `--` ends the kernel's parameters.
+pub fn split_params(cmdline: &[u8]) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    let mut params = Vec::new();
+    let mut rest = cmdline;
+    loop {
+        while let Some((&c, tail)) = rest.split_first() {
+            if c.is_ascii_whitespace() {
+                rest = tail;
+            } else {
+                break;
+            }
+        }
+        if rest.is_empty() {
+            break;
+        }
+        let mut in_quote = false;
+        let mut end = rest.len();
+        for (i, &c) in rest.iter().enumerate() {
+            if c == b'"' {
+                in_quote = !in_quote;
+            } else if c.is_ascii_whitespace() && !in_quote {
+                end = i;
+                break;
+            }
+        }
+        let token = &rest[..end];
+        rest = &rest[end..];
+        if token == b"--" {
+            break;
+        }
+        params.push(split_token(token));
+    }
+    params
+}
+
+fn split_token(token: &[u8]) -> (Vec<u8>, Option<Vec<u8>>) {
+    let strip = |s: &[u8]| -> Vec<u8> { s.iter().copied().filter(|&c| c != b'"').collect() };
+    // The first '=' outside quotes separates the key; quotes never appear in our keys.
+    let mut in_quote = false;
+    for (i, &c) in token.iter().enumerate() {
+        if c == b'"' {
+            in_quote = !in_quote;
+        } else if c == b'=' && !in_quote {
+            return (strip(&token[..i]), Some(strip(&token[i + 1..])));
+        }
+    }
+    (strip(token), None)
+}
+
+/// Parses the `cvm.*` options of a kernel command line; other parameters belong to the kernel
+/// and are ignored here.
+pub fn parse_cmdline(cmdline: &[u8]) -> Result<BootOptions, CmdlineError> {
+    let mut options = BootOptions::default();
+    let mut seen = BTreeSet::new();
+    for (key, value) in split_params(cmdline) {
+        if !key.starts_with(b"cvm.") {
+            continue;
+        }
+        let key = String::from_utf8_lossy(&key).into_owned();
+        let value = value.map(|v| String::from_utf8_lossy(&v).into_owned());
+        let expected = match OPTIONS.iter().find(|(name, _)| *name == key) {
+            Some((_, expected)) => *expected,
+            None => {
+                let known = OPTIONS.iter().map(|(n, _)| *n).collect::<Vec<_>>();
+                return Err(CmdlineError::Unknown {
+                    key,
+                    known: known.join(", "),
+                });
+            }
+        };
+        if !seen.insert(key.clone()) {
+            return Err(CmdlineError::Duplicate { key });
+        }
+        let malformed = |value: &str| CmdlineError::Malformed {
+            key: key.clone(),
+            value: value.to_string(),
+            expected,
+        };
+        match (key.as_str(), value.as_deref()) {
+            ("cvm.debug", None) => options.debug = true,
+            ("cvm.loglevel", Some(v)) => {
+                options.log_level = match v {
+                    "error" => LevelFilter::Error,
+                    "warn" => LevelFilter::Warn,
+                    "info" => LevelFilter::Info,
+                    "debug" => LevelFilter::Debug,
+                    _ => return Err(malformed(v)),
+                }
+            }
+            ("cvm.modules", Some(v)) => {
+                let names: Vec<&str> = v.split(',').collect();
+                if names.iter().any(|n| !is_module_name(n)) {
+                    return Err(malformed(v));
+                }
+                options.modules = names.into_iter().map(str::to_string).collect();
+            }
+            #[cfg(feature = "test-hooks")]
+            ("cvm.test-panic", Some(v)) if is_module_name(v) => {
+                options.test_panic = Some(v.to_string())
+            }
+            (_, v) => return Err(malformed(v.unwrap_or(""))),
+        }
+    }
+    Ok(options)
+}
+
+/// True when the command line carries the bare `cvm.debug` flag, read without validating the
+/// rest: the fatal path for a malformed command line still honours a debug boot.
+pub fn cmdline_has_debug(cmdline: &[u8]) -> bool {
+    split_params(cmdline)
+        .iter()
+        .any(|(k, v)| k == b"cvm.debug" && v.is_none())
+}
+
+fn is_module_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+}
+
+/// What restarts a service after it exits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Restart whatever the exit status.
+    #[default]
+    Always,
+    /// Restart after a non-zero exit or a signal.
+    OnFailure,
+    /// Never restart.
+    Never,
+}
+
+/// One supervised process.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub path: PathBuf,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// How long a service gets between SIGTERM and SIGKILL at shutdown.
+    #[serde(default = "default_stop_timeout_ms")]
+    pub stop_timeout_ms: u64,
+}
+
+fn default_stop_timeout_ms() -> u64 {
+    5000
+}
+
+/// The configuration file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Extra kernel modules to load.
+    #[serde(default)]
+    pub modules: Vec<String>,
+    /// The services, started in this order and stopped in reverse.
+    #[serde(default, rename = "service")]
+    pub services: Vec<ServiceConfig>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigFileError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not valid configuration: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("{path}: {field} = {value:?} is invalid: expected {expected}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        value: String,
+        expected: &'static str,
+    },
+}
+
+/// Reads the configuration file; a missing file means no services and no extra modules.
+pub fn load_config_file(path: &Path) -> Result<ConfigFile, ConfigFileError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => parse_config_file(path, &text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ConfigFile::default()),
+        Err(source) => Err(ConfigFileError::Read {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+pub fn parse_config_file(path: &Path, text: &str) -> Result<ConfigFile, ConfigFileError> {
+    let config: ConfigFile = toml::from_str(text).map_err(|e| ConfigFileError::Syntax {
+        path: path.to_path_buf(),
+        message: e.to_string().trim_end().replace('\n', " "),
+    })?;
+    let invalid = |field: String, value: &str, expected| ConfigFileError::Invalid {
+        path: path.to_path_buf(),
+        field,
+        value: value.to_string(),
+        expected,
+    };
+    for module in &config.modules {
+        if !is_module_name(module) {
+            return Err(invalid(
+                "modules".into(),
+                module,
+                "module names of [A-Za-z0-9_-]",
+            ));
+        }
+    }
+    let mut names = BTreeSet::new();
+    for (i, service) in config.services.iter().enumerate() {
+        let field = |f: &str| format!("service[{i}].{f}");
+        let valid_name = !service.name.is_empty()
+            && service.name.len() <= 32
+            && service
+                .name
+                .bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-');
+        if !valid_name {
+            return Err(invalid(
+                field("name"),
+                &service.name,
+                "1 to 32 characters of [a-z0-9-]",
+            ));
+        }
+        if !names.insert(service.name.as_str()) {
+            return Err(invalid(
+                field("name"),
+                &service.name,
+                "a name no other service has",
+            ));
+        }
+        if !service.path.is_absolute() {
+            return Err(invalid(
+                field("path"),
+                &service.path.to_string_lossy(),
+                "an absolute path",
+            ));
+        }
+        for (key, value) in &service.env {
+            let valid_key = !key.is_empty()
+                && !key.as_bytes()[0].is_ascii_digit()
+                && key
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'_');
+            if !valid_key {
+                return Err(invalid(
+                    field("env"),
+                    key,
+                    "variable names of [A-Za-z0-9_], not starting with a digit",
+                ));
+            }
+            if value.contains('\0') {
+                return Err(invalid(
+                    format!("{}.{key}", field("env")),
+                    value,
+                    "a value without NUL",
+                ));
+            }
+        }
+        if service.args.iter().any(|a| a.contains('\0')) {
+            return Err(invalid(field("args"), "…", "arguments without NUL"));
+        }
+        if !(100..=300_000).contains(&service.stop_timeout_ms) {
+            return Err(invalid(
+                field("stop_timeout_ms"),
+                &service.stop_timeout_ms.to_string(),
+                "100 to 300000",
+            ));
+        }
+    }
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn parse(s: &str) -> Result<BootOptions, CmdlineError> {
+        parse_cmdline(s.as_bytes())
+    }
+
+    #[test]
+    fn kernel_parameters_are_ignored() {
+        let o = parse("console=ttyS0 quiet root=/dev/vda roothash=abcd \"foo=bar baz\"").unwrap();
+        assert_eq!(o, BootOptions::default());
+    }
+
+    #[test]
+    fn known_options_are_typed() {
+        let o = parse("cvm.debug cvm.loglevel=debug cvm.modules=button,evdev").unwrap();
+        assert!(o.debug);
+        assert_eq!(o.log_level, LevelFilter::Debug);
+        assert_eq!(o.modules, vec!["button", "evdev"]);
+    }
+
+    #[test]
+    fn quoted_values_are_unquoted() {
+        let o = parse("cvm.modules=\"a,b\"").unwrap();
+        assert_eq!(o.modules, vec!["a", "b"]);
+    }
+
+    #[test]
+    fn unknown_option_is_named() {
+        let e = parse("quiet cvm.frobnicate=1").unwrap_err();
+        assert_eq!(e.key(), "cvm.frobnicate");
+        assert!(e.to_string().contains("cvm.frobnicate"), "{e}");
+    }
+
+    #[test]
+    fn malformed_values_name_key_value_and_form() {
+        let e = parse("cvm.loglevel=loud").unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("cvm.loglevel=\"loud\""), "{text}");
+        assert!(text.contains("one of error, warn, info, debug"), "{text}");
+        assert_eq!(parse("cvm.debug=1").unwrap_err().key(), "cvm.debug");
+        assert_eq!(parse("cvm.loglevel").unwrap_err().key(), "cvm.loglevel");
+        assert_eq!(parse("cvm.modules=a,,b").unwrap_err().key(), "cvm.modules");
+        assert_eq!(parse("cvm.modules=a/b").unwrap_err().key(), "cvm.modules");
+    }
+
+    #[test]
+    fn duplicates_are_rejected() {
+        let e = parse("cvm.debug cvm.debug").unwrap_err();
+        assert_eq!(e, CmdlineError::Duplicate { key: "cvm.debug".into() });
+    }
+
+    #[test]
+    fn parameters_after_double_dash_belong_to_init() {
+        assert_eq!(parse("quiet -- cvm.nonsense").unwrap(), BootOptions::default());
+    }
+
+    #[test]
+    fn debug_is_found_on_a_malformed_line() {
+        assert!(cmdline_has_debug(b"cvm.bogus cvm.debug"));
+        assert!(!cmdline_has_debug(b"cvm.debug=0"));
+    }
+
+    #[cfg(not(feature = "test-hooks"))]
+    #[test]
+    fn test_hooks_are_unknown_in_release_builds() {
+        assert_eq!(
+            parse("cvm.test-panic=modules").unwrap_err().key(),
+            "cvm.test-panic"
+        );
+    }
+
+    proptest! {
+        /// Arbitrary bytes never panic; a rejection always names a `cvm.` option.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            if let Err(e) = parse_cmdline(&bytes) {
+                prop_assert!(e.key().starts_with("cvm."));
+                prop_assert!(e.to_string().contains(e.key()));
+            }
+        }
+
+        /// Text shaped like a command line: every bad `cvm.` option is named in the error.
+        #[test]
+        fn bad_option_is_always_named(
+            before in "[a-z=. ]{0,40}",
+            name in "[a-z]{1,12}",
+            value in "[ -~]{0,16}",
+            after in "[a-z=. ]{0,40}",
+        ) {
+            let key = format!("cvm.x{name}");
+            let line = format!("{before} {key}={value} {after}");
+            let e = parse(&line).unwrap_err();
+            prop_assert!(e.to_string().contains(e.key()));
+            // Only the injected option or a cvm.* token from `before` can be at fault.
+            prop_assert!(e.key() == key || before.contains(e.key()));
+        }
+    }
+
+    const GOOD: &str = r#"
+modules = ["evdev"]
+
+[[service]]
+name = "payload"
+path = "/bin/payload"
+args = ["serve"]
+env = { GREETING = "hello" }
+restart = "on-failure"
+"#;
+
+    #[test]
+    fn config_file_parses() {
+        let c = parse_config_file(Path::new("c.toml"), GOOD).unwrap();
+        assert_eq!(c.modules, vec!["evdev"]);
+        assert_eq!(c.services.len(), 1);
+        let s = &c.services[0];
+        assert_eq!(s.restart, RestartPolicy::OnFailure);
+        assert_eq!(s.stop_timeout_ms, 5000);
+        assert_eq!(s.env.get("GREETING").unwrap(), "hello");
+    }
+
+    #[test]
+    fn config_file_rejects_unknown_fields_and_bad_values() {
+        let p = Path::new("c.toml");
+        let e = parse_config_file(p, "[[service]]\nname=\"a\"\npath=\"/a\"\nrestrat=\"always\"")
+            .unwrap_err();
+        assert!(e.to_string().contains("restrat"), "{e}");
+        let e = parse_config_file(p, "[[service]]\nname=\"A b\"\npath=\"/a\"").unwrap_err();
+        assert!(e.to_string().contains("service[0].name"), "{e}");
+        let e = parse_config_file(p, "[[service]]\nname=\"a\"\npath=\"rel\"").unwrap_err();
+        assert!(e.to_string().contains("service[0].path"), "{e}");
+        let two = "[[service]]\nname=\"a\"\npath=\"/a\"\n[[service]]\nname=\"a\"\npath=\"/b\"";
+        let e = parse_config_file(p, two).unwrap_err();
+        assert!(e.to_string().contains("service[1].name"), "{e}");
+        let e = parse_config_file(p, "[[service]]\nname=\"a\"\npath=\"/a\"\nrestart=\"sometimes\"")
+            .unwrap_err();
+        assert!(e.to_string().contains("sometimes"), "{e}");
+    }
+}

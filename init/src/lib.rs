@@ -1,0 +1,17 @@
+//! cvm-init: PID 1 of a confidential Kubernetes node, as a library of one module per concern
+//! so that its logic is tested without booting a machine. `boot` is the ordered phase list.
+
+pub mod boot;
+pub mod config;
+pub mod fatal;
+pub mod logger;
+pub mod modules;
+pub mod mounts;
+pub mod power;
+pub mod runtime;
+pub mod shutdown;
+pub mod supervise;
+pub mod sys;
+
+/// The version printed by `--version` and at the start of every boot.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,320 @@
+//! Kernel modules: dependencies from `modules.dep` (and soft dependencies from
+//! `modules.softdep`, resolved through `modules.alias`), built-ins skipped, loaded with
+//! `finit_module`. The initramfs has no modprobe; this is all it needs of one.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use crate::sys::{ModuleLoadError, System};
+
+/// Modules the init itself always needs: the ACPI power button and the input device that
+/// delivers its key presses.
+pub const REQUIRED: &[&str] = &["button", "evdev"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModuleError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("module {name} is neither in {dir}/modules.dep nor built into kernel {release}")]
+    Missing {
+        name: String,
+        dir: PathBuf,
+        release: String,
+    },
+    #[error("module {name} has a dependency cycle")]
+    Cycle { name: String },
+    #[error("cannot load module {name} from {path}")]
+    Load {
+        name: String,
+        path: PathBuf,
+        #[source]
+        source: ModuleLoadError,
+    },
+}
+
+/// `modules.dep` and friends of one kernel release.
+#[derive(Debug, Default, Clone)]
+pub struct ModuleIndex {
+    /// The modules directory (`/lib/modules/<release>`).
+    pub dir: PathBuf,
+    pub release: String,
+    /// Module name → path relative to `dir`.
+    paths: BTreeMap<String, String>,
+    /// Module name → hard dependencies (names), as modules.dep lists them.
+    deps: BTreeMap<String, Vec<String>>,
+    /// Module name → (pre, post) soft dependencies (names or aliases).
+    softdeps: BTreeMap<String, (Vec<String>, Vec<String>)>,
+    /// Alias → module names, for exact (non-wildcard) aliases.
+    aliases: BTreeMap<String, Vec<String>>,
+    builtin: BTreeSet<String>,
+}
+
+/// `dm-mod` and `dm_mod` are the same module.
+pub fn normalize(name: &str) -> String {
+    name.replace('-', "_")
+}
+
+/// The module name of a path such as `kernel/drivers/md/dm-mod.ko.xz`.
+pub fn name_of_path(path: &str) -> String {
+    let file = path.rsplit('/').next().unwrap_or(path);
+    normalize(file.split(".ko").next().unwrap_or(file))
+}
+
+impl ModuleIndex {
+    /// Reads the index files from `dir`. `modules.dep` is required; the others are optional.
+    pub fn load(sys: &dyn System, dir: &Path, release: &str) -> Result<Self, ModuleError> {
+        let read = |file: &str, required: bool| -> Result<String, ModuleError> {
+            let path = dir.join(file);
+            match sys.read_to_string(&path) {
+                Ok(text) => Ok(text),
+                Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {
+                    Ok(String::new())
+                }
+                Err(source) => Err(ModuleError::Read { path, source }),
+            }
+        };
+        Ok(Self::parse(
+            dir,
+            release,
+            &read("modules.dep", true)?,
+            &read("modules.builtin", false)?,
+            &read("modules.softdep", false)?,
+            &read("modules.alias", false)?,
+        ))
+    }
+
+    pub fn parse(
+        dir: &Path,
+        release: &str,
+        dep: &str,
+        builtin: &str,
+        softdep: &str,
+        alias: &str,
+    ) -> Self {
+        let mut index = ModuleIndex {
+            dir: dir.to_path_buf(),
+            release: release.to_string(),
+            ..Default::default()
+        };
+        for line in dep.lines() {
+            let Some((path, deps)) = line.split_once(':') else {
+                continue;
+            };
+            let name = name_of_path(path.trim());
+            index.paths.insert(name.clone(), path.trim().to_string());
+            index
+                .deps
+                .insert(name, deps.split_whitespace().map(name_of_path).collect());
+        }
+        index.builtin = builtin
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(name_of_path)
+            .collect();
+        for line in softdep.lines() {
+            let mut words = line.split_whitespace();
+            if words.next() != Some("softdep") {
+                continue;
+            }
+            let Some(module) = words.next() else { continue };
+            let entry = index.softdeps.entry(normalize(module)).or_default();
+            let mut post = false;
+            for word in words {
+                match word {
+                    "pre:" => post = false,
+                    "post:" => post = true,
+                    other if post => entry.1.push(other.to_string()),
+                    other => entry.0.push(other.to_string()),
+                }
+            }
+        }
+        for line in alias.lines() {
+            let mut words = line.split_whitespace();
+            if let (Some("alias"), Some(alias), Some(module)) =
+                (words.next(), words.next(), words.next())
+            {
+                if !alias.contains(['*', '?', '[']) {
+                    index
+                        .aliases
+                        .entry(alias.to_string())
+                        .or_default()
+                        .push(normalize(module));
+                }
+            }
+        }
+        index
+    }
+
+    pub fn is_builtin(&self, name: &str) -> bool {
+        self.builtin.contains(&normalize(name))
+    }
+
+    /// The path of a loadable module relative to the modules directory.
+    pub fn relative_path(&self, name: &str) -> Option<&str> {
+        self.paths.get(&normalize(name)).map(String::as_str)
+    }
+
+    /// The load order for `wanted`: every module after its dependencies and soft `pre:`
+    /// dependencies, before its soft `post:` dependencies; built-ins left out; each once.
+    pub fn resolve(&self, wanted: &[String]) -> Result<Vec<String>, ModuleError> {
+        let mut order = Vec::new();
+        let mut done = BTreeSet::new();
+        let mut visiting = BTreeSet::new();
+        for name in wanted {
+            self.visit(&normalize(name), true, &mut order, &mut done, &mut visiting)?;
+        }
+        Ok(order)
+    }
+
+    fn visit(
+        &self,
+        name: &str,
+        required: bool,
+        order: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+        visiting: &mut BTreeSet<String>,
+    ) -> Result<(), ModuleError> {
+        if done.contains(name) || self.builtin.contains(name) {
+            return Ok(());
+        }
+        if !self.paths.contains_key(name) {
+            // A soft dependency may name an alias or a module this kernel does not have.
+            if let Some(targets) = self.aliases.get(name).cloned() {
+                for target in targets {
+                    self.visit(&target, required, order, done, visiting)?;
+                }
+                return Ok(());
+            }
+            if !required {
+                return Ok(());
+            }
+            return Err(ModuleError::Missing {
+                name: name.to_string(),
+                dir: self.dir.clone(),
+                release: self.release.clone(),
+            });
+        }
+        if !visiting.insert(name.to_string()) {
+            return Err(ModuleError::Cycle {
+                name: name.to_string(),
+            });
+        }
+        let (pre, post) = self.softdeps.get(name).cloned().unwrap_or_default();
+        for soft in &pre {
+            self.visit(&normalize(soft), false, order, done, visiting)?;
+        }
+        // modules.dep lists the full closure with the deepest dependencies last.
+        for dep in self.deps.get(name).into_iter().flatten().rev() {
+            self.visit(dep, true, order, done, visiting)?;
+        }
+        visiting.remove(name);
+        done.insert(name.to_string());
+        order.push(name.to_string());
+        for soft in &post {
+            self.visit(&normalize(soft), false, order, done, visiting)?;
+        }
+        Ok(())
+    }
+
+    /// Loads `wanted` and their dependencies in order; returns the names loaded.
+    pub fn load_all(
+        &self,
+        sys: &dyn System,
+        wanted: &[String],
+    ) -> Result<Vec<String>, ModuleError> {
+        let order = self.resolve(wanted)?;
+        for name in &order {
+            let path = self.dir.join(&self.paths[name]);
+            log::debug!("loading module {name} from {}", path.display());
+            sys.load_module(&path).map_err(|source| ModuleError::Load {
+                name: name.clone(),
+                path: path.clone(),
+                source,
+            })?;
+        }
+        Ok(order)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::fake::FakeSystem;
+
+    const DEP: &str = "\
+kernel/drivers/md/dm-verity.ko.xz: kernel/lib/reed_solomon/reed_solomon.ko.xz kernel/drivers/md/dm-bufio.ko.xz kernel/drivers/md/dm-mod.ko.xz
+kernel/drivers/md/dm-mod.ko.xz:
+kernel/drivers/md/dm-bufio.ko.xz:
+kernel/lib/reed_solomon/reed_solomon.ko.xz:
+kernel/lib/libcrc32c.ko.xz:
+kernel/crypto/crc32c_generic.ko.xz:
+kernel/fs/erofs/erofs.ko.xz: kernel/lib/libcrc32c.ko.xz
+kernel/drivers/acpi/button.ko.xz:
+";
+    const BUILTIN: &str = "kernel/drivers/virtio/virtio_pci.ko\n";
+    const SOFTDEP: &str = "softdep libcrc32c pre: crc32c\nsoftdep erofs pre: crypto-nothing\n";
+    const ALIAS: &str = "alias crc32c crc32c_generic\nalias pci:v00001AF4d* virtio_pci\n";
+
+    fn index() -> ModuleIndex {
+        ModuleIndex::parse(Path::new("/lib/modules/6.12"), "6.12", DEP, BUILTIN, SOFTDEP, ALIAS)
+    }
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn dependencies_come_first_and_once() {
+        let order = index()
+            .resolve(&names(&["dm-verity", "erofs", "dm_mod"]))
+            .unwrap();
+        assert_eq!(
+            order,
+            names(&["dm_mod", "dm_bufio", "reed_solomon", "dm_verity", "crc32c_generic", "libcrc32c", "erofs"])
+        );
+    }
+
+    #[test]
+    fn builtins_are_skipped() {
+        assert!(index().resolve(&names(&["virtio-pci"])).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_missing_module_is_named() {
+        let err = index().resolve(&names(&["button", "nosuch"])).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("nosuch"), "{text}");
+        assert!(text.contains("/lib/modules/6.12/modules.dep"), "{text}");
+    }
+
+    #[test]
+    fn load_uses_resolved_paths_and_names_a_refusal() {
+        let mut sys = FakeSystem::default();
+        sys.refuse_modules.insert("erofs.ko.xz".into());
+        let err = index()
+            .load_all(&sys, &names(&["dm-verity", "erofs"]))
+            .unwrap_err();
+        assert_eq!(
+            *sys.calls.borrow(),
+            names(&[
+                "load dm-mod.ko.xz",
+                "load dm-bufio.ko.xz",
+                "load reed_solomon.ko.xz",
+                "load dm-verity.ko.xz",
+                "load crc32c_generic.ko.xz",
+                "load libcrc32c.ko.xz",
+                "load erofs.ko.xz"
+            ])
+        );
+        assert!(logger_chain(&err).contains("cannot load module erofs from /lib/modules/6.12/kernel/fs/erofs/erofs.ko.xz: the kernel refused the module"));
+    }
+
+    fn logger_chain(e: &ModuleError) -> String {
+        crate::logger::chain(e)
+    }
+}
