@@ -136,17 +136,16 @@ pub fn run() -> ! {
     wanted.extend(options.modules.iter().cloned());
     let loaded = phase("modules", || load_modules(&sys, &wanted));
     log::info!("modules loaded: {}", loaded.join(" "));
+    phase("configfs", || mounts::mount_one(&sys, &mounts::CONFIGFS));
 
     let buttons = phase("power-button", || {
-        let buttons = power::find_power_buttons(
-            Path::new("/sys/class/input"),
-            Path::new("/dev/input"),
-        );
+        let buttons =
+            power::find_power_buttons(Path::new("/sys/class/input"), Path::new("/dev/input"));
         if buttons.is_empty() {
             log::warn!("no power button found: only signals can stop this machine");
         }
         for b in &buttons {
-            log::info!("listening to power button: {}", b.name);
+            log::info!("listening for the power key on: {}", b.name);
         }
         Ok::<_, std::convert::Infallible>(buttons)
     });

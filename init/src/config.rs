@@ -328,9 +328,7 @@ pub fn parse_config_file(path: &Path, text: &str) -> Result<ConfigFile, ConfigFi
         for (key, value) in &service.env {
             let valid_key = !key.is_empty()
                 && !key.as_bytes()[0].is_ascii_digit()
-                && key
-                    .bytes()
-                    .all(|c| c.is_ascii_alphanumeric() || c == b'_');
+                && key.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_');
             if !valid_key {
                 return Err(invalid(
                     field("env"),
@@ -411,12 +409,20 @@ mod tests {
     #[test]
     fn duplicates_are_rejected() {
         let e = parse("cvm.debug cvm.debug").unwrap_err();
-        assert_eq!(e, CmdlineError::Duplicate { key: "cvm.debug".into() });
+        assert_eq!(
+            e,
+            CmdlineError::Duplicate {
+                key: "cvm.debug".into()
+            }
+        );
     }
 
     #[test]
     fn parameters_after_double_dash_belong_to_init() {
-        assert_eq!(parse("quiet -- cvm.nonsense").unwrap(), BootOptions::default());
+        assert_eq!(
+            parse("quiet -- cvm.nonsense").unwrap(),
+            BootOptions::default()
+        );
     }
 
     #[test]
@@ -486,8 +492,11 @@ restart = "on-failure"
     #[test]
     fn config_file_rejects_unknown_fields_and_bad_values() {
         let p = Path::new("c.toml");
-        let e = parse_config_file(p, "[[service]]\nname=\"a\"\npath=\"/a\"\nrestrat=\"always\"")
-            .unwrap_err();
+        let e = parse_config_file(
+            p,
+            "[[service]]\nname=\"a\"\npath=\"/a\"\nrestrat=\"always\"",
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("restrat"), "{e}");
         let e = parse_config_file(p, "[[service]]\nname=\"A b\"\npath=\"/a\"").unwrap_err();
         assert!(e.to_string().contains("service[0].name"), "{e}");
@@ -496,8 +505,11 @@ restart = "on-failure"
         let two = "[[service]]\nname=\"a\"\npath=\"/a\"\n[[service]]\nname=\"a\"\npath=\"/b\"";
         let e = parse_config_file(p, two).unwrap_err();
         assert!(e.to_string().contains("service[1].name"), "{e}");
-        let e = parse_config_file(p, "[[service]]\nname=\"a\"\npath=\"/a\"\nrestart=\"sometimes\"")
-            .unwrap_err();
+        let e = parse_config_file(
+            p,
+            "[[service]]\nname=\"a\"\npath=\"/a\"\nrestart=\"sometimes\"",
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("sometimes"), "{e}");
     }
 }

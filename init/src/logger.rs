@@ -92,8 +92,8 @@ pub fn console_line(line: &str) {
 /// fatal path, which must not depend on `log` being initialised.
 pub fn emit(syslog_level: u8, message: &str) {
     let mut sinks = lock();
-    let echoed_by_kernel = sinks.kmsg.is_some()
-        && syslog_level < LOGGER.console_loglevel.load(Ordering::Relaxed);
+    let echoed_by_kernel =
+        sinks.kmsg.is_some() && syslog_level < LOGGER.console_loglevel.load(Ordering::Relaxed);
     // The kernel takes one record per write; a message with newlines becomes several records.
     for line in message.lines() {
         if let Some(kmsg) = sinks.kmsg.as_mut() {

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use crate::sys::{ModuleLoadError, System};
 
 /// Modules the init itself always needs: the ACPI power button and the input device that
-/// delivers its key presses.
-pub const REQUIRED: &[&str] = &["button", "evdev"];
+/// delivers its key presses; configfs (configfs-tsm attestation reports live there).
+pub const REQUIRED: &[&str] = &["button", "evdev", "configfs"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModuleError {
@@ -159,6 +159,11 @@ impl ModuleIndex {
         self.paths.get(&normalize(name)).map(String::as_str)
     }
 
+    /// The hard dependencies of a module (names), as modules.dep lists them.
+    pub fn dependencies(&self, name: &str) -> &[String] {
+        self.deps.get(&normalize(name)).map_or(&[], Vec::as_slice)
+    }
+
     /// The load order for `wanted`: every module after its dependencies and soft `pre:`
     /// dependencies, before its soft `post:` dependencies; built-ins left out; each once.
     pub fn resolve(&self, wanted: &[String]) -> Result<Vec<String>, ModuleError> {
@@ -261,7 +266,14 @@ kernel/drivers/acpi/button.ko.xz:
     const ALIAS: &str = "alias crc32c crc32c_generic\nalias pci:v00001AF4d* virtio_pci\n";
 
     fn index() -> ModuleIndex {
-        ModuleIndex::parse(Path::new("/lib/modules/6.12"), "6.12", DEP, BUILTIN, SOFTDEP, ALIAS)
+        ModuleIndex::parse(
+            Path::new("/lib/modules/6.12"),
+            "6.12",
+            DEP,
+            BUILTIN,
+            SOFTDEP,
+            ALIAS,
+        )
     }
 
     fn names(v: &[&str]) -> Vec<String> {
@@ -275,7 +287,15 @@ kernel/drivers/acpi/button.ko.xz:
             .unwrap();
         assert_eq!(
             order,
-            names(&["dm_mod", "dm_bufio", "reed_solomon", "dm_verity", "crc32c_generic", "libcrc32c", "erofs"])
+            names(&[
+                "dm_mod",
+                "dm_bufio",
+                "reed_solomon",
+                "dm_verity",
+                "crc32c_generic",
+                "libcrc32c",
+                "erofs"
+            ])
         );
     }
 

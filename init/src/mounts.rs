@@ -72,13 +72,6 @@ pub const EARLY_MOUNTS: &[EarlyMount] = &[
         data: None,
     },
     EarlyMount {
-        source: "configfs",
-        target: "/sys/kernel/config",
-        fstype: "configfs",
-        flags: NOSUID_NODEV_NOEXEC,
-        data: None,
-    },
-    EarlyMount {
         source: "cgroup2",
         target: "/sys/fs/cgroup",
         fstype: "cgroup2",
@@ -86,6 +79,16 @@ pub const EARLY_MOUNTS: &[EarlyMount] = &[
         data: Some("nsdelegate"),
     },
 ];
+
+/// configfs (where configfs-tsm lives) is a module in Debian's kernel: mounted after the
+/// modules are loaded. sysfs creates its mount point when the module registers.
+pub const CONFIGFS: EarlyMount = EarlyMount {
+    source: "configfs",
+    target: "/sys/kernel/config",
+    fstype: "configfs",
+    flags: NOSUID_NODEV_NOEXEC,
+    data: None,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
@@ -115,24 +118,29 @@ pub enum MountError {
 /// prepared root.
 pub fn mount_early(sys: &dyn System) -> Result<(), MountError> {
     for m in EARLY_MOUNTS {
+        mount_one(sys, m)?;
+    }
+    enable_cgroup_controllers(sys)?;
+    Ok(())
+}
+
+/// Mounts one entry; mount points in /proc and /sys are the kernel's to create.
+pub fn mount_one(sys: &dyn System, m: &EarlyMount) -> Result<(), MountError> {
+    if !m.target.starts_with("/sys/") && !m.target.starts_with("/proc/") {
         sys.mkdir_all(Path::new(m.target))
             .map_err(|source| MountError::MountPoint {
                 path: m.target.into(),
                 source,
             })?;
-        match sys.mount(m.source, Path::new(m.target), m.fstype, m.flags, m.data) {
-            Ok(()) | Err(Errno::EBUSY) => {}
-            Err(source) => {
-                return Err(MountError::Mount {
-                    fstype: m.fstype,
-                    target: m.target,
-                    source,
-                })
-            }
-        }
     }
-    enable_cgroup_controllers(sys)?;
-    Ok(())
+    match sys.mount(m.source, Path::new(m.target), m.fstype, m.flags, m.data) {
+        Ok(()) | Err(Errno::EBUSY) => Ok(()),
+        Err(source) => Err(MountError::Mount {
+            fstype: m.fstype,
+            target: m.target,
+            source,
+        }),
+    }
 }
 
 fn enable_cgroup_controllers(sys: &dyn System) -> Result<(), MountError> {
@@ -296,7 +304,8 @@ mod tests {
         assert_eq!(mounts.len(), EARLY_MOUNTS.len());
         assert!(mounts[0].starts_with("mount proc /proc proc"));
         assert!(mounts[2].starts_with("mount devtmpfs /dev devtmpfs"));
-        assert!(mounts[8].starts_with("mount cgroup2 /sys/fs/cgroup cgroup2"));
+        assert!(mounts[7].starts_with("mount cgroup2 /sys/fs/cgroup cgroup2"));
+        assert!(!calls.iter().any(|c| c.starts_with("mkdir /sys")));
         assert_eq!(
             calls.last().unwrap(),
             "write /sys/fs/cgroup/cgroup.subtree_control +cpuset +cpu +io +memory +pids"

@@ -1,5 +1,6 @@
 //! The ACPI power button (what a cloud's "stop" and QEMU's `system_powerdown` press): the
-//! `button` driver reports it as KEY_POWER on an input device, read here through evdev.
+//! `button` driver reports it as KEY_POWER on an input device, read here through evdev. Any
+//! input device that can send KEY_POWER (a keyboard's power key too) is listened to.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Read;
@@ -20,7 +21,8 @@ pub fn has_power_key(bitmap: &str) -> bool {
     let Some(word) = words.len().checked_sub(1 + index).map(|i| words[i]) else {
         return false;
     };
-    u64::from_str_radix(word, 16).is_ok_and(|w| w & (1 << (KEY_POWER as usize % bits_per_word)) != 0)
+    u64::from_str_radix(word, 16)
+        .is_ok_and(|w| w & (1 << (KEY_POWER as usize % bits_per_word)) != 0)
 }
 
 /// True when a chunk of input events contains a power key press.

@@ -77,6 +77,7 @@ impl<P: Processes> Runtime<P> {
             self.supervisor.tick(now);
             if let Some(action) = self.requested {
                 if self.supervisor.stopped() {
+                    self.drain_outputs();
                     return action;
                 }
             }
@@ -107,8 +108,10 @@ impl<P: Processes> Runtime<P> {
                 .collect();
             let timeout = match timeout {
                 // Round up so that a deadline is not polled for again just before it is due.
-                Some(t) => PollTimeout::try_from(t.as_millis().saturating_add(1).min(60_000) as u32)
-                    .unwrap_or(PollTimeout::MAX),
+                Some(t) => {
+                    PollTimeout::try_from(t.as_millis().saturating_add(1).min(60_000) as u32)
+                        .unwrap_or(PollTimeout::MAX)
+                }
                 None => PollTimeout::NONE,
             };
             match poll(&mut fds, timeout) {
@@ -119,8 +122,11 @@ impl<P: Processes> Runtime<P> {
                 Err(_) => vec![false; sources.len()],
             }
         };
+        // Output before signals: what a service wrote before it exited is shown before its exit.
         let mut finished_outputs = Vec::new();
-        for ((source, _), ready) in sources.iter().zip(ready) {
+        let mut ordered: Vec<(&Source, bool)> = sources.iter().map(|(s, _)| s).zip(ready).collect();
+        ordered.sort_by_key(|(s, _)| !matches!(s, Source::Output(_)));
+        for (source, ready) in ordered {
             if !ready {
                 continue;
             }
@@ -141,6 +147,13 @@ impl<P: Processes> Runtime<P> {
         }
         for i in finished_outputs.into_iter().rev() {
             self.supervisor.outputs.remove(i);
+        }
+    }
+
+    /// Forwards whatever the services left in their pipes.
+    fn drain_outputs(&mut self) {
+        for output in &mut self.supervisor.outputs {
+            output.pump(&mut |line| logger::console_line(line));
         }
     }
 
@@ -194,8 +207,14 @@ mod tests {
     #[test]
     fn signals_map_to_actions() {
         assert_eq!(action_for_signal(Signal::SIGINT), Some(PowerAction::Reboot));
-        assert_eq!(action_for_signal(Signal::SIGTERM), Some(PowerAction::PowerOff));
-        assert_eq!(action_for_signal(Signal::SIGPWR), Some(PowerAction::PowerOff));
+        assert_eq!(
+            action_for_signal(Signal::SIGTERM),
+            Some(PowerAction::PowerOff)
+        );
+        assert_eq!(
+            action_for_signal(Signal::SIGPWR),
+            Some(PowerAction::PowerOff)
+        );
         assert_eq!(action_for_signal(Signal::SIGHUP), None);
         assert_eq!(action_for_signal(Signal::SIGCHLD), None);
     }

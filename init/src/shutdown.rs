@@ -95,7 +95,10 @@ pub fn finish(action: PowerAction, last_words: Option<&str>) -> ! {
         logger::emit(6, &format!("unmounted {}", target.display()));
     }
     for target in &report.read_only {
-        logger::emit(4, &format!("busy, remounted read-only: {}", target.display()));
+        logger::emit(
+            4,
+            &format!("busy, remounted read-only: {}", target.display()),
+        );
     }
     for target in &report.detached {
         logger::emit(6, &format!("busy, detached: {}", target.display()));

@@ -189,7 +189,11 @@ impl OutputForwarder {
 
     fn emit_one(&self, line: &[u8], emit: &mut dyn FnMut(&str)) {
         let text = String::from_utf8_lossy(line);
-        emit(&format!("{}: {}", self.service, text.trim_end_matches('\r')));
+        emit(&format!(
+            "{}: {}",
+            self.service,
+            text.trim_end_matches('\r')
+        ));
     }
 }
 
@@ -595,7 +599,10 @@ mod tests {
         // A run longer than `stable` resets the backoff.
         now += Duration::from_secs(11);
         assert!(sup.on_exit(Pid::from_raw(105), Exit::Code(1), now));
-        assert_eq!(sup.next_deadline().unwrap().duration_since(now).as_millis(), 250);
+        assert_eq!(
+            sup.next_deadline().unwrap().duration_since(now).as_millis(),
+            250
+        );
         drop(sup);
         assert_eq!(rec.spawned.len(), 5);
     }
@@ -638,7 +645,10 @@ mod tests {
             Backoff::default(),
         );
         sup.tick(now);
-        assert_eq!(sup.next_deadline().unwrap().duration_since(now).as_millis(), 250);
+        assert_eq!(
+            sup.next_deadline().unwrap().duration_since(now).as_millis(),
+            250
+        );
     }
 
     #[test]

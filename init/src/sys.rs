@@ -127,9 +127,11 @@ pub mod fake {
             }
         }
         fn umount(&self, target: &Path, flags: MntFlags) -> Result<(), Errno> {
-            self.calls
-                .borrow_mut()
-                .push(format!("umount {} {:#x}", target.display(), flags.bits()));
+            self.calls.borrow_mut().push(format!(
+                "umount {} {:#x}",
+                target.display(),
+                flags.bits()
+            ));
             match self.fail_umount.borrow().get(target) {
                 Some(e) => Err(*e),
                 None => Ok(()),

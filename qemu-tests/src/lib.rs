@@ -1,1 +1,131 @@
+//! The boot-test harness: test images (cpio initramfs with cvm-init and the test payload),
+//! QEMU guests with optional swtpm, QMP, and console markers.
 
+pub mod cpio;
+pub mod guest;
+pub mod initramfs;
+pub mod qmp;
+
+use std::path::{Path, PathBuf};
+
+pub use guest::{Guest, RunningGuest};
+pub use initramfs::{InitramfsSpec, Kernel};
+
+/// The artifacts a boot test needs, from the environment `make test` sets, or the default
+/// places `make` builds them.
+#[derive(Debug, Clone)]
+pub struct Artifacts {
+    pub init: PathBuf,
+    pub payload: PathBuf,
+    pub kernel: Kernel,
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn from_env(var: &str, default: PathBuf) -> PathBuf {
+    std::env::var_os(var).map(PathBuf::from).unwrap_or(default)
+}
+
+impl Artifacts {
+    /// Finds the artifacts; panics with what to run when one is missing.
+    pub fn get() -> Artifacts {
+        let root = workspace_root();
+        let init = from_env(
+            "CVM_INIT_BIN",
+            root.join("target/x86_64-unknown-linux-musl/test-image/cvm-init"),
+        );
+        let payload = from_env(
+            "CVM_PAYLOAD_BIN",
+            root.join("target/x86_64-unknown-linux-musl/test-image/cvm-test-payload"),
+        );
+        let kernel_dir = from_env("CVM_KERNEL_DIR", root.join(".cache/kernel"));
+        for (what, path) in [("cvm-init (test build)", &init), ("test payload", &payload)] {
+            assert!(
+                path.exists(),
+                "{what} not found at {}: run the boot tests with `make test` (or `make test-artifacts` first)",
+                path.display()
+            );
+        }
+        let kernel = Kernel::open(&kernel_dir).unwrap_or_else(|e| {
+            panic!(
+                "no cached kernel in {}: run `make deps` ({e})",
+                kernel_dir.display()
+            )
+        });
+        Artifacts {
+            init,
+            payload,
+            kernel,
+        }
+    }
+
+    /// Builds an initramfs with this configuration file into `dir` and returns its path.
+    pub fn initramfs(&self, dir: &Path, config: Option<&str>) -> PathBuf {
+        let spec = InitramfsSpec {
+            init: self.init.clone(),
+            payload: Some(self.payload.clone()),
+            config: config.map(str::to_string),
+            extra_modules: Vec::new(),
+        };
+        let out = dir.join("initrd.cpio");
+        initramfs::build(&spec, &self.kernel, &out)
+            .unwrap_or_else(|e| panic!("cannot build the test initramfs: {}", chain(&e)));
+        out
+    }
+}
+
+/// Formats an error with its sources.
+pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    cvm_init::logger::chain(err)
+}
+
+/// The console's lines with the kernel's `[   1.234567] ` timestamps removed (the kernel
+/// echoes kmsg records at or above its console log level itself, with a timestamp).
+pub fn console_lines(log: &str) -> Vec<&str> {
+    log.lines().map(strip_timestamp).collect()
+}
+
+pub fn strip_timestamp(line: &str) -> &str {
+    let trimmed = line.trim_end_matches('\r');
+    if let Some(rest) = trimmed.strip_prefix('[') {
+        if let Some((stamp, text)) = rest.split_once("] ") {
+            if stamp
+                .trim()
+                .bytes()
+                .all(|c| c.is_ascii_digit() || c == b'.')
+            {
+                return text;
+            }
+        }
+    }
+    trimmed
+}
+
+/// The kernel timestamp (seconds since its start) of the first console line containing
+/// `marker`, when the kernel echoed it.
+pub fn kernel_time_of(log: &str, marker: &str) -> Option<f64> {
+    log.lines()
+        .filter(|l| l.contains(marker))
+        .find_map(|l| l.strip_prefix('[')?.split_once(']')?.0.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_stripped_and_read() {
+        let log = "[    3.456789] cvm-init: ready\r\ncvm-init: phase x ok 1ms\n[bad] x\n";
+        assert_eq!(
+            console_lines(log),
+            vec!["cvm-init: ready", "cvm-init: phase x ok 1ms", "[bad] x"]
+        );
+        assert_eq!(kernel_time_of(log, "cvm-init: ready"), Some(3.456789));
+        assert_eq!(kernel_time_of(log, "phase x"), None);
+    }
+}

@@ -1,1 +1,205 @@
-fn main() {}
+//! A small static program the boot scenarios run as a service under cvm-init. Each mode prints
+//! what it observed as `payload: key=value` lines (forwarded to the console by the init), so
+//! that the tests check the init's behaviour from the serial log.
+
+#![no_main]
+
+use std::ffi::{c_char, c_int, CStr};
+use std::path::Path;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::wait::waitpid;
+use nix::unistd::{fork, ForkResult};
+
+/// The SIGPIPE disposition this process was started with. Rust's runtime sets SIGPIPE to
+/// ignored before `main`, so the program skips that runtime (`no_main`) and reads it first.
+static STARTED_WITH_SIGPIPE: OnceLock<&'static str> = OnceLock::new();
+
+/// The C entry point.
+///
+/// # Safety
+/// Called only by the C runtime, with `argv` holding `argc` valid NUL-terminated strings.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn main(argc: c_int, argv: *const *const c_char) -> c_int {
+    STARTED_WITH_SIGPIPE.get_or_init(sigpipe_disposition);
+    let args: Vec<String> = (1..argc as isize)
+        .map(|i| {
+            // SAFETY: the C runtime passes argc valid, NUL-terminated strings in argv.
+            unsafe { CStr::from_ptr(*argv.offset(i)) }
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    run(args);
+    0
+}
+
+fn run(args: Vec<String>) {
+    let mode = args.first().map(String::as_str).unwrap_or("");
+    match mode {
+        "serve" => serve(),
+        "orphans" => {
+            let count = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(1000);
+            orphans(count);
+            serve();
+        }
+        "crash" => {
+            println!("payload: crashing with status 3");
+            std::process::exit(3);
+        }
+        "crash-once" => {
+            let marker = Path::new("/run/payload-crashed-once");
+            if marker.exists() {
+                println!("payload: second start");
+                serve();
+            }
+            std::fs::write(marker, b"").expect("write marker");
+            println!("payload: first start, crashing");
+            std::process::exit(1);
+        }
+        "rss-probe" => {
+            // PID 1's resident set once the boot is complete (the init logs ready right after
+            // starting its services).
+            std::thread::sleep(Duration::from_millis(500));
+            let status = std::fs::read_to_string("/proc/1/status").unwrap_or_default();
+            let rss = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .map(|v| v.trim().trim_end_matches("kB").trim().to_string())
+                .unwrap_or_default();
+            println!("payload: pid1-rss-kib={rss}");
+            serve();
+        }
+        "cpu-probe" => {
+            cpu_probe();
+            serve();
+        }
+        _ => {
+            eprintln!("payload: unknown mode {mode:?}: expected serve, orphans [n], crash, crash-once, rss-probe or cpu-probe");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// Reports the state the init started it in, then waits for SIGTERM.
+fn serve() -> ! {
+    let mask = SigSet::thread_get_mask().expect("sigprocmask");
+    let blocked: Vec<&str> = Signal::iterator()
+        .filter(|s| mask.contains(*s))
+        .map(|s| s.as_str())
+        .collect();
+    let sigpipe = STARTED_WITH_SIGPIPE.get().copied().unwrap_or("unknown");
+    let mut fds: Vec<String> = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    fds.sort();
+    // read_dir itself holds one descriptor while listing; report the others.
+    let fd_count = fds.len().saturating_sub(1);
+    let sid = nix::unistd::getsid(None).map(|p| p.as_raw()).unwrap_or(-1);
+    let pid = std::process::id() as i32;
+    println!(
+        "payload: state blocked=[{}] sigpipe={sigpipe} fds={fd_count} session-leader={} greeting={} tpm={}",
+        blocked.join(","),
+        sid == pid,
+        std::env::var("GREETING").unwrap_or_default(),
+        Path::new("/dev/tpm0").exists(),
+    );
+    eprintln!("payload: serving (stderr)");
+    let mut term = SigSet::empty();
+    term.add(Signal::SIGTERM);
+    term.thread_block().expect("block SIGTERM");
+    let _ = term.wait();
+    println!("payload: got SIGTERM, exiting");
+    std::process::exit(0);
+}
+
+fn sigpipe_disposition() -> &'static str {
+    // SAFETY: reading the current disposition with a null new action changes nothing.
+    unsafe {
+        let mut old: nix::libc::sigaction = std::mem::zeroed();
+        nix::libc::sigaction(nix::libc::SIGPIPE, std::ptr::null(), &mut old);
+        match old.sa_sigaction {
+            nix::libc::SIG_DFL => "default",
+            nix::libc::SIG_IGN => "ignored",
+            _ => "handled",
+        }
+    }
+}
+
+/// Forks `count` children that each fork a grandchild and exit at once: the grandchildren
+/// become orphans of PID 1 and exit shortly after. Then counts zombies left in the system.
+fn orphans(count: usize) {
+    let started = Instant::now();
+    for _ in 0..count {
+        // SAFETY: this program is single-threaded; the children only call fork, sleep and exit.
+        match unsafe { fork() }.expect("fork") {
+            ForkResult::Child => {
+                // SAFETY: as above.
+                if let Ok(ForkResult::Child) = unsafe { fork() } {
+                    std::thread::sleep(Duration::from_millis(5));
+                    // SAFETY: leaves without running atexit handlers of the parent's copy.
+                    unsafe { nix::libc::_exit(0) };
+                }
+                // SAFETY: as above.
+                unsafe { nix::libc::_exit(0) };
+            }
+            ForkResult::Parent { child } => {
+                let _ = waitpid(child, None);
+            }
+        }
+    }
+    println!(
+        "payload: forked {count} orphans in {}ms",
+        started.elapsed().as_millis()
+    );
+    // Give the orphans time to exit and PID 1 time to reap them.
+    std::thread::sleep(Duration::from_secs(3));
+    println!("payload: orphans={count} zombies={}", count_zombies());
+}
+
+fn count_zombies() -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return usize::MAX;
+    };
+    dir.filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|c| c.is_ascii_digit())
+        })
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("stat"))
+                .ok()
+                .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('Z')))
+                .unwrap_or(false)
+        })
+        .count()
+}
+
+/// CPU time PID 1 used over a 10 s window (clock ticks from /proc/1/stat).
+fn cpu_probe() {
+    let ticks = || -> u64 {
+        let stat = std::fs::read_to_string("/proc/1/stat").unwrap_or_default();
+        let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // After the command: state is field 0; utime and stime are fields 11 and 12.
+        fields
+            .get(11)
+            .and_then(|u| u.parse::<u64>().ok())
+            .unwrap_or(0)
+            + fields
+                .get(12)
+                .and_then(|s| s.parse::<u64>().ok())
+                .unwrap_or(0)
+    };
+    let before = ticks();
+    std::thread::sleep(Duration::from_secs(10));
+    let after = ticks();
+    println!("payload: pid1-cpu-ticks={} over 10s", after - before);
+}

@@ -1,0 +1,290 @@
+//! A QEMU guest for boot tests: a builder for the machine, readiness by console markers, and
+//! cleanup of every process it started. When a test fails (panics) while a guest is alive, the
+//! guest's serial log is printed.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::qmp::Qmp;
+
+/// The kernel command line every test guest starts with.
+pub const BASE_CMDLINE: &str = "console=ttyS0 panic=-1 loglevel=4 printk.devkmsg=on";
+
+pub struct Guest {
+    name: String,
+    kernel: PathBuf,
+    initrd: PathBuf,
+    cmdline: String,
+    disks: Vec<PathBuf>,
+    tpm: bool,
+    memory_mib: u32,
+    reboot: bool,
+}
+
+impl Guest {
+    pub fn new(name: &str, kernel: &Path, initrd: &Path) -> Self {
+        Guest {
+            name: name.to_string(),
+            kernel: kernel.to_path_buf(),
+            initrd: initrd.to_path_buf(),
+            cmdline: BASE_CMDLINE.to_string(),
+            disks: Vec::new(),
+            tpm: false,
+            memory_mib: 512,
+            reboot: false,
+        }
+    }
+
+    /// Appends options to the kernel command line.
+    pub fn cmdline(mut self, extra: &str) -> Self {
+        self.cmdline.push(' ');
+        self.cmdline.push_str(extra);
+        self
+    }
+
+    /// Attaches a raw disk image (copy-on-write: the file itself is never written).
+    pub fn disk(mut self, path: &Path) -> Self {
+        self.disks.push(path.to_path_buf());
+        self
+    }
+
+    /// Gives the guest a TPM 2.0 (swtpm, started and stopped with the guest).
+    pub fn tpm(mut self, on: bool) -> Self {
+        self.tpm = on;
+        self
+    }
+
+    pub fn memory_mib(mut self, mib: u32) -> Self {
+        self.memory_mib = mib;
+        self
+    }
+
+    /// Lets a guest reboot in place; by default a reboot ends QEMU like a power-off does.
+    pub fn allow_reboot(mut self, on: bool) -> Self {
+        self.reboot = on;
+        self
+    }
+
+    pub fn start(self) -> RunningGuest {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("cvm-guest-{}-", self.name))
+            .tempdir()
+            .expect("temporary directory for the guest");
+        let serial = dir.path().join("serial.log");
+        let qmp_socket = dir.path().join("qmp.sock");
+        let mut guest = RunningGuest {
+            name: self.name.clone(),
+            serial: serial.clone(),
+            qemu: None,
+            swtpm: None,
+            qmp: None,
+            exit: None,
+            dir,
+        };
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args([
+            "-machine",
+            "q35",
+            "-accel",
+            "tcg",
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-no-user-config",
+        ])
+        .args(["-m", &self.memory_mib.to_string()])
+        .args(["-display", "none", "-nic", "none"])
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp_socket.display()))
+        .arg("-kernel")
+        .arg(&self.kernel)
+        .arg("-initrd")
+        .arg(&self.initrd)
+        .args(["-append", &self.cmdline]);
+        if !self.reboot {
+            cmd.arg("-no-reboot");
+        }
+        for (i, disk) in self.disks.iter().enumerate() {
+            cmd.arg("-drive").arg(format!(
+                "if=virtio,format=raw,file={},snapshot=on,index={i}",
+                disk.display()
+            ));
+        }
+        if self.tpm {
+            let state = guest.dir.path().join("tpm");
+            fs::create_dir_all(&state).expect("tpm state directory");
+            let socket = guest.dir.path().join("swtpm.sock");
+            let swtpm = Command::new("swtpm")
+                .args(["socket", "--tpm2", "--flags", "not-need-init,startup-clear"])
+                .arg("--tpmstate")
+                .arg(format!("dir={}", state.display()))
+                .arg("--ctrl")
+                .arg(format!("type=unixio,path={}", socket.display()))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("swtpm is installed by make deps");
+            guest.swtpm = Some(swtpm);
+            wait_for_path(&socket, Duration::from_secs(10));
+            cmd.arg("-chardev")
+                .arg(format!("socket,id=chrtpm,path={}", socket.display()))
+                .args(["-tpmdev", "emulator,id=tpm0,chardev=chrtpm"])
+                .args(["-device", "tpm-crb,tpmdev=tpm0"]);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let qemu = cmd
+            .spawn()
+            .expect("qemu-system-x86_64 is installed by make deps");
+        guest.qemu = Some(qemu);
+        match Qmp::connect(&qmp_socket, Duration::from_secs(20)) {
+            Ok(qmp) => guest.qmp = Some(qmp),
+            Err(e) => panic!("guest {}: cannot connect to QMP: {e}", guest.name),
+        }
+        guest
+    }
+}
+
+fn wait_for_path(path: &Path, timeout: Duration) {
+    let end = Instant::now() + timeout;
+    while !path.exists() {
+        assert!(Instant::now() < end, "{} did not appear", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub struct RunningGuest {
+    pub name: String,
+    serial: PathBuf,
+    qemu: Option<Child>,
+    swtpm: Option<Child>,
+    qmp: Option<Qmp>,
+    exit: Option<ExitStatus>,
+    dir: tempfile::TempDir,
+}
+
+impl RunningGuest {
+    /// Everything the guest wrote to its serial console so far.
+    pub fn serial_log(&self) -> String {
+        fs::read(&self.serial)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Waits until `marker` has appeared `count` times on the console. Fails early when QEMU
+    /// exits first. Returns the time waited.
+    pub fn wait_for_count(
+        &mut self,
+        marker: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<Duration, String> {
+        let start = Instant::now();
+        loop {
+            let log = self.serial_log();
+            if log.matches(marker).count() >= count {
+                return Ok(start.elapsed());
+            }
+            if self.has_exited() {
+                // The last lines may land after the exit is seen.
+                if self.serial_log().matches(marker).count() >= count {
+                    return Ok(start.elapsed());
+                }
+                return Err(format!(
+                    "guest {} exited before {marker:?} appeared {count} time(s)",
+                    self.name
+                ));
+            }
+            if start.elapsed() >= timeout {
+                return Err(format!(
+                    "guest {}: {marker:?} did not appear {count} time(s) within {}s",
+                    self.name,
+                    timeout.as_secs()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn wait_for(&mut self, marker: &str, timeout: Duration) -> Result<Duration, String> {
+        self.wait_for_count(marker, 1, timeout)
+    }
+
+    pub fn qmp(&mut self) -> &mut Qmp {
+        self.qmp
+            .as_mut()
+            .expect("QMP is connected while the guest runs")
+    }
+
+    fn has_exited(&mut self) -> bool {
+        if self.exit.is_some() {
+            return true;
+        }
+        if let Some(qemu) = self.qemu.as_mut() {
+            if let Ok(Some(status)) = qemu.try_wait() {
+                self.exit = Some(status);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Waits for QEMU to exit by itself (the guest powered off).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus, String> {
+        let start = Instant::now();
+        loop {
+            if self.has_exited() {
+                return Ok(self.exit.unwrap());
+            }
+            if start.elapsed() >= timeout {
+                return Err(format!(
+                    "guest {} still runs after {}s",
+                    self.name,
+                    timeout.as_secs()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The directory the guest's files live in (serial log, sockets).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for RunningGuest {
+    fn drop(&mut self) {
+        if let Some(mut qemu) = self.qemu.take() {
+            let _ = qemu.kill();
+            let _ = qemu.wait();
+            if std::thread::panicking() {
+                if let Some(mut stderr) = qemu.stderr.take() {
+                    let mut text = String::new();
+                    let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+                    if !text.is_empty() {
+                        eprintln!("----- qemu stderr of guest {} -----\n{text}", self.name);
+                    }
+                }
+            }
+        }
+        if let Some(mut swtpm) = self.swtpm.take() {
+            let _ = swtpm.kill();
+            let _ = swtpm.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "----- serial log of guest {} -----\n{}\n----- end of serial log of guest {} -----",
+                self.name,
+                self.serial_log(),
+                self.name
+            );
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! Test initramfs images: cvm-init as /init, the test payload, a configuration file, and the
+//! kernel modules the init will load (with filtered modules.dep/.alias and the full
+//! modules.builtin/.softdep, so the init resolves them exactly as on a real image).
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use cvm_init::modules::{ModuleIndex, REQUIRED};
+use cvm_init::sys::Linux;
+
+use crate::cpio::CpioWriter;
+
+/// The cached Debian kernel that `make deps` unpacked.
+#[derive(Debug, Clone)]
+pub struct Kernel {
+    pub vmlinuz: PathBuf,
+    pub modules_dir: PathBuf,
+    pub release: String,
+}
+
+impl Kernel {
+    /// Opens a kernel cache directory (`vmlinuz`, `modules/` and `ready` with the release).
+    pub fn open(cache: &Path) -> io::Result<Kernel> {
+        let release = fs::read_to_string(cache.join("ready"))?.trim().to_string();
+        Ok(Kernel {
+            vmlinuz: cache.join("vmlinuz"),
+            modules_dir: cache.join("modules"),
+            release,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InitramfsError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot resolve modules")]
+    Modules(#[from] cvm_init::modules::ModuleError),
+    #[error("cannot write the archive")]
+    Write(#[from] io::Error),
+}
+
+/// What goes into a test initramfs.
+#[derive(Debug, Clone, Default)]
+pub struct InitramfsSpec {
+    pub init: PathBuf,
+    pub payload: Option<PathBuf>,
+    /// The text of /etc/cvm-init/config.toml, if any.
+    pub config: Option<String>,
+    /// Modules beyond the ones the init always loads.
+    pub extra_modules: Vec<String>,
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, InitramfsError> {
+    fs::read(path).map_err(|source| InitramfsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Builds the archive and writes it to `out`.
+pub fn build(spec: &InitramfsSpec, kernel: &Kernel, out: &Path) -> Result<(), InitramfsError> {
+    let mut w = CpioWriter::new(Vec::new());
+    for dir in [
+        "/bin",
+        "/dev",
+        "/etc",
+        "/etc/cvm-init",
+        "/lib",
+        "/proc",
+        "/run",
+        "/sys",
+        "/tmp",
+    ] {
+        w.dir(dir, 0o755)?;
+    }
+    // The kernel opens /dev/console for PID 1's stdio before anything is mounted.
+    w.char_device("/dev/console", 0o600, 5, 1)?;
+    w.file("/init", 0o755, &read(&spec.init)?)?;
+    if let Some(payload) = &spec.payload {
+        w.file("/bin/payload", 0o755, &read(payload)?)?;
+    }
+    if let Some(config) = &spec.config {
+        w.file("/etc/cvm-init/config.toml", 0o644, config.as_bytes())?;
+    }
+    add_modules(&mut w, spec, kernel)?;
+    fs::write(out, w.finish()?)?;
+    Ok(())
+}
+
+fn add_modules(
+    w: &mut CpioWriter<Vec<u8>>,
+    spec: &InitramfsSpec,
+    kernel: &Kernel,
+) -> Result<(), InitramfsError> {
+    let index = ModuleIndex::load(&Linux, &kernel.modules_dir, &kernel.release)?;
+    let mut wanted: Vec<String> = REQUIRED.iter().map(|m| m.to_string()).collect();
+    wanted.extend(spec.extra_modules.iter().cloned());
+    let order = index.resolve(&wanted)?;
+    let base = format!("/lib/modules/{}", kernel.release);
+    w.dir("/lib/modules", 0o755)?;
+    w.dir(&base, 0o755)?;
+    let mut dirs = BTreeSet::new();
+    let mut dep = String::new();
+    for name in &order {
+        let rel = index
+            .relative_path(name)
+            .expect("resolved modules have paths");
+        let mut parent = String::new();
+        for part in rel.split('/').collect::<Vec<_>>().split_last().unwrap().1 {
+            parent = format!("{parent}/{part}");
+            if dirs.insert(parent.clone()) {
+                w.dir(&format!("{base}{parent}"), 0o755)?;
+            }
+        }
+        w.file(
+            &format!("{base}/{rel}"),
+            0o644,
+            &read(&kernel.modules_dir.join(rel))?,
+        )?;
+        let deps: Vec<&str> = index
+            .dependencies(name)
+            .iter()
+            .filter_map(|d| index.relative_path(d))
+            .collect();
+        dep.push_str(&format!("{rel}: {}\n", deps.join(" ")));
+    }
+    w.file(&format!("{base}/modules.dep"), 0o644, dep.as_bytes())?;
+    for file in ["modules.builtin", "modules.softdep"] {
+        w.file(
+            &format!("{base}/{file}"),
+            0o644,
+            &read(&kernel.modules_dir.join(file))?,
+        )?;
+    }
+    let included: BTreeSet<&str> = order.iter().map(String::as_str).collect();
+    let alias_text =
+        String::from_utf8_lossy(&read(&kernel.modules_dir.join("modules.alias"))?).into_owned();
+    let aliases: String = alias_text
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(2)
+                .is_some_and(|m| included.contains(cvm_init::modules::normalize(m).as_str()))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    w.file(&format!("{base}/modules.alias"), 0o644, aliases.as_bytes())?;
+    Ok(())
+}

@@ -1,0 +1,305 @@
+//! Boot scenarios: each boots cvm-init in QEMU (TCG) and checks its PID 1 duties from the
+//! serial console and QMP. Run them with `make test` (which builds the artifacts first).
+
+use std::time::{Duration, Instant};
+
+use qemu_tests::{console_lines, Artifacts, Guest, RunningGuest};
+use serde_json::json;
+
+/// Generous: a TCG boot takes about 5 s, but CI machines may be loaded.
+const BOOT: Duration = Duration::from_secs(90);
+
+/// Boots a guest with this configuration file and extra command-line options.
+fn boot(
+    name: &str,
+    config: Option<&str>,
+    cmdline: &str,
+    configure: impl FnOnce(Guest) -> Guest,
+) -> (RunningGuest, tempfile::TempDir) {
+    let artifacts = Artifacts::get();
+    let dir = tempfile::tempdir().unwrap();
+    let initrd = artifacts.initramfs(dir.path(), config);
+    let guest =
+        configure(Guest::new(name, &artifacts.kernel.vmlinuz, &initrd).cmdline(cmdline)).start();
+    (guest, dir)
+}
+
+fn must(result: Result<Duration, String>) -> Duration {
+    result.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The value after `key=` on the first line containing `prefix`.
+fn field(log: &str, prefix: &str, key: &str) -> String {
+    let line = log
+        .lines()
+        .find(|l| l.contains(prefix))
+        .unwrap_or_else(|| panic!("no line with {prefix:?}"));
+    let start = line
+        .find(&format!("{key}="))
+        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+        + key.len()
+        + 1;
+    line[start..]
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+const SERVE: &str = r#"
+[[service]]
+name = "web"
+path = "/bin/payload"
+args = ["serve"]
+env = { GREETING = "hello" }
+"#;
+
+/// a. Boots to ready; the configured workload runs in a clean state.
+#[test]
+fn a_boots_to_ready_and_runs_the_workload() {
+    let (mut guest, _dir) = boot("ready", Some(SERVE), "", |g| g.tpm(true));
+    must(guest.wait_for("cvm-init: ready", BOOT));
+    must(guest.wait_for("web: payload: serving (stderr)", BOOT));
+    let log = guest.serial_log();
+    let lines = console_lines(&log);
+    for phase in [
+        "mounts",
+        "config",
+        "modules",
+        "configfs",
+        "power-button",
+        "services",
+    ] {
+        assert!(
+            log.contains(&format!("cvm-init: phase {phase} start")),
+            "phase {phase} start missing"
+        );
+        let ok = lines
+            .iter()
+            .any(|l| l.starts_with(&format!("cvm-init: phase {phase} ok ")) && l.ends_with("ms"));
+        assert!(ok, "phase {phase} ok line missing");
+    }
+    assert!(
+        log.contains("cvm-init: modules loaded: button evdev configfs"),
+        "modules"
+    );
+    assert!(
+        log.contains("cvm-init: listening for the power key on: Power Button"),
+        "power button"
+    );
+    // The child started clean: nothing blocked, SIGPIPE default, only stdio open, own session,
+    // environment from the configuration.
+    assert_eq!(field(&log, "web: payload: state", "blocked"), "[]");
+    assert_eq!(field(&log, "web: payload: state", "sigpipe"), "default");
+    assert_eq!(field(&log, "web: payload: state", "fds"), "3");
+    assert_eq!(field(&log, "web: payload: state", "session-leader"), "true");
+    assert_eq!(field(&log, "web: payload: state", "greeting"), "hello");
+    // The harness's swtpm reached the guest.
+    assert_eq!(field(&log, "web: payload: state", "tpm"), "true");
+    assert!(!log.contains("failed"), "a phase failed");
+}
+
+/// b. The ACPI power button: TERM to services, unmount, power off within 10 s.
+#[test]
+fn b_power_button_powers_off_cleanly() {
+    let (mut guest, _dir) = boot("powerdown", Some(SERVE), "", |g| g);
+    must(guest.wait_for("cvm-init: ready", BOOT));
+    must(guest.wait_for("web: payload: serving", BOOT));
+    let pressed = Instant::now();
+    guest.qmp().execute("system_powerdown", json!({})).unwrap();
+    let status = guest
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let took = pressed.elapsed();
+    let log = guest.serial_log();
+    assert!(status.success(), "qemu exit status {status}");
+    let order = [
+        "cvm-init: power button pressed",
+        "cvm-init: stopping service web",
+        "web: payload: got SIGTERM, exiting",
+        "cvm-init: service web stopped: exit status 0",
+        "cvm-init: unmounted /sys/fs/cgroup",
+        "cvm-init: unmounted /run",
+        "cvm-init: unmounted /dev/pts",
+        "cvm-init: unmounted /proc",
+        "cvm-init: powering off",
+    ];
+    let mut at = 0;
+    for marker in order {
+        let found = log[at..]
+            .find(marker)
+            .unwrap_or_else(|| panic!("{marker:?} missing or out of order"));
+        at += found + marker.len();
+    }
+    let event = guest.qmp().wait_event("SHUTDOWN", Duration::from_secs(5));
+    if let Ok(event) = event {
+        assert_eq!(event["data"]["reason"], "guest-shutdown", "{event}");
+    }
+    eprintln!(
+        "power-off took {}ms after system_powerdown",
+        took.as_millis()
+    );
+}
+
+/// c. ctrl-alt-del reboots the guest (in place: QEMU keeps running and boots again).
+#[test]
+fn c_ctrl_alt_del_reboots() {
+    let (mut guest, _dir) = boot("cad", Some(SERVE), "", |g| g.allow_reboot(true));
+    must(guest.wait_for("cvm-init: ready", BOOT));
+    must(guest.wait_for("web: payload: serving", BOOT));
+    let keys = json!({ "keys": [
+        { "type": "qcode", "data": "ctrl" },
+        { "type": "qcode", "data": "alt" },
+        { "type": "qcode", "data": "delete" }
+    ]});
+    guest.qmp().execute("send-key", keys).unwrap();
+    must(guest.wait_for("cvm-init: received SIGINT", Duration::from_secs(30)));
+    must(guest.wait_for("cvm-init: rebooting", Duration::from_secs(30)));
+    must(guest.wait_for_count("cvm-init: ready", 2, BOOT));
+    let log = guest.serial_log();
+    assert!(
+        log.contains("web: payload: got SIGTERM"),
+        "service not stopped before reboot"
+    );
+    let reset = guest
+        .qmp()
+        .wait_event("RESET", Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(reset["data"]["reason"], "guest-reset", "{reset}");
+}
+
+/// d. 1000 orphans: PID 1 reaps every one.
+#[test]
+fn d_orphans_are_reaped() {
+    let config = r#"
+[[service]]
+name = "forker"
+path = "/bin/payload"
+args = ["orphans", "1000"]
+"#;
+    let (mut guest, _dir) = boot("orphans", Some(config), "", |g| g);
+    must(guest.wait_for(
+        "forker: payload: orphans=1000 zombies=",
+        Duration::from_secs(240),
+    ));
+    let log = guest.serial_log();
+    assert_eq!(field(&log, "payload: orphans=1000", "zombies"), "0");
+    guest.qmp().execute("system_powerdown", json!({})).unwrap();
+    guest.wait_exit(Duration::from_secs(15)).unwrap();
+    let log = guest.serial_log();
+    let reaped: u64 = log
+        .lines()
+        .find_map(|l| l.split("reaped ").nth(1)?.split(' ').next()?.parse().ok())
+        .expect("reaped count line");
+    assert!(reaped >= 1000, "reaped only {reaped} orphans");
+}
+
+/// e. Crashing workloads restart with backoff; a crash loop does not spin PID 1.
+#[test]
+fn e_crash_loops_back_off() {
+    let config = r#"
+[[service]]
+name = "crasher"
+path = "/bin/payload"
+args = ["crash"]
+restart = "always"
+
+[[service]]
+name = "once"
+path = "/bin/payload"
+args = ["crash-once"]
+restart = "on-failure"
+
+[[service]]
+name = "probe"
+path = "/bin/payload"
+args = ["cpu-probe"]
+"#;
+    let (mut guest, _dir) = boot("crash", Some(config), "", |g| g);
+    must(guest.wait_for("cvm-init: ready", BOOT));
+    must(guest.wait_for("probe: payload: pid1-cpu-ticks=", Duration::from_secs(120)));
+    let log = guest.serial_log();
+    // on-failure: restarted once, then it runs.
+    assert!(log.contains("once: payload: first start, crashing"));
+    assert!(log.contains("once: payload: second start"));
+    // always: the delays double.
+    for delay in ["in 250ms", "in 500ms", "in 1000ms", "in 2000ms"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("service crasher exited: exit status 3") && l.contains(delay)),
+            "no restart {delay}"
+        );
+    }
+    assert!(log.contains("cvm-init: error: service crasher is crash-looping"));
+    // Within the probe's window (about 12 s after start) backoff allows at most 7 starts.
+    let starts = log.matches("crasher: payload: crashing").count();
+    assert!((4..=8).contains(&starts), "crasher started {starts} times");
+    let ticks: u64 = field(&log, "payload: pid1-cpu-ticks", "pid1-cpu-ticks")
+        .parse()
+        .unwrap();
+    // 100 ticks = 1 s of CPU in a 10 s window; a spinning PID 1 would use nearly all of it.
+    assert!(ticks < 100, "PID 1 used {ticks} ticks of CPU in 10 s");
+    eprintln!("PID 1 used {ticks} clock ticks in 10 s while a service crash-looped");
+}
+
+/// f. A malformed or unknown cvm.* option: named on the console, then power-off.
+#[test]
+fn f_bad_option_is_named_then_power_off() {
+    for (name, option, expect) in [
+        ("unknown", "cvm.bogus=1", "unknown option cvm.bogus"),
+        (
+            "malformed",
+            "cvm.loglevel=loud",
+            "option cvm.loglevel=\"loud\" on the kernel command line is malformed: expected one of error, warn, info, debug",
+        ),
+    ] {
+        let (mut guest, _dir) = boot(name, Some(SERVE), option, |g| g);
+        guest.wait_exit(BOOT).unwrap_or_else(|e| panic!("{e}"));
+        let log = guest.serial_log();
+        assert!(log.contains("cvm-init: error: phase config failed: "), "{name}: no failed phase");
+        assert!(log.contains(expect), "{name}: {expect:?} missing");
+        assert!(log.contains("cvm-init: powering off in 5 s"), "{name}: no countdown");
+        assert!(!log.contains("cvm-init: ready"), "{name}: booted anyway");
+        assert!(!log.contains("payload:"), "{name}: the workload ran");
+        let lines = console_lines(&log);
+        let tail: Vec<&str> = lines.iter().filter(|l| l.starts_with("cvm-init:")).rev().take(2).copied().collect();
+        assert_eq!(tail[0], "cvm-init: powering off", "{name}");
+        assert!(tail[1].contains(expect), "{name}: the reason is not the last word: {tail:?}");
+    }
+}
+
+/// f'. With cvm.debug the same failure holds the machine instead.
+#[test]
+fn f_debug_holds_instead_of_power_off() {
+    let (mut guest, _dir) = boot("hold", Some(SERVE), "cvm.debug cvm.bogus", |g| g);
+    must(guest.wait_for("cvm-init: holding (cvm.debug)", BOOT));
+    assert!(
+        guest.wait_exit(Duration::from_secs(8)).is_err(),
+        "the guest did not hold"
+    );
+    assert!(!guest.serial_log().contains("powering off in"));
+}
+
+/// g. A panic inside the init goes through the fatal path; the kernel never sees PID 1 die.
+#[test]
+fn g_panic_goes_through_the_fatal_path() {
+    let (mut guest, _dir) = boot("panic", Some(SERVE), "cvm.test-panic=services", |g| g);
+    guest.wait_exit(BOOT).unwrap_or_else(|e| panic!("{e}"));
+    let log = guest.serial_log();
+    assert!(log.contains("cvm-init: phase services start"));
+    assert!(log.contains("cvm-init: fatal: panic: "), "no fatal line");
+    assert!(
+        log.contains("test hook: cvm.test-panic=services"),
+        "panic message missing"
+    );
+    assert!(
+        log.contains("cvm-init: powering off in 1 s"),
+        "no countdown"
+    );
+    let last = console_lines(&log)
+        .into_iter()
+        .rfind(|l| l.starts_with("cvm-init:"));
+    assert_eq!(last, Some("cvm-init: powering off"));
+    assert!(!log.contains("Attempted to kill init"), "PID 1 died");
+    assert!(!log.contains("Kernel panic"), "kernel panic");
+}
