@@ -305,7 +305,7 @@ mod tests {
         assert!(mounts[0].starts_with("mount proc /proc proc"));
         assert!(mounts[2].starts_with("mount devtmpfs /dev devtmpfs"));
         assert!(mounts[7].starts_with("mount cgroup2 /sys/fs/cgroup cgroup2"));
-        assert!(!calls.iter().any(|c| c.starts_with("mkdir /sys")));
+        assert!(!calls.iter().any(|c| c.starts_with("mkdir /sys/")));
         assert_eq!(
             calls.last().unwrap(),
             "write /sys/fs/cgroup/cgroup.subtree_control +cpuset +cpu +io +memory +pids"
