@@ -35,8 +35,8 @@ build: deps
 
 ## The init with test hooks and the static test payload, for boot tests.
 test-artifacts: deps
-	$(STATIC_FLAGS) $(CARGO) build --profile test-image --target $(TARGET) -p cvm-init --features test-hooks --bin cvm-init
-	$(STATIC_FLAGS) $(CARGO) build --profile test-image --target $(TARGET) -p qemu-tests --bin cvm-test-payload
+	$(STATIC_FLAGS) $(CARGO) build --profile test-image --target $(TARGET) -p cvm-init -p qemu-tests \
+	  --bin cvm-init --bin cvm-test-payload --features cvm-init/test-hooks
 
 check:
 	$(CARGO) fmt --all -- --check

@@ -76,8 +76,9 @@ fn bench(release_init: &Path) -> Result<(), String> {
         guest.wait_for("probe: payload: pid1-rss-kib=", Duration::from_secs(120))?;
         let log = guest.serial_log();
         let ready = kernel_time_of(&log, "cvm-init: ready").ok_or("no timestamped ready line")?;
-        let started = kernel_time_of(&log, "cvm-init: starting version")
-            .ok_or("no timestamped start line")?;
+        // The kernel's own line for the start of PID 1.
+        let started = kernel_time_of(&log, "Run /init as init process")
+            .ok_or("no timestamped line for the start of /init")?;
         let rss = log
             .lines()
             .find_map(|l| {
