@@ -252,11 +252,13 @@ fn f_bad_option_is_named_then_power_off() {
             "cvm.loglevel=loud",
             "option cvm.loglevel=\"loud\" on the kernel command line is malformed: expected one of error, warn, info, debug",
         ),
+        ("module", "cvm.modules=nosuch_module", "module nosuch_module is neither in /lib/modules/"),
     ] {
         let (mut guest, _dir) = boot(name, Some(SERVE), option, |g| g);
         guest.wait_exit(BOOT).unwrap_or_else(|e| panic!("{e}"));
         let log = guest.serial_log();
-        assert!(log.contains("cvm-init: error: phase config failed: "), "{name}: no failed phase");
+        let phase = if name == "module" { "modules" } else { "config" };
+        assert!(log.contains(&format!("cvm-init: error: phase {phase} failed: ")), "{name}: no failed phase");
         assert!(log.contains(expect), "{name}: {expect:?} missing");
         assert!(log.contains("cvm-init: powering off in 5 s"), "{name}: no countdown");
         assert!(!log.contains("cvm-init: ready"), "{name}: booted anyway");
