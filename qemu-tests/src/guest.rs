@@ -126,7 +126,7 @@ impl Guest {
                 .arg(format!("type=unixio,path={}", socket.display()))
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
+                .stderr(Stdio::null())
                 .spawn()
                 .expect("swtpm is installed by make deps");
             guest.swtpm = Some(swtpm);
