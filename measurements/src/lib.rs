@@ -2,6 +2,8 @@
 //! the digest helper the other parts share; event framing, prediction and verification follow
 //! with the measured-boot and launch-measurement issues.
 
+pub mod verity;
+
 use std::io::Read;
 use std::path::Path;
 
