@@ -6,7 +6,8 @@ CARGO ?= cargo
 MUSL := $(shell rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl && echo yes)
 ifeq ($(MUSL),yes)
 TARGET := x86_64-unknown-linux-musl
-STATIC_FLAGS :=
+# devicemapper-sys probes pkg-config for headers only; allow it when cross-compiling to musl.
+STATIC_FLAGS := PKG_CONFIG_ALLOW_CROSS=1
 else
 TARGET := x86_64-unknown-linux-gnu
 STATIC_FLAGS := RUSTFLAGS="-C target-feature=+crt-static"
@@ -56,15 +57,17 @@ test: deps build check unit boot-tests
 
 ## Boot the demo guest with the console attached (quit: ctrl-a x; power button: ctrl-a c, then system_powerdown).
 run: build test-artifacts
-	CVM_INIT_BIN=$(CURDIR)/$(RELEASE_DIR)/cvm-init $(CARGO) run -q -p qemu-tests --bin cvm-harness -- initrd $(CURDIR)/target/demo-initrd.cpio qemu-tests/demo/config.toml
+	CVM_INIT_BIN=$(CURDIR)/$(RELEASE_DIR)/cvm-init $(CARGO) run -q -p qemu-tests --bin cvm-harness -- \
+	  image $(CURDIR)/target/demo qemu-tests/demo/config.toml > target/demo.roothash
 	qemu-system-x86_64 -machine q35 -accel tcg -smp 1 -m 512 -nodefaults -no-user-config \
 	  -nographic -serial mon:stdio -nic none -no-reboot \
-	  -kernel $(KERNEL_DIR)/vmlinuz -initrd target/demo-initrd.cpio \
-	  -append "console=ttyS0 panic=-1 loglevel=4 printk.devkmsg=on"
+	  -kernel $(KERNEL_DIR)/vmlinuz -initrd target/demo/initrd.cpio \
+	  -drive if=virtio,format=raw,file=target/demo/disk.raw,snapshot=on \
+	  -append "console=ttyS0 panic=-1 loglevel=4 printk.devkmsg=on roothash=$$(cat target/demo.roothash)"
 
 ## Size of the static init, time from kernel start to ready, PID 1's RSS at ready.
 bench: build test-artifacts
-	$(CARGO) run -q --release -p qemu-tests --bin cvm-harness -- bench $(CURDIR)/$(RELEASE_DIR)/cvm-init
+	$(CARGO) run -q --release -p qemu-tests --bin cvm-harness -- bench $(CURDIR)/$(RELEASE_DIR)/cvm-init $(CURDIR)/$(RELEASE_DIR)/cvm-measure
 
 clean:
 	$(CARGO) clean

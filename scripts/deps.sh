@@ -17,6 +17,7 @@ apt_packages=(
   fdisk             # sfdisk for GPT test disks
   musl-tools        # musl-gcc for the static musl build
   file              # proves the binary is static
+  pkg-config libdevmapper-dev clang libclang-dev  # build-time only: devicemapper-sys probes and bindgen
   xz-utils
   ovmf
 )

@@ -8,11 +8,13 @@ use std::time::Instant;
 use log::LevelFilter;
 
 use crate::config::{self, BootOptions, ConfigFile};
+use crate::disk::discover::Roots;
 use crate::fatal::{self, fatal};
 use crate::logger;
 use crate::modules::{self, ModuleIndex};
 use crate::mounts;
 use crate::power;
+use crate::root;
 use crate::runtime::{self, Runtime};
 use crate::shutdown;
 use crate::supervise::{Backoff, OsProcesses, Supervisor};
@@ -73,19 +75,17 @@ pub enum ModulesPhaseError {
     Module(#[from] modules::ModuleError),
 }
 
-/// Everything the configuration phase decides.
-pub struct Configuration {
-    pub options: BootOptions,
-    pub file: ConfigFile,
-}
-
-fn read_configuration() -> Result<Configuration, ConfigError> {
+fn read_cmdline() -> Result<BootOptions, ConfigError> {
     let cmdline = std::fs::read("/proc/cmdline").map_err(ConfigError::Cmdline)?;
     // A debug boot holds on a fatal error even when the rest of the line is malformed.
     fatal::set_hold(config::cmdline_has_debug(&cmdline));
-    let options = config::parse_cmdline(&cmdline)?;
-    let file = config::load_config_file(Path::new(config::CONFIG_PATH))?;
-    Ok(Configuration { options, file })
+    Ok(config::parse_cmdline(&cmdline)?)
+}
+
+/// The configuration file of the verified root (read after the switch, so it is as trusted
+/// as the root hash).
+fn read_config_file() -> Result<ConfigFile, ConfigError> {
+    Ok(config::load_config_file(Path::new(config::CONFIG_PATH))?)
 }
 
 fn load_modules(sys: &dyn System, wanted: &[String]) -> Result<Vec<String>, ModulesPhaseError> {
@@ -120,8 +120,8 @@ pub fn run() -> ! {
     // Boot lines come in bursts: the default rate limit of /dev/kmsg would drop some.
     let _ = sys.write(Path::new("/proc/sys/kernel/printk_devkmsg"), b"on\n");
 
-    let configuration = phase("config", read_configuration);
-    let options = &configuration.options;
+    let options = phase("config", read_cmdline);
+    let options = &options;
     log::set_max_level(options.log_level);
     #[cfg(feature = "test-hooks")]
     {
@@ -132,11 +132,23 @@ pub fn run() -> ! {
     }
 
     let mut wanted: Vec<String> = modules::REQUIRED.iter().map(|m| m.to_string()).collect();
-    wanted.extend(configuration.file.modules.iter().cloned());
     wanted.extend(options.modules.iter().cloned());
     let loaded = phase("modules", || load_modules(&sys, &wanted));
     log::info!("modules loaded: {}", loaded.join(" "));
     phase("configfs", || mounts::mount_one(&sys, &mounts::CONFIGFS));
+
+    let verified = phase("verity-root", || {
+        root::set_up_verity(options, &Roots::default())
+    });
+    phase("mount-root", || root::mount_root(&sys, &verified.device));
+    phase("switch-root", || root::switch_root(&sys));
+
+    let config_file = phase("config-file", read_config_file);
+    if !config_file.modules.is_empty() {
+        // From the verified root's /lib/modules: the initramfs is gone.
+        let loaded = phase("modules-late", || load_modules(&sys, &config_file.modules));
+        log::info!("modules loaded: {}", loaded.join(" "));
+    }
 
     let buttons = phase("power-button", || {
         let buttons =
@@ -153,7 +165,7 @@ pub fn run() -> ! {
     let supervisor = phase("services", || {
         let mut supervisor = Supervisor::new(
             OsProcesses,
-            configuration.file.services.clone(),
+            config_file.services.clone(),
             Backoff::default(),
         );
         supervisor.tick(Instant::now());

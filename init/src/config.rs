@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use log::LevelFilter;
 use serde::Deserialize;
 
+use crate::disk::gpt::Guid;
+
 /// Where the init reads its configuration file (inside the measured image).
 pub const CONFIG_PATH: &str = "/etc/cvm-init/config.toml";
 
@@ -19,9 +21,34 @@ pub const OPTIONS: &[(&str, &str)] = &[
         "cvm.modules",
         "a comma-separated list of module names ([A-Za-z0-9_-])",
     ),
+    (
+        "cvm.root-partuuid",
+        "a partition UUID (8-4-4-4-12 hex digits)",
+    ),
+    (
+        "cvm.verity-partuuid",
+        "a partition UUID (8-4-4-4-12 hex digits)",
+    ),
+    ("cvm.verity-corruption", "one of eio, panic, restart"),
     #[cfg(feature = "test-hooks")]
     ("cvm.test-panic", "the name of a boot phase"),
 ];
+
+/// `roothash=` as systemd and mkosi write it: the sha256 root of the verity tree.
+pub const ROOTHASH: (&str, &str) = ("roothash", "64 hex digits (a sha256 root hash)");
+
+/// What dm-verity does when a block does not match its hash. None returns the bad bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CorruptionPolicy {
+    /// The read fails with EIO (default): the init or the workload sees an error, the boot's
+    /// fatal path explains it, and the host gets no reboot loop to retry its attack.
+    #[default]
+    Eio,
+    /// The kernel panics.
+    Panic,
+    /// The machine restarts.
+    Restart,
+}
 
 /// The typed options from the kernel command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +59,12 @@ pub struct BootOptions {
     pub log_level: LevelFilter,
     /// Modules to load in addition to those the init always needs.
     pub modules: Vec<String>,
+    /// The verity root hash from `roothash=`.
+    pub root_hash: Option<[u8; 32]>,
+    /// Partition UUIDs that override the ones derived from the root hash.
+    pub root_partuuid: Option<Guid>,
+    pub verity_partuuid: Option<Guid>,
+    pub verity_corruption: CorruptionPolicy,
     /// Test builds only: panic inside this phase, to exercise the fatal path.
     #[cfg(feature = "test-hooks")]
     pub test_panic: Option<String>,
@@ -43,6 +76,10 @@ impl Default for BootOptions {
             debug: false,
             log_level: LevelFilter::Info,
             modules: Vec::new(),
+            root_hash: None,
+            root_partuuid: None,
+            verity_partuuid: None,
+            verity_corruption: CorruptionPolicy::Eio,
             #[cfg(feature = "test-hooks")]
             test_panic: None,
         }
@@ -131,12 +168,16 @@ pub fn parse_cmdline(cmdline: &[u8]) -> Result<BootOptions, CmdlineError> {
     let mut options = BootOptions::default();
     let mut seen = BTreeSet::new();
     for (key, value) in split_params(cmdline) {
-        if !key.starts_with(b"cvm.") {
+        if !key.starts_with(b"cvm.") && key != ROOTHASH.0.as_bytes() {
             continue;
         }
         let key = String::from_utf8_lossy(&key).into_owned();
         let value = value.map(|v| String::from_utf8_lossy(&v).into_owned());
-        let expected = match OPTIONS.iter().find(|(name, _)| *name == key) {
+        let expected = match OPTIONS
+            .iter()
+            .chain([&ROOTHASH])
+            .find(|(name, _)| *name == key)
+        {
             Some((_, expected)) => *expected,
             None => {
                 let known = OPTIONS.iter().map(|(n, _)| *n).collect::<Vec<_>>();
@@ -172,6 +213,26 @@ pub fn parse_cmdline(cmdline: &[u8]) -> Result<BootOptions, CmdlineError> {
                 }
                 options.modules = names.into_iter().map(str::to_string).collect();
             }
+            ("roothash", Some(v)) => {
+                let bytes = parse_hex(v)
+                    .filter(|b| b.len() == 32)
+                    .ok_or_else(|| malformed(v))?;
+                options.root_hash = Some(bytes.try_into().unwrap());
+            }
+            ("cvm.root-partuuid", Some(v)) => {
+                options.root_partuuid = Some(Guid::parse(v).ok_or_else(|| malformed(v))?)
+            }
+            ("cvm.verity-partuuid", Some(v)) => {
+                options.verity_partuuid = Some(Guid::parse(v).ok_or_else(|| malformed(v))?)
+            }
+            ("cvm.verity-corruption", Some(v)) => {
+                options.verity_corruption = match v {
+                    "eio" => CorruptionPolicy::Eio,
+                    "panic" => CorruptionPolicy::Panic,
+                    "restart" => CorruptionPolicy::Restart,
+                    _ => return Err(malformed(v)),
+                }
+            }
             #[cfg(feature = "test-hooks")]
             ("cvm.test-panic", Some(v)) if is_module_name(v) => {
                 options.test_panic = Some(v.to_string())
@@ -188,6 +249,16 @@ pub fn cmdline_has_debug(cmdline: &[u8]) -> bool {
     split_params(cmdline)
         .iter()
         .any(|(k, v)| k == b"cvm.debug" && v.is_none())
+}
+
+fn parse_hex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 || !text.is_ascii() {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
+        .collect()
 }
 
 fn is_module_name(name: &str) -> bool {
@@ -369,7 +440,7 @@ mod tests {
 
     #[test]
     fn kernel_parameters_are_ignored() {
-        let o = parse("console=ttyS0 quiet root=/dev/vda roothash=abcd \"foo=bar baz\"").unwrap();
+        let o = parse("console=ttyS0 quiet root=/dev/vda rootflags=ro \"foo=bar baz\"").unwrap();
         assert_eq!(o, BootOptions::default());
     }
 
@@ -404,6 +475,36 @@ mod tests {
         assert_eq!(parse("cvm.loglevel").unwrap_err().key(), "cvm.loglevel");
         assert_eq!(parse("cvm.modules=a,,b").unwrap_err().key(), "cvm.modules");
         assert_eq!(parse("cvm.modules=a/b").unwrap_err().key(), "cvm.modules");
+    }
+
+    #[test]
+    fn root_options_are_typed() {
+        let hash = "ab".repeat(32);
+        let o = parse(&format!(
+            "roothash={hash} cvm.root-partuuid=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709 cvm.verity-corruption=panic"
+        ))
+        .unwrap();
+        assert_eq!(o.root_hash, Some([0xab; 32]));
+        assert_eq!(
+            o.root_partuuid.unwrap().to_string(),
+            "4f68bce3-e8cd-4db1-96e7-fbcaf984b709"
+        );
+        assert_eq!(o.verity_corruption, CorruptionPolicy::Panic);
+        assert_eq!(parse("roothash=abcd").unwrap_err().key(), "roothash");
+        assert_eq!(
+            parse(&format!("roothash={}", "zz".repeat(32)))
+                .unwrap_err()
+                .key(),
+            "roothash"
+        );
+        assert_eq!(
+            parse("cvm.root-partuuid=nope").unwrap_err().key(),
+            "cvm.root-partuuid"
+        );
+        assert_eq!(
+            parse("cvm.verity-corruption=ignore").unwrap_err().key(),
+            "cvm.verity-corruption"
+        );
     }
 
     #[test]
@@ -445,7 +546,7 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
             if let Err(e) = parse_cmdline(&bytes) {
-                prop_assert!(e.key().starts_with("cvm."));
+                prop_assert!(e.key().starts_with("cvm.") || e.key() == "roothash");
                 prop_assert!(e.to_string().contains(e.key()));
             }
         }

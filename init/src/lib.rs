@@ -3,11 +3,14 @@
 
 pub mod boot;
 pub mod config;
+pub mod disk;
+pub mod dm;
 pub mod fatal;
 pub mod logger;
 pub mod modules;
 pub mod mounts;
 pub mod power;
+pub mod root;
 pub mod runtime;
 pub mod shutdown;
 pub mod supervise;

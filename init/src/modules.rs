@@ -8,8 +8,16 @@ use std::path::{Path, PathBuf};
 use crate::sys::{ModuleLoadError, System};
 
 /// Modules the init itself always needs: the ACPI power button and the input device that
-/// delivers its key presses; configfs (configfs-tsm attestation reports live there).
-pub const REQUIRED: &[&str] = &["button", "evdev", "configfs"];
+/// delivers its key presses; configfs (configfs-tsm attestation reports live there); the
+/// virtio disk, dm-verity and erofs for the verified root.
+pub const REQUIRED: &[&str] = &[
+    "button",
+    "evdev",
+    "configfs",
+    "virtio_blk",
+    "dm_verity",
+    "erofs",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModuleError {
@@ -167,13 +175,42 @@ impl ModuleIndex {
     /// The load order for `wanted`: every module after its dependencies and soft `pre:`
     /// dependencies, before its soft `post:` dependencies; built-ins left out; each once.
     pub fn resolve(&self, wanted: &[String]) -> Result<Vec<String>, ModuleError> {
+        Ok(self
+            .resolve_marked(wanted)?
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect())
+    }
+
+    /// Like [`resolve`](Self::resolve), with each module marked required (wanted, or a hard
+    /// dependency of one) or optional (reached only through soft dependencies: a CPU-specific
+    /// crc32c driver, say, which may refuse this CPU).
+    pub fn resolve_marked(&self, wanted: &[String]) -> Result<Vec<(String, bool)>, ModuleError> {
         let mut order = Vec::new();
         let mut done = BTreeSet::new();
         let mut visiting = BTreeSet::new();
         for name in wanted {
             self.visit(&normalize(name), true, &mut order, &mut done, &mut visiting)?;
         }
-        Ok(order)
+        let mut required = BTreeSet::new();
+        for name in wanted {
+            self.mark_required(&normalize(name), &mut required);
+        }
+        Ok(order
+            .into_iter()
+            .map(|name| {
+                let needed = required.contains(&name);
+                (name, needed)
+            })
+            .collect())
+    }
+
+    fn mark_required(&self, name: &str, required: &mut BTreeSet<String>) {
+        if self.paths.contains_key(name) && required.insert(name.to_string()) {
+            for dep in self.deps.get(name).into_iter().flatten() {
+                self.mark_required(dep, required);
+            }
+        }
     }
 
     fn visit(
@@ -232,17 +269,22 @@ impl ModuleIndex {
         sys: &dyn System,
         wanted: &[String],
     ) -> Result<Vec<String>, ModuleError> {
-        let order = self.resolve(wanted)?;
-        for name in &order {
-            let path = self.dir.join(&self.paths[name]);
+        let mut loaded = Vec::new();
+        for (name, required) in self.resolve_marked(wanted)? {
+            let path = self.dir.join(&self.paths[&name]);
             log::debug!("loading module {name} from {}", path.display());
-            sys.load_module(&path).map_err(|source| ModuleError::Load {
-                name: name.clone(),
-                path: path.clone(),
-                source,
-            })?;
+            match sys.load_module(&path) {
+                Ok(()) => loaded.push(name),
+                Err(source) if !required => {
+                    log::info!(
+                        "optional module {name} not loaded: {}",
+                        crate::logger::chain(&source)
+                    )
+                }
+                Err(source) => return Err(ModuleError::Load { name, path, source }),
+            }
         }
-        Ok(order)
+        Ok(loaded)
     }
 }
 
@@ -258,12 +300,13 @@ kernel/drivers/md/dm-bufio.ko.xz:
 kernel/lib/reed_solomon/reed_solomon.ko.xz:
 kernel/lib/libcrc32c.ko.xz:
 kernel/crypto/crc32c_generic.ko.xz:
+kernel/arch/x86/crypto/crc32c-intel.ko.xz:
 kernel/fs/erofs/erofs.ko.xz: kernel/lib/libcrc32c.ko.xz
 kernel/drivers/acpi/button.ko.xz:
 ";
     const BUILTIN: &str = "kernel/drivers/virtio/virtio_pci.ko\n";
     const SOFTDEP: &str = "softdep libcrc32c pre: crc32c\nsoftdep erofs pre: crypto-nothing\n";
-    const ALIAS: &str = "alias crc32c crc32c_generic\nalias pci:v00001AF4d* virtio_pci\n";
+    const ALIAS: &str = "alias crc32c crc32c_generic\nalias pci:v00001AF4d* virtio_pci\nalias crc32c crc32c_intel\n";
 
     fn index() -> ModuleIndex {
         ModuleIndex::parse(
@@ -293,9 +336,24 @@ kernel/drivers/acpi/button.ko.xz:
                 "reed_solomon",
                 "dm_verity",
                 "crc32c_generic",
+                "crc32c_intel",
                 "libcrc32c",
                 "erofs"
             ])
+        );
+    }
+
+    #[test]
+    fn soft_dependencies_are_optional() {
+        let marked = index().resolve_marked(&names(&["erofs"])).unwrap();
+        assert_eq!(
+            marked,
+            vec![
+                ("crc32c_generic".to_string(), false),
+                ("crc32c_intel".to_string(), false),
+                ("libcrc32c".to_string(), true),
+                ("erofs".to_string(), true)
+            ]
         );
     }
 
@@ -316,6 +374,8 @@ kernel/drivers/acpi/button.ko.xz:
     fn load_uses_resolved_paths_and_names_a_refusal() {
         let mut sys = FakeSystem::default();
         sys.refuse_modules.insert("erofs.ko.xz".into());
+        // A soft dependency that refuses this CPU does not stop the boot.
+        sys.refuse_modules.insert("crc32c-intel.ko.xz".into());
         let err = index()
             .load_all(&sys, &names(&["dm-verity", "erofs"]))
             .unwrap_err();
@@ -327,6 +387,7 @@ kernel/drivers/acpi/button.ko.xz:
                 "load reed_solomon.ko.xz",
                 "load dm-verity.ko.xz",
                 "load crc32c_generic.ko.xz",
+                "load crc32c-intel.ko.xz",
                 "load libcrc32c.ko.xz",
                 "load erofs.ko.xz"
             ])

@@ -267,6 +267,105 @@ pub fn format(
     })
 }
 
+/// The fields of a veritysetup superblock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Superblock {
+    pub uuid: [u8; 16],
+    pub data_block_size: u32,
+    pub hash_block_size: u32,
+    pub data_blocks: u64,
+    pub salt: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SuperblockError {
+    #[error("{0} bytes: a verity superblock has 512")]
+    Short(usize),
+    #[error("no verity superblock: the signature is {0:02x?}, expected \"verity\\0\\0\"")]
+    Signature([u8; 8]),
+    #[error("superblock version {0}: expected 1")]
+    Version(u32),
+    #[error("hash type {0}: expected 1 (salt first, as Linux dm-verity)")]
+    HashType(u32),
+    #[error("hash algorithm {0:?}: expected \"sha256\"")]
+    Algorithm(String),
+    #[error("{what} {value}: expected a power of two from 512 to 4096")]
+    BlockSize { what: &'static str, value: u32 },
+    #[error("the superblock covers no data blocks")]
+    NoData,
+    #[error("salt size {0}: expected at most 256")]
+    SaltSize(u16),
+    #[error("bytes {0}.. of the superblock are not zero: unknown fields are not accepted")]
+    Padding(usize),
+}
+
+/// Parses and checks a veritysetup superblock. Its content is untrusted: it only chooses the
+/// parameters of a tree that the trusted root hash must then match.
+pub fn parse_superblock(bytes: &[u8]) -> Result<Superblock, SuperblockError> {
+    let sb: &[u8; SUPERBLOCK_SIZE] = bytes
+        .get(..SUPERBLOCK_SIZE)
+        .and_then(|b| b.try_into().ok())
+        .ok_or(SuperblockError::Short(bytes.len()))?;
+    let u32_at = |at: usize| u32::from_le_bytes(sb[at..at + 4].try_into().unwrap());
+    let signature: [u8; 8] = sb[0..8].try_into().unwrap();
+    if &signature != SIGNATURE {
+        return Err(SuperblockError::Signature(signature));
+    }
+    match u32_at(8) {
+        1 => {}
+        v => return Err(SuperblockError::Version(v)),
+    }
+    match u32_at(12) {
+        1 => {}
+        t => return Err(SuperblockError::HashType(t)),
+    }
+    let algorithm = &sb[32..64];
+    if &algorithm[..6] != b"sha256" || algorithm[6..].iter().any(|&b| b != 0) {
+        let end = algorithm.iter().position(|&b| b == 0).unwrap_or(32);
+        return Err(SuperblockError::Algorithm(
+            String::from_utf8_lossy(&algorithm[..end]).into_owned(),
+        ));
+    }
+    let data_block_size = u32_at(64);
+    let hash_block_size = u32_at(68);
+    for (what, value) in [
+        ("data block size", data_block_size),
+        ("hash block size", hash_block_size),
+    ] {
+        if !value.is_power_of_two() || !(512..=4096).contains(&value) {
+            return Err(SuperblockError::BlockSize { what, value });
+        }
+    }
+    let data_blocks = u64::from_le_bytes(sb[72..80].try_into().unwrap());
+    if data_blocks == 0 {
+        return Err(SuperblockError::NoData);
+    }
+    let salt_size = u16::from_le_bytes([sb[80], sb[81]]);
+    if salt_size as usize > MAX_SALT {
+        return Err(SuperblockError::SaltSize(salt_size));
+    }
+    let salt_end = 88 + salt_size as usize;
+    for (start, end) in [(82, 88), (salt_end, SUPERBLOCK_SIZE)] {
+        if let Some(i) = sb[start..end].iter().position(|&b| b != 0) {
+            return Err(SuperblockError::Padding(start + i));
+        }
+    }
+    Ok(Superblock {
+        uuid: sb[16..32].try_into().unwrap(),
+        data_block_size,
+        hash_block_size,
+        data_blocks,
+        salt: sb[88..salt_end].to_vec(),
+    })
+}
+
+/// The digest of one block: `sha256(salt ‖ block)`.
+pub fn digest(salt: &[u8], block: &[u8]) -> [u8; DIGEST_SIZE] {
+    let mut h = salted(salt);
+    h.update(block);
+    h.finalize().into()
+}
+
 /// Random bytes for salts and UUIDs.
 pub fn random_bytes(len: usize) -> io::Result<Vec<u8>> {
     use std::io::Read;
@@ -367,6 +466,68 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().contains("257 bytes"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn superblock_round_trip_and_strictness() {
+        let params = VerityParams {
+            data_block_size: 4096,
+            hash_block_size: 4096,
+            salt: vec![7; 32],
+            uuid: [9; 16],
+        };
+        let sb = superblock(&params, 1234);
+        let parsed = parse_superblock(&sb).unwrap();
+        assert_eq!(
+            parsed,
+            Superblock {
+                uuid: [9; 16],
+                data_block_size: 4096,
+                hash_block_size: 4096,
+                data_blocks: 1234,
+                salt: vec![7; 32]
+            }
+        );
+        let mut bad = sb;
+        bad[0] = b'X';
+        assert!(matches!(
+            parse_superblock(&bad),
+            Err(SuperblockError::Signature(_))
+        ));
+        let mut bad = sb;
+        bad[32..38].copy_from_slice(b"sha1\0\0");
+        assert_eq!(
+            parse_superblock(&bad),
+            Err(SuperblockError::Algorithm("sha1".into()))
+        );
+        let mut bad = sb;
+        bad[64..68].copy_from_slice(&8192u32.to_le_bytes());
+        assert!(matches!(
+            parse_superblock(&bad),
+            Err(SuperblockError::BlockSize { value: 8192, .. })
+        ));
+        let mut bad = sb;
+        bad[80] = 255;
+        bad[81] = 1;
+        assert_eq!(parse_superblock(&bad), Err(SuperblockError::SaltSize(511)));
+        let mut bad = sb;
+        bad[500] = 1;
+        assert_eq!(parse_superblock(&bad), Err(SuperblockError::Padding(500)));
+        assert_eq!(
+            parse_superblock(&sb[..100]),
+            Err(SuperblockError::Short(100))
+        );
+    }
+
+    proptest::proptest! {
+        /// Arbitrary bytes never panic; with a valid signature they still never panic.
+        #[test]
+        fn superblock_parser_never_panics(mut bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600), sign in proptest::prelude::any::<bool>()) {
+            if sign && bytes.len() >= 8 {
+                bytes[..8].copy_from_slice(SIGNATURE);
+            }
+            let _ = parse_superblock(&bytes);
+        }
     }
 
     fn tempdir() -> std::path::PathBuf {

@@ -3,6 +3,7 @@
 
 pub mod cpio;
 pub mod guest;
+pub mod image;
 pub mod initramfs;
 pub mod qmp;
 
@@ -64,18 +65,65 @@ impl Artifacts {
         }
     }
 
-    /// Builds an initramfs with this configuration file into `dir` and returns its path.
-    pub fn initramfs(&self, dir: &Path, config: Option<&str>) -> PathBuf {
+    /// Builds the initramfs (cvm-init and its modules) into `dir` and returns its path.
+    pub fn initramfs(&self, dir: &Path) -> PathBuf {
         let spec = InitramfsSpec {
             init: self.init.clone(),
-            payload: Some(self.payload.clone()),
-            config: config.map(str::to_string),
-            extra_modules: Vec::new(),
+            ..Default::default()
         };
         let out = dir.join("initrd.cpio");
         initramfs::build(&spec, &self.kernel, &out)
             .unwrap_or_else(|e| panic!("cannot build the test initramfs: {}", chain(&e)));
         out
+    }
+
+    /// Lays out the root tree of a test image: the payload, the configuration file, and the
+    /// mount points the init moves its pseudo file systems to.
+    pub fn root_tree(&self, tree: &Path, config: Option<&str>) {
+        let io =
+            |what: &str, r: std::io::Result<()>| r.unwrap_or_else(|e| panic!("cannot {what}: {e}"));
+        for dir in ["bin", "dev", "etc/cvm-init", "proc", "run", "sys", "tmp"] {
+            io(
+                "create the root tree",
+                std::fs::create_dir_all(tree.join(dir)),
+            );
+        }
+        io(
+            "copy the payload",
+            std::fs::copy(&self.payload, tree.join("bin/payload")).map(|_| ()),
+        );
+        if let Some(config) = config {
+            io(
+                "write the config",
+                std::fs::write(tree.join("etc/cvm-init/config.toml"), config),
+            );
+        }
+    }
+
+    /// The initramfs and a verified root disk with this configuration file, in `dir`.
+    pub fn image(&self, dir: &Path, config: Option<&str>) -> TestImage {
+        let tree = dir.join("tree");
+        self.root_tree(&tree, config);
+        let root = image::build_root_disk(&tree, dir)
+            .unwrap_or_else(|e| panic!("cannot build the root disk: {}", chain(&e)));
+        TestImage {
+            initrd: self.initramfs(dir),
+            root,
+        }
+    }
+}
+
+/// What a boot test boots.
+#[derive(Debug, Clone)]
+pub struct TestImage {
+    pub initrd: PathBuf,
+    pub root: image::RootDisk,
+}
+
+impl TestImage {
+    /// The kernel command-line option that names the root.
+    pub fn roothash_option(&self) -> String {
+        format!("roothash={}", self.root.root_hash_hex())
     }
 }
 

@@ -18,9 +18,14 @@ fn boot(
 ) -> (RunningGuest, tempfile::TempDir) {
     let artifacts = Artifacts::get();
     let dir = tempfile::tempdir().unwrap();
-    let initrd = artifacts.initramfs(dir.path(), config);
-    let guest =
-        configure(Guest::new(name, &artifacts.kernel.vmlinuz, &initrd).cmdline(cmdline)).start();
+    let image = artifacts.image(dir.path(), config);
+    let guest = configure(
+        Guest::new(name, &artifacts.kernel.vmlinuz, &image.initrd)
+            .disk(&image.root.disk)
+            .cmdline(&image.roothash_option())
+            .cmdline(cmdline),
+    )
+    .start();
     (guest, dir)
 }
 
@@ -67,6 +72,10 @@ fn a_boots_to_ready_and_runs_the_workload() {
         "config",
         "modules",
         "configfs",
+        "verity-root",
+        "mount-root",
+        "switch-root",
+        "config-file",
         "power-button",
         "services",
     ] {
@@ -79,10 +88,24 @@ fn a_boots_to_ready_and_runs_the_workload() {
             .any(|l| l.starts_with(&format!("cvm-init: phase {phase} ok ")) && l.ends_with("ms"));
         assert!(ok, "phase {phase} ok line missing");
     }
-    assert!(
-        log.contains("cvm-init: modules loaded: button evdev configfs"),
-        "modules"
-    );
+    let loaded = lines
+        .iter()
+        .find(|l| l.starts_with("cvm-init: modules loaded:"))
+        .expect("modules line");
+    for module in [
+        "button",
+        "evdev",
+        "configfs",
+        "virtio_blk",
+        "dm_mod",
+        "dm_verity",
+        "erofs",
+    ] {
+        assert!(
+            loaded.split_whitespace().any(|m| m == module),
+            "module {module} not loaded: {loaded}"
+        );
+    }
     assert!(
         log.contains("cvm-init: listening for the power key on: Power Button"),
         "power button"

@@ -1,23 +1,20 @@
 //! Command-line entry to the harness for `make run` and `make bench`:
-//!   cvm-harness initrd <out> [config.toml]   build a test initramfs
-//!   cvm-harness bench                          boot and print the figures
+//!   cvm-harness image <dir> [config.toml]   build initrd.cpio and disk.raw, print the root hash
+//!   cvm-harness bench <release cvm-init> <release cvm-measure>   boot and print the figures
 
-use std::path::{Path, PathBuf};
-use std::process::ExitCode;
-use std::time::Duration;
+use std::path::Path;
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
 
 use qemu_tests::{kernel_time_of, Artifacts, Guest};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
-        ["initrd", out] => initrd(Path::new(out), None),
-        ["initrd", out, config] => initrd(Path::new(out), Some(Path::new(config))),
-        ["bench", release_init] => bench(Path::new(release_init)),
-        _ => Err(
-            "usage: cvm-harness initrd <out> [config.toml] | cvm-harness bench <release cvm-init>"
-                .to_string(),
-        ),
+        ["image", dir] => image(Path::new(dir), None),
+        ["image", dir, config] => image(Path::new(dir), Some(Path::new(config))),
+        ["bench", init, measure] => bench(Path::new(init), Path::new(measure)),
+        _ => Err("usage: cvm-harness image <dir> [config.toml] | cvm-harness bench <release cvm-init> <release cvm-measure>".to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -28,7 +25,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn initrd(out: &Path, config: Option<&Path>) -> Result<(), String> {
+fn image(dir: &Path, config: Option<&Path>) -> Result<(), String> {
     let text = match config {
         Some(path) => Some(
             std::fs::read_to_string(path)
@@ -36,12 +33,12 @@ fn initrd(out: &Path, config: Option<&Path>) -> Result<(), String> {
         ),
         None => None,
     };
-    let artifacts = Artifacts::get();
-    let dir = out.parent().unwrap_or(Path::new("."));
-    let built = artifacts.initramfs(dir, text.as_deref());
-    if built != out {
-        std::fs::rename(&built, out).map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|e| format!("cannot clear {}: {e}", dir.display()))?;
     }
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let image = Artifacts::get().image(dir, text.as_deref());
+    println!("{}", image.root.root_hash_hex());
     Ok(())
 }
 
@@ -53,7 +50,7 @@ args = ["rss-probe"]
 restart = "never"
 "#;
 
-fn bench(release_init: &Path) -> Result<(), String> {
+fn bench(release_init: &Path, release_measure: &Path) -> Result<(), String> {
     let size = std::fs::metadata(release_init)
         .map_err(|e| format!("cannot stat {}: {e}", release_init.display()))?
         .len();
@@ -62,15 +59,18 @@ fn bench(release_init: &Path) -> Result<(), String> {
         size as f64 / 1048576.0,
         release_init.display()
     );
+    verity_format_bench(release_measure)?;
     let mut artifacts = Artifacts::get();
-    artifacts.init = PathBuf::from(release_init);
+    artifacts.init = release_init.to_path_buf();
     let runs = 3;
     let mut times = Vec::new();
     for run in 1..=runs {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let initrd = artifacts.initramfs(dir.path(), Some(BENCH_CONFIG));
+        let image = artifacts.image(dir.path(), Some(BENCH_CONFIG));
         // No quiet: the kernel echoes the ready line with its timestamp.
-        let mut guest = Guest::new("bench", &artifacts.kernel.vmlinuz, &initrd)
+        let mut guest = Guest::new("bench", &artifacts.kernel.vmlinuz, &image.initrd)
+            .disk(&image.root.disk)
+            .cmdline(&image.roothash_option())
             .cmdline("loglevel=7")
             .start();
         guest.wait_for("probe: payload: pid1-rss-kib=", Duration::from_secs(120))?;
@@ -90,9 +90,22 @@ fn bench(release_init: &Path) -> Result<(), String> {
                     .ok()
             })
             .ok_or("no RSS line")?;
+        let phase_ms = |name: &str| {
+            log.lines().find_map(|l| {
+                l.split(&format!("cvm-init: phase {name} ok "))
+                    .nth(1)?
+                    .strip_suffix("ms")?
+                    .parse::<u64>()
+                    .ok()
+            })
+        };
         println!(
-            "run {run}: kernel start -> cvm-init: ready {ready:.3} s (PID 1 start at {started:.3} s, PID 1 work {:.0} ms); PID 1 RSS at ready {rss} KiB",
-            (ready - started) * 1000.0
+            "run {run}: kernel start -> cvm-init: ready {ready:.3} s (PID 1 start at {started:.3} s, PID 1 work {:.0} ms); \
+             phases verity-root {} ms, mount-root {} ms, switch-root {} ms; PID 1 RSS at ready {rss} KiB",
+            (ready - started) * 1000.0,
+            phase_ms("verity-root").map_or("?".into(), |v| v.to_string()),
+            phase_ms("mount-root").map_or("?".into(), |v| v.to_string()),
+            phase_ms("switch-root").map_or("?".into(), |v| v.to_string()),
         );
         times.push(ready);
     }
@@ -101,5 +114,63 @@ fn bench(release_init: &Path) -> Result<(), String> {
         "median kernel start -> ready over {runs} TCG boots: {:.3} s",
         times[runs / 2]
     );
+    Ok(())
+}
+
+/// `cvm-measure verity format` against `veritysetup format` on the same 1 GiB file.
+fn verity_format_bench(measure: &Path) -> Result<(), String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let data = dir.path().join("data");
+    // Pseudo-random content, written once (1 GiB).
+    {
+        use std::io::Write;
+        let mut f =
+            std::io::BufWriter::new(std::fs::File::create(&data).map_err(|e| e.to_string())?);
+        let mut state = 0x243f6a8885a308d3u64;
+        let mut chunk = vec![0u8; 1 << 20];
+        for _ in 0..1024 {
+            for b in chunk.chunks_mut(8) {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                b.copy_from_slice(&state.to_le_bytes());
+            }
+            f.write_all(&chunk).map_err(|e| e.to_string())?;
+        }
+    }
+    let salt = "5a".repeat(32);
+    let time = |cmd: &mut Command| -> Result<(f64, String), String> {
+        let start = Instant::now();
+        let out = cmd.output().map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        Ok((
+            start.elapsed().as_secs_f64(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        ))
+    };
+    let (theirs, vs_out) = time(
+        Command::new("veritysetup")
+            .arg("format")
+            .arg(&data)
+            .arg(dir.path().join("hash.vs"))
+            .arg(format!("--salt={salt}")),
+    )?;
+    let (ours, our_out) = time(
+        Command::new(measure)
+            .args(["verity", "format"])
+            .arg(&data)
+            .arg(dir.path().join("hash.ours"))
+            .args(["--salt", &salt]),
+    )?;
+    let same = vs_out.contains(our_out.trim());
+    println!(
+        "verity format of 1 GiB: veritysetup {theirs:.3} s, cvm-measure {ours:.3} s, ratio {:.2}x (>1: cvm-measure faster); same root hash: {same}",
+        theirs / ours
+    );
+    if !same {
+        return Err("cvm-measure and veritysetup disagree on the root hash".into());
+    }
     Ok(())
 }

@@ -1,0 +1,257 @@
+//! Finding partitions: every disk's GPT is read with the strict parser, partitions are matched
+//! by unique GUID and checked against their expected type, and the kernel's view of each
+//! partition (its start and size in sysfs) must agree with the table.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use super::gpt::{read_gpt, Gpt, GptError, Guid, Partition};
+
+/// Where the kernel shows block devices and their nodes; a temporary tree in tests.
+#[derive(Debug, Clone)]
+pub struct Roots {
+    pub sys_block: PathBuf,
+    pub dev: PathBuf,
+}
+
+impl Default for Roots {
+    fn default() -> Self {
+        Roots {
+            sys_block: "/sys/block".into(),
+            dev: "/dev".into(),
+        }
+    }
+}
+
+/// A partition found on a disk, with its kernel device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FoundPartition {
+    /// Kernel name, such as `vda2`.
+    pub name: String,
+    pub disk: String,
+    pub major: u32,
+    pub minor: u32,
+    pub size_bytes: u64,
+    pub entry: Partition,
+}
+
+impl FoundPartition {
+    pub fn node(&self, roots: &Roots) -> PathBuf {
+        roots.dev.join(&self.name)
+    }
+}
+
+/// What one scan saw on one disk.
+#[derive(Debug)]
+pub struct DiskView {
+    pub name: String,
+    pub gpt: Result<Gpt, GptError>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DiscoverError {
+    #[error("no {role} partition with PARTUUID {uuid} ({origin}); seen: {seen}")]
+    Missing {
+        role: &'static str,
+        uuid: Guid,
+        origin: &'static str,
+        seen: String,
+    },
+    #[error("{role} partition {name} (PARTUUID {uuid}) has type {found}, expected {expected}")]
+    WrongType {
+        role: &'static str,
+        name: String,
+        uuid: Guid,
+        found: Guid,
+        expected: Guid,
+    },
+    #[error("PARTUUID {uuid} of the {role} partition appears on more than one disk: {disks}")]
+    Ambiguous {
+        role: &'static str,
+        uuid: Guid,
+        disks: String,
+    },
+    #[error("the kernel's partition {name} disagrees with the GPT: {detail}")]
+    KernelMismatch { name: String, detail: String },
+}
+
+fn read_trimmed(path: &Path) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+fn parse_dev(text: &str) -> Option<(u32, u32)> {
+    let (major, minor) = text.split_once(':')?;
+    Some((major.parse().ok()?, minor.parse().ok()?))
+}
+
+/// Reads the partition table of every disk (not loop, ram, dm or optical devices).
+pub fn scan(roots: &Roots) -> Vec<DiskView> {
+    let mut names: Vec<String> = std::fs::read_dir(&roots.sys_block)
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.retain(|n| {
+        !["loop", "ram", "dm-", "sr", "zram", "md"]
+            .iter()
+            .any(|p| n.starts_with(p))
+    });
+    names.sort();
+    names
+        .into_iter()
+        .map(|name| {
+            let sector =
+                read_trimmed(&roots.sys_block.join(&name).join("queue/logical_block_size"))
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(512);
+            let gpt = match File::open(roots.dev.join(&name)) {
+                Ok(file) => read_gpt(&file, sector),
+                Err(e) => Err(GptError::Mbr(format!(
+                    "cannot open {}: {e}",
+                    roots.dev.join(&name).display()
+                ))),
+            };
+            DiskView { name, gpt }
+        })
+        .collect()
+}
+
+/// A one-line summary of a scan, for error messages.
+pub fn describe(views: &[DiskView]) -> String {
+    if views.is_empty() {
+        return "no disks".into();
+    }
+    views
+        .iter()
+        .map(|v| match &v.gpt {
+            Ok(gpt) if gpt.partitions.is_empty() => format!("{}: GPT without partitions", v.name),
+            Ok(gpt) => format!(
+                "{}: {}",
+                v.name,
+                gpt.partitions
+                    .iter()
+                    .map(|p| format!(
+                        "#{} {:?} type {} PARTUUID {}",
+                        p.number, p.name, p.type_guid, p.unique_guid
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Err(e) => format!("{}: {e}", v.name),
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Finds the partition with this unique GUID, which must have `type_guid`, on exactly one disk.
+pub fn find(
+    views: &[DiskView],
+    roots: &Roots,
+    role: &'static str,
+    origin: &'static str,
+    uuid: Guid,
+    type_guid: Guid,
+) -> Result<FoundPartition, DiscoverError> {
+    let hits: Vec<(&DiskView, &Gpt, &Partition)> = views
+        .iter()
+        .filter_map(|v| Some((v, v.gpt.as_ref().ok()?)))
+        .flat_map(|(v, gpt)| {
+            gpt.partitions
+                .iter()
+                .filter(move |p| p.unique_guid == uuid)
+                .map(move |p| (v, gpt, p))
+        })
+        .collect();
+    let (view, gpt, entry) = match hits.as_slice() {
+        [] => {
+            return Err(DiscoverError::Missing {
+                role,
+                uuid,
+                origin,
+                seen: describe(views),
+            })
+        }
+        [one] => *one,
+        many => {
+            return Err(DiscoverError::Ambiguous {
+                role,
+                uuid,
+                disks: many
+                    .iter()
+                    .map(|(v, _, p)| format!("{} #{}", v.name, p.number))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+        }
+    };
+    let name = kernel_partition_name(roots, &view.name, entry.number).ok_or_else(|| {
+        DiscoverError::KernelMismatch {
+            name: format!("{} #{}", view.name, entry.number),
+            detail: "the kernel shows no such partition".into(),
+        }
+    })?;
+    if entry.type_guid != type_guid {
+        return Err(DiscoverError::WrongType {
+            role,
+            name,
+            uuid,
+            found: entry.type_guid,
+            expected: type_guid,
+        });
+    }
+    let dir = roots.sys_block.join(&view.name).join(&name);
+    let mismatch = |detail: String| DiscoverError::KernelMismatch {
+        name: name.clone(),
+        detail,
+    };
+    let (major, minor) = read_trimmed(&dir.join("dev"))
+        .and_then(|d| parse_dev(&d))
+        .ok_or_else(|| mismatch("no device number in sysfs".into()))?;
+    // sysfs counts in 512-byte sectors whatever the logical block size.
+    let start = read_trimmed(&dir.join("start")).and_then(|s| s.parse::<u64>().ok());
+    let size = read_trimmed(&dir.join("size")).and_then(|s| s.parse::<u64>().ok());
+    let expected_start = entry.first_lba * gpt.sector_size;
+    let expected_size = entry.sectors() * gpt.sector_size;
+    if start.map(|s| s * 512) != Some(expected_start)
+        || size.map(|s| s * 512) != Some(expected_size)
+    {
+        return Err(mismatch(format!(
+            "kernel start {start:?} size {size:?} (512-byte sectors), GPT start {expected_start} size {expected_size} (bytes)"
+        )));
+    }
+    Ok(FoundPartition {
+        name,
+        disk: view.name.clone(),
+        major,
+        minor,
+        size_bytes: expected_size,
+        entry: entry.clone(),
+    })
+}
+
+/// The kernel's name of partition `number` of `disk` (`vda2`, `nvme0n1p2`).
+fn kernel_partition_name(roots: &Roots, disk: &str, number: u32) -> Option<String> {
+    std::fs::read_dir(roots.sys_block.join(disk))
+        .ok()?
+        .filter_map(|e| e.ok())
+        .find(|e| {
+            read_trimmed(&e.path().join("partition")).and_then(|p| p.parse::<u32>().ok())
+                == Some(number)
+        })
+        .and_then(|e| e.file_name().into_string().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_numbers_parse() {
+        assert_eq!(parse_dev("254:2"), Some((254, 2)));
+        assert_eq!(parse_dev("254"), None);
+        assert_eq!(parse_dev("a:b"), None);
+    }
+}

@@ -1,0 +1,5 @@
+//! Disks: partition tables and the discovery of the partitions the init needs.
+
+pub mod crc32;
+pub mod discover;
+pub mod gpt;
