@@ -50,6 +50,16 @@ pub enum CorruptionPolicy {
     Restart,
 }
 
+impl std::fmt::Display for CorruptionPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CorruptionPolicy::Eio => "eio",
+            CorruptionPolicy::Panic => "panic",
+            CorruptionPolicy::Restart => "restart",
+        })
+    }
+}
+
 /// The typed options from the kernel command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootOptions {

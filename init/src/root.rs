@@ -179,6 +179,14 @@ pub fn set_up_verity(options: &BootOptions, roots: &Roots) -> Result<VerifiedRoo
                 }
             }
         }
+        for result in discover::announce_backup_partitions(&views, roots) {
+            match result {
+                Ok(added) => {
+                    log::info!("partition {added} from the backup GPT given to the kernel")
+                }
+                Err(e) => log::warn!("{e}"),
+            }
+        }
         let found = discover::find(&views, roots, "root", root_origin, root_uuid, root_type)
             .and_then(|d| {
                 Ok((
@@ -268,7 +276,7 @@ pub fn set_up_verity(options: &BootOptions, roots: &Roots) -> Result<VerifiedRoo
     let sectors = sb.data_blocks * sb.data_block_size as u64 / 512;
     let device = dm::create(DM_NAME, sectors, "verity", &params, true)?;
     log::info!(
-        "dm-verity {} is {}: {} data blocks of {} bytes, corruption policy {:?}",
+        "dm-verity {} is {}: {} data blocks of {} bytes, corruption policy {}",
         DM_NAME,
         device.node(),
         sb.data_blocks,

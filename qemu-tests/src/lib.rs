@@ -6,6 +6,7 @@ pub mod guest;
 pub mod image;
 pub mod initramfs;
 pub mod qmp;
+pub mod support;
 
 use std::path::{Path, PathBuf};
 
@@ -98,6 +99,25 @@ impl Artifacts {
                 std::fs::write(tree.join("etc/cvm-init/config.toml"), config),
             );
         }
+        // 1 MiB of ballast, so that the verity tree has two levels, as any real root has.
+        let mut state = 0x853c49e6748fea9bu64;
+        let ballast: Vec<u8> = (0..1 << 20)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        let share = tree.join("usr/share/cvm-test");
+        io(
+            "create the ballast directory",
+            std::fs::create_dir_all(&share),
+        );
+        io(
+            "write the ballast",
+            std::fs::write(share.join("ballast"), ballast),
+        );
     }
 
     /// The initramfs and a verified root disk with this configuration file, in `dir`.

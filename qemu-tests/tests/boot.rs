@@ -3,53 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use qemu_tests::{console_lines, Artifacts, Guest, RunningGuest};
+use qemu_tests::console_lines;
+use qemu_tests::support::{boot, field, must, BOOT};
 use serde_json::json;
-
-/// Generous: a TCG boot takes about 5 s, but CI machines may be loaded.
-const BOOT: Duration = Duration::from_secs(90);
-
-/// Boots a guest with this configuration file and extra command-line options.
-fn boot(
-    name: &str,
-    config: Option<&str>,
-    cmdline: &str,
-    configure: impl FnOnce(Guest) -> Guest,
-) -> (RunningGuest, tempfile::TempDir) {
-    let artifacts = Artifacts::get();
-    let dir = tempfile::tempdir().unwrap();
-    let image = artifacts.image(dir.path(), config);
-    let guest = configure(
-        Guest::new(name, &artifacts.kernel.vmlinuz, &image.initrd)
-            .disk(&image.root.disk)
-            .cmdline(&image.roothash_option())
-            .cmdline(cmdline),
-    )
-    .start();
-    (guest, dir)
-}
-
-fn must(result: Result<Duration, String>) -> Duration {
-    result.unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// The value after `key=` on the first line containing `prefix`.
-fn field(log: &str, prefix: &str, key: &str) -> String {
-    let line = log
-        .lines()
-        .find(|l| l.contains(prefix))
-        .unwrap_or_else(|| panic!("no line with {prefix:?}"));
-    let start = line
-        .find(&format!("{key}="))
-        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
-        + key.len()
-        + 1;
-    line[start..]
-        .split_whitespace()
-        .next()
-        .unwrap_or("")
-        .to_string()
-}
 
 const SERVE: &str = r#"
 [[service]]

@@ -232,6 +232,79 @@ pub fn find(
     })
 }
 
+/// `struct blkpg_partition` and `struct blkpg_ioctl_arg` of linux/blkpg.h.
+#[repr(C)]
+struct BlkpgPartition {
+    start: i64,
+    length: i64,
+    pno: i32,
+    devname: [u8; 64],
+    volname: [u8; 64],
+}
+
+#[repr(C)]
+struct BlkpgIoctlArg {
+    op: i32,
+    flags: i32,
+    datalen: i32,
+    data: *mut BlkpgPartition,
+}
+
+const BLKPG_ADD_PARTITION: i32 = 1;
+// BLKPG is _IO(0x12, 105).
+nix::ioctl_write_ptr_bad!(blkpg_ioctl, 0x1269, BlkpgIoctlArg);
+
+/// Announces the partitions of tables read from the backup GPT that the kernel does not show
+/// (it ignores the backup unless booted with `gpt`). Returns what was added, or why not.
+pub fn announce_backup_partitions(
+    views: &[DiskView],
+    roots: &Roots,
+) -> Vec<Result<String, String>> {
+    let mut results = Vec::new();
+    for view in views {
+        let Ok(gpt) = &view.gpt else { continue };
+        if !gpt.from_backup {
+            continue;
+        }
+        let disk = match File::open(roots.dev.join(&view.name)) {
+            Ok(f) => f,
+            Err(e) => {
+                results.push(Err(format!("cannot open {}: {e}", view.name)));
+                continue;
+            }
+        };
+        for p in &gpt.partitions {
+            if kernel_partition_name(roots, &view.name, p.number).is_some() {
+                continue;
+            }
+            let mut part = BlkpgPartition {
+                start: (p.first_lba * gpt.sector_size) as i64,
+                length: (p.sectors() * gpt.sector_size) as i64,
+                pno: p.number as i32,
+                devname: [0; 64],
+                volname: [0; 64],
+            };
+            let arg = BlkpgIoctlArg {
+                op: BLKPG_ADD_PARTITION,
+                flags: 0,
+                datalen: std::mem::size_of::<BlkpgPartition>() as i32,
+                data: &mut part,
+            };
+            // SAFETY: `arg` and the partition it points to live across the call, with the
+            // layout linux/blkpg.h defines; the kernel only reads them.
+            let result = unsafe { blkpg_ioctl(std::os::fd::AsRawFd::as_raw_fd(&disk), &arg) };
+            results.push(match result {
+                Ok(_) => Ok(format!("{} #{}", view.name, p.number)),
+                Err(e) => Err(format!(
+                    "cannot add {} #{} to the kernel: {e}",
+                    view.name, p.number
+                )),
+            });
+        }
+    }
+    results
+}
+
 /// The kernel's name of partition `number` of `disk` (`vda2`, `nvme0n1p2`).
 fn kernel_partition_name(roots: &Roots, disk: &str, number: u32) -> Option<String> {
     std::fs::read_dir(roots.sys_block.join(disk))

@@ -126,6 +126,9 @@ pub struct Gpt {
     pub partitions: Vec<Partition>,
     /// What was wrong but did not prevent reading (a damaged primary or backup).
     pub warnings: Vec<String>,
+    /// The table came from the backup header. The kernel reads the backup only with the `gpt`
+    /// option, so these partitions have to be announced to it.
+    pub from_backup: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -371,6 +374,7 @@ pub fn read_gpt(disk: &(impl BlockRead + ?Sized), sector: u64) -> Result<Gpt, Gp
     };
     let backup = read_side(disk, backup_lba, sector, sectors);
     let mut warnings = Vec::new();
+    let mut from_backup = false;
     let (header, partitions) = match (primary, backup) {
         (Ok(p), Ok(b)) => {
             if p.0.disk_guid != b.0.disk_guid || p.1 != b.1 || b.0.alternate_lba != 1 {
@@ -390,6 +394,7 @@ pub fn read_gpt(disk: &(impl BlockRead + ?Sized), sector: u64) -> Result<Gpt, Gp
             warnings.push(format!(
                 "primary GPT header (LBA 1) is damaged: {why}; using the backup"
             ));
+            from_backup = true;
             b
         }
         (Err(primary), Err(backup)) => {
@@ -405,6 +410,7 @@ pub fn read_gpt(disk: &(impl BlockRead + ?Sized), sector: u64) -> Result<Gpt, Gp
         disk_guid: header.disk_guid,
         partitions,
         warnings,
+        from_backup,
     })
 }
 

@@ -72,12 +72,36 @@ fn run(args: Vec<String>) {
             println!("payload: pid1-rss-kib={rss}");
             serve();
         }
+        "root-probe" => {
+            // The root must be the read-only, verified one.
+            let write = match std::fs::write("/probe-write", b"x") {
+                Ok(()) => "succeeded".to_string(),
+                Err(e) => e.to_string(),
+            };
+            println!("payload: root-write={write:?}");
+            let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+            let root = mountinfo
+                .lines()
+                .find(|l| l.split(' ').nth(4) == Some("/"))
+                .map(|l| {
+                    let fields: Vec<&str> = l.split(' ').collect();
+                    let after = l.split(" - ").nth(1).unwrap_or("");
+                    format!(
+                        "{} {}",
+                        after.split(' ').take(2).collect::<Vec<_>>().join(" "),
+                        fields.get(5).unwrap_or(&"")
+                    )
+                })
+                .unwrap_or_default();
+            println!("payload: root-mount={root:?}");
+            serve();
+        }
         "cpu-probe" => {
             cpu_probe();
             serve();
         }
         _ => {
-            eprintln!("payload: unknown mode {mode:?}: expected serve, orphans [n], crash, crash-once, rss-probe or cpu-probe");
+            eprintln!("payload: unknown mode {mode:?}: expected serve, orphans [n], crash, crash-once, rss-probe, root-probe or cpu-probe");
             std::process::exit(2);
         }
     }
