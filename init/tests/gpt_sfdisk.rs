@@ -14,7 +14,10 @@ start=6144, size=2048, type=2C7357ED-EBD2-46D9-AEC1-23D437EC2BF5, uuid=FFEEDDCC-
 fn disk_with_sfdisk() -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.raw");
-    std::fs::File::create(&path).unwrap().set_len(5 << 20).unwrap();
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(5 << 20)
+        .unwrap();
     let mut child = Command::new("sfdisk")
         .args(["-q", "--no-reread", "--no-tell-kernel"])
         .arg(&path)
@@ -22,14 +25,23 @@ fn disk_with_sfdisk() -> (tempfile::TempDir, std::path::PathBuf) {
         .spawn()
         .expect("sfdisk is installed by make deps (fdisk)");
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(SCRIPT.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(SCRIPT.as_bytes())
+        .unwrap();
     assert!(child.wait().unwrap().success());
     (dir, path)
 }
 
 fn corrupt(path: &std::path::Path, offset: u64) {
     use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
     let mut b = [0u8];
     f.read_exact_at(&mut b, offset).unwrap();
     f.write_all_at(&[b[0] ^ 0x5a], offset).unwrap();
@@ -41,12 +53,18 @@ fn reads_what_sfdisk_writes() {
     let gpt = read_gpt(&std::fs::File::open(&path).unwrap(), 512).unwrap();
     assert!(gpt.warnings.is_empty(), "{:?}", gpt.warnings);
     assert!(!gpt.from_backup);
-    assert_eq!(gpt.disk_guid.to_string(), "0ddba11a-5eed-4b0b-8a11-c0ffee000001");
+    assert_eq!(
+        gpt.disk_guid.to_string(),
+        "0ddba11a-5eed-4b0b-8a11-c0ffee000001"
+    );
     assert_eq!(gpt.partitions.len(), 2);
     let root = &gpt.partitions[0];
     assert_eq!(root.number, 1);
     assert_eq!(root.type_guid, Guid::parse(ROOT_X86_64).unwrap());
-    assert_eq!(root.unique_guid.to_string(), "00112233-4455-6677-8899-aabbccddeeff");
+    assert_eq!(
+        root.unique_guid.to_string(),
+        "00112233-4455-6677-8899-aabbccddeeff"
+    );
     assert_eq!((root.first_lba, root.last_lba), (2048, 6143));
     assert_eq!(root.name, "root-x86-64");
     let verity = &gpt.partitions[1];
@@ -61,7 +79,11 @@ fn damaged_primary_falls_back_to_the_backup_and_says_so() {
     let gpt = read_gpt(&std::fs::File::open(&path).unwrap(), 512).unwrap();
     assert!(gpt.from_backup);
     assert_eq!(gpt.partitions.len(), 2);
-    assert!(gpt.warnings[0].contains("primary GPT header (LBA 1) is damaged: header CRC"), "{:?}", gpt.warnings);
+    assert!(
+        gpt.warnings[0].contains("primary GPT header (LBA 1) is damaged: header CRC"),
+        "{:?}",
+        gpt.warnings
+    );
 }
 
 #[test]
@@ -70,7 +92,11 @@ fn damaged_entries_fall_back_too() {
     corrupt(&path, 1024 + 100); // inside the primary entry array
     let gpt = read_gpt(&std::fs::File::open(&path).unwrap(), 512).unwrap();
     assert!(gpt.from_backup);
-    assert!(gpt.warnings[0].contains("entry array CRC"), "{:?}", gpt.warnings);
+    assert!(
+        gpt.warnings[0].contains("entry array CRC"),
+        "{:?}",
+        gpt.warnings
+    );
 }
 
 #[test]
@@ -80,7 +106,11 @@ fn damaged_backup_is_reported_and_the_primary_used() {
     corrupt(&path, size - 512 + 3);
     let gpt = read_gpt(&std::fs::File::open(&path).unwrap(), 512).unwrap();
     assert!(!gpt.from_backup);
-    assert!(gpt.warnings[0].contains("backup GPT header"), "{:?}", gpt.warnings);
+    assert!(
+        gpt.warnings[0].contains("backup GPT header"),
+        "{:?}",
+        gpt.warnings
+    );
 }
 
 #[test]
@@ -93,7 +123,10 @@ fn both_damaged_is_an_error_naming_both() {
     let text = err.to_string();
     assert!(matches!(err, GptError::BothDamaged { .. }));
     assert!(text.contains("primary (LBA 1): bad signature"), "{text}");
-    assert!(text.contains(&format!("backup (LBA {}): bad signature", size / 512 - 1)), "{text}");
+    assert!(
+        text.contains(&format!("backup (LBA {}): bad signature", size / 512 - 1)),
+        "{text}"
+    );
 }
 
 #[test]
