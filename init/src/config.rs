@@ -121,56 +121,9 @@ impl CmdlineError {
     }
 }
 
-/// Splits a kernel command line into `(key, value)` parameters the way the kernel does
-/// (`lib/cmdline.c`): space-separated, double quotes group spaces and are stripped around the
-/// value, `--` ends the kernel's parameters.
-pub fn split_params(cmdline: &[u8]) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
-    let mut params = Vec::new();
-    let mut rest = cmdline;
-    loop {
-        while let Some((&c, tail)) = rest.split_first() {
-            if c.is_ascii_whitespace() {
-                rest = tail;
-            } else {
-                break;
-            }
-        }
-        if rest.is_empty() {
-            break;
-        }
-        let mut in_quote = false;
-        let mut end = rest.len();
-        for (i, &c) in rest.iter().enumerate() {
-            if c == b'"' {
-                in_quote = !in_quote;
-            } else if c.is_ascii_whitespace() && !in_quote {
-                end = i;
-                break;
-            }
-        }
-        let token = &rest[..end];
-        rest = &rest[end..];
-        if token == b"--" {
-            break;
-        }
-        params.push(split_token(token));
-    }
-    params
-}
-
-fn split_token(token: &[u8]) -> (Vec<u8>, Option<Vec<u8>>) {
-    let strip = |s: &[u8]| -> Vec<u8> { s.iter().copied().filter(|&c| c != b'"').collect() };
-    // The first '=' outside quotes separates the key; quotes never appear in our keys.
-    let mut in_quote = false;
-    for (i, &c) in token.iter().enumerate() {
-        if c == b'"' {
-            in_quote = !in_quote;
-        } else if c == b'=' && !in_quote {
-            return (strip(&token[..i]), Some(strip(&token[i + 1..])));
-        }
-    }
-    (strip(token), None)
-}
+/// Splits a kernel command line the way the kernel does (shared with the measurements, so that
+/// what is parsed is exactly what is measured).
+pub use cvm_measure::event::split_cmdline as split_params;
 
 /// Parses the `cvm.*` options of a kernel command line; other parameters belong to the kernel
 /// and are ignored here.

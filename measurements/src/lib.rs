@@ -2,6 +2,9 @@
 //! the digest helper the other parts share; event framing, prediction and verification follow
 //! with the measured-boot and launch-measurement issues.
 
+pub mod event;
+pub mod registers;
+pub mod tcglog;
 pub mod verity;
 
 use std::io::Read;
