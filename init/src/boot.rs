@@ -7,10 +7,16 @@ use std::time::Instant;
 
 use log::LevelFilter;
 
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use cvm_measure::event::{Event, Phase};
+
 use crate::config::{self, BootOptions, ConfigFile};
 use crate::disk::discover::Roots;
 use crate::fatal::{self, fatal};
 use crate::logger;
+use crate::measure::{MeasureError, Measurer};
 use crate::modules::{self, ModuleIndex};
 use crate::mounts;
 use crate::power;
@@ -19,6 +25,7 @@ use crate::runtime::{self, Runtime};
 use crate::shutdown;
 use crate::supervise::{Backoff, OsProcesses, Supervisor};
 use crate::sys::{Linux, System};
+use crate::tee::{self, TeeError};
 
 /// Runs one phase: logs start and end, and sends a failure to the fatal path.
 pub fn phase<T, E>(name: &str, f: impl FnOnce() -> Result<T, E>) -> T
@@ -65,6 +72,8 @@ pub enum ConfigError {
     Options(#[from] config::CmdlineError),
     #[error(transparent)]
     File(#[from] config::ConfigFileError),
+    #[error(transparent)]
+    Measure(#[from] MeasureError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,9 +92,69 @@ fn read_cmdline() -> Result<BootOptions, ConfigError> {
 }
 
 /// The configuration file of the verified root (read after the switch, so it is as trusted
-/// as the root hash).
-fn read_config_file() -> Result<ConfigFile, ConfigError> {
-    Ok(config::load_config_file(Path::new(config::CONFIG_PATH))?)
+/// as the root hash); `None` when there is none.
+fn read_config_bytes() -> Result<Option<Vec<u8>>, ConfigError> {
+    Ok(config::read_config_bytes(Path::new(config::CONFIG_PATH))?)
+}
+
+fn parse_config(bytes: Option<Vec<u8>>) -> Result<ConfigFile, ConfigError> {
+    Ok(config::parse_config_bytes(
+        Path::new(config::CONFIG_PATH),
+        bytes.as_deref(),
+    )?)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RootPhaseError {
+    #[error(transparent)]
+    Measure(MeasureError),
+    #[error(transparent)]
+    Root(root::RootError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MeasureStartError {
+    #[error("cannot read /proc/cmdline")]
+    Cmdline(#[source] std::io::Error),
+    #[error(transparent)]
+    Tee(#[from] TeeError),
+    #[error(transparent)]
+    Measure(#[from] MeasureError),
+}
+
+/// Opens the TEE backend and the log, and measures the start of the boot and its options.
+fn start_measuring(options: &BootOptions) -> Result<Measurer, MeasureStartError> {
+    let cmdline = std::fs::read("/proc/cmdline").map_err(MeasureStartError::Cmdline)?;
+    let log = Path::new(cvm_measure::jsonseq::LOG_PATH);
+    let backend = tee::open(options.tee, &tee::Probe::default(), log)?;
+    if backend.name() == "none" {
+        log::warn!("cvm.tee=none: this boot is not measured");
+    }
+    let mut measurer = Measurer::new(backend, log)?;
+    log::info!(
+        "measuring into {} (log {})",
+        measurer.backend_name(),
+        log.display()
+    );
+    measurer.measure(&Event::Phase(Phase::EnterInitrd))?;
+    measurer.measure(&Event::BootOptions(cvm_measure::event::cvm_options(
+        &cmdline,
+    )))?;
+    Ok(measurer)
+}
+
+/// Prints the registers as the TEE reports them, for operators and tests.
+fn report_registers(measurer: &mut Measurer) {
+    match measurer.read_back() {
+        Ok(values) => {
+            for v in values {
+                let hex: String = v.value.iter().map(|b| format!("{b:02x}")).collect();
+                log::info!("register {} {} {hex}", v.register, v.bank);
+            }
+        }
+        Err(e) => log::warn!("cannot read the registers back: {}", logger::chain(&e)),
+    }
+    log::info!("{} events measured", measurer.events);
 }
 
 fn load_modules(sys: &dyn System, wanted: &[String]) -> Result<Vec<String>, ModulesPhaseError> {
@@ -96,7 +165,22 @@ fn load_modules(sys: &dyn System, wanted: &[String]) -> Result<Vec<String>, Modu
         .into_owned();
     let dir = PathBuf::from("/lib/modules").join(&release);
     let index = ModuleIndex::load(sys, &dir, &release)?;
-    Ok(index.load_all(sys, wanted)?)
+    let mut loaded = index.load_all(sys, wanted)?;
+    // The TEE guest drivers refuse machines that are not their TEE: best effort.
+    for optional in modules::OPTIONAL {
+        match index.load_all(sys, &[optional.to_string()]) {
+            Ok(more) => loaded.extend(
+                more.into_iter()
+                    .filter(|m| !loaded.contains(m))
+                    .collect::<Vec<_>>(),
+            ),
+            Err(e) => log::info!(
+                "optional module {optional} not loaded: {}",
+                logger::chain(&e)
+            ),
+        }
+    }
+    Ok(loaded)
 }
 
 /// Never returns: PID 1 ends in reboot(2).
@@ -137,13 +221,34 @@ pub fn run() -> ! {
     log::info!("modules loaded: {}", loaded.join(" "));
     phase("configfs", || mounts::mount_one(&sys, &mounts::CONFIGFS));
 
+    // From here on every decision is measured before it takes effect.
+    let measurer = Rc::new(RefCell::new(phase("measure", || start_measuring(options))));
+    let measure = |event: Event| measurer.borrow_mut().measure(&event);
+
     let verified = phase("verity-root", || {
-        root::set_up_verity(options, &Roots::default())
+        if let Some(hash) = options.root_hash {
+            measure(Event::RootHash(hash)).map_err(RootPhaseError::Measure)?;
+        }
+        root::set_up_verity(options, &Roots::default()).map_err(RootPhaseError::Root)
     });
     phase("mount-root", || root::mount_root(&sys, &verified.device));
-    phase("switch-root", || root::switch_root(&sys));
+    phase("switch-root", || {
+        root::switch_root(&sys).map_err(RootPhaseError::Root)?;
+        measure(Event::Phase(Phase::LeaveInitrd)).map_err(RootPhaseError::Measure)
+    });
 
-    let config_file = phase("config-file", read_config_file);
+    let config_file = phase("config-file", || {
+        let bytes = read_config_bytes()?;
+        measure(Event::ConfigFile(bytes.clone()))?;
+        parse_config(bytes)
+    });
+    // The state disk (a later issue) is measured here; without one, its absence is. Then the
+    // seal barrier: nothing sealed to the values so far unseals later in this boot.
+    phase("state", || {
+        measure(Event::StateDisk(None))?;
+        measure(Event::SealBarrier)?;
+        measure(Event::Phase(Phase::Sysinit))
+    });
     if !config_file.modules.is_empty() {
         // From the verified root's /lib/modules: the initramfs is gone.
         let loaded = phase("modules-late", || load_modules(&sys, &config_file.modules));
@@ -163,15 +268,34 @@ pub fn run() -> ! {
     });
 
     let supervisor = phase("services", || {
+        let workload_measurer = measurer.clone();
         let mut supervisor = Supervisor::new(
             OsProcesses,
             config_file.services.clone(),
             Backoff::default(),
-        );
+        )
+        .with_measure(Box::new(move |service| {
+            let path = service.path.display().to_string();
+            let sha256 = cvm_measure::sha256_file(&service.path).map_err(|e| logger::chain(&e))?;
+            let event = Event::Workload {
+                name: service.name.clone(),
+                path,
+                sha256,
+            };
+            workload_measurer
+                .borrow_mut()
+                .measure(&event)
+                .map_err(|e| logger::chain(&e))
+        }));
         supervisor.tick(Instant::now());
         Ok::<_, std::convert::Infallible>(supervisor)
     });
     let mut runtime = Runtime::new(signals, buttons, supervisor);
+    phase("measure-ready", || {
+        measure(Event::Phase(Phase::Ready))?;
+        report_registers(&mut measurer.borrow_mut());
+        Ok::<_, MeasureError>(())
+    });
     log::info!("boot complete in {}ms", boot_started.elapsed().as_millis());
     log::info!("ready");
 

@@ -30,12 +30,26 @@ pub const OPTIONS: &[(&str, &str)] = &[
         "a partition UUID (8-4-4-4-12 hex digits)",
     ),
     ("cvm.verity-corruption", "one of eio, panic, restart"),
+    ("cvm.tee", "one of auto, tdx, snp, tpm, none"),
     #[cfg(feature = "test-hooks")]
     ("cvm.test-panic", "the name of a boot phase"),
 ];
 
 /// `roothash=` as systemd and mkosi write it: the sha256 root of the verity tree.
 pub const ROOTHASH: (&str, &str) = ("roothash", "64 hex digits (a sha256 root hash)");
+
+/// Where measurements go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TeeChoice {
+    /// TDX, else SEV-SNP, else a TPM; none found stops the boot.
+    #[default]
+    Auto,
+    Tdx,
+    Snp,
+    Tpm,
+    /// No measurements at all: only when asked for by name.
+    None,
+}
 
 /// What dm-verity does when a block does not match its hash. None returns the bad bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -75,6 +89,7 @@ pub struct BootOptions {
     pub root_partuuid: Option<Guid>,
     pub verity_partuuid: Option<Guid>,
     pub verity_corruption: CorruptionPolicy,
+    pub tee: TeeChoice,
     /// Test builds only: panic inside this phase, to exercise the fatal path.
     #[cfg(feature = "test-hooks")]
     pub test_panic: Option<String>,
@@ -90,6 +105,7 @@ impl Default for BootOptions {
             root_partuuid: None,
             verity_partuuid: None,
             verity_corruption: CorruptionPolicy::Eio,
+            tee: TeeChoice::Auto,
             #[cfg(feature = "test-hooks")]
             test_panic: None,
         }
@@ -187,6 +203,16 @@ pub fn parse_cmdline(cmdline: &[u8]) -> Result<BootOptions, CmdlineError> {
             }
             ("cvm.verity-partuuid", Some(v)) => {
                 options.verity_partuuid = Some(Guid::parse(v).ok_or_else(|| malformed(v))?)
+            }
+            ("cvm.tee", Some(v)) => {
+                options.tee = match v {
+                    "auto" => TeeChoice::Auto,
+                    "tdx" => TeeChoice::Tdx,
+                    "snp" => TeeChoice::Snp,
+                    "tpm" => TeeChoice::Tpm,
+                    "none" => TeeChoice::None,
+                    _ => return Err(malformed(v)),
+                }
             }
             ("cvm.verity-corruption", Some(v)) => {
                 options.verity_corruption = match v {
@@ -297,16 +323,32 @@ pub enum ConfigFileError {
     },
 }
 
-/// Reads the configuration file; a missing file means no services and no extra modules.
-pub fn load_config_file(path: &Path) -> Result<ConfigFile, ConfigFileError> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => parse_config_file(path, &text),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ConfigFile::default()),
+/// Reads the configuration file's bytes; `None` when there is none.
+pub fn read_config_bytes(path: &Path) -> Result<Option<Vec<u8>>, ConfigFileError> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(ConfigFileError::Read {
             path: path.to_path_buf(),
             source,
         }),
     }
+}
+
+/// Parses the bytes read by [`read_config_bytes`]: no file means no services and no extra
+/// modules.
+pub fn parse_config_bytes(
+    path: &Path,
+    bytes: Option<&[u8]>,
+) -> Result<ConfigFile, ConfigFileError> {
+    let Some(bytes) = bytes else {
+        return Ok(ConfigFile::default());
+    };
+    let text = std::str::from_utf8(bytes).map_err(|e| ConfigFileError::Syntax {
+        path: path.to_path_buf(),
+        message: format!("not UTF-8: {e}"),
+    })?;
+    parse_config_file(path, text)
 }
 
 pub fn parse_config_file(path: &Path, text: &str) -> Result<ConfigFile, ConfigFileError> {

@@ -7,6 +7,7 @@ pub mod disk;
 pub mod dm;
 pub mod fatal;
 pub mod logger;
+pub mod measure;
 pub mod modules;
 pub mod mounts;
 pub mod power;
@@ -15,6 +16,7 @@ pub mod runtime;
 pub mod shutdown;
 pub mod supervise;
 pub mod sys;
+pub mod tee;
 
 /// The version printed by `--version` and at the start of every boot.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -19,6 +19,10 @@ pub const REQUIRED: &[&str] = &[
     "erofs",
 ];
 
+/// Modules loaded when the machine has what they drive: the SEV-SNP and TDX guest drivers
+/// (their devices tell the measurement backend which TEE this is).
+pub const OPTIONAL: &[&str] = &["sev_guest", "tdx_guest"];
+
 #[derive(Debug, thiserror::Error)]
 pub enum ModuleError {
     #[error("cannot read {path}")]

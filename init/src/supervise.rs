@@ -202,7 +202,12 @@ struct Service {
     state: State,
     failures: u32,
     starts: u32,
+    /// Measured once, right before the first exec; restarts run the same measured binary.
+    measured: bool,
 }
+
+/// Measures a service's binary before its first exec; an error keeps it from starting.
+pub type MeasureHook = Box<dyn FnMut(&ServiceConfig) -> Result<(), String>>;
 
 /// The supervised services, in start order.
 pub struct Supervisor<P: Processes> {
@@ -212,6 +217,7 @@ pub struct Supervisor<P: Processes> {
     stopping: bool,
     /// Output pipes of running (or recently exited) services.
     pub outputs: Vec<OutputForwarder>,
+    measure: Option<MeasureHook>,
 }
 
 impl<P: Processes> Supervisor<P> {
@@ -225,12 +231,20 @@ impl<P: Processes> Supervisor<P> {
                     state: State::Pending,
                     failures: 0,
                     starts: 0,
+                    measured: false,
                 })
                 .collect(),
             backoff,
             stopping: false,
             outputs: Vec::new(),
+            measure: None,
         }
+    }
+
+    /// Sets the hook that measures each binary before its first exec.
+    pub fn with_measure(mut self, hook: MeasureHook) -> Self {
+        self.measure = Some(hook);
+        self
     }
 
     /// Starts what is due, kills what overran its stop timeout.
@@ -254,6 +268,20 @@ impl<P: Processes> Supervisor<P> {
     fn start(&mut self, i: usize, now: Instant) {
         let service = &mut self.services[i];
         service.starts += 1;
+        if !service.measured {
+            if let Some(measure) = self.measure.as_mut() {
+                if let Err(e) = measure(&service.config) {
+                    log::error!(
+                        "cannot measure service {} ({}), so it does not start: {e}",
+                        service.config.name,
+                        service.config.path.display()
+                    );
+                    self.after_exit(i, None, now, Duration::ZERO);
+                    return;
+                }
+            }
+            service.measured = true;
+        }
         match self.processes.spawn(&service.config) {
             Ok(spawned) => {
                 log::info!(
@@ -605,6 +633,38 @@ mod tests {
         );
         drop(sup);
         assert_eq!(rec.spawned.len(), 5);
+    }
+
+    #[test]
+    fn binaries_are_measured_once_before_the_first_start() {
+        let mut rec = Recorder::default();
+        let measured = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+        let seen = measured.clone();
+        let now = Instant::now();
+        let mut sup = Supervisor::new(
+            &mut rec,
+            vec![
+                service("a", RestartPolicy::Always),
+                service("bad", RestartPolicy::Always),
+            ],
+            Backoff::default(),
+        )
+        .with_measure(Box::new(move |s: &ServiceConfig| {
+            seen.borrow_mut().push(s.name.clone());
+            if s.name == "bad" {
+                Err("I/O error".into())
+            } else {
+                Ok(())
+            }
+        }));
+        sup.tick(now);
+        sup.on_exit(Pid::from_raw(101), Exit::Code(1), now);
+        let later = now + Duration::from_secs(1);
+        sup.tick(later);
+        drop(sup);
+        // "a" measured once though started twice; "bad" never started, measured again on retry.
+        assert_eq!(*measured.borrow(), vec!["a", "bad", "bad"]);
+        assert_eq!(rec.spawned, vec!["a", "a"]);
     }
 
     #[test]

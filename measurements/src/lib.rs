@@ -3,6 +3,8 @@
 //! with the measured-boot and launch-measurement issues.
 
 pub mod event;
+pub mod jsonseq;
+pub mod predict;
 pub mod registers;
 pub mod tcglog;
 pub mod verity;

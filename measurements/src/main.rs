@@ -15,6 +15,16 @@ commands:
                      build the dm-verity hash tree of <data> (format 1, sha256, with the
                      veritysetup superblock) into <hash-out>; print the root hash, or with
                      --json every parameter. Salt and UUID are random unless given.
+  predict --root-hash HEX [--cmdline TEXT] [--config FILE] [--root-tree DIR]
+          [--uki FILE | --linux FILE [--initrd FILE] [--osrel FILE] [--uname TEXT]] [--json]
+                     the registers a node reaches at ready: PCR 11 (UKI sections as
+                     systemd-stub measures them, then the boot phases), PCR 15 (cvm-init's
+                     identity events) and RTMR2. Workload digests come from the services of
+                     the config file, read inside --root-tree. Without --uki or --linux: a
+                     direct kernel boot, where nothing measures the kernel into PCR 11.
+  replay <log> [--ccel] [--json]
+                     the registers a log produces: systemd's JSON-seq tpm2-measure.log, a
+                     TCG binary log (PCRs), or with --ccel a TDX CC event log (RTMRs)
   --version          print the version
   --help             print this text
 ";
@@ -68,8 +78,10 @@ fn run(args: &[String]) -> Result<(), Failure> {
         }
         ["digest"] => Err(usage("digest needs at least one file".into())),
         ["verity", "format", rest @ ..] => verity_format(rest),
+        ["predict", rest @ ..] => predict(rest),
+        ["replay", rest @ ..] => replay(rest),
         [other, ..] => Err(usage(format!(
-            "unknown command {other:?}: expected digest, verity, --version or --help"
+            "unknown command {other:?}: expected digest, verity, predict, replay, --version or --help"
         ))),
         [] => Err(usage("a command is needed".into())),
     }
@@ -183,6 +195,219 @@ fn verity_format(args: &[&str]) -> Result<(), Failure> {
         println!("{}", serde_json::to_string_pretty(&value).unwrap());
     } else {
         println!("{root}");
+    }
+    Ok(())
+}
+
+/// `--flag value` options and positional arguments; flags without a value are listed in `bare`.
+fn options<'a>(
+    args: &[&'a str],
+    with_value: &[&str],
+    bare: &[&str],
+) -> Result<(std::collections::BTreeMap<String, &'a str>, Vec<&'a str>), Failure> {
+    let mut map = std::collections::BTreeMap::new();
+    let mut positional = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        let a = args[i];
+        if with_value.contains(&a) {
+            let v = args
+                .get(i + 1)
+                .ok_or_else(|| usage(format!("{a} needs a value")))?;
+            if map.insert(a.to_string(), *v).is_some() {
+                return Err(usage(format!("{a} given twice")));
+            }
+            i += 2;
+        } else if bare.contains(&a) {
+            map.insert(a.to_string(), "");
+            i += 1;
+        } else if a.starts_with("--") {
+            return Err(usage(format!("unknown option {a:?}")));
+        } else {
+            positional.push(a);
+            i += 1;
+        }
+    }
+    Ok((map, positional))
+}
+
+fn read(path: &str, what: &str) -> Result<Vec<u8>, Failure> {
+    std::fs::read(path).map_err(|e| Failure(format!("cannot read {what} {path}: {e}"), 1))
+}
+
+fn predict(args: &[&str]) -> Result<(), Failure> {
+    use cvm_measure::predict::{pe_sections, predict, services_of_config, Inputs};
+    let (o, positional) = options(
+        args,
+        &[
+            "--root-hash",
+            "--cmdline",
+            "--config",
+            "--root-tree",
+            "--uki",
+            "--linux",
+            "--initrd",
+            "--osrel",
+            "--uname",
+        ],
+        &["--json"],
+    )?;
+    if let Some(p) = positional.first() {
+        return Err(usage(format!(
+            "predict takes no positional argument, got {p:?}"
+        )));
+    }
+    let hash = o
+        .get("--root-hash")
+        .ok_or_else(|| usage("predict needs --root-hash".into()))?;
+    let root_hash: [u8; 32] = verity::parse_hex(hash)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| usage(format!("--root-hash {hash:?} is not 64 hex digits")))?;
+    let mut inputs = Inputs {
+        root_hash,
+        ..Default::default()
+    };
+    if let Some(uki) = o.get("--uki") {
+        if o.contains_key("--linux") {
+            return Err(usage("--uki and --linux exclude each other".into()));
+        }
+        let image = read(uki, "the UKI")?;
+        inputs.sections = pe_sections(&image).map_err(|e| Failure(format!("{uki}: {e}"), 1))?;
+        if let Some((_, cmdline)) = inputs.sections.iter().find(|(n, _)| n == ".cmdline") {
+            inputs.cmdline = cmdline.iter().copied().take_while(|&b| b != 0).collect();
+        }
+    } else if let Some(linux) = o.get("--linux") {
+        inputs
+            .sections
+            .push((".linux".into(), read(linux, "the kernel")?));
+        if let Some(f) = o.get("--osrel") {
+            inputs
+                .sections
+                .push((".osrel".into(), read(f, "the os-release")?));
+        }
+        if let Some(c) = o.get("--cmdline") {
+            inputs
+                .sections
+                .push((".cmdline".into(), c.as_bytes().to_vec()));
+        }
+        if let Some(f) = o.get("--initrd") {
+            inputs
+                .sections
+                .push((".initrd".into(), read(f, "the initrd")?));
+        }
+        if let Some(u) = o.get("--uname") {
+            inputs
+                .sections
+                .push((".uname".into(), u.as_bytes().to_vec()));
+        }
+    }
+    if let Some(c) = o.get("--cmdline") {
+        if o.contains_key("--uki") {
+            return Err(usage(
+                "--cmdline comes from the UKI's .cmdline section with --uki".into(),
+            ));
+        }
+        inputs.cmdline = c.as_bytes().to_vec();
+    }
+    if let Some(config) = o.get("--config") {
+        let bytes = read(config, "the configuration file")?;
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let services =
+            services_of_config(&text).map_err(|e| Failure(format!("{config}: {e}"), 1))?;
+        if !services.is_empty() && !o.contains_key("--root-tree") {
+            return Err(usage(format!(
+                "{config} has services: --root-tree is needed to find their binaries"
+            )));
+        }
+        for (name, path) in services {
+            let on_host = Path::new(o["--root-tree"]).join(path.trim_start_matches('/'));
+            let digest = cvm_measure::sha256_file(&on_host).map_err(|e| Failure(chain(&e), 1))?;
+            inputs.workloads.push((name, path, digest));
+        }
+        inputs.config_file = Some(bytes);
+    }
+    let regs = predict(&inputs);
+    print_registers(&regs, &[11, 15], o.contains_key("--json"), true);
+    Ok(())
+}
+
+fn print_registers(
+    regs: &cvm_measure::registers::Registers,
+    pcrs: &[usize],
+    json: bool,
+    rtmrs: bool,
+) {
+    use cvm_measure::hex;
+    use cvm_measure::registers::Bank;
+    if json {
+        let mut pcr_map = serde_json::Map::new();
+        for &p in pcrs {
+            pcr_map.insert(
+                p.to_string(),
+                serde_json::json!({ "sha256": hex(regs.pcr(Bank::Sha256, p)), "sha384": hex(regs.pcr(Bank::Sha384, p)) }),
+            );
+        }
+        let mut value = serde_json::json!({ "pcr": pcr_map });
+        if rtmrs {
+            value["rtmr"] = serde_json::json!((0..4)
+                .map(|i| (i.to_string(), serde_json::json!(hex(&regs.rtmr[i]))))
+                .collect::<serde_json::Map<_, _>>());
+        }
+        println!("{}", serde_json::to_string_pretty(&value).unwrap());
+        return;
+    }
+    for &p in pcrs {
+        for bank in Bank::ALL {
+            println!("pcr{p:<2} {:<6} {}", bank.name(), hex(regs.pcr(bank, p)));
+        }
+    }
+    if rtmrs {
+        for (i, r) in regs.rtmr.iter().enumerate() {
+            println!("rtmr{i:<2}sha384 {}", hex(r));
+        }
+    }
+}
+
+fn replay(args: &[&str]) -> Result<(), Failure> {
+    let (o, positional) = options(args, &[], &["--ccel", "--json"])?;
+    let [path] = positional[..] else {
+        return Err(usage(format!(
+            "replay needs one log, got {}",
+            positional.len()
+        )));
+    };
+    let bytes = read(path, "the log")?;
+    let json = o.contains_key("--json");
+    if o.contains_key("--ccel") {
+        let log =
+            cvm_measure::tcglog::parse(&bytes).map_err(|e| Failure(format!("{path}: {e}"), 1))?;
+        let regs = log
+            .replay_ccel()
+            .map_err(|e| Failure(format!("{path}: {e}"), 1))?;
+        print_registers(&regs, &[], json, true);
+    } else if bytes.first() == Some(&0x1e) {
+        let records =
+            cvm_measure::jsonseq::parse(&bytes).map_err(|e| Failure(format!("{path}: {e}"), 1))?;
+        let regs = cvm_measure::jsonseq::replay(&records);
+        let mut pcrs: Vec<usize> = records.iter().map(|r| r.pcr as usize).collect();
+        pcrs.sort();
+        pcrs.dedup();
+        print_registers(&regs, &pcrs, json, true);
+    } else {
+        let log =
+            cvm_measure::tcglog::parse(&bytes).map_err(|e| Failure(format!("{path}: {e}"), 1))?;
+        let regs = log
+            .replay_tpm()
+            .map_err(|e| Failure(format!("{path}: {e}"), 1))?;
+        let mut pcrs: Vec<usize> = log
+            .events
+            .iter()
+            .filter(|e| e.event_type != cvm_measure::tcglog::EV_NO_ACTION)
+            .map(|e| e.index as usize)
+            .collect();
+        pcrs.sort();
+        pcrs.dedup();
+        print_registers(&regs, &pcrs, json, false);
     }
     Ok(())
 }

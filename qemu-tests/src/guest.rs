@@ -31,7 +31,8 @@ impl Guest {
             initrd: initrd.to_path_buf(),
             cmdline: BASE_CMDLINE.to_string(),
             disks: Vec::new(),
-            tpm: false,
+            // A node boots only where it can measure: guests have a TPM unless a test says not.
+            tpm: true,
             memory_mib: 512,
             reboot: false,
         }

@@ -7,7 +7,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use cvm_init::modules::{ModuleIndex, REQUIRED};
+use cvm_init::modules::{ModuleIndex, OPTIONAL, REQUIRED};
 use cvm_init::sys::Linux;
 
 use crate::cpio::CpioWriter;
@@ -100,7 +100,11 @@ fn add_modules(
     kernel: &Kernel,
 ) -> Result<(), InitramfsError> {
     let index = ModuleIndex::load(&Linux, &kernel.modules_dir, &kernel.release)?;
-    let mut wanted: Vec<String> = REQUIRED.iter().map(|m| m.to_string()).collect();
+    let mut wanted: Vec<String> = REQUIRED
+        .iter()
+        .chain(OPTIONAL)
+        .map(|m| m.to_string())
+        .collect();
     wanted.extend(spec.extra_modules.iter().cloned());
     let order = index.resolve(&wanted)?;
     let base = format!("/lib/modules/{}", kernel.release);

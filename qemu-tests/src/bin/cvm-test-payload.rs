@@ -96,12 +96,32 @@ fn run(args: Vec<String>) {
             println!("payload: root-mount={root:?}");
             serve();
         }
+        "dump-log" => {
+            // The measurement log, once the init has measured `ready`, one record a line.
+            let path = "/run/log/systemd/tpm2-measure.log";
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let log = loop {
+                let log = std::fs::read(path).unwrap_or_default();
+                if String::from_utf8_lossy(&log).contains("\"string\":\"ready\"")
+                    || Instant::now() > deadline
+                {
+                    break log;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            for record in log.split(|&b| b == 0x1e).filter(|r| !r.is_empty()) {
+                let hex: String = record.iter().map(|b| format!("{b:02x}")).collect();
+                println!("payload: log-record {hex}");
+            }
+            println!("payload: log-end");
+            serve();
+        }
         "cpu-probe" => {
             cpu_probe();
             serve();
         }
         _ => {
-            eprintln!("payload: unknown mode {mode:?}: expected serve, orphans [n], crash, crash-once, rss-probe, root-probe or cpu-probe");
+            eprintln!("payload: unknown mode {mode:?}: expected serve, orphans [n], crash, crash-once, rss-probe, root-probe, dump-log or cpu-probe");
             std::process::exit(2);
         }
     }

@@ -1,0 +1,157 @@
+//! Measured boot: every event is written to the log first (write-ahead), then extended into
+//! the TEE's registers. The log is systemd's JSON-seq `tpm2-measure.log`, so existing tools
+//! replay it.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use cvm_measure::event::Event;
+use cvm_measure::jsonseq;
+
+use crate::tee::{Backend, RegisterValue, TeeError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MeasureError {
+    #[error("cannot write the event log {path}")]
+    Log {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot measure {event} into the {backend} registers")]
+    Extend {
+        event: String,
+        backend: &'static str,
+        #[source]
+        source: TeeError,
+    },
+}
+
+pub struct Measurer {
+    backend: Box<dyn Backend>,
+    log: File,
+    path: PathBuf,
+    pub events: usize,
+}
+
+impl Measurer {
+    /// Creates the log (mode 0600) and takes the backend.
+    pub fn new(backend: Box<dyn Backend>, path: &Path) -> Result<Self, MeasureError> {
+        let err = |source| MeasureError::Log {
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(err)?;
+        }
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_CLOEXEC)
+            .open(path)
+            .map_err(err)?;
+        Ok(Measurer {
+            backend,
+            log,
+            path: path.to_path_buf(),
+            events: 0,
+        })
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    /// Logs, then extends. A failure here is fatal to the boot: nothing unmeasured may run.
+    pub fn measure(&mut self, event: &Event) -> Result<(), MeasureError> {
+        self.append(&jsonseq::record(event))
+            .map_err(|source| MeasureError::Log {
+                path: self.path.clone(),
+                source,
+            })?;
+        self.backend
+            .extend(event)
+            .map_err(|source| MeasureError::Extend {
+                event: event.description(),
+                backend: self.backend.name(),
+                source,
+            })?;
+        self.events += 1;
+        log::info!("measured {} into PCR {}", event.description(), event.pcr());
+        Ok(())
+    }
+
+    /// Appends one record under an exclusive lock, with the sticky bit set while writing (the
+    /// "being written" marker systemd's readers honour).
+    fn append(&mut self, record: &[u8]) -> std::io::Result<()> {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.log);
+        let lock = |op| {
+            // SAFETY: flock on a descriptor this struct owns; no memory is involved.
+            if unsafe { nix::libc::flock(fd, op) } == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        };
+        lock(nix::libc::LOCK_EX)?;
+        let mode = self.log.metadata()?.permissions().mode() & 0o7777;
+        self.log
+            .set_permissions(std::fs::Permissions::from_mode(mode | 0o1000))?;
+        let written = self
+            .log
+            .write_all(record)
+            .and_then(|_| self.log.sync_data());
+        self.log
+            .set_permissions(std::fs::Permissions::from_mode(mode & !0o1000))?;
+        let _ = lock(nix::libc::LOCK_UN);
+        written
+    }
+
+    pub fn read_back(&mut self) -> Result<Vec<RegisterValue>, TeeError> {
+        self.backend.read_back()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cvm_measure::event::Phase;
+
+    struct Recording(std::rc::Rc<std::cell::RefCell<Vec<String>>>);
+
+    impl Backend for Recording {
+        fn name(&self) -> &'static str {
+            "recording"
+        }
+        fn extend(&mut self, event: &Event) -> Result<(), TeeError> {
+            self.0.borrow_mut().push(event.description());
+            Ok(())
+        }
+        fn read_back(&mut self) -> Result<Vec<RegisterValue>, TeeError> {
+            Ok(Vec::new())
+        }
+    }
+
+    #[test]
+    fn logged_before_extended_and_replayable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log/tpm2-measure.log");
+        let seen = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+        let mut m = Measurer::new(Box::new(Recording(seen.clone())), &path).unwrap();
+        let events = [Event::Phase(Phase::EnterInitrd), Event::RootHash([3; 32])];
+        for e in &events {
+            m.measure(e).unwrap();
+        }
+        assert_eq!(seen.borrow().len(), 2);
+        let records = jsonseq::parse(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(records.len(), 2);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(
+            mode, 0o600,
+            "mode {mode:o}: sticky marker left or wrong permissions"
+        );
+    }
+}

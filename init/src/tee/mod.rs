@@ -1,0 +1,255 @@
+//! The TEE's measurement registers: one trait, three backends (vTPM PCRs, TDX RTMRs, and
+//! SEV-SNP, which has no runtime registers), chosen by `cvm.tee=`.
+
+pub mod tpm;
+
+use std::path::{Path, PathBuf};
+
+use cvm_measure::event::Event;
+use cvm_measure::registers::{rtmr_for_pcr, Bank};
+
+use crate::config::TeeChoice;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TeeError {
+    #[error(transparent)]
+    Tpm(#[from] tpm::TpmError),
+    #[error("PCR {0} has no RTMR in the TCG mapping")]
+    NoRtmr(u32),
+    #[error("cannot extend RTMR{rtmr} through {path} (RTMR extension from userspace needs Linux 6.16 or later)")]
+    Rtmr {
+        rtmr: usize,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no TEE found (no TDX guest device, no /dev/sev-guest, no /dev/tpmrm0): a node boots without measurements only with cvm.tee=none")]
+    NoneFound,
+}
+
+/// A register as the TEE reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegisterValue {
+    pub register: String,
+    pub bank: &'static str,
+    pub value: Vec<u8>,
+}
+
+/// Where the registers go.
+pub trait Backend {
+    fn name(&self) -> &'static str;
+    fn extend(&mut self, event: &Event) -> Result<(), TeeError>;
+    /// The current values, for the console at ready: `(register, bank, value)`.
+    fn read_back(&mut self) -> Result<Vec<RegisterValue>, TeeError>;
+}
+
+pub struct TpmBackend(tpm::Tpm<tpm::DeviceTransport>);
+
+impl Backend for TpmBackend {
+    fn name(&self) -> &'static str {
+        "tpm"
+    }
+    fn extend(&mut self, event: &Event) -> Result<(), TeeError> {
+        Ok(self.0.extend(event.pcr(), |bank| event.digest(bank))?)
+    }
+    fn read_back(&mut self) -> Result<Vec<RegisterValue>, TeeError> {
+        let pcrs = [
+            cvm_measure::event::PHASE_PCR,
+            cvm_measure::event::IDENTITY_PCR,
+        ];
+        Ok(self
+            .0
+            .read(&pcrs)?
+            .into_iter()
+            .map(|(bank, pcr, value)| RegisterValue {
+                register: format!("pcr{pcr}"),
+                bank: bank.name(),
+                value,
+            })
+            .collect())
+    }
+}
+
+/// TDX: RTMRs through the sysfs files of Linux ≥ 6.16.
+pub struct TdxBackend {
+    pub dir: PathBuf,
+}
+
+impl TdxBackend {
+    fn file(&self, rtmr: usize) -> PathBuf {
+        self.dir.join(format!("rtmr{rtmr}:sha384"))
+    }
+}
+
+impl Backend for TdxBackend {
+    fn name(&self) -> &'static str {
+        "tdx"
+    }
+    fn extend(&mut self, event: &Event) -> Result<(), TeeError> {
+        let rtmr = rtmr_for_pcr(event.pcr()).ok_or(TeeError::NoRtmr(event.pcr()))?;
+        let path = self.file(rtmr);
+        // The file must exist (never created): it is the kernel's interface.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, &event.digest(Bank::Sha384)))
+            .map_err(|source| TeeError::Rtmr { rtmr, path, source })
+    }
+    fn read_back(&mut self) -> Result<Vec<RegisterValue>, TeeError> {
+        let path = self.file(2);
+        let value = std::fs::read(&path).map_err(|source| TeeError::Rtmr {
+            rtmr: 2,
+            path,
+            source,
+        })?;
+        Ok(vec![RegisterValue {
+            register: "rtmr2".into(),
+            bank: "sha384",
+            value,
+        }])
+    }
+}
+
+/// SEV-SNP without a vTPM has no registers that can be extended at run time: the event log is
+/// kept, and its digest is bound into the attestation report's REPORT_DATA when evidence is
+/// produced, so a verifier checks the log against the report instead of replaying registers.
+pub struct SnpLogOnly {
+    pub log: PathBuf,
+}
+
+impl Backend for SnpLogOnly {
+    fn name(&self) -> &'static str {
+        "snp"
+    }
+    fn extend(&mut self, _event: &Event) -> Result<(), TeeError> {
+        Ok(())
+    }
+    fn read_back(&mut self) -> Result<Vec<RegisterValue>, TeeError> {
+        let log = std::fs::read(&self.log).unwrap_or_default();
+        Ok(vec![RegisterValue {
+            register: "log".into(),
+            bank: "sha384",
+            value: Bank::Sha384.hash(&log),
+        }])
+    }
+}
+
+/// No TEE, chosen explicitly with `cvm.tee=none` (which is itself measured into nothing, but
+/// visible in the log and on the console).
+pub struct NoTee;
+
+impl Backend for NoTee {
+    fn name(&self) -> &'static str {
+        "none"
+    }
+    fn extend(&mut self, _event: &Event) -> Result<(), TeeError> {
+        Ok(())
+    }
+    fn read_back(&mut self) -> Result<Vec<RegisterValue>, TeeError> {
+        Ok(Vec::new())
+    }
+}
+
+/// Where the kernel shows TEE guest interfaces; a temporary tree in tests.
+pub struct Probe {
+    pub tdx_measurements: PathBuf,
+    pub tdx_device: PathBuf,
+    pub sev_guest: PathBuf,
+    pub tpm: PathBuf,
+}
+
+impl Default for Probe {
+    fn default() -> Self {
+        Probe {
+            tdx_measurements: "/sys/devices/virtual/misc/tdx_guest/measurements".into(),
+            tdx_device: "/dev/tdx_guest".into(),
+            sev_guest: "/dev/sev-guest".into(),
+            tpm: "/dev/tpmrm0".into(),
+        }
+    }
+}
+
+/// Which TEE `auto` finds: TDX, then SEV-SNP, then a TPM.
+pub fn detect(probe: &Probe) -> Option<TeeChoice> {
+    if probe.tdx_device.exists() || probe.tdx_measurements.exists() {
+        Some(TeeChoice::Tdx)
+    } else if probe.sev_guest.exists() {
+        Some(TeeChoice::Snp)
+    } else if probe.tpm.exists() {
+        Some(TeeChoice::Tpm)
+    } else {
+        None
+    }
+}
+
+/// Opens the backend for a choice.
+pub fn open(choice: TeeChoice, probe: &Probe, log: &Path) -> Result<Box<dyn Backend>, TeeError> {
+    let resolved = match choice {
+        TeeChoice::Auto => detect(probe).ok_or(TeeError::NoneFound)?,
+        other => other,
+    };
+    Ok(match resolved {
+        TeeChoice::Tpm => Box::new(TpmBackend(tpm::Tpm::new(tpm::DeviceTransport::open()?)?)),
+        TeeChoice::Tdx => Box::new(TdxBackend {
+            dir: probe.tdx_measurements.clone(),
+        }),
+        TeeChoice::Snp => Box::new(SnpLogOnly {
+            log: log.to_path_buf(),
+        }),
+        TeeChoice::None => Box::new(NoTee),
+        TeeChoice::Auto => unreachable!("resolved above"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn probe(dir: &Path) -> Probe {
+        Probe {
+            tdx_measurements: dir.join("tdx_measurements"),
+            tdx_device: dir.join("tdx_guest"),
+            sev_guest: dir.join("sev-guest"),
+            tpm: dir.join("tpmrm0"),
+        }
+    }
+
+    #[test]
+    fn detection_order_is_tdx_snp_tpm() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = probe(dir.path());
+        assert_eq!(detect(&p), None);
+        std::fs::write(&p.tpm, b"").unwrap();
+        assert_eq!(detect(&p), Some(TeeChoice::Tpm));
+        std::fs::write(&p.sev_guest, b"").unwrap();
+        assert_eq!(detect(&p), Some(TeeChoice::Snp));
+        std::fs::write(&p.tdx_device, b"").unwrap();
+        assert_eq!(detect(&p), Some(TeeChoice::Tdx));
+        let err = open(
+            TeeChoice::Auto,
+            &probe(&dir.path().join("nothing")),
+            Path::new("/x"),
+        )
+        .err()
+        .unwrap();
+        assert!(err.to_string().contains("cvm.tee=none"), "{err}");
+    }
+
+    #[test]
+    fn tdx_writes_the_sha384_digest_to_the_mapped_rtmr() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tdx = TdxBackend {
+            dir: dir.path().to_path_buf(),
+        };
+        let event = Event::Phase(cvm_measure::event::Phase::Ready);
+        // Without the sysfs files (Linux < 6.16) the error says so.
+        let err = tdx.extend(&event).unwrap_err();
+        assert!(crate::logger::chain(&err).contains("Linux 6.16"), "{err}");
+        std::fs::write(dir.path().join("rtmr2:sha384"), b"").unwrap();
+        tdx.extend(&event).unwrap();
+        assert_eq!(
+            std::fs::read(dir.path().join("rtmr2:sha384")).unwrap(),
+            event.digest(Bank::Sha384)
+        );
+    }
+}

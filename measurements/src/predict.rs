@@ -1,0 +1,290 @@
+//! Prediction of a node's registers from its image alone: what systemd-stub measures into
+//! PCR 11 for the UKI's sections, then the events cvm-init extends, in the order it extends
+//! them.
+
+use crate::event::{apply, Event, Phase};
+use crate::registers::{Bank, Registers};
+
+/// The UKI sections systemd-stub measures, in the fixed order it measures them (`.pcrsig` is
+/// never measured).
+pub const UKI_SECTIONS: &[&str] = &[
+    ".linux", ".osrel", ".cmdline", ".initrd", ".ucode", ".splash", ".dtb", ".uname", ".sbat",
+    ".pcrpkey", ".profile",
+];
+
+/// Extends PCR 11 (both banks) with the sections as systemd-stub does: for each present,
+/// non-empty section in the fixed order, `H(name ‖ NUL)` then `H(contents)`.
+pub fn measure_sections(registers: &mut Registers, sections: &[(String, Vec<u8>)]) {
+    for name in UKI_SECTIONS {
+        let Some((_, contents)) = sections.iter().find(|(n, _)| n == name) else {
+            continue;
+        };
+        if contents.is_empty() {
+            continue;
+        }
+        let mut tagged = name.as_bytes().to_vec();
+        tagged.push(0);
+        for bank in Bank::ALL {
+            registers.extend_pcr(bank, 11, &bank.hash(&tagged));
+            registers.extend_pcr(bank, 11, &bank.hash(contents));
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PeError {
+    #[error("not a PE image: {0}")]
+    NotPe(&'static str),
+    #[error("section {name} points outside the file ({offset} + {size} > {len})")]
+    Bounds {
+        name: String,
+        offset: u64,
+        size: u64,
+        len: u64,
+    },
+}
+
+/// The sections of a PE image (a UKI), with their contents as loaded: VirtualSize bytes, the
+/// raw data zero-extended when VirtualSize exceeds it.
+pub fn pe_sections(image: &[u8]) -> Result<Vec<(String, Vec<u8>)>, PeError> {
+    let u16_at = |at: usize| {
+        image
+            .get(at..at + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
+    let u32_at = |at: usize| {
+        image
+            .get(at..at + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+    };
+    if image.get(0..2) != Some(b"MZ") {
+        return Err(PeError::NotPe("no MZ signature"));
+    }
+    let pe = u32_at(0x3c).ok_or(PeError::NotPe("truncated DOS header"))? as usize;
+    if image.get(pe..pe + 4) != Some(b"PE\0\0") {
+        return Err(PeError::NotPe("no PE signature"));
+    }
+    let count = u16_at(pe + 6).ok_or(PeError::NotPe("truncated COFF header"))? as usize;
+    let optional = u16_at(pe + 20).ok_or(PeError::NotPe("truncated COFF header"))? as usize;
+    let table = pe + 24 + optional;
+    let mut sections = Vec::new();
+    for i in 0..count {
+        let at = table + 40 * i;
+        let header = image
+            .get(at..at + 40)
+            .ok_or(PeError::NotPe("truncated section table"))?;
+        let name_end = header[..8].iter().position(|&b| b == 0).unwrap_or(8);
+        let name = String::from_utf8_lossy(&header[..name_end]).into_owned();
+        let virtual_size = u32::from_le_bytes(header[8..12].try_into().unwrap()) as u64;
+        let raw_size = u32::from_le_bytes(header[16..20].try_into().unwrap()) as u64;
+        let raw_at = u32::from_le_bytes(header[20..24].try_into().unwrap()) as u64;
+        let take = raw_size.min(virtual_size);
+        let len = image.len() as u64;
+        if raw_at.checked_add(take).is_none_or(|end| end > len) {
+            return Err(PeError::Bounds {
+                name,
+                offset: raw_at,
+                size: take,
+                len,
+            });
+        }
+        let mut contents = image[raw_at as usize..(raw_at + take) as usize].to_vec();
+        contents.resize(virtual_size as usize, 0);
+        sections.push((name, contents));
+    }
+    Ok(sections)
+}
+
+/// What the prediction starts from.
+#[derive(Debug, Clone, Default)]
+pub struct Inputs {
+    /// UKI sections measured by systemd-stub into PCR 11; empty for a direct kernel boot
+    /// (no stub measures anything).
+    pub sections: Vec<(String, Vec<u8>)>,
+    /// The kernel command line (its `cvm.*` options are measured).
+    pub cmdline: Vec<u8>,
+    pub root_hash: [u8; 32],
+    pub config_file: Option<Vec<u8>>,
+    pub state_disk: Option<Vec<u8>>,
+    /// `(name, path, sha256 of the binary)` of each service, in configuration order.
+    pub workloads: Vec<(String, String, [u8; 32])>,
+}
+
+/// cvm-init's events for a boot that reaches `ready`, in the order it extends them.
+pub fn boot_events(inputs: &Inputs) -> Vec<Event> {
+    let mut events = vec![
+        Event::Phase(Phase::EnterInitrd),
+        Event::BootOptions(crate::event::cvm_options(&inputs.cmdline)),
+        Event::RootHash(inputs.root_hash),
+        Event::Phase(Phase::LeaveInitrd),
+        Event::ConfigFile(inputs.config_file.clone()),
+        Event::StateDisk(inputs.state_disk.clone()),
+        Event::SealBarrier,
+        Event::Phase(Phase::Sysinit),
+    ];
+    for (name, path, sha256) in &inputs.workloads {
+        events.push(Event::Workload {
+            name: name.clone(),
+            path: path.clone(),
+            sha256: *sha256,
+        });
+    }
+    events.push(Event::Phase(Phase::Ready));
+    events
+}
+
+/// The registers at `ready`.
+pub fn predict(inputs: &Inputs) -> Registers {
+    let mut registers = Registers::default();
+    measure_sections(&mut registers, &inputs.sections);
+    for event in boot_events(inputs) {
+        apply(&mut registers, &event);
+    }
+    registers
+}
+
+/// The services of a configuration file, `(name, path)` in order: what the init will measure.
+pub fn services_of_config(text: &str) -> Result<Vec<(String, String)>, String> {
+    #[derive(serde::Deserialize)]
+    struct Service {
+        name: String,
+        path: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Config {
+        #[serde(default)]
+        service: Vec<toml::Value>,
+    }
+    let config: Config =
+        toml::from_str(text).map_err(|e| e.to_string().trim().replace('\n', " "))?;
+    config
+        .service
+        .into_iter()
+        .map(|v| {
+            let s: Service = v
+                .try_into()
+                .map_err(|e: toml::de::Error| e.to_string().trim().replace('\n', " "))?;
+            Ok((s.name, s.path))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(name: &str, contents: &[u8]) -> (String, Vec<u8>) {
+        (name.to_string(), contents.to_vec())
+    }
+
+    #[test]
+    fn systemd_vectors() {
+        // systemd's own test: .linux "HALLO\n", .initrd "foobar\n", no phases.
+        let mut r = Registers::default();
+        measure_sections(
+            &mut r,
+            &[s(".initrd", b"foobar\n"), s(".linux", b"HALLO\n")],
+        );
+        assert_eq!(
+            crate::hex(r.pcr(Bank::Sha256, 11)),
+            "37b48bd0b222394dbe3cceff2fca4660c4b0a90ae9369ec90b42f14489989c13"
+        );
+        assert_eq!(
+            crate::hex(r.pcr(Bank::Sha384, 11)),
+            "5573f9b2caf55b1d0a6a701f890662d682af961899f0419cf1e2d5ea4a6a68c1f25bd4f5b8a0865eeee82af90f5cb087"
+        );
+        r.extend_pcr(Bank::Sha256, 11, &Bank::Sha256.hash(b"foo"));
+        assert_eq!(
+            crate::hex(r.pcr(Bank::Sha256, 11)),
+            "21c49c1242042649e09c156546fd7d425ccc3c67359f840507b30be4e0f6f699"
+        );
+    }
+
+    /// A minimal PE: DOS header, PE signature, COFF header, no optional header, sections.
+    pub fn tiny_pe(sections: &[(&str, &[u8], u32)]) -> Vec<u8> {
+        let mut image = vec![0u8; 0x40];
+        image[0..2].copy_from_slice(b"MZ");
+        image[0x3c..0x40].copy_from_slice(&0x40u32.to_le_bytes());
+        image.extend_from_slice(b"PE\0\0");
+        let mut coff = [0u8; 20];
+        coff[0..2].copy_from_slice(&0x8664u16.to_le_bytes());
+        coff[2..4].copy_from_slice(&(sections.len() as u16).to_le_bytes());
+        image.extend_from_slice(&coff);
+        let table_end = image.len() + 40 * sections.len();
+        let mut data_at = table_end as u32;
+        let mut data = Vec::new();
+        for (name, contents, virtual_size) in sections {
+            let mut h = [0u8; 40];
+            h[..name.len()].copy_from_slice(name.as_bytes());
+            h[8..12].copy_from_slice(&virtual_size.to_le_bytes());
+            h[16..20].copy_from_slice(&(contents.len() as u32).to_le_bytes());
+            h[20..24].copy_from_slice(&data_at.to_le_bytes());
+            image.extend_from_slice(&h);
+            data.extend_from_slice(contents);
+            data_at += contents.len() as u32;
+        }
+        image.extend_from_slice(&data);
+        image
+    }
+
+    #[test]
+    fn pe_sections_as_loaded() {
+        let image = tiny_pe(&[
+            (".linux", b"HALLO\n", 6),
+            (".initrd", b"foobar\n", 7),
+            (".sbat", b"ab", 4),
+        ]);
+        let sections = pe_sections(&image).unwrap();
+        assert_eq!(sections[0], s(".linux", b"HALLO\n"));
+        assert_eq!(sections[2], s(".sbat", b"ab\0\0"));
+        let mut r = Registers::default();
+        measure_sections(&mut r, &sections[..2]);
+        assert_eq!(
+            crate::hex(r.pcr(Bank::Sha256, 11)),
+            "37b48bd0b222394dbe3cceff2fca4660c4b0a90ae9369ec90b42f14489989c13"
+        );
+        assert!(matches!(pe_sections(b"MZ"), Err(PeError::NotPe(_))));
+        let mut broken = image.clone();
+        broken.truncate(broken.len() - 3);
+        assert!(matches!(pe_sections(&broken), Err(PeError::Bounds { .. })));
+    }
+
+    #[test]
+    fn every_input_moves_the_prediction() {
+        let base = Inputs {
+            cmdline: b"console=ttyS0 cvm.loglevel=info".to_vec(),
+            ..Default::default()
+        };
+        let p = predict(&base);
+        let changed = [
+            Inputs {
+                cmdline: b"console=ttyS0 cvm.loglevel=debug".to_vec(),
+                ..base.clone()
+            },
+            Inputs {
+                root_hash: [1; 32],
+                ..base.clone()
+            },
+            Inputs {
+                config_file: Some(Vec::new()),
+                ..base.clone()
+            },
+            Inputs {
+                workloads: vec![("a".into(), "/a".into(), [0; 32])],
+                ..base.clone()
+            },
+        ];
+        for c in changed {
+            let q = predict(&c);
+            assert_ne!(p.sha256[15], q.sha256[15]);
+            assert_ne!(p.rtmr[2], q.rtmr[2]);
+            assert_eq!(p.sha256[11], q.sha256[11], "phases alone are in PCR 11");
+        }
+        // Options that are not cvm.* are not measured (the UKI measures the whole line).
+        let other = Inputs {
+            cmdline: b"console=ttyS1 cvm.loglevel=info".to_vec(),
+            ..base.clone()
+        };
+        assert_eq!(predict(&other), p);
+    }
+}

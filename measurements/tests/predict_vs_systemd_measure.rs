@@ -1,0 +1,147 @@
+//! `cvm-measure predict` agrees with `systemd-measure calculate` (Debian's systemd) on PCR 11
+//! for the same UKI sections and the boot phases cvm-init measures.
+
+use std::path::Path;
+use std::process::Command;
+
+const SYSTEMD_MEASURE: &str = "/usr/lib/systemd/systemd-measure";
+const PHASES: &str = "enter-initrd:leave-initrd:sysinit:ready";
+
+fn systemd_measure(dir: &Path) -> (String, String) {
+    let out = Command::new(SYSTEMD_MEASURE)
+        .current_dir(dir)
+        .args([
+            "calculate",
+            "--linux=linux",
+            "--initrd=initrd",
+            "--osrel=osrel",
+            "--cmdline=cmdline",
+        ])
+        .args(["--bank=sha256", "--bank=sha384"])
+        .arg(format!("--phase={PHASES}"))
+        .output()
+        .expect("systemd-measure (Debian's systemd package) is on the machine");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let value = |bank: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("11:{bank}=")))
+            .unwrap_or_else(|| panic!("no {bank} line in {text}"))
+            .to_string()
+    };
+    (value("sha256"), value("sha384"))
+}
+
+fn predict(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_cvm-measure"))
+        .arg("predict")
+        .args(["--root-hash", &"ab".repeat(32), "--json"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A minimal PE with these sections (what a UKI is, for the stub's measurements).
+fn uki(sections: &[(&str, Vec<u8>)]) -> Vec<u8> {
+    let mut image = vec![0u8; 0x40];
+    image[0..2].copy_from_slice(b"MZ");
+    image[0x3c..0x40].copy_from_slice(&0x40u32.to_le_bytes());
+    image.extend_from_slice(b"PE\0\0");
+    let mut coff = [0u8; 20];
+    coff[2..4].copy_from_slice(&(sections.len() as u16).to_le_bytes());
+    image.extend_from_slice(&coff);
+    let mut at = (image.len() + 40 * sections.len()) as u32;
+    let mut data = Vec::new();
+    for (name, contents) in sections {
+        let mut h = [0u8; 40];
+        h[..name.len()].copy_from_slice(name.as_bytes());
+        h[8..12].copy_from_slice(&(contents.len() as u32).to_le_bytes());
+        h[16..20].copy_from_slice(&(contents.len() as u32).to_le_bytes());
+        h[20..24].copy_from_slice(&at.to_le_bytes());
+        image.extend_from_slice(&h);
+        data.extend_from_slice(contents);
+        at += contents.len() as u32;
+    }
+    image.extend_from_slice(&data);
+    image
+}
+
+#[test]
+fn pcr11_matches_systemd_measure() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let linux = b"fake-kernel-bytes".to_vec();
+    let initrd = b"fake-initrd".to_vec();
+    let osrel = b"ID=cvm-test\n".to_vec();
+    let cmdline = b"console=ttyS0 cvm.loglevel=debug".to_vec();
+    for (name, bytes) in [
+        ("linux", &linux),
+        ("initrd", &initrd),
+        ("osrel", &osrel),
+        ("cmdline", &cmdline),
+    ] {
+        std::fs::write(d.join(name), bytes).unwrap();
+    }
+    let (sha256, sha384) = systemd_measure(d);
+
+    let from_files = predict(&[
+        "--linux",
+        d.join("linux").to_str().unwrap(),
+        "--initrd",
+        d.join("initrd").to_str().unwrap(),
+        "--osrel",
+        d.join("osrel").to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0 cvm.loglevel=debug",
+    ]);
+    assert_eq!(from_files["pcr"]["11"]["sha256"], sha256);
+    assert_eq!(from_files["pcr"]["11"]["sha384"], sha384);
+
+    // The same sections inside a UKI, in file order different from the measuring order.
+    let image = uki(&[
+        (".initrd", initrd),
+        (".cmdline", cmdline),
+        (".osrel", osrel),
+        (".linux", linux),
+    ]);
+    std::fs::write(d.join("uki.efi"), image).unwrap();
+    let from_uki = predict(&["--uki", d.join("uki.efi").to_str().unwrap()]);
+    assert_eq!(from_uki["pcr"]["11"]["sha256"], sha256);
+    assert_eq!(from_uki["pcr"]["11"]["sha384"], sha384);
+    // The UKI's command line carries the cvm.* options, so PCR 15 agrees too.
+    assert_eq!(from_uki["pcr"]["15"], from_files["pcr"]["15"]);
+}
+
+#[test]
+fn predict_names_bad_input() {
+    let out = Command::new(env!("CARGO_BIN_EXE_cvm-measure"))
+        .args(["predict", "--root-hash", "xyz"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--root-hash \"xyz\" is not 64 hex digits")
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_cvm-measure"))
+        .args([
+            "predict",
+            "--root-hash",
+            &"00".repeat(32),
+            "--uki",
+            "/nonexistent.efi",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read the UKI /nonexistent.efi"));
+}
