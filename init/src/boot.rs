@@ -304,6 +304,8 @@ pub fn run() -> ! {
         "services stopped; reaped {} orphaned processes since boot",
         runtime.orphans_reaped
     );
+    // Close the measurement log: /run unmounts only when nothing holds a file in it.
     drop(runtime);
+    drop(measurer);
     shutdown::finish(action, None)
 }

@@ -99,7 +99,10 @@ fn b_flipped_binary_byte_is_never_run() {
     flip_byte(&root.disk, at + 24).unwrap();
     let mut guest = prepared.boot("verity-binary", "", |g| g);
     must(guest.wait_for("cvm-init: ready", BOOT));
-    must(guest.wait_for("cannot start service web (/bin/payload): I/O error", BOOT));
+    must(guest.wait_for(
+        "cannot measure service web (/bin/payload), so it does not start: cannot read /bin/payload: I/O error",
+        BOOT,
+    ));
     must(guest.wait_for("restart 2 in", BOOT));
     let log = guest.serial_log();
     assert!(!log.contains(RAN), "the tampered payload ran");

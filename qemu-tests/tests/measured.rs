@@ -1,0 +1,147 @@
+//! Measured boot end to end, with swtpm: the PCRs the init reads back at ready, the replay of
+//! the event log taken out of the guest, and `cvm-measure predict` for the image must agree;
+//! a changed `cvm.*` option or root image moves the prediction and the guest alike.
+
+use std::collections::BTreeMap;
+
+use cvm_measure::predict::{predict, Inputs};
+use cvm_measure::registers::{Bank, Registers};
+use qemu_tests::guest::BASE_CMDLINE;
+use qemu_tests::support::{assert_fatal_before_workload, must, prepare, Prepared, BOOT};
+
+const DUMP: &str = "[[service]]\nname = \"dump\"\npath = \"/bin/payload\"\nargs = [\"dump-log\"]\n";
+
+/// What the guest showed: the registers it read back, and its event log.
+struct Observed {
+    registers: BTreeMap<(String, String), String>,
+    log: Vec<u8>,
+}
+
+fn observe(prepared: &Prepared, name: &str, extra: &str) -> Observed {
+    let mut guest = prepared.boot(name, extra, |g| g.tpm(true));
+    must(guest.wait_for("dump: payload: log-end", BOOT));
+    let text = guest.serial_log();
+    let mut registers = BTreeMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.split("cvm-init: register ").nth(1) {
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            registers.insert(
+                (fields[0].to_string(), fields[1].to_string()),
+                fields[2].to_string(),
+            );
+        }
+    }
+    let mut log = Vec::new();
+    for line in text.lines() {
+        if let Some(hex) = line.split("dump: payload: log-record ").nth(1) {
+            log.push(0x1e);
+            log.extend(cvm_measure::verity::parse_hex(hex.trim()).expect("hex record"));
+        }
+    }
+    assert!(!registers.is_empty(), "the init printed no registers");
+    assert!(!log.is_empty(), "no event log came out of the guest");
+    Observed { registers, log }
+}
+
+fn prediction(prepared: &Prepared, config: &str, extra: &str) -> Registers {
+    let payload = cvm_measure::sha256_file(&prepared.artifacts.payload).unwrap();
+    let cmdline = format!(
+        "{BASE_CMDLINE} {} {extra}",
+        prepared.image.roothash_option()
+    );
+    predict(&Inputs {
+        sections: Vec::new(), // direct kernel boot: no stub measures into PCR 11
+        cmdline: cmdline.into_bytes(),
+        root_hash: prepared.image.root.tree.root_hash,
+        config_file: Some(config.as_bytes().to_vec()),
+        state_disk: None,
+        workloads: vec![("dump".into(), "/bin/payload".into(), payload)],
+    })
+}
+
+/// The three views agree, register by register, in both banks.
+fn assert_agree(observed: &Observed, predicted: &Registers) {
+    let records = cvm_measure::jsonseq::parse(&observed.log).expect("the guest's log parses");
+    let replayed = cvm_measure::jsonseq::replay(&records);
+    for pcr in [11usize, 15] {
+        for bank in Bank::ALL {
+            let key = (format!("pcr{pcr}"), bank.name().to_string());
+            let guest = observed
+                .registers
+                .get(&key)
+                .unwrap_or_else(|| panic!("the guest did not report {key:?}"));
+            let replay = cvm_measure::hex(replayed.pcr(bank, pcr));
+            let predict = cvm_measure::hex(predicted.pcr(bank, pcr));
+            assert_eq!(
+                guest,
+                &replay,
+                "PCR {pcr} {}: guest vs replay of its log",
+                bank.name()
+            );
+            assert_eq!(
+                guest,
+                &predict,
+                "PCR {pcr} {}: guest vs prediction",
+                bank.name()
+            );
+        }
+    }
+    // The same number of events every boot of this configuration: 4 phases, 6 identity events
+    // (options, root hash, config, state disk, seal barrier, one workload).
+    assert_eq!(records.len(), 10, "events in the log");
+}
+
+#[test]
+fn registers_log_and_prediction_agree_and_an_option_moves_them() {
+    let prepared = prepare(Some(DUMP));
+    let base = observe(&prepared, "measured", "");
+    let base_prediction = prediction(&prepared, DUMP, "");
+    assert_agree(&base, &base_prediction);
+
+    // One cvm.* option more: the prediction and the guest move together.
+    let option = "cvm.loglevel=info";
+    let changed = observe(&prepared, "measured-option", option);
+    let changed_prediction = prediction(&prepared, DUMP, option);
+    assert_agree(&changed, &changed_prediction);
+    assert_ne!(base_prediction.sha256[15], changed_prediction.sha256[15]);
+    assert_ne!(base.registers, changed.registers);
+    // Phases alone are in PCR 11: it does not move.
+    assert_eq!(base_prediction.sha256[11], changed_prediction.sha256[11]);
+}
+
+#[test]
+fn a_changed_root_image_moves_prediction_and_guest() {
+    let variant = format!("{DUMP}# a different image\n");
+    let base = prepare(Some(DUMP));
+    let other = prepare(Some(&variant));
+    assert_ne!(
+        base.image.root.tree.root_hash,
+        other.image.root.tree.root_hash
+    );
+    let base_prediction = prediction(&base, DUMP, "");
+    let other_prediction = prediction(&other, &variant, "");
+    assert_ne!(base_prediction.sha256[15], other_prediction.sha256[15]);
+    let observed = observe(&other, "measured-image", "");
+    assert_agree(&observed, &other_prediction);
+    assert_ne!(
+        observed.registers[&("pcr15".to_string(), "sha256".to_string())],
+        cvm_measure::hex(&base_prediction.sha256[15])
+    );
+}
+
+#[test]
+fn without_a_tee_the_boot_stops_unless_told() {
+    let prepared = prepare(Some(DUMP));
+    let mut guest = prepared.boot("no-tee", "", |g| g.tpm(false));
+    assert_fatal_before_workload(
+        &mut guest,
+        "no TEE found (no TDX guest device, no /dev/sev-guest, no /dev/tpmrm0)",
+        "dump: payload:",
+    );
+
+    let mut guest = prepared.boot("tee-none", "cvm.tee=none", |g| g.tpm(false));
+    must(guest.wait_for("cvm-init: ready", BOOT));
+    let log = guest.serial_log();
+    assert!(log.contains("cvm.tee=none: this boot is not measured"));
+    assert!(log.contains("measuring into none"));
+}
