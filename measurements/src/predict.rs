@@ -249,6 +249,20 @@ mod tests {
         assert!(matches!(pe_sections(&broken), Err(PeError::Bounds { .. })));
     }
 
+    proptest::proptest! {
+        /// Arbitrary bytes, and real-looking PE headers with arbitrary section tables, never
+        /// panic or read out of bounds.
+        #[test]
+        fn pe_parser_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..1024), table in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400), count in 0u16..12) {
+            let _ = pe_sections(&bytes);
+            let mut image = tiny_pe(&[(".linux", b"x", 1)]);
+            image.truncate(0x44 + 20);
+            image[0x46..0x48].copy_from_slice(&count.to_le_bytes());
+            image.extend_from_slice(&table);
+            let _ = pe_sections(&image);
+        }
+    }
+
     #[test]
     fn every_input_moves_the_prediction() {
         let base = Inputs {

@@ -330,6 +330,20 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Whatever a (hostile or broken) TPM answers, parsing never panics.
+        #[test]
+        fn responses_never_panic(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300), lie in proptest::prelude::any::<bool>()) {
+            let mut r = reply(&body);
+            if lie && r.len() > 6 {
+                r[5] ^= 0x10;
+            }
+            let _ = parse_banks(&r);
+            let _ = parse_read(&r);
+            let _ = parse_banks(&body);
+        }
+    }
+
     #[test]
     fn errors_and_truncation() {
         let failed = frame(0x8001, 0, &[]);
