@@ -3,3 +3,4 @@
 pub mod crc32;
 pub mod discover;
 pub mod gpt;
+pub mod luks2;
