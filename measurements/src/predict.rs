@@ -169,6 +169,35 @@ pub fn services_of_config(text: &str) -> Result<Vec<(String, String)>, String> {
         .collect()
 }
 
+/// A minimal PE image: DOS header, PE signature, COFF header, no optional header, and these
+/// `(name, contents, virtual size)` sections. Enough for what systemd-stub measures; used to
+/// make test UKIs.
+pub fn minimal_pe(sections: &[(&str, &[u8], u32)]) -> Vec<u8> {
+    let mut image = vec![0u8; 0x40];
+    image[0..2].copy_from_slice(b"MZ");
+    image[0x3c..0x40].copy_from_slice(&0x40u32.to_le_bytes());
+    image.extend_from_slice(b"PE\0\0");
+    let mut coff = [0u8; 20];
+    coff[0..2].copy_from_slice(&0x8664u16.to_le_bytes());
+    coff[2..4].copy_from_slice(&(sections.len() as u16).to_le_bytes());
+    image.extend_from_slice(&coff);
+    let table_end = image.len() + 40 * sections.len();
+    let mut data_at = table_end as u32;
+    let mut data = Vec::new();
+    for (name, contents, virtual_size) in sections {
+        let mut h = [0u8; 40];
+        h[..name.len()].copy_from_slice(name.as_bytes());
+        h[8..12].copy_from_slice(&virtual_size.to_le_bytes());
+        h[16..20].copy_from_slice(&(contents.len() as u32).to_le_bytes());
+        h[20..24].copy_from_slice(&data_at.to_le_bytes());
+        image.extend_from_slice(&h);
+        data.extend_from_slice(contents);
+        data_at += contents.len() as u32;
+    }
+    image.extend_from_slice(&data);
+    image
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,31 +229,8 @@ mod tests {
         );
     }
 
-    /// A minimal PE: DOS header, PE signature, COFF header, no optional header, sections.
-    pub fn tiny_pe(sections: &[(&str, &[u8], u32)]) -> Vec<u8> {
-        let mut image = vec![0u8; 0x40];
-        image[0..2].copy_from_slice(b"MZ");
-        image[0x3c..0x40].copy_from_slice(&0x40u32.to_le_bytes());
-        image.extend_from_slice(b"PE\0\0");
-        let mut coff = [0u8; 20];
-        coff[0..2].copy_from_slice(&0x8664u16.to_le_bytes());
-        coff[2..4].copy_from_slice(&(sections.len() as u16).to_le_bytes());
-        image.extend_from_slice(&coff);
-        let table_end = image.len() + 40 * sections.len();
-        let mut data_at = table_end as u32;
-        let mut data = Vec::new();
-        for (name, contents, virtual_size) in sections {
-            let mut h = [0u8; 40];
-            h[..name.len()].copy_from_slice(name.as_bytes());
-            h[8..12].copy_from_slice(&virtual_size.to_le_bytes());
-            h[16..20].copy_from_slice(&(contents.len() as u32).to_le_bytes());
-            h[20..24].copy_from_slice(&data_at.to_le_bytes());
-            image.extend_from_slice(&h);
-            data.extend_from_slice(contents);
-            data_at += contents.len() as u32;
-        }
-        image.extend_from_slice(&data);
-        image
+    fn tiny_pe(sections: &[(&str, &[u8], u32)]) -> Vec<u8> {
+        minimal_pe(sections)
     }
 
     #[test]

@@ -51,29 +51,13 @@ fn predict(args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// A minimal PE with these sections (what a UKI is, for the stub's measurements).
+/// A UKI with these sections (what the stub measures).
 fn uki(sections: &[(&str, Vec<u8>)]) -> Vec<u8> {
-    let mut image = vec![0u8; 0x40];
-    image[0..2].copy_from_slice(b"MZ");
-    image[0x3c..0x40].copy_from_slice(&0x40u32.to_le_bytes());
-    image.extend_from_slice(b"PE\0\0");
-    let mut coff = [0u8; 20];
-    coff[2..4].copy_from_slice(&(sections.len() as u16).to_le_bytes());
-    image.extend_from_slice(&coff);
-    let mut at = (image.len() + 40 * sections.len()) as u32;
-    let mut data = Vec::new();
-    for (name, contents) in sections {
-        let mut h = [0u8; 40];
-        h[..name.len()].copy_from_slice(name.as_bytes());
-        h[8..12].copy_from_slice(&(contents.len() as u32).to_le_bytes());
-        h[16..20].copy_from_slice(&(contents.len() as u32).to_le_bytes());
-        h[20..24].copy_from_slice(&at.to_le_bytes());
-        image.extend_from_slice(&h);
-        data.extend_from_slice(contents);
-        at += contents.len() as u32;
-    }
-    image.extend_from_slice(&data);
-    image
+    let with_sizes: Vec<(&str, &[u8], u32)> = sections
+        .iter()
+        .map(|(n, c)| (*n, c.as_slice(), c.len() as u32))
+        .collect();
+    cvm_measure::predict::minimal_pe(&with_sizes)
 }
 
 #[test]
