@@ -253,6 +253,9 @@ fn forge(img: &Path, edit: impl Fn(&str) -> String) {
     }
 }
 
+/// An attack: its name, how it rewrites the JSON, and what the refusal must name.
+type Attack<'a> = (&'a str, &'a dyn Fn(&str) -> String, &'a str);
+
 fn sha256_file(p: &Path) -> Vec<u8> {
     use sha2::Digest;
     sha2::Sha256::digest(std::fs::read(p).unwrap()).to_vec()
@@ -260,7 +263,7 @@ fn sha256_file(p: &Path) -> Vec<u8> {
 
 #[test]
 fn header_attacks_are_refused_and_nothing_is_written() {
-    let attacks: &[(&str, &dyn Fn(&str) -> String, &str)] = &[
+    let attacks: &[Attack] = &[
         (
             "A1 null segment cipher",
             &|j: &str| {
