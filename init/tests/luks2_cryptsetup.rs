@@ -146,6 +146,7 @@ fn our_image(dir: &Path, policy: Policy) -> std::path::PathBuf {
         uuid: UUID,
         secret: SECRET,
         volume_key: &vk,
+        label: "",
         random: &mut luks2::kernel_random,
     })
     .unwrap();

@@ -276,6 +276,7 @@ pub struct Config {
 #[derive(Debug)]
 pub struct Header {
     pub uuid: String,
+    pub label: String,
     pub seqid: u64,
     pub metadata: Metadata,
 }
@@ -419,9 +420,36 @@ pub fn parse(bytes: &[u8], device_size: u64, policy: &Policy) -> Result<Header, 
     validate(&metadata, device_size, policy)?;
     Ok(Header {
         uuid: uuid_a,
+        label: c_string(&primary[0x18..0x48]).unwrap_or("").to_string(),
         seqid: seq_a,
         metadata,
     })
+}
+
+/// Rewrites the label of both copies (secondary first, then primary) with the next sequence
+/// ID, fresh checksums and the JSON untouched. `head` holds the first `2 * HDR_SIZE` bytes.
+pub fn relabel(head: &mut [u8], label: &str) -> Result<(), Luks2Error> {
+    if label.len() > 47 || label.bytes().any(|b| b == 0) {
+        return Err(policy_err("label", label, "at most 47 bytes without NUL"));
+    }
+    for offset in [HDR_SIZE as usize, 0] {
+        let copy = &mut head[offset..offset + HDR_SIZE as usize];
+        let seqid = be64(copy, 0x10) + 1;
+        copy[0x10..0x18].copy_from_slice(&seqid.to_be_bytes());
+        copy[0x18..0x48].fill(0);
+        copy[0x18..0x18 + label.len()].copy_from_slice(label.as_bytes());
+        let sum = checksum(copy);
+        copy[0x1c0..0x1e0].copy_from_slice(&sum);
+    }
+    Ok(())
+}
+
+/// Reads one copy alone (for telling an interrupted relabel from a forgery): its label and
+/// sequence ID, when the copy is valid by itself.
+pub fn copy_label(head: &[u8], offset: u64) -> Option<(String, u64)> {
+    let copy = head.get(offset as usize..(offset + HDR_SIZE) as usize)?;
+    let (seqid, _, _) = check_copy(copy, offset).ok()?;
+    Some((c_string(&copy[0x18..0x48])?.to_string(), seqid))
 }
 
 fn only_key<'a, T>(map: &'a StrictMap<T>, what: &str) -> Result<&'a T, Luks2Error> {
@@ -775,6 +803,8 @@ pub struct FormatInput<'a> {
     pub uuid: &'a str,
     pub secret: &'a [u8],
     pub volume_key: &'a [u8],
+    /// The header label (at most 47 bytes): cvm-init marks setup progress with it.
+    pub label: &'a str,
     pub random: &'a mut dyn FnMut(&mut [u8]),
 }
 
@@ -786,9 +816,13 @@ pub fn format(input: FormatInput<'_>) -> Result<Zeroizing<Vec<u8>>, Luks2Error> 
         uuid,
         secret,
         volume_key,
+        label,
         random,
     } = input;
     assert_eq!(volume_key.len(), policy.key_size(), "volume key size");
+    if label.len() > 47 || label.bytes().any(|b| b == 0) {
+        return Err(policy_err("label", label, "at most 47 bytes without NUL"));
+    }
     if !is_uuid(uuid) {
         return Err(policy_err("uuid", uuid, "a lower-case 8-4-4-4-12 UUID"));
     }
@@ -841,6 +875,7 @@ pub fn format(input: FormatInput<'_>) -> Result<Zeroizing<Vec<u8>>, Luks2Error> 
         copy[6..8].copy_from_slice(&[0, 2]);
         copy[8..16].copy_from_slice(&HDR_SIZE.to_be_bytes());
         copy[0x10..0x18].copy_from_slice(&1u64.to_be_bytes());
+        copy[0x18..0x18 + label.len()].copy_from_slice(label.as_bytes());
         copy[0x48..0x4e].copy_from_slice(b"sha256");
         random(&mut copy[0x68..0xa8]);
         copy[0xa8..0xa8 + uuid.len()].copy_from_slice(uuid.as_bytes());

@@ -5,3 +5,4 @@ pub mod crypt;
 pub mod discover;
 pub mod gpt;
 pub mod luks2;
+pub mod state;

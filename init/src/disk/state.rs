@@ -1,0 +1,201 @@
+//! The first-boot decision for the state disk, which must never destroy data: format only a
+//! provably blank disk, redo only a format cvm-init itself started and never committed, open
+//! only a header that is ours and valid, and refuse everything else without writing.
+//!
+//! Setup progress lives in the LUKS2 label: a format writes `cvm-state-uncommitted`; once the
+//! file system exists, [`COMMITTED`] is written to the secondary copy, then to the primary.
+//! No data is written before the commit, so redoing an uncommitted format loses nothing.
+
+use super::luks2::{self, copy_label, Header, Luks2Error, Policy, DATA_OFFSET, HDR_SIZE};
+
+pub const UNCOMMITTED: &str = "cvm-state-uncommitted";
+pub const COMMITTED: &str = "cvm-state";
+
+/// How much of the disk must be zero to call it blank: the whole LUKS2 metadata area.
+pub const BLANK_PROBE: u64 = DATA_OFFSET;
+
+#[derive(Debug)]
+pub enum DiskState {
+    /// Zeros where any header would be: format it.
+    Blank,
+    /// A format of ours that never reached its commit: format it again.
+    Uncommitted,
+    /// Ours, committed and valid: open it.
+    Ours(Box<Header>),
+    /// Anything else: refuse, write nothing.
+    Foreign(String),
+}
+
+/// Names what a non-blank, non-LUKS disk seems to hold, for the refusal message.
+fn identify(head: &[u8]) -> String {
+    let at = |o: usize, sig: &[u8]| head.get(o..o + sig.len()) == Some(sig);
+    if at(1080, &[0x53, 0xef]) {
+        "an ext2/3/4 file system".into()
+    } else if at(0, b"XFSB") {
+        "an XFS file system".into()
+    } else if at(512, b"EFI PART") {
+        "a GPT partition table".into()
+    } else if at(16384, b"SKUL\xba\xbe") {
+        "a LUKS2 secondary header behind a damaged primary".into()
+    } else if at(510, &[0x55, 0xaa]) {
+        "an MBR".into()
+    } else {
+        let first = head.iter().position(|&b| b != 0).unwrap_or(0);
+        format!("unknown data (first non-zero byte at offset {first})")
+    }
+}
+
+/// Classifies a disk from its first [`BLANK_PROBE`] bytes (or all of it when smaller).
+pub fn classify(head: &[u8], device_size: u64, policy: &Policy) -> DiskState {
+    if !head.starts_with(b"LUKS\xba\xbe") {
+        if head.iter().all(|&b| b == 0) {
+            return DiskState::Blank;
+        }
+        return DiskState::Foreign(format!("the disk holds {}", identify(head)));
+    }
+    match luks2::parse(head, device_size, policy) {
+        Ok(header) if header.label == COMMITTED => DiskState::Ours(Box::new(header)),
+        Ok(header) if header.label == UNCOMMITTED => DiskState::Uncommitted,
+        Ok(header) => DiskState::Foreign(format!(
+            "a valid LUKS2 header that is not cvm-init's state disk (label {:?})",
+            header.label
+        )),
+        Err(Luks2Error::CopiesDiffer(why)) => {
+            // An interrupted commit: the secondary already says committed, the primary not yet,
+            // one sequence number apart. Anything else is a forgery or damage.
+            match (copy_label(head, 0), copy_label(head, HDR_SIZE)) {
+                (Some((p, ps)), Some((s, ss)))
+                    if p == UNCOMMITTED && s == COMMITTED && ss == ps + 1 =>
+                {
+                    DiskState::Uncommitted
+                }
+                _ => DiskState::Foreign(format!("a LUKS2 header whose two copies differ ({why})")),
+            }
+        }
+        Err(e) => DiskState::Foreign(format!("a LUKS2 header that fails validation: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::luks2::{FormatInput, KdfPolicy};
+
+    const SIZE: u64 = 64 << 20;
+
+    fn policy() -> Policy {
+        Policy {
+            integrity: false,
+            kdf: KdfPolicy::Pbkdf2 { iterations: 1000 },
+        }
+    }
+
+    fn formatted(label: &str) -> Vec<u8> {
+        let mut n = 0u8;
+        let vk = [9u8; 64];
+        luks2::format(FormatInput {
+            policy: policy(),
+            uuid: "11111111-2222-4333-8444-555555555555",
+            secret: b"secret",
+            volume_key: &vk,
+            label,
+            random: &mut |b: &mut [u8]| {
+                for x in b {
+                    n = n.wrapping_add(31);
+                    *x = n;
+                }
+            },
+        })
+        .unwrap()
+        .to_vec()
+    }
+
+    #[test]
+    fn blank_only_when_all_zero() {
+        let zeros = vec![0u8; BLANK_PROBE as usize];
+        assert!(matches!(
+            classify(&zeros, SIZE, &policy()),
+            DiskState::Blank
+        ));
+        let mut one = zeros.clone();
+        one[BLANK_PROBE as usize - 1] = 1;
+        let DiskState::Foreign(why) = classify(&one, SIZE, &policy()) else {
+            panic!("not foreign")
+        };
+        assert!(
+            why.contains(&format!("offset {}", BLANK_PROBE - 1)),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn file_systems_and_tables_are_named() {
+        let mut ext4 = vec![0u8; BLANK_PROBE as usize];
+        ext4[1080..1082].copy_from_slice(&[0x53, 0xef]);
+        let DiskState::Foreign(why) = classify(&ext4, SIZE, &policy()) else {
+            panic!()
+        };
+        assert!(why.contains("ext2/3/4"), "{why}");
+        // A zeroed primary over our secondary is not blank: refused, never reformatted.
+        let mut ours = formatted(COMMITTED);
+        ours[..4096].fill(0);
+        let DiskState::Foreign(why) = classify(&ours, SIZE, &policy()) else {
+            panic!()
+        };
+        assert!(
+            why.contains("secondary header behind a damaged primary"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn ours_uncommitted_and_foreign_labels() {
+        assert!(matches!(
+            classify(&formatted(COMMITTED), SIZE, &policy()),
+            DiskState::Ours(_)
+        ));
+        assert!(matches!(
+            classify(&formatted(UNCOMMITTED), SIZE, &policy()),
+            DiskState::Uncommitted
+        ));
+        let DiskState::Foreign(why) = classify(&formatted("someone-else"), SIZE, &policy()) else {
+            panic!()
+        };
+        assert!(why.contains("\"someone-else\""), "{why}");
+    }
+
+    #[test]
+    fn commit_and_an_interrupted_commit() {
+        let mut head = formatted(UNCOMMITTED);
+        let mut committed = head.clone();
+        luks2::relabel(&mut committed, COMMITTED).unwrap();
+        assert!(matches!(
+            classify(&committed, SIZE, &policy()),
+            DiskState::Ours(_)
+        ));
+        // Power lost between the two copies: the secondary is committed, the primary is not.
+        head[HDR_SIZE as usize..2 * HDR_SIZE as usize]
+            .copy_from_slice(&committed[HDR_SIZE as usize..2 * HDR_SIZE as usize]);
+        assert!(matches!(
+            classify(&head, SIZE, &policy()),
+            DiskState::Uncommitted
+        ));
+        // The reverse (primary committed, secondary not) is not something a commit leaves.
+        let mut reverse = formatted(UNCOMMITTED);
+        reverse[..HDR_SIZE as usize].copy_from_slice(&committed[..HDR_SIZE as usize]);
+        assert!(matches!(
+            classify(&reverse, SIZE, &policy()),
+            DiskState::Foreign(_)
+        ));
+    }
+
+    #[test]
+    fn a_header_that_fails_validation_is_foreign() {
+        let mut head = formatted(COMMITTED);
+        head[4200] ^= 1;
+        let DiskState::Foreign(why) = classify(&head, SIZE, &policy()) else {
+            panic!()
+        };
+        assert!(why.contains("fails validation"), "{why}");
+    }
+}
