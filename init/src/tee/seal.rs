@@ -1,0 +1,318 @@
+//! Sealing a secret to PCR values with the vTPM (the `tpm` key source of the state disk): the
+//! secret is a keyed-hash object under the owner's deterministic ECC storage key, whose policy
+//! is PolicyPCR over the boot-time values; unsealing works only while the PCRs hold them.
+//! The policy digest is computed in software, so no trial session is needed.
+
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+use super::tpm::{TpmError, Transport};
+
+const TPM_ST_NO_SESSIONS: u16 = 0x8001;
+const TPM_ST_SESSIONS: u16 = 0x8002;
+const TPM_CC_CREATE_PRIMARY: u32 = 0x131;
+const TPM_CC_CREATE: u32 = 0x153;
+const TPM_CC_LOAD: u32 = 0x157;
+const TPM_CC_UNSEAL: u32 = 0x15e;
+const TPM_CC_FLUSH_CONTEXT: u32 = 0x165;
+const TPM_CC_START_AUTH_SESSION: u32 = 0x176;
+const TPM_CC_POLICY_PCR: u32 = 0x17f;
+const TPM_RH_OWNER: u32 = 0x4000_0001;
+const TPM_RH_NULL: u32 = 0x4000_0007;
+const TPM_RS_PW: u32 = 0x4000_0009;
+const ALG_SHA256: u16 = 0x000b;
+const ALG_NULL: u16 = 0x0010;
+
+/// What is stored (in a LUKS2 token) to unseal later: the TPM's private and public blobs and
+/// the PCRs the policy covers. None of it is secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedBlob {
+    pub private: Vec<u8>,
+    pub public: Vec<u8>,
+    pub pcrs: Vec<u32>,
+}
+
+#[derive(Default)]
+struct Out(Vec<u8>);
+
+impl Out {
+    fn u8(&mut self, v: u8) -> &mut Self {
+        self.0.push(v);
+        self
+    }
+    fn u16(&mut self, v: u16) -> &mut Self {
+        self.0.extend_from_slice(&v.to_be_bytes());
+        self
+    }
+    fn u32(&mut self, v: u32) -> &mut Self {
+        self.0.extend_from_slice(&v.to_be_bytes());
+        self
+    }
+    fn bytes(&mut self, v: &[u8]) -> &mut Self {
+        self.0.extend_from_slice(v);
+        self
+    }
+    fn tpm2b(&mut self, v: &[u8]) -> &mut Self {
+        self.u16(v.len() as u16).bytes(v)
+    }
+}
+
+fn frame(tag: u16, code: u32, body: &[u8]) -> Vec<u8> {
+    let mut f = Out::default();
+    f.u16(tag)
+        .u32((10 + body.len()) as u32)
+        .u32(code)
+        .bytes(body);
+    f.0
+}
+
+/// The authorization area with the empty password session.
+fn password_auth() -> Vec<u8> {
+    let mut a = Out::default();
+    a.u32(9).u32(TPM_RS_PW).u16(0).u8(0).u16(0);
+    a.0
+}
+
+/// A TPML_PCR_SELECTION of the sha256 bank.
+fn pcr_selection(pcrs: &[u32]) -> Vec<u8> {
+    let mut select = [0u8; 3];
+    for &p in pcrs {
+        select[p as usize / 8] |= 1 << (p % 8);
+    }
+    let mut o = Out::default();
+    o.u32(1).u16(ALG_SHA256).u8(3).bytes(&select);
+    o.0
+}
+
+/// The PolicyPCR policy digest for these sha256 PCR values (in PCR order), from a zero digest.
+pub fn policy_digest(pcrs: &[u32], values: &[Vec<u8>]) -> [u8; 32] {
+    let mut concat = Sha256::new();
+    for v in values {
+        concat.update(v);
+    }
+    let pcr_digest = concat.finalize();
+    let mut h = Sha256::new();
+    h.update([0u8; 32]);
+    h.update(TPM_CC_POLICY_PCR.to_be_bytes());
+    h.update(pcr_selection(pcrs));
+    h.update(pcr_digest);
+    h.finalize().into()
+}
+
+/// The storage key template: ECC P-256, AES-128-CFB, restricted decryption. The same template
+/// under the same owner seed gives the same key on every boot.
+fn storage_template() -> Vec<u8> {
+    let mut p = Out::default();
+    p.u16(0x0023) // TPM_ALG_ECC
+        .u16(ALG_SHA256)
+        .u32(0x0003_0072) // fixedTPM fixedParent sensitiveDataOrigin userWithAuth restricted decrypt
+        .tpm2b(&[])
+        .u16(0x0006) // AES
+        .u16(128)
+        .u16(0x0043) // CFB
+        .u16(ALG_NULL) // scheme
+        .u16(0x0003) // NIST P-256
+        .u16(ALG_NULL) // kdf
+        .u16(0)
+        .u16(0); // unique: empty point
+    p.0
+}
+
+struct Reply<'a> {
+    bytes: &'a [u8],
+    at: usize,
+    command: u32,
+}
+
+impl<'a> Reply<'a> {
+    fn new(command: u32, bytes: &'a [u8]) -> Result<Self, TpmError> {
+        let malformed = |detail: String| TpmError::Malformed { command, detail };
+        if bytes.len() < 10 {
+            return Err(malformed(format!("{} bytes", bytes.len())));
+        }
+        let size = u32::from_be_bytes(bytes[2..6].try_into().unwrap()) as usize;
+        if size != bytes.len() {
+            return Err(malformed(format!(
+                "size field {size}, {} bytes received",
+                bytes.len()
+            )));
+        }
+        let code = u32::from_be_bytes(bytes[6..10].try_into().unwrap());
+        if code != 0 {
+            return Err(TpmError::Response { command, code });
+        }
+        Ok(Reply {
+            bytes,
+            at: 10,
+            command,
+        })
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8], TpmError> {
+        let s = self
+            .bytes
+            .get(self.at..self.at + n)
+            .ok_or(TpmError::Malformed {
+                command: self.command,
+                detail: format!("truncated at byte {}", self.at),
+            })?;
+        self.at += n;
+        Ok(s)
+    }
+    fn u16(&mut self) -> Result<u16, TpmError> {
+        Ok(u16::from_be_bytes(self.take(2)?.try_into().unwrap()))
+    }
+    fn u32(&mut self) -> Result<u32, TpmError> {
+        Ok(u32::from_be_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    fn tpm2b(&mut self) -> Result<&'a [u8], TpmError> {
+        let n = self.u16()? as usize;
+        self.take(n)
+    }
+}
+
+/// Sends a command; RETRY, YIELDED and TESTING (which a TPM may answer to any command) are
+/// retried a bounded number of times.
+fn call<T: Transport>(t: &mut T, tag: u16, code: u32, body: &[u8]) -> Result<Vec<u8>, TpmError> {
+    let command = frame(tag, code, body);
+    for _ in 0..20 {
+        let reply = t.transact(&command).map_err(TpmError::Io)?;
+        match Reply::new(code, &reply) {
+            Err(TpmError::Response {
+                code: 0x922 | 0x908 | 0x90a,
+                ..
+            }) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            Err(e) => return Err(e),
+            Ok(_) => return Ok(reply),
+        }
+    }
+    Err(TpmError::Response {
+        command: code,
+        code: 0x922,
+    })
+}
+
+fn create_primary<T: Transport>(t: &mut T) -> Result<u32, TpmError> {
+    let mut b = Out::default();
+    b.u32(TPM_RH_OWNER)
+        .bytes(&password_auth())
+        .u16(4)
+        .u16(0)
+        .u16(0) // inSensitive: empty auth, empty data
+        .tpm2b(&storage_template())
+        .tpm2b(&[]) // outsideInfo
+        .u32(0); // creationPCR: none
+    let reply = call(t, TPM_ST_SESSIONS, TPM_CC_CREATE_PRIMARY, &b.0)?;
+    Reply::new(TPM_CC_CREATE_PRIMARY, &reply)?.u32()
+}
+
+fn flush<T: Transport>(t: &mut T, handle: u32) {
+    let mut b = Out::default();
+    b.u32(handle);
+    let _ = call(t, TPM_ST_NO_SESSIONS, TPM_CC_FLUSH_CONTEXT, &b.0);
+}
+
+/// Seals `secret` (at most 128 bytes) to the current sha256 values `values` of `pcrs`.
+pub fn seal<T: Transport>(
+    t: &mut T,
+    secret: &[u8],
+    pcrs: &[u32],
+    values: &[Vec<u8>],
+) -> Result<SealedBlob, TpmError> {
+    assert!(secret.len() <= 128, "a sealed secret is at most 128 bytes");
+    let primary = create_primary(t)?;
+    let mut sensitive = Out::default();
+    sensitive.tpm2b(&[]).tpm2b(secret);
+    let mut public = Out::default();
+    public
+        .u16(0x0008) // TPM_ALG_KEYEDHASH
+        .u16(ALG_SHA256)
+        .u32(0x0000_0012) // fixedTPM fixedParent; no userWithAuth: the policy is the only way in
+        .tpm2b(&policy_digest(pcrs, values))
+        .u16(ALG_NULL)
+        .tpm2b(&[]);
+    let mut b = Out::default();
+    b.u32(primary)
+        .bytes(&password_auth())
+        .tpm2b(&sensitive.0)
+        .tpm2b(&public.0)
+        .tpm2b(&[])
+        .u32(0);
+    let result = call(t, TPM_ST_SESSIONS, TPM_CC_CREATE, &b.0).and_then(|reply| {
+        let mut r = Reply::new(TPM_CC_CREATE, &reply)?;
+        let _parameter_size = r.u32()?;
+        let private = r.tpm2b()?.to_vec();
+        let public = r.tpm2b()?.to_vec();
+        Ok(SealedBlob {
+            private,
+            public,
+            pcrs: pcrs.to_vec(),
+        })
+    });
+    // The sensitive data was in `sensitive`: clear it.
+    let mut s = sensitive.0;
+    zeroize::Zeroize::zeroize(&mut s);
+    flush(t, primary);
+    result
+}
+
+/// Unseals a blob; fails with the TPM's policy error once the PCRs differ from sealing time.
+pub fn unseal<T: Transport>(t: &mut T, blob: &SealedBlob) -> Result<Zeroizing<Vec<u8>>, TpmError> {
+    let primary = create_primary(t)?;
+    let mut b = Out::default();
+    b.u32(primary)
+        .bytes(&password_auth())
+        .tpm2b(&blob.private)
+        .tpm2b(&blob.public);
+    let loaded = call(t, TPM_ST_SESSIONS, TPM_CC_LOAD, &b.0)
+        .and_then(|r| Reply::new(TPM_CC_LOAD, &r)?.u32());
+    flush(t, primary);
+    let object = loaded?;
+    let result = (|| {
+        let mut nonce = [0u8; 16];
+        crate::disk::luks2::kernel_random(&mut nonce);
+        let mut s = Out::default();
+        s.u32(TPM_RH_NULL)
+            .u32(TPM_RH_NULL)
+            .tpm2b(&nonce)
+            .tpm2b(&[])
+            .u8(0x01) // TPM_SE_POLICY
+            .u16(ALG_NULL)
+            .u16(ALG_SHA256);
+        let reply = call(t, TPM_ST_NO_SESSIONS, TPM_CC_START_AUTH_SESSION, &s.0)?;
+        let session = Reply::new(TPM_CC_START_AUTH_SESSION, &reply)?.u32()?;
+        let mut p = Out::default();
+        p.u32(session).tpm2b(&[]).bytes(&pcr_selection(&blob.pcrs));
+        if let Err(e) = call(t, TPM_ST_NO_SESSIONS, TPM_CC_POLICY_PCR, &p.0) {
+            flush(t, session);
+            return Err(e);
+        }
+        // The policy session authorizes the unseal; continueSession off ends it.
+        let mut u = Out::default();
+        u.u32(object).u32(9).u32(session).u16(0).u8(0).u16(0);
+        let reply =
+            call(t, TPM_ST_SESSIONS, TPM_CC_UNSEAL, &u.0).inspect_err(|_| flush(t, session))?;
+        let mut r = Reply::new(TPM_CC_UNSEAL, &reply)?;
+        let _parameter_size = r.u32()?;
+        Ok(Zeroizing::new(r.tpm2b()?.to_vec()))
+    })();
+    flush(t, object);
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_digest_of_pcr23_reset() {
+        // PolicyPCR over sha256:23 after a reset (all zeros), as tpm2_createpolicy computes it
+        // (reference/crates.md §8.2).
+        assert_eq!(
+            policy_digest(&[23], &[vec![0; 32]])
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>(),
+            "3c87a4b3fb85ebeea58c5fb36ac22d3f280cec27a9f6dd0fa23be9ce560deec8"
+        );
+    }
+}
