@@ -6,6 +6,7 @@ pub mod config;
 pub mod disk;
 pub mod dm;
 pub mod fatal;
+pub mod keys;
 pub mod logger;
 pub mod measure;
 pub mod modules;

@@ -147,6 +147,7 @@ fn our_image(dir: &Path, policy: Policy) -> std::path::PathBuf {
         secret: SECRET,
         volume_key: &vk,
         label: "",
+        token: None,
         random: &mut luks2::kernel_random,
     })
     .unwrap();

@@ -23,10 +23,11 @@ impl Drop for Swtpm {
     }
 }
 
-fn start_swtpm() -> Swtpm {
+/// swtpm on a loopback port pair; each test passes its own `slot` so that tests running in
+/// parallel do not collide.
+fn start_swtpm(slot: u16) -> Swtpm {
     let dir = tempfile::tempdir().unwrap();
-    // A port pair unlikely to collide with another test run.
-    let port = 20000 + (std::process::id() % 20000) as u16 * 2 % 20000;
+    let port = 20000 + ((std::process::id() % 5000) as u16) * 4 + slot * 2;
     let child = Command::new("swtpm")
         .args(["socket", "--tpm2", "--flags", "not-need-init,startup-clear"])
         .arg("--server")
@@ -77,7 +78,7 @@ fn connect(port: u16) -> Tcp {
 
 #[test]
 fn sealed_to_pcrs_unseals_until_a_pcr_moves() {
-    let swtpm = start_swtpm();
+    let swtpm = start_swtpm(0);
     let mut tpm = Tpm::new(connect(swtpm.port)).expect("TPM banks");
     assert!(tpm.banks.contains(&Bank::Sha256), "banks {:?}", tpm.banks);
     tpm.extend(11, |b| b.hash(b"enter-initrd")).unwrap();
@@ -114,4 +115,66 @@ fn sealed_to_pcrs_unseals_until_a_pcr_moves() {
         }
         other => panic!("unseal after a PCR change: {other:?}"),
     }
+}
+
+#[test]
+fn tpm_key_source_round_trip_through_a_luks2_header() {
+    use cvm_init::disk::luks2::{self, FormatInput, KdfPolicy, Policy};
+    use cvm_init::keys::{KeySource, TpmSealed};
+
+    let swtpm = start_swtpm(1);
+    let port = swtpm.port;
+    let pcrs = vec![11u32, 15];
+    let mut tpm = Tpm::new(connect(port)).unwrap();
+    let values: Vec<Vec<u8>> = tpm
+        .read(&pcrs)
+        .unwrap()
+        .into_iter()
+        .filter(|(bank, _, _)| *bank == Bank::Sha256)
+        .map(|(_, _, v)| v)
+        .collect();
+    drop(tpm);
+    let mut source = TpmSealed {
+        transport: connect(port),
+        pcrs: pcrs.clone(),
+        values,
+    };
+    let provisioned = source.provision().unwrap();
+    let policy = Policy {
+        integrity: false,
+        kdf: KdfPolicy::Pbkdf2 { iterations: 1000 },
+    };
+    let volume_key = [5u8; 64];
+    let head = luks2::format(FormatInput {
+        policy,
+        uuid: "11111111-2222-4333-8444-555555555555",
+        secret: &provisioned.secret,
+        volume_key: &volume_key,
+        label: "cvm-state",
+        token: provisioned.token.as_deref(),
+        random: &mut luks2::kernel_random,
+    })
+    .unwrap();
+    let header = luks2::parse(&head[..2 * luks2::HDR_SIZE as usize], 64 << 20, &policy)
+        .expect("our header with a token");
+    let token = header.metadata.tokens.0.get("0");
+    let secret = source.recover(token).expect("unseal through the token");
+    let key = luks2::unlock(&header, &secret, &mut |offset, buf| {
+        buf.copy_from_slice(&head[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(&key[..], &volume_key[..]);
+
+    // A configuration that seals to other PCRs does not trust the token's list.
+    let mut other = TpmSealed {
+        transport: connect(port),
+        pcrs: vec![11],
+        values: vec![vec![0; 32]],
+    };
+    let err = other.recover(token).err().unwrap();
+    assert!(
+        err.to_string().contains("the configuration seals to [11]"),
+        "{err}"
+    );
 }

@@ -805,6 +805,9 @@ pub struct FormatInput<'a> {
     pub volume_key: &'a [u8],
     /// The header label (at most 47 bytes): cvm-init marks setup progress with it.
     pub label: &'a str,
+    /// Token 0 (a JSON object of a `cvm-*` type bound to keyslot 0), if the key source keeps
+    /// one.
+    pub token: Option<&'a str>,
     pub random: &'a mut dyn FnMut(&mut [u8]),
 }
 
@@ -817,8 +820,10 @@ pub fn format(input: FormatInput<'_>) -> Result<Zeroizing<Vec<u8>>, Luks2Error> 
         secret,
         volume_key,
         label,
+        token,
         random,
     } = input;
+    let tokens = token.map(|t| format!("\"0\":{t}")).unwrap_or_default();
     assert_eq!(volume_key.len(), policy.key_size(), "volume key size");
     if label.len() > 47 || label.bytes().any(|b| b == 0) {
         return Err(policy_err("label", label, "at most 47 bytes without NUL"));
@@ -857,7 +862,7 @@ pub fn format(input: FormatInput<'_>) -> Result<Zeroizing<Vec<u8>>, Luks2Error> 
     let json = format!(
         "{{\"keyslots\":{{\"0\":{{\"type\":\"luks2\",\"key_size\":{key_size},\"af\":{{\"type\":\"luks1\",\"stripes\":4000,\"hash\":\"sha256\"}},\
 \"area\":{{\"type\":\"raw\",\"offset\":\"{}\",\"size\":\"{area_size}\",\"encryption\":\"{CIPHER}\",\"key_size\":{XTS_KEY}}},\"kdf\":{kdf_json}}}}},\
-\"tokens\":{{}},\"segments\":{{\"0\":{{\"type\":\"crypt\",\"offset\":\"{DATA_OFFSET}\",\"size\":\"dynamic\",\"iv_tweak\":\"0\",\"encryption\":\"{CIPHER}\",\"sector_size\":{SECTOR_SIZE}{integrity}}}}},\
+\"tokens\":{{{tokens}}},\"segments\":{{\"0\":{{\"type\":\"crypt\",\"offset\":\"{DATA_OFFSET}\",\"size\":\"dynamic\",\"iv_tweak\":\"0\",\"encryption\":\"{CIPHER}\",\"sector_size\":{SECTOR_SIZE}{integrity}}}}},\
 \"digests\":{{\"0\":{{\"type\":\"pbkdf2\",\"keyslots\":[\"0\"],\"segments\":[\"0\"],\"hash\":\"sha256\",\"iterations\":{digest_iterations},\"salt\":\"{}\",\"digest\":\"{}\"}}}},\
 \"config\":{{\"json_size\":\"{JSON_SIZE}\",\"keyslots_size\":\"{KEYSLOTS_SIZE}\"}}}}",
         2 * HDR_SIZE,

@@ -99,6 +99,7 @@ mod tests {
             secret: b"secret",
             volume_key: &vk,
             label,
+            token: None,
             random: &mut |b: &mut [u8]| {
                 for x in b {
                     n = n.wrapping_add(31);

@@ -1,0 +1,156 @@
+//! Where the state disk's keyslot secret comes from, behind one trait: `tpm` (a random secret
+//! sealed to the boot-time PCRs, kept in a LUKS2 token) and `ephemeral` (a new random secret
+//! every boot, the disk re-created). The attestation issue adds `kbs` and `snp-derived`.
+
+use base64::Engine;
+use zeroize::Zeroizing;
+
+use crate::disk::luks2::Token;
+use crate::tee::seal::{self, SealedBlob};
+use crate::tee::tpm::{TpmError, Transport};
+
+/// Bytes of a keyslot secret.
+pub const SECRET_LEN: usize = 32;
+/// The LUKS2 token type of TPM-sealed secrets.
+pub const TPM_TOKEN: &str = "cvm-tpm2";
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("the TPM refused to seal or unseal the state-disk secret")]
+    Tpm(#[from] TpmError),
+    #[error("the state disk has no {0} token: it was not made by this key source")]
+    NoToken(&'static str),
+    #[error("the {kind} token is malformed: {detail}")]
+    BadToken { kind: &'static str, detail: String },
+}
+
+/// A secret for a disk being formatted, with the token its header keeps.
+pub struct Provisioned {
+    pub secret: Zeroizing<Vec<u8>>,
+    /// Token 0 as a JSON object, when the source needs one to recover the secret.
+    pub token: Option<String>,
+}
+
+pub trait KeySource {
+    fn name(&self) -> &'static str;
+    /// A new secret for a blank disk.
+    fn provision(&mut self) -> Result<Provisioned, KeyError>;
+    /// The secret of an existing disk, from its token.
+    fn recover(&mut self, token: Option<&Token>) -> Result<Zeroizing<Vec<u8>>, KeyError>;
+    /// True when the disk is re-created every boot (its data never survives).
+    fn ephemeral(&self) -> bool {
+        false
+    }
+}
+
+fn random_secret() -> Zeroizing<Vec<u8>> {
+    let mut s = Zeroizing::new(vec![0u8; SECRET_LEN]);
+    crate::disk::luks2::kernel_random(&mut s);
+    s
+}
+
+/// A new secret every boot; the disk is formatted every boot. Only when configured.
+pub struct Ephemeral;
+
+impl KeySource for Ephemeral {
+    fn name(&self) -> &'static str {
+        "ephemeral"
+    }
+    fn provision(&mut self) -> Result<Provisioned, KeyError> {
+        Ok(Provisioned {
+            secret: random_secret(),
+            token: None,
+        })
+    }
+    fn recover(&mut self, _token: Option<&Token>) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        // Never reached: an ephemeral disk is re-created, not opened.
+        Err(KeyError::NoToken("ephemeral"))
+    }
+    fn ephemeral(&self) -> bool {
+        true
+    }
+}
+
+/// A secret sealed by the vTPM to the sha256 values PCR 11 and the identity PCR hold while
+/// the state disk is set up (before the seal barrier). Another image, another configuration
+/// or another TPM: unsealing fails and the disk stays closed and untouched. At an image
+/// upgrade the new image's values differ, so the secret must be re-sealed by the old image
+/// before the upgrade (or the disk re-provisioned from a key broker).
+pub struct TpmSealed<T: Transport> {
+    pub transport: T,
+    pub pcrs: Vec<u32>,
+    /// The current sha256 values of `pcrs`, in order.
+    pub values: Vec<Vec<u8>>,
+}
+
+fn b64() -> base64::engine::GeneralPurpose {
+    base64::engine::general_purpose::STANDARD
+}
+
+impl<T: Transport> KeySource for TpmSealed<T> {
+    fn name(&self) -> &'static str {
+        "tpm"
+    }
+
+    fn provision(&mut self) -> Result<Provisioned, KeyError> {
+        let secret = random_secret();
+        let blob = seal::seal(&mut self.transport, &secret, &self.pcrs, &self.values)?;
+        let token = format!(
+            "{{\"type\":\"{TPM_TOKEN}\",\"keyslots\":[\"0\"],\"private\":\"{}\",\"public\":\"{}\",\"pcrs\":{:?},\"pcr_bank\":\"sha256\"}}",
+            b64().encode(&blob.private),
+            b64().encode(&blob.public),
+            blob.pcrs,
+        );
+        Ok(Provisioned {
+            secret,
+            token: Some(token),
+        })
+    }
+
+    fn recover(&mut self, token: Option<&Token>) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        let token = token
+            .filter(|t| t.kind == TPM_TOKEN)
+            .ok_or(KeyError::NoToken(TPM_TOKEN))?;
+        let bad = |detail: &str| KeyError::BadToken {
+            kind: TPM_TOKEN,
+            detail: detail.to_string(),
+        };
+        let field = |name: &str| -> Result<Vec<u8>, KeyError> {
+            let text = token
+                .fields
+                .get(name)
+                .and_then(|v| v.as_str())
+                .ok_or_else(|| bad(&format!("no {name}")))?;
+            b64()
+                .decode(text)
+                .map_err(|_| bad(&format!("{name} is not base64")))
+        };
+        let pcrs: Vec<u32> = token
+            .fields
+            .get("pcrs")
+            .and_then(|v| v.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| p.as_u64())
+                    .filter(|&p| p < 24)
+                    .map(|p| p as u32)
+                    .collect()
+            })
+            .ok_or_else(|| bad("no pcrs"))?;
+        // The policy is fixed by the configuration, not by the untrusted token.
+        if pcrs != self.pcrs
+            || token.fields.get("pcr_bank").and_then(|v| v.as_str()) != Some("sha256")
+        {
+            return Err(bad(&format!(
+                "PCRs {pcrs:?} in the token, the configuration seals to {:?}",
+                self.pcrs
+            )));
+        }
+        let blob = SealedBlob {
+            private: field("private")?,
+            public: field("public")?,
+            pcrs,
+        };
+        Ok(seal::unseal(&mut self.transport, &blob)?)
+    }
+}
