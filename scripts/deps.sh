@@ -15,6 +15,7 @@ apt_packages=(
   cryptsetup-bin    # veritysetup / cryptsetup as independent implementations in tests
   kmod              # depmod for the cached kernel's modules.dep
   fdisk             # sfdisk for GPT test disks
+  e2fsprogs         # mke2fs, copied into test roots for the state disk
   musl-tools        # musl-gcc for the static musl build
   file              # proves the binary is static
   pkg-config libdevmapper-dev clang libclang-dev  # build-time only: devicemapper-sys probes and bindgen

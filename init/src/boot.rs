@@ -23,6 +23,7 @@ use crate::power;
 use crate::root;
 use crate::runtime::{self, Runtime};
 use crate::shutdown;
+use crate::state_disk;
 use crate::supervise::{Backoff, OsProcesses, Supervisor};
 use crate::sys::{Linux, System};
 use crate::tee::{self, TeeError};
@@ -245,9 +246,25 @@ pub fn run() -> ! {
     // The state disk (a later issue) is measured here; without one, its absence is. Then the
     // seal barrier: nothing sealed to the values so far unseals later in this boot.
     phase("state", || {
-        measure(Event::StateDisk(None))?;
+        match &config_file.state {
+            None => measure(Event::StateDisk(None))?,
+            Some(cfg) => {
+                let opened = state_disk::set_up(cfg, &sys, &mut |event| measure(event))?;
+                log::info!(
+                    "state disk {} ({}) mounted at {}{}",
+                    opened.device,
+                    opened.uuid,
+                    cfg.mount.display(),
+                    if opened.formatted {
+                        ", formatted on this boot"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
         measure(Event::SealBarrier)?;
-        measure(Event::Phase(Phase::Sysinit))
+        Ok::<_, state_disk::StateError>(measure(Event::Phase(Phase::Sysinit))?)
     });
     if !config_file.modules.is_empty() {
         // From the verified root's /lib/modules: the initramfs is gone.

@@ -302,6 +302,52 @@ pub struct ConfigFile {
     /// The services, started in this order and stopped in reverse.
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
+    /// The encrypted state disk; without it the node keeps no state.
+    #[serde(default)]
+    pub state: Option<StateConfig>,
+}
+
+/// Where the state-disk key comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeySourceChoice {
+    /// Sealed by the vTPM to the boot-time PCRs.
+    Tpm,
+    /// A new key every boot; the disk is re-created every boot.
+    Ephemeral,
+}
+
+/// The state disk.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// The disk's serial number (virtio `serial=`, NVMe serial): chosen by identity, never by
+    /// probe order.
+    pub serial: String,
+    pub key: KeySourceChoice,
+    /// Where the file system is mounted (a directory of the root image).
+    #[serde(default = "default_state_mount")]
+    pub mount: PathBuf,
+    /// Directories of the root image bound onto the state file system.
+    #[serde(default)]
+    pub binds: Vec<PathBuf>,
+    /// The mkfs program of the root image and its arguments (the device is appended).
+    #[serde(default = "default_mkfs")]
+    pub mkfs: Vec<String>,
+}
+
+fn default_state_mount() -> PathBuf {
+    "/var/lib/cvm-state".into()
+}
+
+fn default_mkfs() -> Vec<String> {
+    vec![
+        "/sbin/mke2fs".into(),
+        "-q".into(),
+        "-t".into(),
+        "ext4".into(),
+        "-F".into(),
+    ]
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -15,6 +15,7 @@ pub mod power;
 pub mod root;
 pub mod runtime;
 pub mod shutdown;
+pub mod state_disk;
 pub mod supervise;
 pub mod sys;
 pub mod tee;

@@ -17,6 +17,9 @@ pub const REQUIRED: &[&str] = &[
     "virtio_blk",
     "dm_verity",
     "erofs",
+    "dm_crypt",
+    "xts",
+    "ext4",
 ];
 
 /// Modules loaded when the machine has what they drive: the SEV-SNP and TDX guest drivers

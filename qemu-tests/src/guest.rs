@@ -18,7 +18,10 @@ pub struct Guest {
     initrd: PathBuf,
     cmdline: String,
     disks: Vec<PathBuf>,
+    /// Disks that keep what the guest writes, with their serial numbers.
+    persistent: Vec<(PathBuf, String)>,
     tpm: bool,
+    tpm_state: Option<PathBuf>,
     memory_mib: u32,
     reboot: bool,
 }
@@ -31,6 +34,8 @@ impl Guest {
             initrd: initrd.to_path_buf(),
             cmdline: BASE_CMDLINE.to_string(),
             disks: Vec::new(),
+            persistent: Vec::new(),
+            tpm_state: None,
             // A node boots only where it can measure: guests have a TPM unless a test says not.
             tpm: true,
             memory_mib: 512,
@@ -48,6 +53,19 @@ impl Guest {
     /// Attaches a raw disk image (copy-on-write: the file itself is never written).
     pub fn disk(mut self, path: &Path) -> Self {
         self.disks.push(path.to_path_buf());
+        self
+    }
+
+    /// Attaches a disk that the guest writes to for real, with a serial number.
+    pub fn state_disk(mut self, path: &Path, serial: &str) -> Self {
+        self.persistent
+            .push((path.to_path_buf(), serial.to_string()));
+        self
+    }
+
+    /// Keeps the TPM's state in this directory (so that another guest gets the same TPM).
+    pub fn tpm_state(mut self, dir: &Path) -> Self {
+        self.tpm_state = Some(dir.to_path_buf());
         self
     }
 
@@ -115,8 +133,19 @@ impl Guest {
                 disk.display()
             ));
         }
+        for (i, (disk, serial)) in self.persistent.iter().enumerate() {
+            cmd.arg("-drive").arg(format!(
+                "if=none,id=state{i},format=raw,file={}",
+                disk.display()
+            ));
+            cmd.arg("-device")
+                .arg(format!("virtio-blk-pci,drive=state{i},serial={serial}"));
+        }
         if self.tpm {
-            let state = guest.dir.path().join("tpm");
+            let state = self
+                .tpm_state
+                .clone()
+                .unwrap_or_else(|| guest.dir.path().join("tpm"));
             fs::create_dir_all(&state).expect("tpm state directory");
             let socket = guest.dir.path().join("swtpm.sock");
             let swtpm = Command::new("swtpm")

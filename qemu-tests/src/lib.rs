@@ -109,6 +109,21 @@ impl Artifacts {
                 state as u8
             })
             .collect();
+        // The state disk's mkfs (a dynamic program with its libraries, as in a real root) and
+        // the mount points the init binds onto the state file system.
+        copy_with_libraries(Path::new("/sbin/mke2fs"), tree);
+        for dir in [
+            "var/lib/cvm-state",
+            "var/lib/kubelet",
+            "var/lib/containerd",
+            "etc/kubernetes",
+            "var/log",
+        ] {
+            io(
+                "create a mount point",
+                std::fs::create_dir_all(tree.join(dir)),
+            );
+        }
         let share = tree.join("usr/share/cvm-test");
         io(
             "create the ballast directory",
@@ -130,6 +145,31 @@ impl Artifacts {
             initrd: self.initramfs(dir),
             root,
         }
+    }
+}
+
+/// Copies a host program into the tree at the same path, with the shared libraries and the
+/// loader `ldd` lists.
+fn copy_with_libraries(program: &Path, tree: &Path) {
+    let out = std::process::Command::new("ldd")
+        .arg(program)
+        .output()
+        .unwrap_or_else(|e| panic!("ldd {}: {e}", program.display()));
+    let mut files = vec![program.to_path_buf()];
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let path = line
+            .split_whitespace()
+            .find(|w| w.starts_with('/'))
+            .map(PathBuf::from);
+        if let Some(p) = path {
+            files.push(p);
+        }
+    }
+    for f in files {
+        let target = tree.join(f.strip_prefix("/").unwrap());
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        // Follow symlinks: the tree gets the real bytes under the linked name.
+        std::fs::copy(&f, &target).unwrap_or_else(|e| panic!("copy {}: {e}", f.display()));
     }
 }
 

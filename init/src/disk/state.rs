@@ -51,7 +51,7 @@ pub fn classify(head: &[u8], device_size: u64, policy: &Policy) -> DiskState {
         if head.iter().all(|&b| b == 0) {
             return DiskState::Blank;
         }
-        return DiskState::Foreign(format!("the disk holds {}", identify(head)));
+        return DiskState::Foreign(identify(head));
     }
     match luks2::parse(head, device_size, policy) {
         Ok(header) if header.label == COMMITTED => DiskState::Ours(Box::new(header)),

@@ -96,6 +96,21 @@ fn run(args: Vec<String>) {
             println!("payload: root-mount={root:?}");
             serve();
         }
+        "state-probe" => {
+            // Data on the state disk: written on the first boot, found on later ones.
+            let marker = Path::new("/var/lib/kubelet/cvm-marker");
+            match std::fs::read_to_string(marker) {
+                Ok(text) => println!("payload: marker found {}", text.trim()),
+                Err(_) => {
+                    let text = "plaintext-marker-7f3a9c21e5";
+                    let f = std::fs::File::create(marker).expect("create the marker");
+                    std::io::Write::write_all(&mut &f, text.as_bytes()).expect("write the marker");
+                    f.sync_all().expect("sync the marker");
+                    println!("payload: marker written");
+                }
+            }
+            serve();
+        }
         "dump-log" => {
             // The measurement log, once the init has measured `ready`, one record a line.
             let path = "/run/log/systemd/tpm2-measure.log";

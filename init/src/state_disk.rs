@@ -1,0 +1,358 @@
+//! The encrypted state disk at boot: find it by serial, decide (blank, ours, foreign) without
+//! writing, measure its identity, get the key, open dm-crypt through a keyring key, create
+//! the file system on first boot and commit, mount it and bind the node's writable paths.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cvm_measure::event::Event;
+use nix::mount::MsFlags;
+use zeroize::Zeroizing;
+
+use crate::config::{KeySourceChoice, StateConfig};
+use crate::disk::crypt::{crypt_params, KeyringError, LogonKey};
+use crate::disk::luks2::{self, FormatInput, KdfPolicy, Luks2Error, Policy, DATA_OFFSET, HDR_SIZE};
+use crate::disk::state::{classify, DiskState, BLANK_PROBE, COMMITTED, UNCOMMITTED};
+use crate::dm::{self, DmError, MappedDevice};
+use crate::keys::{Ephemeral, KeyError, KeySource, TpmSealed};
+use crate::measure::MeasureError;
+use crate::sys::System;
+use crate::tee::tpm::{DeviceTransport, Tpm, TpmError};
+
+/// The PCRs the `tpm` key source seals to: the phases and the identity events so far.
+pub const SEAL_PCRS: [u32; 2] = [11, 15];
+const DM_NAME: &str = "cvm-state";
+
+/// The policy of cvm-init's state disks. The keyslot secret is 32 random bytes, so the KDF
+/// only has to be cheap and standard.
+pub const POLICY: Policy = Policy {
+    integrity: false,
+    kdf: KdfPolicy::Pbkdf2 { iterations: 1000 },
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("no disk with serial {serial:?} (seen: {seen})")]
+    NotFound { serial: String, seen: String },
+    #[error("cannot {what} {device}")]
+    Io {
+        what: &'static str,
+        device: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the state disk {device} is refused, and nothing was written to it: it holds {why}")]
+    Foreign { device: String, why: String },
+    #[error("the state disk {device} has a header cvm-init cannot use")]
+    Header {
+        device: String,
+        #[source]
+        source: Luks2Error,
+    },
+    #[error("cannot get the state-disk key from the {source_name} key source")]
+    Key {
+        source_name: &'static str,
+        #[source]
+        source: KeyError,
+    },
+    #[error("the tpm key source needs the vTPM")]
+    Tpm(#[source] TpmError),
+    #[error(transparent)]
+    Measure(#[from] MeasureError),
+    #[error(transparent)]
+    Keyring(#[from] KeyringError),
+    #[error(transparent)]
+    Dm(#[from] DmError),
+    #[error("{program} failed on {device}: {detail}")]
+    Mkfs {
+        program: String,
+        device: String,
+        detail: String,
+    },
+    #[error("cannot mount {what} on {target}")]
+    Mount {
+        what: String,
+        target: PathBuf,
+        #[source]
+        source: nix::errno::Errno,
+    },
+    #[error("{0} is too small for a state disk (at least 32 MiB)")]
+    TooSmall(String),
+}
+
+/// Finds the disk whose `serial` attribute matches, waiting a little for slow devices.
+pub fn find_by_serial(sys_block: &Path, serial: &str) -> Result<(String, (u32, u32)), StateError> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut seen = Vec::new();
+        for entry in std::fs::read_dir(sys_block).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Ok(found) = std::fs::read_to_string(entry.path().join("serial")) else {
+                continue;
+            };
+            let found = found.trim().to_string();
+            if found == serial {
+                let dev = std::fs::read_to_string(entry.path().join("dev")).unwrap_or_default();
+                if let Some((a, b)) = dev.trim().split_once(':') {
+                    if let (Ok(a), Ok(b)) = (a.parse(), b.parse()) {
+                        return Ok((name, (a, b)));
+                    }
+                }
+            }
+            seen.push(format!("{name} serial {found:?}"));
+        }
+        if Instant::now() >= deadline {
+            seen.sort();
+            return Err(StateError::NotFound {
+                serial: serial.to_string(),
+                seen: if seen.is_empty() {
+                    "no disk with a serial".into()
+                } else {
+                    seen.join(", ")
+                },
+            });
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn random_uuid() -> String {
+    let mut b = [0u8; 16];
+    luks2::kernel_random(&mut b);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+fn tpm_source() -> Result<TpmSealed<DeviceTransport>, StateError> {
+    let mut tpm =
+        Tpm::new(DeviceTransport::open().map_err(StateError::Tpm)?).map_err(StateError::Tpm)?;
+    let values = tpm
+        .read(&SEAL_PCRS)
+        .map_err(StateError::Tpm)?
+        .into_iter()
+        .filter(|(bank, _, _)| *bank == cvm_measure::registers::Bank::Sha256)
+        .map(|(_, _, v)| v)
+        .collect();
+    Ok(TpmSealed {
+        transport: DeviceTransport::open().map_err(StateError::Tpm)?,
+        pcrs: SEAL_PCRS.to_vec(),
+        values,
+    })
+}
+
+/// What the state phase did.
+pub struct Opened {
+    pub device: String,
+    pub uuid: String,
+    pub formatted: bool,
+    pub mapped: MappedDevice,
+}
+
+/// Sets up the state disk. `measure` extends an event (the disk's identity is measured before
+/// the key is derived or used).
+pub fn set_up(
+    cfg: &StateConfig,
+    sys: &dyn System,
+    measure: &mut dyn FnMut(Event) -> Result<(), MeasureError>,
+) -> Result<Opened, StateError> {
+    let (name, dev) = find_by_serial(Path::new("/sys/block"), &cfg.serial)?;
+    let device = format!("/dev/{name}");
+    let io = |what: &'static str| {
+        let device = device.clone();
+        move |source| StateError::Io {
+            what,
+            device,
+            source,
+        }
+    };
+    let file: File = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(nix::libc::O_CLOEXEC)
+        .open(&device)
+        .map_err(io("open"))?;
+    let size = luks2_size(&file).map_err(io("size"))?;
+    if size < 2 * DATA_OFFSET {
+        return Err(StateError::TooSmall(device));
+    }
+    let mut head = vec![0u8; BLANK_PROBE.min(size) as usize];
+    file.read_exact_at(&mut head, 0)
+        .map_err(io("read the start of"))?;
+    let state = classify(&head, size, &POLICY);
+    let mut source: Box<dyn KeySource> = match cfg.key {
+        KeySourceChoice::Tpm => Box::new(tpm_source()?),
+        KeySourceChoice::Ephemeral => Box::new(Ephemeral),
+    };
+    let key_err = |source_name: &'static str| {
+        move |source| StateError::Key {
+            source_name,
+            source,
+        }
+    };
+    let (uuid, volume_key, formatted) = match state {
+        DiskState::Foreign(why) => return Err(StateError::Foreign { device, why }),
+        DiskState::Ours(header) if !source.ephemeral() => {
+            measure(Event::StateDisk(Some(header.uuid.as_bytes().to_vec())))?;
+            let secret = source
+                .recover(header.metadata.tokens.0.get("0"))
+                .map_err(key_err(source.name()))?;
+            let key = luks2::unlock(&header, &secret, &mut |offset, buf| {
+                file.read_exact_at(buf, offset)
+            })
+            .map_err(|source| StateError::Header {
+                device: device.clone(),
+                source,
+            })?;
+            log::info!("state disk {device}: opened LUKS2 {}", header.uuid);
+            (header.uuid.clone(), key, false)
+        }
+        // Blank, an uncommitted format of ours, or (ephemeral) any disk of ours: format.
+        _ => {
+            let uuid = random_uuid();
+            measure(Event::StateDisk(Some(uuid.as_bytes().to_vec())))?;
+            // The source seals now, with the disk's identity already in the PCRs.
+            if let KeySourceChoice::Tpm = cfg.key {
+                source = Box::new(tpm_source()?);
+            }
+            let provisioned = source.provision().map_err(key_err(source.name()))?;
+            let mut volume_key = Zeroizing::new(vec![0u8; POLICY.key_size()]);
+            luks2::kernel_random(&mut volume_key);
+            let new_head = luks2::format(FormatInput {
+                policy: POLICY,
+                uuid: &uuid,
+                secret: &provisioned.secret,
+                volume_key: &volume_key,
+                label: UNCOMMITTED,
+                token: provisioned.token.as_deref(),
+                random: &mut luks2::kernel_random,
+            })
+            .map_err(|source| StateError::Header {
+                device: device.clone(),
+                source,
+            })?;
+            file.write_all_at(&new_head, 0)
+                .map_err(io("write the header of"))?;
+            file.sync_all().map_err(io("sync"))?;
+            log::info!(
+                "state disk {device}: formatted LUKS2 {uuid} (key source {})",
+                source.name()
+            );
+            (uuid, volume_key, true)
+        }
+    };
+    let sectors = (size - DATA_OFFSET) / 4096 * 8;
+    let key = LogonKey::add("cvm:state", &volume_key)?;
+    let params = crypt_params(&POLICY, &key.table_reference(), dev);
+    let mapped = dm::create(DM_NAME, sectors, "crypt", &params, false)?;
+    drop(key);
+    drop(volume_key);
+    if formatted {
+        mkfs(cfg, &mapped.node())?;
+        commit(&file, &device)?;
+    }
+    mount_state(cfg, sys, &mapped.node())?;
+    Ok(Opened {
+        device,
+        uuid,
+        formatted,
+        mapped,
+    })
+}
+
+fn luks2_size(file: &File) -> std::io::Result<u64> {
+    use std::io::Seek;
+    let mut f = file;
+    f.seek(std::io::SeekFrom::End(0))
+}
+
+fn mkfs(cfg: &StateConfig, node: &str) -> Result<(), StateError> {
+    let program = cfg.mkfs.first().cloned().unwrap_or_default();
+    let fail = |detail: String| StateError::Mkfs {
+        program: program.clone(),
+        device: node.to_string(),
+        detail,
+    };
+    let out = std::process::Command::new(&program)
+        .args(&cfg.mkfs[1..])
+        .arg(node)
+        .env_clear()
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| fail(e.to_string()))?;
+    if !out.status.success() {
+        return Err(fail(format!(
+            "{}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    log::info!("state file system created on {node}");
+    Ok(())
+}
+
+/// Marks the format committed: the secondary copy first, then the primary, each synced.
+fn commit(file: &File, device: &str) -> Result<(), StateError> {
+    let io = |what: &'static str| {
+        move |source| StateError::Io {
+            what,
+            device: device.to_string(),
+            source,
+        }
+    };
+    let mut head = vec![0u8; 2 * HDR_SIZE as usize];
+    file.read_exact_at(&mut head, 0)
+        .map_err(io("read the header of"))?;
+    luks2::relabel(&mut head, COMMITTED).map_err(|source| StateError::Header {
+        device: device.to_string(),
+        source,
+    })?;
+    file.write_all_at(&head[HDR_SIZE as usize..], HDR_SIZE)
+        .map_err(io("commit the header of"))?;
+    file.sync_all().map_err(io("sync"))?;
+    file.write_all_at(&head[..HDR_SIZE as usize], 0)
+        .map_err(io("commit the header of"))?;
+    file.sync_all().map_err(io("sync"))?;
+    Ok(())
+}
+
+fn mount_state(cfg: &StateConfig, sys: &dyn System, node: &str) -> Result<(), StateError> {
+    let flags = MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
+    sys.mount(node, &cfg.mount, "ext4", flags, None)
+        .map_err(|source| StateError::Mount {
+            what: node.to_string(),
+            target: cfg.mount.clone(),
+            source,
+        })?;
+    for target in &cfg.binds {
+        let backing = cfg.mount.join(target.strip_prefix("/").unwrap_or(target));
+        sys.mkdir_all(&backing).map_err(|source| StateError::Io {
+            what: "create",
+            device: backing.display().to_string(),
+            source,
+        })?;
+        sys.mount(
+            &backing.to_string_lossy(),
+            target,
+            "",
+            MsFlags::MS_BIND,
+            None,
+        )
+        .map_err(|source| StateError::Mount {
+            what: backing.display().to_string(),
+            target: target.clone(),
+            source,
+        })?;
+    }
+    Ok(())
+}

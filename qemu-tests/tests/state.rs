@@ -1,0 +1,155 @@
+//! The encrypted state disk in QEMU with swtpm: data survives a reboot, never appears in
+//! plaintext on the disk, and a disk the node must not open is refused and left untouched.
+
+use std::path::Path;
+
+use qemu_tests::support::{assert_fatal_before_workload, must, prepare, BOOT};
+use serde_json::json;
+
+const CONFIG: &str = r#"
+[state]
+serial = "cvm-state"
+key = "tpm"
+binds = ["/var/lib/kubelet", "/var/log"]
+
+[[service]]
+name = "app"
+path = "/bin/payload"
+args = ["state-probe"]
+"#;
+
+const MARKER: &[u8] = b"plaintext-marker-7f3a9c21e5";
+
+fn blank_disk(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("state.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    path
+}
+
+fn sha256(path: &Path) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha256::digest(std::fs::read(path).unwrap()).to_vec()
+}
+
+#[test]
+fn state_persists_encrypted_and_only_for_the_same_image_and_tpm() {
+    let prepared = prepare(Some(CONFIG));
+    let work = tempfile::tempdir().unwrap();
+    let disk = blank_disk(work.path());
+    let tpm = work.path().join("tpm");
+    std::fs::create_dir_all(&tpm).unwrap();
+
+    // a. First boot formats and writes the marker; after a reboot the marker is there.
+    let mut guest = prepared.boot("state-first", "", |g| {
+        g.state_disk(&disk, "cvm-state")
+            .tpm_state(&tpm)
+            .allow_reboot(true)
+    });
+    must(guest.wait_for("app: payload: marker written", BOOT));
+    let log = guest.serial_log();
+    assert!(
+        log.contains("formatted on this boot"),
+        "no first-boot format"
+    );
+    let keys = json!({ "keys": [
+        { "type": "qcode", "data": "ctrl" },
+        { "type": "qcode", "data": "alt" },
+        { "type": "qcode", "data": "delete" }
+    ]});
+    guest.qmp().execute("send-key", keys).unwrap();
+    must(guest.wait_for(
+        "app: payload: marker found plaintext-marker-7f3a9c21e5",
+        BOOT,
+    ));
+    let log = guest.serial_log();
+    assert_eq!(
+        log.matches("formatted on this boot").count(),
+        1,
+        "the second boot formatted again"
+    );
+    guest.qmp().execute("system_powerdown", json!({})).unwrap();
+    guest.wait_exit(BOOT).unwrap();
+    drop(guest);
+
+    // b. The marker's plaintext is nowhere on the disk.
+    let bytes = std::fs::read(&disk).unwrap();
+    assert!(
+        !bytes.windows(MARKER.len()).any(|w| w == MARKER),
+        "plaintext on the disk"
+    );
+    assert!(bytes.starts_with(b"LUKS\xba\xbe"), "no LUKS2 header");
+
+    // c. Another root image (another root hash): unsealing is refused, the disk is unchanged.
+    let before = sha256(&disk);
+    let other = prepare(Some(&format!("{CONFIG}# another image\n")));
+    let mut guest = other.boot("state-other-image", "", |g| {
+        g.state_disk(&disk, "cvm-state").tpm_state(&tpm)
+    });
+    assert_fatal_before_workload(
+        &mut guest,
+        "cannot get the state-disk key from the tpm key source",
+        "app: payload:",
+    );
+    drop(guest);
+    assert_eq!(sha256(&disk), before, "the disk changed");
+
+    // d. A reset vTPM (fresh state): the same.
+    let fresh = work.path().join("fresh-tpm");
+    std::fs::create_dir_all(&fresh).unwrap();
+    let mut guest = prepared.boot("state-fresh-tpm", "", |g| {
+        g.state_disk(&disk, "cvm-state").tpm_state(&fresh)
+    });
+    assert_fatal_before_workload(
+        &mut guest,
+        "cannot get the state-disk key from the tpm key source",
+        "app: payload:",
+    );
+    drop(guest);
+    assert_eq!(sha256(&disk), before, "the disk changed");
+}
+
+#[test]
+fn foreign_disks_are_refused_and_untouched() {
+    let prepared = prepare(Some(CONFIG));
+    let work = tempfile::tempdir().unwrap();
+    // f. Random bytes, and an ext4 file system.
+    let random = work.path().join("random.img");
+    let mut state = 0x9e3779b97f4a7c15u64;
+    let bytes: Vec<u8> = (0..(40 << 20))
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    std::fs::write(&random, bytes).unwrap();
+    let ext4 = work.path().join("ext4.img");
+    std::fs::File::create(&ext4)
+        .unwrap()
+        .set_len(40 << 20)
+        .unwrap();
+    let out = std::process::Command::new("mke2fs")
+        .args(["-q", "-t", "ext4", "-F"])
+        .arg(&ext4)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    for (name, disk, what) in [
+        ("state-random", &random, "unknown data"),
+        ("state-ext4", &ext4, "an ext2/3/4 file system"),
+    ] {
+        let before = sha256(disk);
+        let mut guest = prepared.boot(name, "", |g| g.state_disk(disk, "cvm-state"));
+        assert_fatal_before_workload(
+            &mut guest,
+            &format!("is refused, and nothing was written to it: it holds {what}"),
+            "app: payload:",
+        );
+        drop(guest);
+        assert_eq!(sha256(disk), before, "{name}: the disk changed");
+    }
+}
