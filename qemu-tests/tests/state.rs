@@ -96,6 +96,19 @@ fn state_persists_encrypted_and_only_for_the_same_image_and_tpm() {
     drop(guest);
     assert_eq!(sha256(&disk), before, "the disk changed");
 
+    // e. A forged header on our own disk (the segment cipher set to cipher_null, checksums
+    // recomputed, as the 2025 attacks do): refused, the disk unchanged.
+    let forged = work.path().join("forged.img");
+    std::fs::copy(&disk, &forged).unwrap();
+    forge_null_cipher(&forged);
+    let forged_before = sha256(&forged);
+    let mut guest = prepared.boot("state-forged", "", |g| {
+        g.state_disk(&forged, "cvm-state").tpm_state(&tpm)
+    });
+    assert_fatal_before_workload(&mut guest, "a LUKS2 header that fails validation: the header field segments.0.encryption is cipher_null-ecb", "app: payload:");
+    drop(guest);
+    assert_eq!(sha256(&forged), forged_before, "the forged disk changed");
+
     // d. A reset vTPM (fresh state): the same.
     let fresh = work.path().join("fresh-tpm");
     std::fs::create_dir_all(&fresh).unwrap();
@@ -109,6 +122,73 @@ fn state_persists_encrypted_and_only_for_the_same_image_and_tpm() {
     );
     drop(guest);
     assert_eq!(sha256(&disk), before, "the disk changed");
+}
+
+/// Rewrites both header copies with the data segment's cipher set to cipher_null-ecb.
+fn forge_null_cipher(path: &Path) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    for offset in [0u64, 16384] {
+        let mut copy = vec![0u8; 16384];
+        f.read_exact_at(&mut copy, offset).unwrap();
+        let end = copy[4096..].iter().position(|&b| b == 0).unwrap();
+        let json = std::str::from_utf8(&copy[4096..4096 + end])
+            .unwrap()
+            .replacen(
+                "\"encryption\":\"aes-xts-plain64\",\"sector_size\"",
+                "\"encryption\":\"cipher_null-ecb\",\"sector_size\"",
+                1,
+            );
+        copy[4096..].fill(0);
+        copy[4096..4096 + json.len()].copy_from_slice(json.as_bytes());
+        let sum = cvm_init::disk::luks2::checksum(&copy);
+        copy[0x1c0..0x1e0].copy_from_slice(&sum);
+        f.write_all_at(&copy, offset).unwrap();
+    }
+}
+
+/// g. Power cut (QMP quit) in the middle of first-boot setup: the next boot completes it and
+/// the data written afterwards persists.
+#[test]
+fn an_interrupted_first_boot_is_completed_next_time() {
+    let prepared = prepare(Some(CONFIG));
+    let work = tempfile::tempdir().unwrap();
+    let disk = blank_disk(work.path());
+    let tpm = work.path().join("tpm");
+    std::fs::create_dir_all(&tpm).unwrap();
+    let mut guest = prepared.boot("state-cut", "", |g| {
+        g.state_disk(&disk, "cvm-state").tpm_state(&tpm)
+    });
+    // The header is written; the file system and the commit are still to come.
+    must(guest.wait_for("formatted LUKS2", BOOT));
+    let _ = guest.qmp().execute("quit", json!({}));
+    let _ = guest.wait_exit(BOOT);
+    drop(guest);
+    assert!(
+        std::fs::read(&disk).unwrap().starts_with(b"LUKS\xba\xbe"),
+        "the cut came before the header"
+    );
+
+    let mut guest = prepared.boot("state-after-cut", "", |g| {
+        g.state_disk(&disk, "cvm-state")
+            .tpm_state(&tpm)
+            .allow_reboot(true)
+    });
+    must(guest.wait_for("app: payload: marker written", BOOT));
+    let keys = json!({ "keys": [
+        { "type": "qcode", "data": "ctrl" },
+        { "type": "qcode", "data": "alt" },
+        { "type": "qcode", "data": "delete" }
+    ]});
+    guest.qmp().execute("send-key", keys).unwrap();
+    must(guest.wait_for(
+        "app: payload: marker found plaintext-marker-7f3a9c21e5",
+        BOOT,
+    ));
 }
 
 #[test]
