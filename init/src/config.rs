@@ -340,14 +340,22 @@ fn default_state_mount() -> PathBuf {
     "/var/lib/cvm-state".into()
 }
 
+/// ext4 with lazy inode-table and journal initialisation, so that first-boot setup writes
+/// metadata only instead of zeroing the journal (the kernel zeroes inode tables in the
+/// background).
 fn default_mkfs() -> Vec<String> {
-    vec![
-        "/sbin/mke2fs".into(),
-        "-q".into(),
-        "-t".into(),
-        "ext4".into(),
-        "-F".into(),
+    [
+        "/sbin/mke2fs",
+        "-q",
+        "-t",
+        "ext4",
+        "-E",
+        "lazy_itable_init=1,lazy_journal_init=1",
+        "-F",
     ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 #[derive(Debug, thiserror::Error)]
