@@ -100,15 +100,7 @@ impl Artifacts {
             );
         }
         // 1 MiB of ballast, so that the verity tree has two levels, as any real root has.
-        let mut state = 0x853c49e6748fea9bu64;
-        let ballast: Vec<u8> = (0..1 << 20)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .collect();
+        let ballast = pseudo_random_bytes(1 << 20, 0x853c49e6748fea9b);
         // The state disk's mkfs (a dynamic program with its libraries, as in a real root) and
         // the mount points the init binds onto the state file system.
         copy_with_libraries(Path::new("/sbin/mke2fs"), tree);
@@ -146,6 +138,20 @@ impl Artifacts {
             root,
         }
     }
+}
+
+/// Deterministic bytes that do not repeat (xorshift64), for test data that must not compress
+/// or hash alike.
+pub fn pseudo_random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.max(1);
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
 }
 
 /// Copies a host program into the tree at the same path, with the shared libraries and the

@@ -105,3 +105,16 @@ pub fn assert_fatal_before_workload(
     );
     log
 }
+
+/// Presses ctrl-alt-del on the guest's keyboard (QMP send-key).
+pub fn press_ctrl_alt_del(guest: &mut RunningGuest) {
+    let keys = serde_json::json!({ "keys": [
+        { "type": "qcode", "data": "ctrl" },
+        { "type": "qcode", "data": "alt" },
+        { "type": "qcode", "data": "delete" }
+    ]});
+    guest
+        .qmp()
+        .execute("send-key", keys)
+        .unwrap_or_else(|e| panic!("send-key: {e}"));
+}

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use qemu_tests::console_lines;
-use qemu_tests::support::{boot, field, must, BOOT};
+use qemu_tests::support::{boot, field, must, press_ctrl_alt_del, BOOT};
 use serde_json::json;
 
 const SERVE: &str = r#"
@@ -126,12 +126,7 @@ fn c_ctrl_alt_del_reboots() {
     let (mut guest, _dir) = boot("cad", Some(SERVE), "", |g| g.allow_reboot(true));
     must(guest.wait_for("cvm-init: ready", BOOT));
     must(guest.wait_for("web: payload: serving", BOOT));
-    let keys = json!({ "keys": [
-        { "type": "qcode", "data": "ctrl" },
-        { "type": "qcode", "data": "alt" },
-        { "type": "qcode", "data": "delete" }
-    ]});
-    guest.qmp().execute("send-key", keys).unwrap();
+    press_ctrl_alt_del(&mut guest);
     must(guest.wait_for("cvm-init: received SIGINT", Duration::from_secs(30)));
     must(guest.wait_for("cvm-init: rebooting", Duration::from_secs(30)));
     must(guest.wait_for_count("cvm-init: ready", 2, BOOT));

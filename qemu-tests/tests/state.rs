@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use qemu_tests::support::{assert_fatal_before_workload, must, prepare, BOOT};
+use qemu_tests::support::{assert_fatal_before_workload, must, prepare, press_ctrl_alt_del, BOOT};
 use serde_json::json;
 
 const CONFIG: &str = r#"
@@ -54,12 +54,7 @@ fn state_persists_encrypted_and_only_for_the_same_image_and_tpm() {
         log.contains("formatted on this boot"),
         "no first-boot format"
     );
-    let keys = json!({ "keys": [
-        { "type": "qcode", "data": "ctrl" },
-        { "type": "qcode", "data": "alt" },
-        { "type": "qcode", "data": "delete" }
-    ]});
-    guest.qmp().execute("send-key", keys).unwrap();
+    press_ctrl_alt_del(&mut guest);
     must(guest.wait_for(
         "app: payload: marker found plaintext-marker-7f3a9c21e5",
         BOOT,
@@ -190,12 +185,7 @@ fn an_interrupted_first_boot_is_completed_next_time() {
             "already committed"
         }
     );
-    let keys = json!({ "keys": [
-        { "type": "qcode", "data": "ctrl" },
-        { "type": "qcode", "data": "alt" },
-        { "type": "qcode", "data": "delete" }
-    ]});
-    guest.qmp().execute("send-key", keys).unwrap();
+    press_ctrl_alt_del(&mut guest);
     must(guest.wait_for(
         "app: payload: marker found plaintext-marker-7f3a9c21e5",
         BOOT,
@@ -208,16 +198,11 @@ fn foreign_disks_are_refused_and_untouched() {
     let work = tempfile::tempdir().unwrap();
     // f. Random bytes, and an ext4 file system.
     let random = work.path().join("random.img");
-    let mut state = 0x9e3779b97f4a7c15u64;
-    let bytes: Vec<u8> = (0..(40 << 20))
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
-    std::fs::write(&random, bytes).unwrap();
+    std::fs::write(
+        &random,
+        qemu_tests::pseudo_random_bytes(40 << 20, 0x9e3779b97f4a7c15),
+    )
+    .unwrap();
     let ext4 = work.path().join("ext4.img");
     std::fs::File::create(&ext4)
         .unwrap()

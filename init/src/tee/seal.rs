@@ -6,7 +6,7 @@
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-use super::tpm::{TpmError, Transport};
+use super::tpm::{self, TpmError, Transport};
 
 const TPM_ST_NO_SESSIONS: u16 = 0x8001;
 const TPM_ST_SESSIONS: u16 = 0x8002;
@@ -55,15 +55,6 @@ impl Out {
     fn tpm2b(&mut self, v: &[u8]) -> &mut Self {
         self.u16(v.len() as u16).bytes(v)
     }
-}
-
-fn frame(tag: u16, code: u32, body: &[u8]) -> Vec<u8> {
-    let mut f = Out::default();
-    f.u16(tag)
-        .u32((10 + body.len()) as u32)
-        .u32(code)
-        .bytes(body);
-    f.0
 }
 
 /// The authorization area with the empty password session.
@@ -118,77 +109,11 @@ fn storage_template() -> Vec<u8> {
     p.0
 }
 
-struct Reply<'a> {
-    bytes: &'a [u8],
-    at: usize,
-    command: u32,
-}
-
-impl<'a> Reply<'a> {
-    fn new(command: u32, bytes: &'a [u8]) -> Result<Self, TpmError> {
-        let malformed = |detail: String| TpmError::Malformed { command, detail };
-        if bytes.len() < 10 {
-            return Err(malformed(format!("{} bytes", bytes.len())));
-        }
-        let size = u32::from_be_bytes(bytes[2..6].try_into().unwrap()) as usize;
-        if size != bytes.len() {
-            return Err(malformed(format!(
-                "size field {size}, {} bytes received",
-                bytes.len()
-            )));
-        }
-        let code = u32::from_be_bytes(bytes[6..10].try_into().unwrap());
-        if code != 0 {
-            return Err(TpmError::Response { command, code });
-        }
-        Ok(Reply {
-            bytes,
-            at: 10,
-            command,
-        })
-    }
-    fn take(&mut self, n: usize) -> Result<&'a [u8], TpmError> {
-        let s = self
-            .bytes
-            .get(self.at..self.at + n)
-            .ok_or(TpmError::Malformed {
-                command: self.command,
-                detail: format!("truncated at byte {}", self.at),
-            })?;
-        self.at += n;
-        Ok(s)
-    }
-    fn u16(&mut self) -> Result<u16, TpmError> {
-        Ok(u16::from_be_bytes(self.take(2)?.try_into().unwrap()))
-    }
-    fn u32(&mut self) -> Result<u32, TpmError> {
-        Ok(u32::from_be_bytes(self.take(4)?.try_into().unwrap()))
-    }
-    fn tpm2b(&mut self) -> Result<&'a [u8], TpmError> {
-        let n = self.u16()? as usize;
-        self.take(n)
-    }
-}
-
-/// Sends a command; RETRY, YIELDED and TESTING (which a TPM may answer to any command) are
-/// retried a bounded number of times.
+/// Sends a command (retrying as the TPM asks) and checks its response code.
 fn call<T: Transport>(t: &mut T, tag: u16, code: u32, body: &[u8]) -> Result<Vec<u8>, TpmError> {
-    let command = frame(tag, code, body);
-    for _ in 0..20 {
-        let reply = t.transact(&command).map_err(TpmError::Io)?;
-        match Reply::new(code, &reply) {
-            Err(TpmError::Response {
-                code: 0x922 | 0x908 | 0x90a,
-                ..
-            }) => std::thread::sleep(std::time::Duration::from_millis(20)),
-            Err(e) => return Err(e),
-            Ok(_) => return Ok(reply),
-        }
-    }
-    Err(TpmError::Response {
-        command: code,
-        code: 0x922,
-    })
+    let reply = tpm::send(t, code, &tpm::frame(tag, code, body))?;
+    tpm::response(code, &reply)?;
+    Ok(reply)
 }
 
 fn create_primary<T: Transport>(t: &mut T) -> Result<u32, TpmError> {
@@ -202,7 +127,7 @@ fn create_primary<T: Transport>(t: &mut T) -> Result<u32, TpmError> {
         .tpm2b(&[]) // outsideInfo
         .u32(0); // creationPCR: none
     let reply = call(t, TPM_ST_SESSIONS, TPM_CC_CREATE_PRIMARY, &b.0)?;
-    Reply::new(TPM_CC_CREATE_PRIMARY, &reply)?.u32()
+    tpm::response(TPM_CC_CREATE_PRIMARY, &reply)?.u32()
 }
 
 fn flush<T: Transport>(t: &mut T, handle: u32) {
@@ -238,7 +163,7 @@ pub fn seal<T: Transport>(
         .tpm2b(&[])
         .u32(0);
     let result = call(t, TPM_ST_SESSIONS, TPM_CC_CREATE, &b.0).and_then(|reply| {
-        let mut r = Reply::new(TPM_CC_CREATE, &reply)?;
+        let mut r = tpm::response(TPM_CC_CREATE, &reply)?;
         let _parameter_size = r.u32()?;
         let private = r.tpm2b()?.to_vec();
         let public = r.tpm2b()?.to_vec();
@@ -264,7 +189,7 @@ pub fn unseal<T: Transport>(t: &mut T, blob: &SealedBlob) -> Result<Zeroizing<Ve
         .tpm2b(&blob.private)
         .tpm2b(&blob.public);
     let loaded = call(t, TPM_ST_SESSIONS, TPM_CC_LOAD, &b.0)
-        .and_then(|r| Reply::new(TPM_CC_LOAD, &r)?.u32());
+        .and_then(|r| tpm::response(TPM_CC_LOAD, &r)?.u32());
     flush(t, primary);
     let object = loaded?;
     let result = (|| {
@@ -279,7 +204,7 @@ pub fn unseal<T: Transport>(t: &mut T, blob: &SealedBlob) -> Result<Zeroizing<Ve
             .u16(ALG_NULL)
             .u16(ALG_SHA256);
         let reply = call(t, TPM_ST_NO_SESSIONS, TPM_CC_START_AUTH_SESSION, &s.0)?;
-        let session = Reply::new(TPM_CC_START_AUTH_SESSION, &reply)?.u32()?;
+        let session = tpm::response(TPM_CC_START_AUTH_SESSION, &reply)?.u32()?;
         let mut p = Out::default();
         p.u32(session).tpm2b(&[]).bytes(&pcr_selection(&blob.pcrs));
         if let Err(e) = call(t, TPM_ST_NO_SESSIONS, TPM_CC_POLICY_PCR, &p.0) {
@@ -291,7 +216,7 @@ pub fn unseal<T: Transport>(t: &mut T, blob: &SealedBlob) -> Result<Zeroizing<Ve
         u.u32(object).u32(9).u32(session).u16(0).u8(0).u16(0);
         let reply =
             call(t, TPM_ST_SESSIONS, TPM_CC_UNSEAL, &u.0).inspect_err(|_| flush(t, session))?;
-        let mut r = Reply::new(TPM_CC_UNSEAL, &reply)?;
+        let mut r = tpm::response(TPM_CC_UNSEAL, &reply)?;
         let _parameter_size = r.u32()?;
         Ok(Zeroizing::new(r.tpm2b()?.to_vec()))
     })();

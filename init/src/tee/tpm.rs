@@ -63,7 +63,7 @@ impl Transport for DeviceTransport {
     }
 }
 
-fn frame(tag: u16, code: u32, body: &[u8]) -> Vec<u8> {
+pub(crate) fn frame(tag: u16, code: u32, body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(10 + body.len());
     out.extend_from_slice(&tag.to_be_bytes());
     out.extend_from_slice(&((10 + body.len()) as u32).to_be_bytes());
@@ -114,14 +114,14 @@ pub fn capability_command() -> Vec<u8> {
     frame(TPM_ST_NO_SESSIONS, TPM_CC_GET_CAPABILITY, &body)
 }
 
-struct Cursor<'a> {
+pub(crate) struct Cursor<'a> {
     bytes: &'a [u8],
     at: usize,
     command: u32,
 }
 
 impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], TpmError> {
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], TpmError> {
         let s = self
             .bytes
             .get(self.at..self.at + n)
@@ -132,19 +132,24 @@ impl<'a> Cursor<'a> {
         self.at += n;
         Ok(s)
     }
-    fn u8(&mut self) -> Result<u8, TpmError> {
+    pub(crate) fn u8(&mut self) -> Result<u8, TpmError> {
         Ok(self.take(1)?[0])
     }
-    fn u16(&mut self) -> Result<u16, TpmError> {
+    pub(crate) fn u16(&mut self) -> Result<u16, TpmError> {
         Ok(u16::from_be_bytes(self.take(2)?.try_into().unwrap()))
     }
-    fn u32(&mut self) -> Result<u32, TpmError> {
+    pub(crate) fn u32(&mut self) -> Result<u32, TpmError> {
         Ok(u32::from_be_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    /// A TPM2B: a 16-bit size, then that many bytes.
+    pub(crate) fn tpm2b(&mut self) -> Result<&'a [u8], TpmError> {
+        let n = self.u16()? as usize;
+        self.take(n)
     }
 }
 
 /// Checks the response header; returns a cursor at the parameters.
-fn response(command: u32, bytes: &[u8]) -> Result<Cursor<'_>, TpmError> {
+pub(crate) fn response(command: u32, bytes: &[u8]) -> Result<Cursor<'_>, TpmError> {
     let mut c = Cursor {
         bytes,
         at: 0,
@@ -205,6 +210,31 @@ pub fn parse_read(bytes: &[u8]) -> Result<Vec<Vec<u8>>, TpmError> {
     Ok(digests)
 }
 
+/// Sends a command frame; RETRY, YIELDED and TESTING (which a TPM may answer to any command)
+/// are retried a bounded number of times. Other response codes are left to the caller.
+pub(crate) fn send<T: Transport>(
+    transport: &mut T,
+    command: u32,
+    frame: &[u8],
+) -> Result<Vec<u8>, TpmError> {
+    for _ in 0..20 {
+        let reply = transport.transact(frame).map_err(TpmError::Io)?;
+        let code = reply
+            .get(6..10)
+            .map(|b| u32::from_be_bytes(b.try_into().unwrap()));
+        match code {
+            Some(c) if RETRY_CODES.contains(&c) => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            _ => return Ok(reply),
+        }
+    }
+    Err(TpmError::Response {
+        command,
+        code: 0x922,
+    })
+}
+
 pub struct Tpm<T: Transport> {
     transport: T,
     pub banks: Vec<Bank>,
@@ -212,28 +242,9 @@ pub struct Tpm<T: Transport> {
 
 impl<T: Transport> Tpm<T> {
     pub fn new(mut transport: T) -> Result<Self, TpmError> {
-        let reply = Self::send(&mut transport, TPM_CC_GET_CAPABILITY, &capability_command())?;
+        let reply = send(&mut transport, TPM_CC_GET_CAPABILITY, &capability_command())?;
         let banks = parse_banks(&reply)?;
         Ok(Tpm { transport, banks })
-    }
-
-    fn send(transport: &mut T, command: u32, frame: &[u8]) -> Result<Vec<u8>, TpmError> {
-        for _ in 0..20 {
-            let reply = transport.transact(frame).map_err(TpmError::Io)?;
-            let code = reply
-                .get(6..10)
-                .map(|b| u32::from_be_bytes(b.try_into().unwrap()));
-            match code {
-                Some(c) if RETRY_CODES.contains(&c) => {
-                    std::thread::sleep(std::time::Duration::from_millis(20))
-                }
-                _ => return Ok(reply),
-            }
-        }
-        Err(TpmError::Response {
-            command,
-            code: 0x922,
-        })
     }
 
     /// Extends every allocated bank this code computes.
@@ -243,7 +254,7 @@ impl<T: Transport> Tpm<T> {
         digest_of: impl Fn(Bank) -> Vec<u8>,
     ) -> Result<(), TpmError> {
         let digests: Vec<(Bank, Vec<u8>)> = self.banks.iter().map(|&b| (b, digest_of(b))).collect();
-        let reply = Self::send(
+        let reply = send(
             &mut self.transport,
             TPM_CC_PCR_EXTEND,
             &extend_command(pcr, &digests),
@@ -255,7 +266,7 @@ impl<T: Transport> Tpm<T> {
     pub fn read(&mut self, pcrs: &[u32]) -> Result<Vec<(Bank, u32, Vec<u8>)>, TpmError> {
         let mut pcrs = pcrs.to_vec();
         pcrs.sort();
-        let reply = Self::send(
+        let reply = send(
             &mut self.transport,
             TPM_CC_PCR_READ,
             &read_command(&self.banks, &pcrs),
