@@ -229,3 +229,30 @@ fn foreign_disks_are_refused_and_untouched() {
         assert_eq!(sha256(disk), before, "{name}: the disk changed");
     }
 }
+
+/// `key = "ephemeral"`: a new key and a new file system every boot, so nothing written
+/// survives a reboot — and a foreign disk is still refused.
+#[test]
+fn an_ephemeral_state_disk_is_recreated_every_boot() {
+    let config = CONFIG.replace("key = \"tpm\"", "key = \"ephemeral\"");
+    let prepared = prepare(Some(&config));
+    let work = tempfile::tempdir().unwrap();
+    let disk = blank_disk(work.path());
+    let mut guest = prepared.boot("state-ephemeral", "", |g| {
+        g.state_disk(&disk, "cvm-state").allow_reboot(true)
+    });
+    must(guest.wait_for("app: payload: marker written", BOOT));
+    press_ctrl_alt_del(&mut guest);
+    must(guest.wait_for_count("app: payload: marker written", 2, BOOT));
+    let log = guest.serial_log();
+    assert_eq!(
+        log.matches("formatted on this boot").count(),
+        2,
+        "not re-created on the second boot"
+    );
+    assert!(
+        !log.contains("marker found"),
+        "data survived an ephemeral disk"
+    );
+    assert!(log.contains("(key source ephemeral)"));
+}
