@@ -119,31 +119,16 @@ pub fn find_by_serial(sys_block: &Path, serial: &str) -> Result<(String, (u32, u
 }
 
 fn random_uuid() -> String {
-    let mut b = [0u8; 16];
-    luks2::kernel_random(&mut b);
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+    let uuid = cvm_measure::verity::random_uuid_v4().expect("/dev/urandom is readable");
+    cvm_measure::verity::format_uuid(&uuid)
 }
 
 fn tpm_source() -> Result<TpmSealed<DeviceTransport>, StateError> {
     let mut tpm =
         Tpm::new(DeviceTransport::open().map_err(StateError::Tpm)?).map_err(StateError::Tpm)?;
     let values = tpm
-        .read(&SEAL_PCRS)
-        .map_err(StateError::Tpm)?
-        .into_iter()
-        .filter(|(bank, _, _)| *bank == cvm_measure::registers::Bank::Sha256)
-        .map(|(_, _, v)| v)
-        .collect();
+        .read_bank(cvm_measure::registers::Bank::Sha256, &SEAL_PCRS)
+        .map_err(StateError::Tpm)?;
     Ok(TpmSealed {
         transport: DeviceTransport::open().map_err(StateError::Tpm)?,
         pcrs: SEAL_PCRS.to_vec(),

@@ -83,13 +83,7 @@ fn sealed_to_pcrs_unseals_until_a_pcr_moves() {
     assert!(tpm.banks.contains(&Bank::Sha256), "banks {:?}", tpm.banks);
     tpm.extend(11, |b| b.hash(b"enter-initrd")).unwrap();
     let pcrs = [11u32, 15];
-    let values: Vec<Vec<u8>> = tpm
-        .read(&pcrs)
-        .unwrap()
-        .into_iter()
-        .filter(|(bank, _, _)| *bank == Bank::Sha256)
-        .map(|(_, _, v)| v)
-        .collect();
+    let values = tpm.read_bank(Bank::Sha256, &pcrs).unwrap();
     drop(tpm);
 
     let secret = b"a 32-byte state disk unlock key!";
@@ -126,13 +120,7 @@ fn tpm_key_source_round_trip_through_a_luks2_header() {
     let port = swtpm.port;
     let pcrs = vec![11u32, 15];
     let mut tpm = Tpm::new(connect(port)).unwrap();
-    let values: Vec<Vec<u8>> = tpm
-        .read(&pcrs)
-        .unwrap()
-        .into_iter()
-        .filter(|(bank, _, _)| *bank == Bank::Sha256)
-        .map(|(_, _, v)| v)
-        .collect();
+    let values = tpm.read_bank(Bank::Sha256, &pcrs).unwrap();
     drop(tpm);
     let mut source = TpmSealed {
         transport: connect(port),

@@ -162,12 +162,8 @@ fn verity_format(args: &[&str]) -> Result<(), Failure> {
     };
     let uuid = match uuid {
         Some(u) => u,
-        None => {
-            let mut u: [u8; 16] = random(16)?.try_into().unwrap();
-            u[6] = (u[6] & 0x0f) | 0x40; // version 4
-            u[8] = (u[8] & 0x3f) | 0x80; // RFC 4122 variant
-            u
-        }
+        None => verity::random_uuid_v4()
+            .map_err(|e| Failure(format!("cannot read /dev/urandom: {e}"), 1))?,
     };
     let params = VerityParams {
         data_block_size,

@@ -374,6 +374,14 @@ pub fn random_bytes(len: usize) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// A random (version 4, RFC 4122 variant) UUID.
+pub fn random_uuid_v4() -> io::Result<[u8; 16]> {
+    let mut u: [u8; 16] = random_bytes(16)?.try_into().expect("16 bytes");
+    u[6] = (u[6] & 0x0f) | 0x40;
+    u[8] = (u[8] & 0x3f) | 0x80;
+    Ok(u)
+}
+
 /// Parses hex (upper or lower case); `None` when it is not whole bytes of hex.
 pub fn parse_hex(text: &str) -> Option<Vec<u8>> {
     if text.len() % 2 != 0 {

@@ -262,6 +262,22 @@ impl<T: Transport> Tpm<T> {
         response(TPM_CC_PCR_EXTEND, &reply).map(|_| ())
     }
 
+    /// The values of `pcrs` in one bank, in the order given.
+    pub fn read_bank(&mut self, bank: Bank, pcrs: &[u32]) -> Result<Vec<Vec<u8>>, TpmError> {
+        let all = self.read(pcrs)?;
+        pcrs.iter()
+            .map(|p| {
+                all.iter()
+                    .find(|(b, q, _)| *b == bank && q == p)
+                    .map(|(_, _, v)| v.clone())
+                    .ok_or(TpmError::Malformed {
+                        command: TPM_CC_PCR_READ,
+                        detail: format!("no {} value for PCR {p}", bank.name()),
+                    })
+            })
+            .collect()
+    }
+
     /// Reads PCRs of every allocated bank: `(bank, pcr, value)`.
     pub fn read(&mut self, pcrs: &[u32]) -> Result<Vec<(Bank, u32, Vec<u8>)>, TpmError> {
         let mut pcrs = pcrs.to_vec();
