@@ -59,7 +59,7 @@ test: deps build check unit boot-tests
 run: build test-artifacts
 	CVM_INIT_BIN=$(CURDIR)/$(RELEASE_DIR)/cvm-init $(CARGO) run -q -p qemu-tests --bin cvm-harness -- \
 	  image $(CURDIR)/target/demo qemu-tests/demo/config.toml > target/demo.roothash
-	qemu-system-x86_64 -machine q35 -accel tcg -smp 1 -m 512 -nodefaults -no-user-config \
+	qemu-system-x86_64 -machine q35 -accel tcg -cpu max -smp 1 -m 512 -nodefaults -no-user-config \
 	  -nographic -serial mon:stdio -nic none -no-reboot \
 	  -kernel $(KERNEL_DIR)/vmlinuz -initrd target/demo/initrd.cpio \
 	  -drive if=virtio,format=raw,file=target/demo/disk.raw,snapshot=on \

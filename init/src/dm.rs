@@ -80,3 +80,44 @@ pub fn create(
         }
     }
 }
+
+/// Removes `name` (used for the short-lived device that lets the kernel format dm-integrity).
+pub fn remove(name: &str) -> Result<(), DmError> {
+    let dm = DM::new().map_err(DmError::Control)?;
+    let dm_name = DmName::new(name).map_err(|_| DmError::Name(name.to_string()))?;
+    dm.device_remove(&DevId::Name(dm_name), DmOptions::default())
+        .map_err(|source| DmError::Ioctl {
+            step: "remove",
+            name: name.to_string(),
+            source,
+        })?;
+    Ok(())
+}
+
+/// Removes every device-mapper device nothing holds open, in rounds, so that a stack goes from
+/// the top down; returns the names removed. Removing flushes what a target buffers (dm-integrity
+/// writes its journal out to the data area and marks itself clean). Devices still in use (the
+/// root) stay.
+pub fn remove_unused() -> Vec<String> {
+    let Ok(dm) = DM::new() else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    loop {
+        let Ok(devices) = dm.list_devices() else {
+            return removed;
+        };
+        let before = removed.len();
+        for (name, _, _) in devices {
+            if dm
+                .device_remove(&DevId::Name(&name), DmOptions::default())
+                .is_ok()
+            {
+                removed.push(name.to_string());
+            }
+        }
+        if removed.len() == before {
+            return removed;
+        }
+    }
+}

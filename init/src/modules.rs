@@ -9,7 +9,9 @@ use crate::sys::{ModuleLoadError, System};
 
 /// Modules the init itself always needs: the ACPI power button and the input device that
 /// delivers its key presses; configfs (configfs-tsm attestation reports live there); the
-/// virtio disk, dm-verity and erofs for the verified root.
+/// virtio disk, dm-verity and erofs for the verified root; dm-crypt, dm-integrity and the
+/// ciphers they ask the crypto API for (no modprobe answers its requests), and ext4 for the
+/// state disk.
 pub const REQUIRED: &[&str] = &[
     "button",
     "evdev",
@@ -18,13 +20,17 @@ pub const REQUIRED: &[&str] = &[
     "dm_verity",
     "erofs",
     "dm_crypt",
+    "dm_integrity",
     "xts",
+    "authenc",
     "ext4",
 ];
 
 /// Modules loaded when the machine has what they drive: the SEV-SNP and TDX guest drivers
-/// (their devices tell the measurement backend which TEE this is).
-pub const OPTIONAL: &[&str] = &["sev_guest", "tdx_guest"];
+/// (their devices tell the measurement backend which TEE this is), and the AES-NI and SSSE3
+/// ciphers, without which dm-crypt falls back to the generic C code (the crypto API's own
+/// module requests need a modprobe this system does not have).
+pub const OPTIONAL: &[&str] = &["sev_guest", "tdx_guest", "aesni_intel", "sha256_ssse3"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModuleError {

@@ -104,6 +104,13 @@ pub fn finish(action: PowerAction, last_words: Option<&str>) -> ! {
         logger::emit(6, &format!("busy, detached: {}", target.display()));
     }
     nix::unistd::sync();
+    let removed = crate::dm::remove_unused();
+    if !removed.is_empty() {
+        logger::emit(
+            6,
+            &format!("removed device-mapper devices: {}", removed.join(" ")),
+        );
+    }
     if let Some(words) = last_words {
         logger::emit(3, &format!("fatal: {words}"));
     }

@@ -11,8 +11,9 @@ use cvm_measure::event::Event;
 use nix::mount::MsFlags;
 use zeroize::Zeroizing;
 
-use crate::config::{KeySourceChoice, StateConfig};
+use crate::config::{IntegrityChoice, KeySourceChoice, StateConfig};
 use crate::disk::crypt::{crypt_params, KeyringError, LogonKey};
+use crate::disk::integrity::{self, IntegrityError, SUPERBLOCK_LEN};
 use crate::disk::luks2::{self, FormatInput, KdfPolicy, Luks2Error, Policy, DATA_OFFSET, HDR_SIZE};
 use crate::disk::state::{classify, DiskState, BLANK_PROBE, COMMITTED, UNCOMMITTED};
 use crate::dm::{self, DmError, MappedDevice};
@@ -24,13 +25,21 @@ use crate::tee::tpm::{DeviceTransport, Tpm, TpmError};
 /// The PCRs the `tpm` key source seals to: the phases and the identity events so far.
 pub const SEAL_PCRS: [u32; 2] = [11, 15];
 const DM_NAME: &str = "cvm-state";
+const DM_INTEGRITY_NAME: &str = "cvm-state-integrity";
+/// The smallest disk cvm-init formats: the LUKS2 metadata, the integrity journal and the file
+/// system's 64 MiB journal need room.
+const MIN_FORMAT_SIZE: u64 = 256 << 20;
+/// The wipe writes this much per request.
+const WIPE_CHUNK: usize = 4 << 20;
 
-/// The policy of cvm-init's state disks. The keyslot secret is 32 random bytes, so the KDF
-/// only has to be cheap and standard.
-pub const POLICY: Policy = Policy {
-    integrity: false,
-    kdf: KdfPolicy::Pbkdf2 { iterations: 1000 },
-};
+/// The LUKS2 policy of the state disk this configuration describes. The keyslot secret is 32
+/// random bytes, so the KDF only has to be cheap and standard.
+pub fn policy(cfg: &StateConfig) -> Policy {
+    Policy {
+        integrity: cfg.integrity == IntegrityChoice::HmacSha256,
+        kdf: KdfPolicy::Pbkdf2 { iterations: 1000 },
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -78,8 +87,14 @@ pub enum StateError {
         #[source]
         source: nix::errno::Errno,
     },
-    #[error("{0} is too small for a state disk (at least 32 MiB)")]
-    TooSmall(String),
+    #[error("{device} is too small for a state disk ({size} bytes, at least {MIN_FORMAT_SIZE})")]
+    TooSmall { device: String, size: u64 },
+    #[error("the state disk {device} has integrity metadata cvm-init cannot use")]
+    Integrity {
+        device: String,
+        #[source]
+        source: IntegrityError,
+    },
 }
 
 /// Finds the disk whose `serial` attribute matches, waiting a little for slow devices.
@@ -168,13 +183,11 @@ pub fn set_up(
         .open(&device)
         .map_err(io("open"))?;
     let size = luks2_size(&file).map_err(io("size"))?;
-    if size < 2 * DATA_OFFSET {
-        return Err(StateError::TooSmall(device));
-    }
+    let policy = policy(cfg);
     let mut head = vec![0u8; BLANK_PROBE.min(size) as usize];
     file.read_exact_at(&mut head, 0)
         .map_err(io("read the start of"))?;
-    let state = classify(&head, size, &POLICY);
+    let state = classify(&head, size, &policy);
     let mut source: Box<dyn KeySource> = match cfg.key {
         KeySourceChoice::Tpm => Box::new(tpm_source()?),
         KeySourceChoice::Ephemeral => Box::new(Ephemeral),
@@ -204,6 +217,9 @@ pub fn set_up(
         }
         // Blank, an uncommitted format of ours, or (ephemeral) any disk of ours: format.
         _ => {
+            if size < MIN_FORMAT_SIZE {
+                return Err(StateError::TooSmall { device, size });
+            }
             let uuid = random_uuid();
             measure(Event::StateDisk(Some(uuid.as_bytes().to_vec())))?;
             // The source seals now, with the disk's identity already in the PCRs.
@@ -211,10 +227,10 @@ pub fn set_up(
                 source = Box::new(tpm_source()?);
             }
             let provisioned = source.provision().map_err(key_err(source.name()))?;
-            let mut volume_key = Zeroizing::new(vec![0u8; POLICY.key_size()]);
+            let mut volume_key = Zeroizing::new(vec![0u8; policy.key_size()]);
             luks2::kernel_random(&mut volume_key);
             let new_head = luks2::format(FormatInput {
-                policy: POLICY,
+                policy,
                 uuid: &uuid,
                 secret: &provisioned.secret,
                 volume_key: &volume_key,
@@ -228,6 +244,12 @@ pub fn set_up(
             })?;
             file.write_all_at(&new_head, 0)
                 .map_err(io("write the header of"))?;
+            if policy.integrity {
+                // A fresh integrity superblock: the kernel formats the device when it finds
+                // zeros there (an interrupted earlier attempt may have left one).
+                file.write_all_at(&[0u8; SUPERBLOCK_LEN], DATA_OFFSET)
+                    .map_err(io("clear the integrity superblock of"))?;
+            }
             file.sync_all().map_err(io("sync"))?;
             log::info!(
                 "state disk {device}: formatted LUKS2 {uuid} (key source {})",
@@ -236,13 +258,24 @@ pub fn set_up(
             (uuid, volume_key, true)
         }
     };
-    let sectors = (size - DATA_OFFSET) / 4096 * 8;
+    let (backing, sectors) = if policy.integrity {
+        let integrity = open_integrity(&device, dev, size, formatted)?;
+        let sectors = integrity.1;
+        ((integrity.0.major, integrity.0.minor), sectors)
+    } else {
+        (dev, (size - DATA_OFFSET) / 4096 * 8)
+    };
     let key = LogonKey::add("cvm:state", &volume_key)?;
-    let params = crypt_params(&POLICY, &key.table_reference(), dev);
+    let params = crypt_params(&policy, &key.table_reference(), backing);
     let mapped = dm::create(DM_NAME, sectors, "crypt", &params, false)?;
     drop(key);
     drop(volume_key);
     if formatted {
+        if cfg.wipe {
+            wipe(&mapped.node(), sectors * 512)?;
+        } else if cfg.unwritten_blocks_fail() {
+            write_superblock_slots(&mapped.node(), sectors * 512)?;
+        }
         mkfs(cfg, &mapped.node())?;
         commit(&file, &device)?;
     }
@@ -261,15 +294,138 @@ fn luks2_size(file: &File) -> std::io::Result<u64> {
     f.seek(std::io::SeekFrom::End(0))
 }
 
+/// Maps dm-integrity over the data segment. On a new format the kernel first formats it
+/// through a one-block device (its superblock then tells the size); on every boot the
+/// superblock is read back and checked before the device that uses it is created.
+fn open_integrity(
+    device: &str,
+    dev: (u32, u32),
+    size: u64,
+    formatted: bool,
+) -> Result<(MappedDevice, u64), StateError> {
+    let params = integrity::params(dev);
+    if formatted {
+        dm::create(DM_INTEGRITY_NAME, 8, "integrity", &params, false)?;
+        dm::remove(DM_INTEGRITY_NAME)?;
+    }
+    let block = read_direct(device, DATA_OFFSET).map_err(|source| StateError::Io {
+        what: "read the integrity superblock of",
+        device: device.to_string(),
+        source,
+    })?;
+    let sb = integrity::parse(&block.0, (size - DATA_OFFSET) / 512).map_err(|source| {
+        StateError::Integrity {
+            device: device.to_string(),
+            source,
+        }
+    })?;
+    let mapped = dm::create(
+        DM_INTEGRITY_NAME,
+        sb.provided_data_sectors,
+        "integrity",
+        &params,
+        false,
+    )?;
+    log::info!(
+        "state disk {device}: dm-integrity (hmac-sha256 tags, journalled) with {} MiB of data",
+        sb.provided_data_sectors / 2048
+    );
+    Ok((mapped, sb.provided_data_sectors))
+}
+
+/// One block, aligned for O_DIRECT.
+#[derive(Clone)]
+#[repr(C, align(4096))]
+struct Block([u8; SUPERBLOCK_LEN]);
+
+/// Reads 4096 bytes at `offset` past the page cache: the kernel wrote them through another
+/// device, and a cached copy of the block device could be stale.
+fn read_direct(device: &str, offset: u64) -> std::io::Result<Box<Block>> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_DIRECT | nix::libc::O_CLOEXEC)
+        .open(device)?;
+    let mut block = Box::new(Block([0u8; SUPERBLOCK_LEN]));
+    file.read_exact_at(&mut block.0, offset)?;
+    Ok(block)
+}
+
+/// ext4's block groups (4096-byte blocks, 32768 per group): every group may hold a backup
+/// superblock, which mke2fs writes as 1024 bytes into a block it first reads.
+const EXT4_GROUP_BYTES: u64 = 32768 * 4096;
+
+/// Without a wipe, a block never written fails to read. mke2fs reads exactly two kinds of
+/// block before writing them: block 0 (the primary superblock at byte 1024, and the sectors it
+/// clears of old partition labels) and the first block of the groups with a backup superblock.
+/// Writing zeros to block 0 and the first block of every group makes them readable, at one
+/// block per 128 MiB.
+fn write_superblock_slots(node: &str, bytes: u64) -> Result<(), StateError> {
+    let io = |source| StateError::Io {
+        what: "prepare",
+        device: node.to_string(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .write(true)
+        .custom_flags(nix::libc::O_DIRECT | nix::libc::O_CLOEXEC)
+        .open(node)
+        .map_err(io)?;
+    let zeros = Block([0u8; SUPERBLOCK_LEN]);
+    let mut offset = 0;
+    while offset < bytes {
+        file.write_all_at(&zeros.0, offset).map_err(io)?;
+        offset += EXT4_GROUP_BYTES;
+    }
+    file.sync_all().map_err(io)
+}
+
+/// Writes every block of the new crypt device once, so that every integrity tag is valid.
+fn wipe(node: &str, bytes: u64) -> Result<(), StateError> {
+    let io = |source| StateError::Io {
+        what: "wipe",
+        device: node.to_string(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .write(true)
+        .custom_flags(nix::libc::O_DIRECT | nix::libc::O_CLOEXEC)
+        .open(node)
+        .map_err(io)?;
+    let chunk = vec![Block([0u8; SUPERBLOCK_LEN]); WIPE_CHUNK / SUPERBLOCK_LEN];
+    // SAFETY: `Block` is a plain, padding-free array of bytes, so the vector's elements are
+    // `WIPE_CHUNK` contiguous, initialised bytes, aligned to 4096 as O_DIRECT needs.
+    let zeros: &[u8] = unsafe { std::slice::from_raw_parts(chunk.as_ptr().cast(), WIPE_CHUNK) };
+    let started = Instant::now();
+    let mut reported = 0;
+    let mut offset = 0u64;
+    while offset < bytes {
+        let len = (bytes - offset).min(WIPE_CHUNK as u64) as usize;
+        file.write_all_at(&zeros[..len], offset).map_err(io)?;
+        offset += len as u64;
+        let percent = offset * 100 / bytes;
+        if percent >= reported + 10 {
+            reported = percent - percent % 10;
+            log::info!(
+                "state disk: wiping {node}: {reported}% ({} MiB in {:.1} s)",
+                offset >> 20,
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    file.sync_all().map_err(io)?;
+    Ok(())
+}
+
 fn mkfs(cfg: &StateConfig, node: &str) -> Result<(), StateError> {
-    let program = cfg.mkfs.first().cloned().unwrap_or_default();
+    let command = cfg.mkfs_command();
+    let program = command.first().cloned().unwrap_or_default();
     let fail = |detail: String| StateError::Mkfs {
         program: program.clone(),
         device: node.to_string(),
         detail,
     };
     let out = std::process::Command::new(&program)
-        .args(&cfg.mkfs[1..])
+        .args(&command[1..])
         .arg(node)
         .env_clear()
         .stdin(std::process::Stdio::null())
@@ -313,7 +469,13 @@ fn commit(file: &File, device: &str) -> Result<(), StateError> {
 
 fn mount_state(cfg: &StateConfig, sys: &dyn System, node: &str) -> Result<(), StateError> {
     let flags = MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
-    sys.mount(node, &cfg.mount, "ext4", flags, None)
+    // ext4 reads ahead one inode-table block past the last inode in use; without a wipe that
+    // block may never have been written and would fail its integrity check (harmlessly, but
+    // loudly) until the kernel's lazy init has zeroed the inode tables.
+    let data = cfg
+        .unwritten_blocks_fail()
+        .then_some("inode_readahead_blks=0");
+    sys.mount(node, &cfg.mount, "ext4", flags, data)
         .map_err(|source| StateError::Mount {
             what: node.to_string(),
             target: cfg.mount.clone(),

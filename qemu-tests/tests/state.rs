@@ -24,7 +24,7 @@ fn blank_disk(dir: &Path) -> std::path::PathBuf {
     let path = dir.join("state.img");
     std::fs::File::create(&path)
         .unwrap()
-        .set_len(64 << 20)
+        .set_len(1 << 30)
         .unwrap();
     path
 }
@@ -103,6 +103,34 @@ fn state_persists_encrypted_and_only_for_the_same_image_and_tpm() {
     assert_fatal_before_workload(&mut guest, "a LUKS2 header that fails validation: the header field segments.0.encryption is cipher_null-ecb", "app: payload:");
     drop(guest);
     assert_eq!(sha256(&forged), forged_before, "the forged disk changed");
+
+    // The integrity superblock of a committed disk zeroed: refused rather than re-created
+    // (the kernel would format the integrity device over the data), the disk unchanged.
+    let no_integrity_sb = work.path().join("no-integrity-sb.img");
+    std::fs::copy(&disk, &no_integrity_sb).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&no_integrity_sb)
+            .unwrap();
+        f.write_all_at(&[0u8; 4096], 16 << 20).unwrap();
+    }
+    let zeroed_before = sha256(&no_integrity_sb);
+    let mut guest = prepared.boot("state-no-integrity-sb", "", |g| {
+        g.state_disk(&no_integrity_sb, "cvm-state").tpm_state(&tpm)
+    });
+    assert_fatal_before_workload(
+        &mut guest,
+        "no dm-integrity superblock at the data segment",
+        "app: payload:",
+    );
+    drop(guest);
+    assert_eq!(
+        sha256(&no_integrity_sb),
+        zeroed_before,
+        "the disk without an integrity superblock changed"
+    );
 
     // d. A reset vTPM (fresh state): the same.
     let fresh = work.path().join("fresh-tpm");
@@ -255,4 +283,122 @@ fn an_ephemeral_state_disk_is_recreated_every_boot() {
         "data survived an ephemeral disk"
     );
     assert!(log.contains("(key source ephemeral)"));
+}
+
+/// The host rewrites a block of a file on the state disk. With integrity (the default) the
+/// file reads as an I/O error; without, the same rewrite comes back as silently different
+/// data — which also shows that the rewrite hit the file.
+#[test]
+fn a_block_rewritten_by_the_host_is_an_error_with_integrity_and_garbage_without() {
+    for (integrity, expected) in [
+        ("hmac-sha256", "payload: probe read error"),
+        ("none", "payload: probe read differs"),
+    ] {
+        let config = CONFIG
+            .replace(
+                "key = \"tpm\"",
+                &format!("key = \"tpm\"\nintegrity = \"{integrity}\""),
+            )
+            .replace("state-probe", "integrity-probe");
+        let prepared = prepare(Some(&config));
+        let work = tempfile::tempdir().unwrap();
+        let disk = blank_disk(work.path());
+        let tpm = work.path().join("tpm");
+        std::fs::create_dir_all(&tpm).unwrap();
+        let boot = |name: &str, marker: &str| {
+            let mut guest = prepared.boot(&format!("{name}-{integrity}"), "", |g| {
+                g.state_disk(&disk, "cvm-state").tpm_state(&tpm)
+            });
+            must(guest.wait_for(marker, BOOT));
+            guest.qmp().execute("system_powerdown", json!({})).unwrap();
+            guest.wait_exit(BOOT).unwrap_or_else(|e| panic!("{e}"));
+            guest.serial_log()
+        };
+        boot("state-probe-arm", "payload: probe armed");
+        let before = std::fs::read(&disk).unwrap();
+        boot("state-probe-write", "payload: probe written");
+        let after = std::fs::read(&disk).unwrap();
+        // The probe's 32 MiB are the longest run of changed blocks (the integrity journal
+        // is 8 MiB on this disk; metadata changes are a few blocks).
+        let (start, len) = longest_changed_run(&before, &after, 16 << 20);
+        assert!(len >= 4 << 20, "{integrity}: no run of changed blocks");
+        qemu_tests::image::flip_byte(&disk, (start + len / 2) as u64).unwrap();
+        let log = boot("state-probe-read", "payload: probe read");
+        assert!(
+            log.contains(expected),
+            "{integrity}: expected {expected:?} after the host rewrote a block"
+        );
+    }
+}
+
+/// The longest run of 4096-byte blocks that differ between two images, from `from` on.
+fn longest_changed_run(before: &[u8], after: &[u8], from: usize) -> (usize, usize) {
+    let (mut best, mut current) = ((0, 0), None::<usize>);
+    for offset in (from..after.len()).step_by(4096) {
+        let changed = before[offset..offset + 4096] != after[offset..offset + 4096];
+        match (changed, current) {
+            (true, None) => current = Some(offset),
+            (false, Some(start)) => {
+                if offset - start > best.1 {
+                    best = (start, offset - start);
+                }
+                current = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(start) = current {
+        if after.len() - start > best.1 {
+            best = (start, after.len() - start);
+        }
+    }
+    best
+}
+
+/// A power cut while the node writes (QMP quit in the middle of 32 MiB of writes) on a disk
+/// with integrity and no wipe: the next boot replays both journals (dm-integrity's and ext4's)
+/// and mounts, and nothing reads as an I/O error — in particular the ext4 journal's recovery,
+/// which reads the block after the last transaction.
+#[test]
+fn a_power_cut_while_writing_leaves_a_readable_disk() {
+    let config = CONFIG.replace("state-probe", "integrity-probe");
+    let prepared = prepare(Some(&config));
+    let work = tempfile::tempdir().unwrap();
+    let disk = blank_disk(work.path());
+    let tpm = work.path().join("tpm");
+    std::fs::create_dir_all(&tpm).unwrap();
+    let start = |name: &str| {
+        prepared.boot(name, "", |g| {
+            g.state_disk(&disk, "cvm-state").tpm_state(&tpm)
+        })
+    };
+    let mut guest = start("state-write-arm");
+    must(guest.wait_for("payload: probe armed", BOOT));
+    guest.qmp().execute("system_powerdown", json!({})).unwrap();
+    guest.wait_exit(BOOT).unwrap_or_else(|e| panic!("{e}"));
+    drop(guest);
+
+    let mut guest = start("state-write-cut");
+    must(guest.wait_for("payload: probe writing", BOOT));
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let _ = guest.qmp().execute("quit", json!({}));
+    let _ = guest.wait_exit(BOOT);
+    let cut_log = guest.serial_log();
+    drop(guest);
+    assert!(
+        !cut_log.contains("payload: probe written"),
+        "the writes finished before the cut"
+    );
+
+    // The file holds what was synced before the cut: it reads short, never as an error.
+    let mut guest = start("state-write-after-cut");
+    must(guest.wait_for("payload: probe read short", BOOT));
+    let log = guest.serial_log();
+    for error in [
+        "Input/output error",
+        "INTEGRITY AEAD ERROR",
+        "EXT4-fs error",
+    ] {
+        assert!(!log.contains(error), "{error} after the power cut");
+    }
 }

@@ -100,17 +100,6 @@ pub fn crypt_params(policy: &Policy, key_reference: &str, backing: (u32, u32)) -
     }
 }
 
-/// The dm-integrity parameters under the crypt device: the data segment of the LUKS2 device,
-/// 32-byte tags supplied by dm-crypt (AEAD), journal mode, 4096-byte blocks.
-pub fn integrity_params(device: (u32, u32)) -> String {
-    format!(
-        "{}:{} {} 32 J 3 block_size:{SECTOR_SIZE} fix_padding fix_hmac",
-        device.0,
-        device.1,
-        DATA_OFFSET / 512
-    )
-}
-
 /// Zeroizes a table string that referred to key material (defence in depth: ours only name a
 /// key, but a caller may have built one with a hex key).
 pub fn scrub(mut table: String) {
@@ -138,10 +127,6 @@ mod tests {
         assert_eq!(
             crypt_params(&policy(true), ":96:logon:cvm:state", (253, 1)),
             "capi:authenc(hmac(sha256),xts(aes))-plain64 :96:logon:cvm:state 0 253:1 0 2 integrity:32:aead sector_size:4096"
-        );
-        assert_eq!(
-            integrity_params((254, 16)),
-            "254:16 32768 32 J 3 block_size:4096 fix_padding fix_hmac"
         );
     }
 

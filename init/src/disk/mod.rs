@@ -4,5 +4,6 @@ pub mod crc32;
 pub mod crypt;
 pub mod discover;
 pub mod gpt;
+pub mod integrity;
 pub mod luks2;
 pub mod state;

@@ -1,6 +1,7 @@
 //! Command-line entry to the harness for `make run` and `make bench`:
 //!   cvm-harness image <dir> [config.toml]   build initrd.cpio and disk.raw, print the root hash
 //!   cvm-harness bench <release cvm-init> <release cvm-measure>   boot and print the figures
+//!   cvm-harness bench-state <release cvm-init>   only the state-disk figures
 
 use std::path::Path;
 use std::process::{Command, ExitCode};
@@ -14,7 +15,12 @@ fn main() -> ExitCode {
         ["image", dir] => image(Path::new(dir), None),
         ["image", dir, config] => image(Path::new(dir), Some(Path::new(config))),
         ["bench", init, measure] => bench(Path::new(init), Path::new(measure)),
-        _ => Err("usage: cvm-harness image <dir> [config.toml] | cvm-harness bench <release cvm-init> <release cvm-measure>".to_string()),
+        ["bench-state", init] => {
+            let mut artifacts = Artifacts::get();
+            artifacts.init = Path::new(init).to_path_buf();
+            state_disk_bench(&artifacts)
+        }
+        _ => Err("usage: cvm-harness image <dir> [config.toml] | cvm-harness bench <release cvm-init> <release cvm-measure> | cvm-harness bench-state <release cvm-init>".to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -90,15 +96,7 @@ fn bench(release_init: &Path, release_measure: &Path) -> Result<(), String> {
                     .ok()
             })
             .ok_or("no RSS line")?;
-        let phase_ms = |name: &str| {
-            log.lines().find_map(|l| {
-                l.split(&format!("cvm-init: phase {name} ok "))
-                    .nth(1)?
-                    .strip_suffix("ms")?
-                    .parse::<u64>()
-                    .ok()
-            })
-        };
+        let phase_ms = |name: &str| phase_ms(&log, name);
         println!(
             "run {run}: kernel start -> cvm-init: ready {ready:.3} s (PID 1 start at {started:.3} s, PID 1 work {:.0} ms); \
              phases verity-root {} ms, mount-root {} ms, switch-root {} ms; PID 1 RSS at ready {rss} KiB",
@@ -125,65 +123,120 @@ key = "tpm"
 binds = ["/var/lib/kubelet"]
 "#;
 
-/// First-boot setup of the state disk (phase `state`: format, key, dm-crypt, mkfs, commit,
-/// mount) on sparse disks of several sizes, and the second boot that only opens it.
-fn state_disk_bench(artifacts: &Artifacts) -> Result<(), String> {
-    for gib in [1u64, 8, 32] {
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let image = artifacts.image(dir.path(), Some(STATE_CONFIG));
-        let disk = dir.path().join("state.img");
-        std::fs::File::create(&disk)
-            .and_then(|f| f.set_len(gib << 30))
-            .map_err(|e| e.to_string())?;
-        let tpm = dir.path().join("tpm");
-        std::fs::create_dir_all(&tpm).map_err(|e| e.to_string())?;
-        let mut phase_times = Vec::new();
-        for boot in ["first", "second"] {
-            let mut guest = Guest::new(
-                &format!("bench-state-{gib}g-{boot}"),
-                &artifacts.kernel.vmlinuz,
-                &image.initrd,
-            )
-            .disk(&image.root.disk)
-            .state_disk(&disk, "cvm-state")
-            .tpm_state(&tpm)
-            .cmdline(&image.roothash_option())
-            .start();
-            guest.wait_for("cvm-init: ready", Duration::from_secs(300))?;
-            let log = guest.serial_log();
-            let ms = log
-                .lines()
-                .find_map(|l| {
-                    l.split("cvm-init: phase state ok ")
-                        .nth(1)?
-                        .strip_suffix("ms")?
-                        .parse::<u64>()
-                        .ok()
-                })
-                .ok_or("no state phase time")?;
-            phase_times.push(ms);
-        }
-        let used = std::process::Command::new("du")
-            .arg("-k")
-            .arg(&disk)
-            .output()
+/// The state-disk options compared: (name, extra `[state]` lines, disk sizes in GiB).
+const STATE_OPTIONS: [(&str, &str, &[u64]); 3] = [
+    ("xts, no integrity", "integrity = \"none\"\n", &[1, 8, 32]),
+    ("xts + hmac-sha256, no wipe (default)", "", &[1, 8, 32]),
+    ("xts + hmac-sha256, full wipe", "wipe = true\n", &[1, 8]),
+];
+
+fn sparse_disk(path: &Path, gib: u64) -> Result<(), String> {
+    std::fs::File::create(path)
+        .and_then(|f| f.set_len(gib << 30))
+        .map_err(|e| format!("cannot create {}: {e}", path.display()))
+}
+
+fn phase_ms(log: &str, name: &str) -> Option<u64> {
+    log.lines().find_map(|l| {
+        l.split(&format!("cvm-init: phase {name} ok "))
+            .nth(1)?
+            .strip_suffix("ms")?
+            .parse::<u64>()
             .ok()
-            .and_then(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .split_whitespace()
-                    .next()?
-                    .parse::<u64>()
-                    .ok()
-            })
-            .unwrap_or(0);
-        println!(
-            "state disk {gib} GiB (sparse): first boot phase state {} ms (format, seal, dm-crypt, mkfs, commit, mount), \
-             second boot {} ms (unseal, open, mount); {} MiB written to the disk",
-            phase_times[0],
-            phase_times[1],
-            used / 1024
-        );
+    })
+}
+
+/// For each state-disk option: first-boot setup (phase `state`: format, seal, dm-integrity,
+/// dm-crypt, wipe if any, mkfs, commit, mount) on sparse disks of several sizes, the second
+/// boot that only opens it, and sequential throughput against the same kind of disk
+/// unencrypted, from one guest run.
+fn state_disk_bench(artifacts: &Artifacts) -> Result<(), String> {
+    for (option, extra, sizes) in STATE_OPTIONS {
+        let config = STATE_CONFIG.replace("key = \"tpm\"\n", &format!("key = \"tpm\"\n{extra}"));
+        for &gib in sizes {
+            let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+            let image = artifacts.image(dir.path(), Some(&config));
+            let disk = dir.path().join("state.img");
+            sparse_disk(&disk, gib)?;
+            let tpm = dir.path().join("tpm");
+            std::fs::create_dir_all(&tpm).map_err(|e| e.to_string())?;
+            let mut phase_times = Vec::new();
+            for boot in ["first", "second"] {
+                let mut guest = Guest::new(
+                    &format!("bench-state-{gib}g-{boot}"),
+                    &artifacts.kernel.vmlinuz,
+                    &image.initrd,
+                )
+                .disk(&image.root.disk)
+                .state_disk(&disk, "cvm-state")
+                .tpm_state(&tpm)
+                .cmdline(&image.roothash_option())
+                .start();
+                guest.wait_for("cvm-init: ready", Duration::from_secs(3600))?;
+                phase_times
+                    .push(phase_ms(&guest.serial_log(), "state").ok_or("no state phase time")?);
+            }
+            println!(
+                "state disk [{option}] {gib} GiB (sparse): first boot phase state {} ms, second boot {} ms; {} MiB written to the disk",
+                phase_times[0],
+                phase_times[1],
+                allocated_kib(&disk) / 1024
+            );
+        }
+        throughput_bench(artifacts, option, &config)?;
     }
+    Ok(())
+}
+
+/// The bytes a sparse file really holds, in KiB.
+fn allocated_kib(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map_or(0, |m| m.blocks() / 2)
+}
+
+/// One guest, a 2 GiB state disk and a 2 GiB plain disk: the payload writes and reads the
+/// same file on each; the ratios say what encryption (and integrity) cost.
+fn throughput_bench(artifacts: &Artifacts, option: &str, config: &str) -> Result<(), String> {
+    const MIB: u64 = 256;
+    let config = format!(
+        "{config}\n[[service]]\nname = \"io\"\npath = \"/bin/payload\"\nargs = [\"throughput\", \"{MIB}\"]\nrestart = \"never\"\n"
+    );
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let image = artifacts.image(dir.path(), Some(&config));
+    let (state, plain) = (dir.path().join("state.img"), dir.path().join("plain.img"));
+    sparse_disk(&state, 2)?;
+    sparse_disk(&plain, 2)?;
+    let tpm = dir.path().join("tpm");
+    std::fs::create_dir_all(&tpm).map_err(|e| e.to_string())?;
+    let mut guest = Guest::new("bench-throughput", &artifacts.kernel.vmlinuz, &image.initrd)
+        .disk(&image.root.disk)
+        .state_disk(&state, "cvm-state")
+        .state_disk(&plain, "cvm-plain")
+        .tpm_state(&tpm)
+        .cmdline(&image.roothash_option())
+        .start();
+    guest.wait_for("payload: throughput plain", Duration::from_secs(3600))?;
+    let log = guest.serial_log();
+    let figures = |label: &str| -> Result<(f64, f64), String> {
+        let line = log
+            .lines()
+            .find_map(|l| l.split(&format!("payload: throughput {label} ")).nth(1))
+            .ok_or(format!("no {label} throughput line"))?;
+        let value = |key: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(key)?.parse::<f64>().ok())
+                .ok_or(format!("no {key} in {line:?}"))
+        };
+        Ok((value("write=")?, value("read=")?))
+    };
+    let (sw, sr) = figures("state")?;
+    let (pw, pr) = figures("plain")?;
+    println!(
+        "throughput [{option}], {MIB} MiB sequential through ext4: state disk write {sw:.1} MiB/s, read {sr:.1} MiB/s; \
+         plain disk write {pw:.1} MiB/s, read {pr:.1} MiB/s; ratio encrypted/plain write {:.2}, read {:.2}",
+        sw / pw,
+        sr / pr
+    );
     Ok(())
 }
 

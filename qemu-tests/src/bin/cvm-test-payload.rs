@@ -135,8 +135,17 @@ fn run(args: Vec<String>) {
             cpu_probe();
             serve();
         }
+        "integrity-probe" => {
+            integrity_probe(Path::new("/var/lib/kubelet/probe.bin"));
+            serve();
+        }
+        "throughput" => {
+            let mib = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(256);
+            throughput(mib);
+            serve();
+        }
         _ => {
-            eprintln!("payload: unknown mode {mode:?}: expected serve, orphans [n], crash, crash-once, rss-probe, root-probe, dump-log or cpu-probe");
+            eprintln!("payload: unknown mode {mode:?}: expected serve, orphans [n], crash, crash-once, rss-probe, root-probe, dump-log, cpu-probe, integrity-probe or throughput [MiB]");
             std::process::exit(2);
         }
     }
@@ -261,4 +270,121 @@ fn cpu_probe() {
     std::thread::sleep(Duration::from_secs(10));
     let after = ticks();
     println!("payload: pid1-cpu-ticks={} over 10s", after - before);
+}
+
+/// The probe file's content: a pseudo-random stream, so that a changed block shows.
+fn probe_chunk(index: u64, chunk: &mut [u8]) {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ (index + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    for b in chunk.chunks_mut(8) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        b.copy_from_slice(&state.to_le_bytes()[..b.len()]);
+    }
+}
+
+const PROBE_CHUNKS: u64 = 32;
+
+/// Arms on the first boot, writes 32 MiB of known content on the second; on later boots reads
+/// it back and says whether it came back intact, different, or not at all (an I/O error).
+fn integrity_probe(path: &Path) {
+    use std::io::{Read, Write};
+    let mut expected = vec![0u8; 1 << 20];
+    match std::fs::File::open(path) {
+        Ok(mut f) => {
+            let mut got = vec![0u8; 1 << 20];
+            for index in 0..PROBE_CHUNKS {
+                match f.read_exact(&mut got) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        println!("payload: probe read short at MiB {index}");
+                        return;
+                    }
+                    Err(e) => {
+                        println!("payload: probe read error at MiB {index}: {e}");
+                        return;
+                    }
+                }
+                probe_chunk(index, &mut expected);
+                if got != expected {
+                    println!("payload: probe read differs in MiB {index}");
+                    return;
+                }
+            }
+            println!("payload: probe read ok");
+        }
+        Err(_) if !path.with_extension("armed").exists() => {
+            // First boot: only arm, so the host can compare the disk before and after the
+            // probe's data is written.
+            let armed = std::fs::File::create(path.with_extension("armed")).expect("arm");
+            armed.sync_all().expect("sync the armed marker");
+            println!("payload: probe armed");
+        }
+        Err(_) => {
+            println!("payload: probe writing");
+            let mut f = std::fs::File::create(path).expect("create the probe file");
+            for index in 0..PROBE_CHUNKS {
+                probe_chunk(index, &mut expected);
+                f.write_all(&expected).expect("write the probe file");
+                // Every MiB durable: a power cut then leaves committed transactions to replay.
+                f.sync_data().expect("sync the probe file");
+            }
+            f.sync_all().expect("sync the probe file");
+            println!("payload: probe written");
+        }
+    }
+}
+
+/// Sequential write (then fsync) and read (after dropping the page cache) of `mib` MiB on the
+/// state file system and on an unencrypted ext4 on the disk with serial `cvm-plain`.
+fn throughput(mib: u64) {
+    let plain = std::fs::read_dir("/sys/block")
+        .expect("/sys/block")
+        .flatten()
+        .find(|e| {
+            std::fs::read_to_string(e.path().join("serial")).is_ok_and(|s| s.trim() == "cvm-plain")
+        })
+        .map(|e| format!("/dev/{}", e.file_name().to_string_lossy()))
+        .expect("no disk with serial cvm-plain");
+    let status = std::process::Command::new("/sbin/mke2fs")
+        .args(["-q", "-t", "ext4", "-F", &plain])
+        .status()
+        .expect("run mke2fs");
+    assert!(status.success(), "mke2fs {plain}: {status}");
+    std::fs::create_dir_all("/run/plain").expect("mkdir /run/plain");
+    nix::mount::mount(
+        Some(plain.as_str()),
+        "/run/plain",
+        Some("ext4"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .expect("mount the plain disk");
+    for (label, dir) in [("state", "/var/lib/cvm-state"), ("plain", "/run/plain")] {
+        let (write, read) = measure_throughput(&Path::new(dir).join("throughput.bin"), mib);
+        println!("payload: throughput {label} write={write:.1} read={read:.1} MiB/s");
+    }
+}
+
+fn measure_throughput(path: &Path, mib: u64) -> (f64, f64) {
+    use std::io::{Read, Write};
+    let mut chunk = vec![0u8; 1 << 20];
+    let started = Instant::now();
+    let mut f = std::fs::File::create(path).expect("create the throughput file");
+    for index in 0..mib {
+        probe_chunk(index, &mut chunk);
+        f.write_all(&chunk).expect("write");
+    }
+    f.sync_all().expect("sync");
+    let write = mib as f64 / started.elapsed().as_secs_f64();
+    drop(f);
+    std::fs::write("/proc/sys/vm/drop_caches", b"3").expect("drop caches");
+    let started = Instant::now();
+    let mut f = std::fs::File::open(path).expect("open the throughput file");
+    for _ in 0..mib {
+        f.read_exact(&mut chunk).expect("read");
+    }
+    let read = mib as f64 / started.elapsed().as_secs_f64();
+    std::fs::remove_file(path).expect("remove the throughput file");
+    (write, read)
 }
