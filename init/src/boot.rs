@@ -286,35 +286,49 @@ pub fn run() -> ! {
 
     let supervisor = phase("services", || {
         let workload_measurer = measurer.clone();
-        let mut supervisor = Supervisor::new(
-            OsProcesses,
-            config_file.services.clone(),
-            Backoff::default(),
-        )
-        .with_measure(Box::new(move |service| {
-            let path = service.path.display().to_string();
-            let sha256 = cvm_measure::sha256_file(&service.path).map_err(|e| logger::chain(&e))?;
-            let event = Event::Workload {
-                name: service.name.clone(),
-                path,
-                sha256,
-            };
-            workload_measurer
-                .borrow_mut()
-                .measure(&event)
-                .map_err(|e| logger::chain(&e))
-        }));
+        let mut supervisor =
+            Supervisor::new(
+                OsProcesses,
+                config_file.services.clone(),
+                Backoff::default(),
+            )
+            .with_measure(Box::new(move |service| {
+                let path = service.path.display().to_string();
+                let sha256 =
+                    cvm_measure::sha256_file(&service.path).map_err(|e| logger::chain(&e))?;
+                let event = Event::Workload {
+                    name: service.name.clone(),
+                    path,
+                    sha256,
+                };
+                workload_measurer
+                    .borrow_mut()
+                    .measure(&event)
+                    .map_err(|e| logger::chain(&e))
+            }))
+            .with_logs(config_file.service_log_dir.clone().map(|dir| {
+                crate::supervise::LogSettings {
+                    dir,
+                    max_bytes: config_file.service_log_max_bytes,
+                }
+            }));
         supervisor.tick(Instant::now());
         Ok::<_, std::convert::Infallible>(supervisor)
     });
-    let mut runtime = Runtime::new(signals, buttons, supervisor);
-    phase("measure-ready", || {
-        measure(Event::Phase(Phase::Ready))?;
-        report_registers(&mut measurer.borrow_mut());
-        Ok::<_, MeasureError>(())
-    });
-    log::info!("boot complete in {}ms", boot_started.elapsed().as_millis());
-    log::info!("ready");
+    // `ready` once every service has started and every readiness socket has accepted: the
+    // services that wait for others start from the main loop.
+    let ready_measurer = measurer.clone();
+    let mut runtime = Runtime::new(signals, buttons, supervisor).on_ready(Box::new(move || {
+        phase("measure-ready", || {
+            ready_measurer
+                .borrow_mut()
+                .measure(&Event::Phase(Phase::Ready))?;
+            report_registers(&mut ready_measurer.borrow_mut());
+            Ok::<_, MeasureError>(())
+        });
+        log::info!("boot complete in {}ms", boot_started.elapsed().as_millis());
+        log::info!("ready");
+    }));
 
     let action = runtime.run();
     log::info!(

@@ -286,10 +286,83 @@ pub struct ServiceConfig {
     /// How long a service gets between SIGTERM and SIGKILL at shutdown.
     #[serde(default = "default_stop_timeout_ms")]
     pub stop_timeout_ms: u64,
+    /// The working directory (default `/`).
+    #[serde(default)]
+    pub workdir: Option<PathBuf>,
+    /// A unix socket that accepts connections once the service is ready; without one, a
+    /// service is ready once started.
+    #[serde(default)]
+    pub ready_socket: Option<PathBuf>,
+    /// How long the socket may take to accept; then the service counts as failed and its
+    /// restart policy applies.
+    #[serde(default = "default_ready_timeout_ms")]
+    pub ready_timeout_ms: u64,
+    /// Services (earlier in the file) that must be ready before this one starts.
+    #[serde(default)]
+    pub after: Vec<String>,
+    /// The kernel's OOM-killer bias, -1000 (never) to 1000.
+    #[serde(default)]
+    pub oom_score_adj: Option<i32>,
+    /// Resource limits (setrlimit), soft and hard alike.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Controller settings for the service's own cgroup (/sys/fs/cgroup/<name>).
+    #[serde(default)]
+    pub cgroup: CgroupSettings,
 }
 
 fn default_stop_timeout_ms() -> u64 {
     5000
+}
+
+fn default_ready_timeout_ms() -> u64 {
+    60_000
+}
+
+/// A resource limit: a number, or "infinity".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum Limit {
+    Value(u64),
+    Named(Unlimited),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Unlimited {
+    Infinity,
+}
+
+impl Limit {
+    /// The value for setrlimit.
+    pub fn raw(self) -> u64 {
+        match self {
+            Limit::Value(v) => v,
+            Limit::Named(Unlimited::Infinity) => u64::MAX,
+        }
+    }
+}
+
+/// The limits a container runtime usually needs raised.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    pub nofile: Option<Limit>,
+    pub nproc: Option<Limit>,
+    pub memlock: Option<Limit>,
+    pub core: Option<Limit>,
+}
+
+/// cgroup v2 settings written into the service's cgroup before it starts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CgroupSettings {
+    /// memory.max in bytes.
+    pub memory_max: Option<u64>,
+    /// cpu.weight, 1 to 10000.
+    pub cpu_weight: Option<u32>,
+    /// pids.max.
+    pub pids_max: Option<u64>,
 }
 
 /// The configuration file.
@@ -305,6 +378,17 @@ pub struct ConfigFile {
     /// The encrypted state disk; without it the node keeps no state.
     #[serde(default)]
     pub state: Option<StateConfig>,
+    /// Where each service's output is also written, as `<name>.log` (a directory on the
+    /// state disk, such as /var/log/cvm); without it, output goes to the console only.
+    #[serde(default)]
+    pub service_log_dir: Option<PathBuf>,
+    /// A service log is rotated (one previous generation kept) when it reaches this size.
+    #[serde(default = "default_service_log_max_bytes")]
+    pub service_log_max_bytes: u64,
+}
+
+fn default_service_log_max_bytes() -> u64 {
+    4 << 20
 }
 
 /// Where the state-disk key comes from.
@@ -529,6 +613,71 @@ pub fn parse_config_file(path: &Path, text: &str) -> Result<ConfigFile, ConfigFi
                 "100 to 300000",
             ));
         }
+        if !(100..=3_600_000).contains(&service.ready_timeout_ms) {
+            return Err(invalid(
+                field("ready_timeout_ms"),
+                &service.ready_timeout_ms.to_string(),
+                "100 to 3600000",
+            ));
+        }
+        for (what, path) in [
+            ("workdir", service.workdir.as_ref()),
+            ("ready_socket", service.ready_socket.as_ref()),
+        ] {
+            if let Some(path) = path.filter(|p| !p.is_absolute()) {
+                return Err(invalid(
+                    field(what),
+                    &path.to_string_lossy(),
+                    "an absolute path",
+                ));
+            }
+        }
+        for dependency in &service.after {
+            // Only earlier services: the order of the file is the start order, and there can
+            // be no cycle.
+            if !config.services[..i].iter().any(|s| &s.name == dependency) {
+                return Err(invalid(
+                    field("after"),
+                    dependency,
+                    "the name of a service earlier in the file",
+                ));
+            }
+        }
+        if let Some(adj) = service
+            .oom_score_adj
+            .filter(|a| !(-1000..=1000).contains(a))
+        {
+            return Err(invalid(
+                field("oom_score_adj"),
+                &adj.to_string(),
+                "-1000 to 1000",
+            ));
+        }
+        if let Some(w) = service
+            .cgroup
+            .cpu_weight
+            .filter(|w| !(1..=10_000).contains(w))
+        {
+            return Err(invalid(
+                field("cgroup.cpu_weight"),
+                &w.to_string(),
+                "1 to 10000",
+            ));
+        }
+    }
+    if let Some(dir) = config.service_log_dir.as_ref().filter(|d| !d.is_absolute()) {
+        return Err(invalid(
+            "service_log_dir".into(),
+            &dir.to_string_lossy(),
+            "an absolute path",
+        ));
+    }
+    if config.service_log_max_bytes < 4096 {
+        return Err(invalid(
+            "service_log_max_bytes".into(),
+            &config.service_log_max_bytes.to_string(),
+            "at least 4096",
+        ));
     }
     if let Some(state) = &config.state {
         validate_state(state).map_err(|(field, value, expected)| {
@@ -776,5 +925,67 @@ restart = "on-failure"
         )
         .unwrap_err();
         assert!(e.to_string().contains("sometimes"), "{e}");
+    }
+
+    fn state(extra: &str) -> Result<ConfigFile, ConfigFileError> {
+        parse_config_file(
+            Path::new("/etc/cvm-init.toml"),
+            &format!("[state]\nserial = \"cvm-state\"\nkey = \"tpm\"\n{extra}"),
+        )
+    }
+
+    fn invalid_field(e: ConfigFileError) -> String {
+        match e {
+            ConfigFileError::Invalid { field, .. } => field,
+            other => panic!("not an invalid field: {other}"),
+        }
+    }
+
+    #[test]
+    fn the_state_disk_defaults_to_integrity_without_wipe() {
+        let cfg = state("").unwrap().state.unwrap();
+        assert_eq!(cfg.integrity, IntegrityChoice::HmacSha256);
+        assert!(!cfg.wipe);
+        assert!(cfg.unwritten_blocks_fail());
+        let mkfs = cfg.mkfs_command().join(" ");
+        assert!(mkfs.contains("lazy_journal_init=0"), "{mkfs}");
+        assert!(mkfs.contains("-J size=64"), "{mkfs}");
+        let plain = state("integrity = \"none\"").unwrap().state.unwrap();
+        assert!(!plain.unwritten_blocks_fail());
+        assert!(plain
+            .mkfs_command()
+            .join(" ")
+            .contains("lazy_journal_init=1"));
+        let wiped = state("wipe = true").unwrap().state.unwrap();
+        assert!(!wiped.unwritten_blocks_fail());
+    }
+
+    #[test]
+    fn state_options_that_cannot_work_are_refused() {
+        for (extra, field) in [
+            ("integrity = \"none\"\nwipe = true", "state.wipe"),
+            (
+                "mkfs = [\"/sbin/mke2fs\", \"-E\", \"lazy_journal_init=1\"]",
+                "state.mkfs",
+            ),
+            ("mkfs = [\"/sbin/mke2fs\", \"-g\", \"8192\"]", "state.mkfs"),
+            ("mkfs = [\"mke2fs\"]", "state.mkfs"),
+            ("mount = \"relative\"", "state.mount"),
+            ("binds = [\"/\"]", "state.binds"),
+        ] {
+            assert_eq!(invalid_field(state(extra).unwrap_err()), field, "{extra}");
+        }
+        assert!(matches!(
+            state("integrity = \"hmac-sha512\""),
+            Err(ConfigFileError::Syntax { .. })
+        ));
+        // With a wipe, every block has a valid tag: a lazy journal is fine.
+        state("wipe = true\nmkfs = [\"/sbin/mke2fs\", \"-E\", \"lazy_journal_init=1\"]").unwrap();
+        let e = parse_config_file(
+            Path::new("/c"),
+            "[state]\nserial = \"a-serial-longer-than-twenty\"\nkey = \"tpm\"",
+        )
+        .unwrap_err();
+        assert_eq!(invalid_field(e), "state.serial");
     }
 }

@@ -57,6 +57,8 @@ pub struct Runtime<P: Processes> {
     pub supervisor: Supervisor<P>,
     pub orphans_reaped: u64,
     requested: Option<PowerAction>,
+    /// Runs once, when every service has started and is ready.
+    on_ready: Option<Box<dyn FnOnce()>>,
 }
 
 impl<P: Processes> Runtime<P> {
@@ -67,7 +69,14 @@ impl<P: Processes> Runtime<P> {
             supervisor,
             orphans_reaped: 0,
             requested: None,
+            on_ready: None,
         }
+    }
+
+    /// Sets what happens once every service is up (the `ready` measurement and line).
+    pub fn on_ready(mut self, hook: Box<dyn FnOnce()>) -> Self {
+        self.on_ready = Some(hook);
+        self
     }
 
     /// Runs until a shutdown was requested and every service has stopped.
@@ -75,6 +84,11 @@ impl<P: Processes> Runtime<P> {
         loop {
             let now = Instant::now();
             self.supervisor.tick(now);
+            if self.requested.is_none() && self.supervisor.all_ready() {
+                if let Some(hook) = self.on_ready.take() {
+                    hook();
+                }
+            }
             if let Some(action) = self.requested {
                 if self.supervisor.stopped() {
                     self.drain_outputs();

@@ -1,11 +1,14 @@
 //! Supervision of long-running services (containerd and kubelet later): clean start, restart
 //! with capped exponential backoff, output forwarded line by line, orderly stop in reverse.
 
+use std::cell::RefCell;
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -95,7 +98,12 @@ pub struct Spawned {
 pub trait Processes {
     fn spawn(&mut self, service: &ServiceConfig) -> io::Result<Spawned>;
     fn signal_group(&mut self, pid: Pid, signal: Signal);
+    /// True when the unix socket accepts a connection.
+    fn socket_accepts(&mut self, socket: &Path) -> bool;
 }
+
+/// How often a readiness socket is tried while a service comes up.
+const READY_POLL: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -106,6 +114,8 @@ enum State {
     Running {
         pid: Pid,
         since: Instant,
+        /// Its readiness socket accepted (or it has none).
+        ready: bool,
     },
     /// SIGTERM sent; SIGKILL at `kill_at`.
     Stopping {
@@ -118,11 +128,67 @@ enum State {
     Done,
 }
 
-/// Forwards one output pipe of a service to the console, a line at a time.
+/// Forwards one output pipe of a service to the console, a line at a time, and to the
+/// service's log file when there is one.
 pub struct OutputForwarder {
     pub service: String,
     file: File,
     pending: Vec<u8>,
+    log: Option<Rc<RefCell<ServiceLog>>>,
+}
+
+/// A service's log file, rotated at a size limit with one previous generation kept
+/// (`<name>.log.1`), so the state disk never fills with output.
+pub struct ServiceLog {
+    path: PathBuf,
+    file: Option<File>,
+    size: u64,
+    max: u64,
+}
+
+impl ServiceLog {
+    pub fn open(path: PathBuf, max: u64) -> Self {
+        let mut log = ServiceLog {
+            path,
+            file: None,
+            size: 0,
+            max,
+        };
+        log.reopen();
+        log
+    }
+
+    fn reopen(&mut self) {
+        self.file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .inspect_err(|e| log::warn!("cannot open the service log {}: {e}", self.path.display()))
+            .ok();
+        self.size = self
+            .file
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .map_or(0, |m| m.len());
+    }
+
+    pub fn write_line(&mut self, line: &str) {
+        use std::io::Write;
+        let len = line.len() as u64 + 1;
+        if self.size + len > self.max {
+            let mut old = self.path.clone().into_os_string();
+            old.push(".1");
+            if let Err(e) = std::fs::rename(&self.path, &old) {
+                log::warn!("cannot rotate the service log {}: {e}", self.path.display());
+            }
+            self.reopen();
+        }
+        if let Some(file) = self.file.as_mut() {
+            if file.write_all(format!("{line}\n").as_bytes()).is_ok() {
+                self.size += len;
+            }
+        }
+    }
 }
 
 /// Longest line forwarded in one piece; longer ones are split.
@@ -138,7 +204,14 @@ impl OutputForwarder {
             service: service.to_string(),
             file: File::from(fd),
             pending: Vec::new(),
+            log: None,
         }
+    }
+
+    /// Also writes every line (without the prefix) to `log`.
+    pub fn with_log(mut self, log: Option<Rc<RefCell<ServiceLog>>>) -> Self {
+        self.log = log;
+        self
     }
 
     pub fn raw_fd(&self) -> RawFd {
@@ -189,11 +262,11 @@ impl OutputForwarder {
 
     fn emit_one(&self, line: &[u8], emit: &mut dyn FnMut(&str)) {
         let text = String::from_utf8_lossy(line);
-        emit(&format!(
-            "{}: {}",
-            self.service,
-            text.trim_end_matches('\r')
-        ));
+        let text = text.trim_end_matches('\r');
+        if let Some(log) = &self.log {
+            log.borrow_mut().write_line(text);
+        }
+        emit(&format!("{}: {text}", self.service));
     }
 }
 
@@ -204,6 +277,11 @@ struct Service {
     starts: u32,
     /// Measured once, right before the first exec; restarts run the same measured binary.
     measured: bool,
+    /// Its readiness socket accepted at least once.
+    was_ready: bool,
+    /// Killed because it did not become ready in time.
+    not_ready: bool,
+    log: Option<Rc<RefCell<ServiceLog>>>,
 }
 
 /// Measures a service's binary before its first exec; an error keeps it from starting.
@@ -220,6 +298,12 @@ pub struct Supervisor<P: Processes> {
     measure: Option<MeasureHook>,
 }
 
+/// The log directory and size limit for service output.
+pub struct LogSettings {
+    pub dir: PathBuf,
+    pub max_bytes: u64,
+}
+
 impl<P: Processes> Supervisor<P> {
     pub fn new(processes: P, configs: Vec<ServiceConfig>, backoff: Backoff) -> Self {
         Supervisor {
@@ -232,12 +316,96 @@ impl<P: Processes> Supervisor<P> {
                     failures: 0,
                     starts: 0,
                     measured: false,
+                    was_ready: false,
+                    not_ready: false,
+                    log: None,
                 })
                 .collect(),
             backoff,
             stopping: false,
             outputs: Vec::new(),
             measure: None,
+        }
+    }
+
+    /// Writes each service's output to `<dir>/<name>.log` as well (the directory is created).
+    pub fn with_logs(mut self, settings: Option<LogSettings>) -> Self {
+        let Some(settings) = settings else {
+            return self;
+        };
+        if let Err(e) = std::fs::create_dir_all(&settings.dir) {
+            log::warn!(
+                "cannot create the service log directory {}: {e}; output goes to the console only",
+                settings.dir.display()
+            );
+            return self;
+        }
+        for s in &mut self.services {
+            let path = settings.dir.join(format!("{}.log", s.config.name));
+            s.log = Some(Rc::new(RefCell::new(ServiceLog::open(
+                path,
+                settings.max_bytes,
+            ))));
+        }
+        self
+    }
+
+    /// True once every service has started at least once and each readiness socket has
+    /// accepted at least once: the node is up.
+    pub fn all_ready(&self) -> bool {
+        self.services
+            .iter()
+            .all(|s| s.starts > 0 && (s.config.ready_socket.is_none() || s.was_ready))
+    }
+
+    fn dependencies_ready(&self, i: usize) -> bool {
+        self.services[i].config.after.iter().all(|name| {
+            self.services.iter().any(|s| {
+                &s.config.name == name && matches!(s.state, State::Running { ready: true, .. })
+            })
+        })
+    }
+
+    /// Tries the readiness sockets of services coming up; one that overran its timeout is
+    /// killed, and its restart policy applies.
+    fn probe_readiness(&mut self, now: Instant) {
+        for s in &mut self.services {
+            let State::Running {
+                pid,
+                since,
+                ready: false,
+            } = s.state
+            else {
+                continue;
+            };
+            let Some(socket) = s.config.ready_socket.as_deref() else {
+                continue;
+            };
+            if self.processes.socket_accepts(socket) {
+                log::info!(
+                    "service {} ready: {} accepts connections after {}ms",
+                    s.config.name,
+                    socket.display(),
+                    now.duration_since(since).as_millis()
+                );
+                s.state = State::Running {
+                    pid,
+                    since,
+                    ready: true,
+                };
+                s.was_ready = true;
+            } else if now.duration_since(since) >= Duration::from_millis(s.config.ready_timeout_ms)
+                && !s.not_ready
+            {
+                log::error!(
+                    "service {} not ready: {} did not accept connections within {}ms; killing it",
+                    s.config.name,
+                    socket.display(),
+                    s.config.ready_timeout_ms
+                );
+                s.not_ready = true;
+                self.processes.signal_group(pid, Signal::SIGKILL);
+            }
         }
     }
 
@@ -253,13 +421,14 @@ impl<P: Processes> Supervisor<P> {
             self.advance_stop(now);
             return;
         }
+        self.probe_readiness(now);
         for i in 0..self.services.len() {
             let due = match self.services[i].state {
                 State::Pending => true,
                 State::Waiting(at) => at <= now,
                 _ => false,
             };
-            if due {
+            if due && self.dependencies_ready(i) {
                 self.start(i, now);
             }
         }
@@ -295,13 +464,18 @@ impl<P: Processes> Supervisor<P> {
                         String::new()
                     }
                 );
+                let ready = service.config.ready_socket.is_none();
                 service.state = State::Running {
                     pid: spawned.pid,
                     since: now,
+                    ready,
                 };
+                service.not_ready = false;
                 for fd in spawned.outputs {
-                    self.outputs
-                        .push(OutputForwarder::new(&service.config.name, fd));
+                    self.outputs.push(
+                        OutputForwarder::new(&service.config.name, fd)
+                            .with_log(service.log.clone()),
+                    );
                 }
             }
             Err(e) => {
@@ -345,15 +519,20 @@ impl<P: Processes> Supervisor<P> {
         let backoff = self.backoff;
         let service = &mut self.services[i];
         let name = &service.config.name;
-        let what = exit.map_or("failed to start".to_string(), |e| format!("exited: {e}"));
-        let failed = !exit.is_some_and(Exit::success);
+        let what = match exit {
+            None => "failed to start".to_string(),
+            Some(e) if service.not_ready => format!("was killed for not becoming ready ({e})"),
+            Some(e) => format!("exited: {e}"),
+        };
+        let failed = !exit.is_some_and(Exit::success) || service.not_ready;
         if ran >= backoff.stable {
             service.failures = 0;
         }
         if failed {
             service.failures += 1;
         }
-        if self.stopping || !should_restart(service.config.restart, exit) {
+        let exit_for_policy = if service.not_ready { None } else { exit };
+        if self.stopping || !should_restart(service.config.restart, exit_for_policy) {
             log::info!(
                 "service {name} {what} after {}ms; not restarted ({:?} policy)",
                 ran.as_millis(),
@@ -386,6 +565,11 @@ impl<P: Processes> Supervisor<P> {
             .filter_map(|s| match s.state {
                 State::Waiting(at) if !self.stopping => Some(at),
                 State::Stopping { kill_at, .. } => Some(kill_at),
+                State::Running {
+                    ready: false,
+                    since,
+                    ..
+                } if !self.stopping => Some(Instant::now().max(since) + READY_POLL),
                 _ => None,
             })
             .min()
@@ -471,21 +655,87 @@ impl<P: Processes> Supervisor<P> {
 /// The real processes: fork and exec with a clean state.
 pub struct OsProcesses;
 
+/// The root of the cgroup v2 hierarchy; each service gets `<root>/<name>`.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// Creates the service's cgroup, writes its settings, and opens its `cgroup.procs` for the
+/// child to join before exec.
+fn service_cgroup(service: &ServiceConfig) -> io::Result<File> {
+    let dir = Path::new(CGROUP_ROOT).join(&service.name);
+    match std::fs::create_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let settings = &service.cgroup;
+    for (file, value) in [
+        ("memory.max", settings.memory_max.map(|v| v.to_string())),
+        ("cpu.weight", settings.cpu_weight.map(|v| v.to_string())),
+        ("pids.max", settings.pids_max.map(|v| v.to_string())),
+    ] {
+        if let Some(value) = value {
+            std::fs::write(dir.join(file), value).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot set {}/{file}: {e}", dir.display()),
+                )
+            })?;
+        }
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("cgroup.procs"))
+}
+
+/// What the child applies to itself between fork and exec, prepared before the fork so
+/// that the child does not allocate.
+struct ChildSetup {
+    cgroup_procs: Option<RawFd>,
+    oom_score_adj: Option<Vec<u8>>,
+    limits: Vec<(i32, u64)>,
+}
+
 impl Processes for OsProcesses {
     fn spawn(&mut self, service: &ServiceConfig) -> io::Result<Spawned> {
+        let cgroup = match service_cgroup(service) {
+            Ok(file) => Some(file),
+            Err(e) if Path::new(CGROUP_ROOT).join("cgroup.controllers").exists() => {
+                return Err(e);
+            }
+            // No cgroup2 mounted (unit tests on a host): run in the current cgroup.
+            Err(_) => None,
+        };
+        let limits = &service.limits;
+        let setup = ChildSetup {
+            cgroup_procs: cgroup.as_ref().map(|f| f.as_raw_fd()),
+            oom_score_adj: service.oom_score_adj.map(|v| v.to_string().into_bytes()),
+            limits: [
+                (nix::libc::RLIMIT_NOFILE as i32, limits.nofile),
+                (nix::libc::RLIMIT_NPROC as i32, limits.nproc),
+                (nix::libc::RLIMIT_MEMLOCK as i32, limits.memlock),
+                (nix::libc::RLIMIT_CORE as i32, limits.core),
+            ]
+            .into_iter()
+            .filter_map(|(resource, limit)| Some((resource, limit?.raw())))
+            .collect(),
+        };
         let mut cmd = Command::new(&service.path);
         cmd.args(&service.args)
             .env_clear()
             .env("PATH", DEFAULT_PATH)
             .envs(&service.env)
-            .current_dir("/")
+            .current_dir(service.workdir.as_deref().unwrap_or(Path::new("/")))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         // SAFETY: the closure runs between fork and exec in a single-threaded child; it only
-        // makes async-signal-safe system calls and does not allocate.
+        // makes async-signal-safe system calls on data prepared before the fork and does not
+        // allocate. `cgroup` outlives the spawn, so its descriptor is valid in the child.
         unsafe {
-            cmd.pre_exec(clean_child_state);
+            cmd.pre_exec(move || {
+                clean_child_state()?;
+                apply_child_setup(&setup)
+            });
         }
         let mut child = cmd.spawn()?;
         let pid = Pid::from_raw(child.id() as i32);
@@ -506,6 +756,49 @@ impl Processes for OsProcesses {
         let _ = nix::sys::signal::killpg(pid, signal);
         let _ = nix::sys::signal::kill(pid, signal);
     }
+
+    fn socket_accepts(&mut self, socket: &Path) -> bool {
+        std::os::unix::net::UnixStream::connect(socket).is_ok()
+    }
+}
+
+/// Joins the cgroup, sets the OOM bias and the limits (in the child, before exec).
+fn apply_child_setup(setup: &ChildSetup) -> io::Result<()> {
+    use nix::libc;
+    // SAFETY: write(2), open(2), close(2) and setrlimit(2) on descriptors and buffers
+    // prepared before the fork; all are async-signal-safe and nothing is allocated.
+    unsafe {
+        if let Some(fd) = setup.cgroup_procs {
+            // "0" is the writing process itself.
+            if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        if let Some(value) = &setup.oom_score_adj {
+            let fd = libc::open(
+                c"/proc/self/oom_score_adj".as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            );
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let written = libc::write(fd, value.as_ptr().cast(), value.len());
+            libc::close(fd);
+            if written != value.len() as isize {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        for &(resource, value) in &setup.limits {
+            let limit = libc::rlimit {
+                rlim_cur: value,
+                rlim_max: value,
+            };
+            if libc::setrlimit(resource as _, &limit) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Runs in the child before exec: empty signal mask, default dispositions, a new session, and
@@ -546,6 +839,7 @@ mod tests {
         spawned: Vec<String>,
         signals: Vec<(i32, Signal)>,
         fail_spawn: bool,
+        accepting: Rc<RefCell<Vec<PathBuf>>>,
     }
 
     impl Processes for &mut Recorder {
@@ -563,6 +857,9 @@ mod tests {
         fn signal_group(&mut self, pid: Pid, signal: Signal) {
             self.signals.push((pid.as_raw(), signal));
         }
+        fn socket_accepts(&mut self, socket: &Path) -> bool {
+            self.accepting.borrow().iter().any(|s| s == socket)
+        }
     }
 
     fn service(name: &str, restart: RestartPolicy) -> ServiceConfig {
@@ -573,7 +870,107 @@ mod tests {
             env: BTreeMap::new(),
             restart,
             stop_timeout_ms: 1000,
+            workdir: None,
+            ready_socket: None,
+            ready_timeout_ms: 1000,
+            after: vec![],
+            oom_score_adj: None,
+            limits: Default::default(),
+            cgroup: Default::default(),
         }
+    }
+
+    fn containerd_and_kubelet() -> Vec<ServiceConfig> {
+        let mut containerd = service("containerd", RestartPolicy::Always);
+        containerd.ready_socket = Some("/run/containerd/containerd.sock".into());
+        let mut kubelet = service("kubelet", RestartPolicy::Always);
+        kubelet.after = vec!["containerd".into()];
+        vec![containerd, kubelet]
+    }
+
+    #[test]
+    fn a_service_waits_for_the_readiness_of_what_it_comes_after() {
+        let mut rec = Recorder::default();
+        let accepting = rec.accepting.clone();
+        let t0 = Instant::now();
+        let mut sup = Supervisor::new(&mut rec, containerd_and_kubelet(), Backoff::default());
+        sup.tick(t0);
+        assert!(!sup.all_ready());
+        // Polled while the socket is not there yet.
+        let next = sup.next_deadline().unwrap();
+        assert!(next <= Instant::now() + READY_POLL);
+        sup.tick(t0 + Duration::from_millis(100));
+        assert!(!sup.all_ready());
+        accepting
+            .borrow_mut()
+            .push("/run/containerd/containerd.sock".into());
+        sup.tick(t0 + Duration::from_millis(150));
+        // Ready now; kubelet starts on the same tick.
+        assert!(sup.all_ready());
+        drop(sup);
+        assert_eq!(rec.spawned, vec!["containerd", "kubelet"]);
+    }
+
+    #[test]
+    fn a_service_that_is_not_ready_in_time_is_killed_and_restarted() {
+        let mut rec = Recorder::default();
+        let t0 = Instant::now();
+        let mut sup = Supervisor::new(&mut rec, containerd_and_kubelet(), Backoff::default());
+        sup.tick(t0);
+        sup.tick(t0 + Duration::from_millis(999));
+        let late = t0 + Duration::from_millis(1000);
+        sup.tick(late);
+        sup.tick(late + Duration::from_millis(50));
+        // The kill is sent once; its exit follows the restart policy as a failure.
+        assert!(sup.on_exit(Pid::from_raw(101), Exit::Signal(Signal::SIGKILL), late));
+        assert_eq!(
+            sup.next_deadline()
+                .unwrap()
+                .duration_since(late)
+                .as_millis(),
+            250
+        );
+        sup.tick(late + Duration::from_millis(250));
+        assert!(!sup.all_ready());
+        drop(sup);
+        assert_eq!(rec.signals, vec![(101, Signal::SIGKILL)]);
+        // kubelet never started: containerd never became ready.
+        assert_eq!(rec.spawned, vec!["containerd", "containerd"]);
+    }
+
+    #[test]
+    fn a_not_ready_kill_of_a_never_service_ends_it() {
+        let mut rec = Recorder::default();
+        let t0 = Instant::now();
+        let mut services = containerd_and_kubelet();
+        services[0].restart = RestartPolicy::Never;
+        let mut sup = Supervisor::new(&mut rec, services, Backoff::default());
+        sup.tick(t0);
+        sup.tick(t0 + Duration::from_millis(1000));
+        assert!(sup.on_exit(Pid::from_raw(101), Exit::Code(0), t0));
+        assert_eq!(sup.next_deadline(), None);
+    }
+
+    #[test]
+    fn service_logs_rotate_at_their_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("svc.log");
+        let mut log = ServiceLog::open(path.clone(), 4096);
+        for i in 0..100 {
+            log.write_line(&format!("line {i:04} {}", "x".repeat(80)));
+        }
+        let current = std::fs::read_to_string(&path).unwrap();
+        let previous = std::fs::read_to_string(dir.path().join("svc.log.1")).unwrap();
+        assert!(current.len() <= 4096 && previous.len() <= 4096);
+        assert!(current.ends_with(&format!("line 0099 {}\n", "x".repeat(80))));
+        // Nothing is lost across the rotation: the two generations end and start in sequence.
+        let last_previous = previous.lines().last().unwrap()[5..9]
+            .parse::<u32>()
+            .unwrap();
+        let first_current = current.lines().next().unwrap()[5..9]
+            .parse::<u32>()
+            .unwrap();
+        assert_eq!(first_current, last_previous + 1);
     }
 
     #[test]
