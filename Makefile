@@ -37,7 +37,7 @@ build: deps
 ## The init with test hooks and the static test payload, for boot tests.
 test-artifacts: deps
 	$(STATIC_FLAGS) $(CARGO) build --profile test-image --target $(TARGET) -p cvm-init -p qemu-tests \
-	  --bin cvm-init --bin cvm-test-payload --features cvm-init/test-hooks
+	  --bin cvm-init --bin cvm-test-payload --bin kubelet-standin --features cvm-init/test-hooks
 
 check:
 	$(CARGO) fmt --all -- --check
@@ -50,7 +50,7 @@ unit:
 	$(CARGO) test -p qemu-tests --lib --bin cvm-harness
 
 boot-tests: test-artifacts
-	$(CARGO) test -p qemu-tests --test boot --test verity --test measured --test state -- --test-threads=2
+	$(CARGO) test -p qemu-tests --test boot --test verity --test measured --test state --test workloads -- --test-threads=2
 
 ## Everything CI checks: format, lints, unit tests, the boot scenarios.
 test: deps build check unit boot-tests

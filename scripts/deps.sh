@@ -21,6 +21,7 @@ apt_packages=(
   pkg-config libdevmapper-dev clang libclang-dev  # build-time only: devicemapper-sys probes and bindgen
   xz-utils
   ovmf
+  libseccomp2       # runc's one library, copied into test roots
 )
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -47,7 +48,8 @@ SRC
 fi
 
 kernel_dir="$cache/kernel"
-if [ ${#missing[@]} -gt 0 ] || [ ! -f "$kernel_dir/ready" ]; then
+runtime_dir="$cache/container-runtime"
+if [ ${#missing[@]} -gt 0 ] || [ ! -f "$kernel_dir/ready" ] || [ ! -f "$runtime_dir/ready" ]; then
   need_update=1
 fi
 if [ "$need_update" = 1 ]; then
@@ -99,4 +101,17 @@ if [ ! -f "$kernel_dir/ready" ]; then
   ln -sfn "${moddir#"$kernel_dir/"}/$kver" "$kernel_dir/modules"
   echo "$kver" > "$kernel_dir/ready"
   echo "deps: kernel $kver ready in $kernel_dir"
+fi
+
+# containerd, runc and a static busybox from Debian, downloaded (not installed: their
+# maintainer scripts expect systemd) and unpacked into the cache; the test images copy their
+# binaries from here. Versions are whatever the suite has, recorded in `ready`.
+if [ ! -f "$runtime_dir/ready" ]; then
+  rm -rf "$runtime_dir"; mkdir -p "$runtime_dir/deb" "$runtime_dir/root"
+  tmp=$(mktemp -d); chmod 755 "$tmp"
+  (cd "$tmp" && { apt-get download -qq containerd runc busybox-static 2>/dev/null || apt-get download -qq containerd runc busybox-static; })
+  mv "$tmp"/*.deb "$runtime_dir/deb/"; rmdir "$tmp"
+  for deb in "$runtime_dir"/deb/*.deb; do dpkg-deb -x "$deb" "$runtime_dir/root"; done
+  (cd "$runtime_dir/deb" && ls *.deb) > "$runtime_dir/ready"
+  echo "deps: container runtime ready in $runtime_dir: $(tr '\n' ' ' < "$runtime_dir/ready")"
 fi

@@ -94,14 +94,16 @@ pub fn remove(name: &str) -> Result<(), DmError> {
     Ok(())
 }
 
+/// Opens the control device; at shutdown this happens before /dev is unmounted.
+pub fn control() -> Option<DM> {
+    DM::new().ok()
+}
+
 /// Removes every device-mapper device nothing holds open, in rounds, so that a stack goes from
 /// the top down; returns the names removed. Removing flushes what a target buffers (dm-integrity
 /// writes its journal out to the data area and marks itself clean). Devices still in use (the
 /// root) stay.
-pub fn remove_unused() -> Vec<String> {
-    let Ok(dm) = DM::new() else {
-        return Vec::new();
-    };
+pub fn remove_unused(dm: &DM) -> Vec<String> {
     let mut removed = Vec::new();
     loop {
         let Ok(devices) = dm.list_devices() else {

@@ -10,8 +10,8 @@ use crate::sys::{ModuleLoadError, System};
 /// Modules the init itself always needs: the ACPI power button and the input device that
 /// delivers its key presses; configfs (configfs-tsm attestation reports live there); the
 /// virtio disk, dm-verity and erofs for the verified root; dm-crypt, dm-integrity and the
-/// ciphers they ask the crypto API for (no modprobe answers its requests), and ext4 for the
-/// state disk.
+/// ciphers they ask the crypto API for (no modprobe answers its requests), ext4 for the
+/// state disk, and overlay for containerd's snapshots (every node runs containerd).
 pub const REQUIRED: &[&str] = &[
     "button",
     "evdev",
@@ -24,6 +24,7 @@ pub const REQUIRED: &[&str] = &[
     "xts",
     "authenc",
     "ext4",
+    "overlay",
 ];
 
 /// Modules loaded when the machine has what they drive: the SEV-SNP and TDX guest drivers

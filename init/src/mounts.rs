@@ -64,6 +64,14 @@ pub const EARLY_MOUNTS: &[EarlyMount] = &[
         flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
         data: Some("mode=0755"),
     },
+    // A writable /tmp on a read-only root (containerd's clients mount image layers there).
+    EarlyMount {
+        source: "tmpfs",
+        target: "/tmp",
+        fstype: "tmpfs",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        data: Some("mode=1777"),
+    },
     EarlyMount {
         source: "securityfs",
         target: "/sys/kernel/security",
@@ -304,7 +312,8 @@ mod tests {
         assert_eq!(mounts.len(), EARLY_MOUNTS.len());
         assert!(mounts[0].starts_with("mount proc /proc proc"));
         assert!(mounts[2].starts_with("mount devtmpfs /dev devtmpfs"));
-        assert!(mounts[7].starts_with("mount cgroup2 /sys/fs/cgroup cgroup2"));
+        assert!(mounts[8].starts_with("mount cgroup2 /sys/fs/cgroup cgroup2"));
+        assert!(mounts[6].starts_with("mount tmpfs /tmp tmpfs"));
         assert!(!calls.iter().any(|c| c.starts_with("mkdir /sys/")));
         assert_eq!(
             calls.last().unwrap(),

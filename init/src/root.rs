@@ -300,7 +300,7 @@ pub fn mount_root(sys: &dyn System, device: &MappedDevice) -> Result<(), RootErr
 }
 
 /// Pseudo file systems moved into the new root, with everything mounted below them.
-pub const MOVED: &[&str] = &["/dev", "/proc", "/sys", "/run"];
+pub const MOVED: &[&str] = &["/dev", "/proc", "/sys", "/run", "/tmp"];
 
 /// What freeing the initramfs removed.
 #[derive(Debug, Default, PartialEq, Eq)]

@@ -90,6 +90,8 @@ pub fn finish(action: PowerAction, last_words: Option<&str>) -> ! {
     kill_everything(Duration::from_secs(3));
     logger::emit(6, "unmounting file systems");
     logger::detach_kmsg();
+    // Opened while /dev is still there: the devices go once their file systems are gone.
+    let dm_control = crate::dm::control();
     let report = mounts::unmount_all(&Linux);
     for target in &report.unmounted {
         logger::emit(6, &format!("unmounted {}", target.display()));
@@ -104,7 +106,10 @@ pub fn finish(action: PowerAction, last_words: Option<&str>) -> ! {
         logger::emit(6, &format!("busy, detached: {}", target.display()));
     }
     nix::unistd::sync();
-    let removed = crate::dm::remove_unused();
+    let removed = dm_control
+        .as_ref()
+        .map(crate::dm::remove_unused)
+        .unwrap_or_default();
     if !removed.is_empty() {
         logger::emit(
             6,

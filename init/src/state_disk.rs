@@ -278,6 +278,8 @@ pub fn set_up(
         }
         mkfs(cfg, &mapped.node())?;
         commit(&file, &device)?;
+    } else {
+        report_file_system(&mapped.node());
     }
     mount_state(cfg, sys, &mapped.node())?;
     Ok(Opened {
@@ -331,6 +333,34 @@ fn open_integrity(
         sb.provided_data_sectors / 2048
     );
     Ok((mapped, sb.provided_data_sectors))
+}
+
+/// Says, before the mount, whether the last boot left the file system clean (ext4 clears its
+/// needs-recovery flag at a clean unmount) and whether ext4 recorded errors.
+fn report_file_system(node: &str) {
+    let Ok(block) = read_direct(node, 0) else {
+        log::warn!("state file system on {node}: cannot read its superblock");
+        return;
+    };
+    let sb = &block.0[1024..];
+    if sb[0x38..0x3a] != [0x53, 0xef] {
+        log::warn!("state file system on {node}: no ext4 superblock");
+        return;
+    }
+    let state = u16::from_le_bytes([sb[0x3a], sb[0x3b]]);
+    let incompat = u32::from_le_bytes(sb[0x60..0x64].try_into().expect("4 bytes"));
+    const ERRORS: u16 = 2;
+    const RECOVER: u32 = 4;
+    if state & ERRORS != 0 {
+        log::warn!("state file system on {node}: ext4 recorded errors in an earlier boot");
+    }
+    if incompat & RECOVER != 0 {
+        log::warn!(
+            "state file system on {node}: not unmounted cleanly by the last boot; its journal is replayed now"
+        );
+    } else {
+        log::info!("state file system on {node}: unmounted cleanly by the last boot");
+    }
 }
 
 /// One block, aligned for O_DIRECT.

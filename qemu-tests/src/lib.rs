@@ -6,6 +6,7 @@ pub mod guest;
 pub mod image;
 pub mod initramfs;
 pub mod qmp;
+pub mod runtime;
 pub mod support;
 
 use std::path::{Path, PathBuf};
@@ -19,17 +20,19 @@ pub use initramfs::{InitramfsSpec, Kernel};
 pub struct Artifacts {
     pub init: PathBuf,
     pub payload: PathBuf,
+    /// The kubelet stand-in (test and demo roots with a container runtime).
+    pub kubelet_standin: PathBuf,
     pub kernel: Kernel,
 }
 
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap()
         .to_path_buf()
 }
 
-fn from_env(var: &str, default: PathBuf) -> PathBuf {
+pub(crate) fn from_env(var: &str, default: PathBuf) -> PathBuf {
     std::env::var_os(var).map(PathBuf::from).unwrap_or(default)
 }
 
@@ -44,6 +47,10 @@ impl Artifacts {
         let payload = from_env(
             "CVM_PAYLOAD_BIN",
             root.join("target/x86_64-unknown-linux-musl/test-image/cvm-test-payload"),
+        );
+        let kubelet_standin = from_env(
+            "CVM_KUBELET_STANDIN_BIN",
+            root.join("target/x86_64-unknown-linux-musl/test-image/kubelet-standin"),
         );
         let kernel_dir = from_env("CVM_KERNEL_DIR", root.join(".cache/kernel"));
         for (what, path) in [("cvm-init (test build)", &init), ("test payload", &payload)] {
@@ -62,6 +69,7 @@ impl Artifacts {
         Artifacts {
             init,
             payload,
+            kubelet_standin,
             kernel,
         }
     }
@@ -129,8 +137,25 @@ impl Artifacts {
 
     /// The initramfs and a verified root disk with this configuration file, in `dir`.
     pub fn image(&self, dir: &Path, config: Option<&str>) -> TestImage {
+        self.image_with(dir, config, false)
+    }
+
+    /// The same, with containerd, runc, the kubelet stand-in and a busybox image in the root.
+    pub fn image_with_runtime(&self, dir: &Path, config: &str) -> TestImage {
+        self.image_with(dir, Some(config), true)
+    }
+
+    fn image_with(&self, dir: &Path, config: Option<&str>, runtime: bool) -> TestImage {
         let tree = dir.join("tree");
         self.root_tree(&tree, config);
+        if runtime {
+            assert!(
+                self.kubelet_standin.exists(),
+                "kubelet stand-in not found at {}: run `make test-artifacts`",
+                self.kubelet_standin.display()
+            );
+            runtime::install(&tree, &self.kubelet_standin);
+        }
         let root = image::build_root_disk(&tree, dir)
             .unwrap_or_else(|e| panic!("cannot build the root disk: {}", chain(&e)));
         TestImage {
@@ -157,11 +182,20 @@ pub fn pseudo_random_bytes(len: usize, seed: u64) -> Vec<u8> {
 /// Copies a host program into the tree at the same path, with the shared libraries and the
 /// loader `ldd` lists.
 fn copy_with_libraries(program: &Path, tree: &Path) {
+    copy_with_libraries_to(program, tree, program.strip_prefix("/").unwrap());
+}
+
+/// Copies a program to `target` (relative to the tree), with its libraries at their paths.
+pub(crate) fn copy_with_libraries_to(program: &Path, tree: &Path, target: &Path) {
     let out = std::process::Command::new("ldd")
         .arg(program)
         .output()
         .unwrap_or_else(|e| panic!("ldd {}: {e}", program.display()));
-    let mut files = vec![program.to_path_buf()];
+    let destination = tree.join(target);
+    std::fs::create_dir_all(destination.parent().unwrap()).unwrap();
+    std::fs::copy(program, &destination)
+        .unwrap_or_else(|e| panic!("copy {}: {e}", program.display()));
+    let mut files = Vec::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let path = line
             .split_whitespace()

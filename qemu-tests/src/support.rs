@@ -25,6 +25,18 @@ pub fn prepare(config: Option<&str>) -> Prepared {
     }
 }
 
+/// An image whose root also holds containerd, runc, the kubelet stand-in and a busybox image.
+pub fn prepare_with_runtime(config: &str) -> Prepared {
+    let artifacts = Artifacts::get();
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let image = artifacts.image_with_runtime(dir.path(), config);
+    Prepared {
+        artifacts,
+        image,
+        dir,
+    }
+}
+
 impl Prepared {
     /// Boots the image with `roothash=` and extra options.
     pub fn boot(

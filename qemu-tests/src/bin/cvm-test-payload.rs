@@ -139,13 +139,17 @@ fn run(args: Vec<String>) {
             integrity_probe(Path::new("/var/lib/kubelet/probe.bin"));
             serve();
         }
+        "container-probe" => {
+            container_probe();
+            serve();
+        }
         "throughput" => {
             let mib = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(256);
             throughput(mib);
             serve();
         }
         _ => {
-            eprintln!("payload: unknown mode {mode:?}: expected serve, orphans [n], crash, crash-once, rss-probe, root-probe, dump-log, cpu-probe, integrity-probe or throughput [MiB]");
+            eprintln!("payload: unknown mode {mode:?}: expected serve, orphans [n], crash, crash-once, rss-probe, root-probe, dump-log, cpu-probe, integrity-probe, container-probe or throughput [MiB]");
             std::process::exit(2);
         }
     }
@@ -387,4 +391,71 @@ fn measure_throughput(path: &Path, mib: u64) -> (f64, f64) {
     let read = mib as f64 / started.elapsed().as_secs_f64();
     std::fs::remove_file(path).expect("remove the throughput file");
     (write, read)
+}
+
+/// Runs `ctr` and prints what it said; true on success.
+fn ctr(args: &[&str]) -> Option<String> {
+    let out = std::process::Command::new("/usr/bin/ctr")
+        .args(["--address", "/run/containerd/containerd.sock"])
+        .args(args)
+        .output();
+    match out {
+        Ok(out) if out.status.success() => Some(String::from_utf8_lossy(&out.stdout).into_owned()),
+        Ok(out) => {
+            println!(
+                "payload: ctr {} failed: {}: {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            None
+        }
+        Err(e) => {
+            println!("payload: cannot run ctr: {e}");
+            None
+        }
+    }
+}
+
+/// Imports the busybox OCI archive, runs a container that writes a marker into its own root
+/// (a snapshot on the state disk), reports the service log files, then SIGKILLs containerd.
+fn container_probe() {
+    if ctr(&["images", "import", "/usr/share/cvm-test/busybox-oci.tar"]).is_none() {
+        return;
+    }
+    println!("payload: image imported");
+    let said = ctr(&[
+        "run",
+        "--rm",
+        "docker.io/cvm-test/busybox:1",
+        "probe",
+        "/bin/sh",
+        "-c",
+        "echo container-$((6*7))-marker-5e1f9a > /marker && sync && cat /marker",
+    ]);
+    if let Some(said) = said {
+        println!("payload: container said {}", said.trim());
+    }
+    nix::unistd::sync();
+    for name in ["containerd", "kubelet"] {
+        let path = format!("/var/log/cvm/{name}.log");
+        let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
+        println!("payload: service log {path} bytes={bytes}");
+    }
+    let containerd = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "containerd")
+        });
+    if let Some(pid) = containerd {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        println!("payload: killed containerd pid {pid}");
+    }
 }
