@@ -58,12 +58,7 @@ test: deps build check unit boot-tests
 ## Boot the demo guest with the console attached (quit: ctrl-a x; power button: ctrl-a c, then system_powerdown).
 run: build test-artifacts
 	CVM_INIT_BIN=$(CURDIR)/$(RELEASE_DIR)/cvm-init $(CARGO) run -q -p qemu-tests --bin cvm-harness -- \
-	  image $(CURDIR)/target/demo qemu-tests/demo/config.toml > target/demo.roothash
-	qemu-system-x86_64 -machine q35 -accel tcg -cpu max -smp 1 -m 512 -nodefaults -no-user-config \
-	  -nographic -serial mon:stdio -nic none -no-reboot \
-	  -kernel $(KERNEL_DIR)/vmlinuz -initrd target/demo/initrd.cpio \
-	  -drive if=virtio,format=raw,file=target/demo/disk.raw,snapshot=on \
-	  -append "console=ttyS0 panic=-1 loglevel=4 printk.devkmsg=on roothash=$$(cat target/demo.roothash)"
+	  demo qemu-tests/demo/config.toml
 
 ## Size of the static init, time from kernel start to ready, PID 1's RSS at ready.
 bench: build test-artifacts

@@ -422,14 +422,20 @@ impl<P: Processes> Supervisor<P> {
             return;
         }
         self.probe_readiness(now);
+        // First starts follow the file's order strictly, so that the workload measurements
+        // come in the order a prediction from the file expects: a service waiting for its
+        // dependencies holds back the ones after it.
+        let mut held = false;
         for i in 0..self.services.len() {
             let due = match self.services[i].state {
-                State::Pending => true,
+                State::Pending => !held,
                 State::Waiting(at) => at <= now,
                 _ => false,
             };
             if due && self.dependencies_ready(i) {
                 self.start(i, now);
+            } else if self.services[i].state == State::Pending {
+                held = true;
             }
         }
     }
@@ -909,6 +915,24 @@ mod tests {
         assert!(sup.all_ready());
         drop(sup);
         assert_eq!(rec.spawned, vec!["containerd", "kubelet"]);
+    }
+
+    #[test]
+    fn first_starts_keep_the_file_order() {
+        let mut rec = Recorder::default();
+        let accepting = rec.accepting.clone();
+        let t0 = Instant::now();
+        let mut services = containerd_and_kubelet();
+        services.push(service("independent", RestartPolicy::Always));
+        let mut sup = Supervisor::new(&mut rec, services, Backoff::default());
+        sup.tick(t0);
+        accepting
+            .borrow_mut()
+            .push("/run/containerd/containerd.sock".into());
+        sup.tick(t0 + READY_POLL);
+        drop(sup);
+        // "independent" needs nothing, yet starts after kubelet, which waited.
+        assert_eq!(rec.spawned, vec!["containerd", "kubelet", "independent"]);
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub struct Guest {
     tpm_state: Option<PathBuf>,
     memory_mib: u32,
     reboot: bool,
+    interactive: bool,
 }
 
 impl Guest {
@@ -40,6 +41,7 @@ impl Guest {
             tpm: true,
             memory_mib: 512,
             reboot: false,
+            interactive: false,
         }
     }
 
@@ -86,6 +88,13 @@ impl Guest {
         self
     }
 
+    /// The console (and the QEMU monitor, ctrl-a c) on this terminal instead of a log file:
+    /// for `make run`.
+    pub fn interactive(mut self, on: bool) -> Self {
+        self.interactive = on;
+        self
+    }
+
     pub fn start(self) -> RunningGuest {
         let dir = tempfile::Builder::new()
             .prefix(&format!("cvm-guest-{}-", self.name))
@@ -118,16 +127,20 @@ impl Guest {
             "-no-user-config",
         ])
         .args(["-m", &self.memory_mib.to_string()])
-        .args(["-display", "none", "-nic", "none"])
-        .arg("-serial")
-        .arg(format!("file:{}", serial.display()))
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp_socket.display()))
-        .arg("-kernel")
-        .arg(&self.kernel)
-        .arg("-initrd")
-        .arg(&self.initrd)
-        .args(["-append", &self.cmdline]);
+        .args(["-nic", "none"]);
+        if self.interactive {
+            cmd.args(["-nographic", "-serial", "mon:stdio"]);
+        } else {
+            cmd.args(["-display", "none", "-serial"])
+                .arg(format!("file:{}", serial.display()));
+        }
+        cmd.arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp_socket.display()))
+            .arg("-kernel")
+            .arg(&self.kernel)
+            .arg("-initrd")
+            .arg(&self.initrd)
+            .args(["-append", &self.cmdline]);
         if !self.reboot {
             cmd.arg("-no-reboot");
         }
@@ -170,9 +183,11 @@ impl Guest {
                 .args(["-tpmdev", "emulator,id=tpm0,chardev=chrtpm"])
                 .args(["-device", "tpm-crb,tpmdev=tpm0"]);
         }
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        if !self.interactive {
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped());
+        }
         let qemu = cmd
             .spawn()
             .expect("qemu-system-x86_64 is installed by make deps");

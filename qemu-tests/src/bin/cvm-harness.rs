@@ -1,7 +1,10 @@
 //! Command-line entry to the harness for `make run` and `make bench`:
 //!   cvm-harness image <dir> [config.toml]   build initrd.cpio and disk.raw, print the root hash
 //!   cvm-harness bench <release cvm-init> <release cvm-measure>   boot and print the figures
+//!   cvm-harness demo <config.toml>   boot a node (containerd, kubelet stand-in, a fresh
+//!                                    state disk and vTPM in target/demo) on this terminal
 //!   cvm-harness bench-state <release cvm-init>   only the state-disk figures
+//!   cvm-harness bench-node <release cvm-init>    only containerd + kubelet stand-in figures
 
 use std::path::Path;
 use std::process::{Command, ExitCode};
@@ -15,12 +18,18 @@ fn main() -> ExitCode {
         ["image", dir] => image(Path::new(dir), None),
         ["image", dir, config] => image(Path::new(dir), Some(Path::new(config))),
         ["bench", init, measure] => bench(Path::new(init), Path::new(measure)),
+        ["demo", config] => demo(Path::new(config)),
         ["bench-state", init] => {
             let mut artifacts = Artifacts::get();
             artifacts.init = Path::new(init).to_path_buf();
             state_disk_bench(&artifacts)
         }
-        _ => Err("usage: cvm-harness image <dir> [config.toml] | cvm-harness bench <release cvm-init> <release cvm-measure> | cvm-harness bench-state <release cvm-init>".to_string()),
+        ["bench-node", init] => {
+            let mut artifacts = Artifacts::get();
+            artifacts.init = Path::new(init).to_path_buf();
+            workload_bench(&artifacts)
+        }
+        _ => Err("usage: cvm-harness image <dir> [config.toml] | cvm-harness bench <release cvm-init> <release cvm-measure> | cvm-harness demo <config.toml> | cvm-harness bench-state|bench-node <release cvm-init>".to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -46,6 +55,38 @@ fn image(dir: &Path, config: Option<&Path>) -> Result<(), String> {
     let image = Artifacts::get().image(dir, text.as_deref());
     println!("{}", image.root.root_hash_hex());
     Ok(())
+}
+
+/// `make run`: a fresh 8 GiB state disk and vTPM each time (the image may differ from the
+/// last run's, and the disk is sealed to the image); reboots within the run keep the disk.
+fn demo(config: &Path) -> Result<(), String> {
+    let text = std::fs::read_to_string(config)
+        .map_err(|e| format!("cannot read {}: {e}", config.display()))?;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/demo");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)
+            .map_err(|e| format!("cannot clear {}: {e}", dir.display()))?;
+    }
+    std::fs::create_dir_all(dir.join("tpm")).map_err(|e| e.to_string())?;
+    let artifacts = Artifacts::get();
+    let image = artifacts.image_with_runtime(&dir, &text);
+    let disk = dir.join("state.img");
+    sparse_disk(&disk, 8)?;
+    println!(
+        "demo: root hash {}; console below (ctrl-a x quits, ctrl-a c then system_powerdown powers off)",
+        image.root.root_hash_hex()
+    );
+    let mut guest = Guest::new("demo", &artifacts.kernel.vmlinuz, &image.initrd)
+        .disk(&image.root.disk)
+        .state_disk(&disk, "cvm-state")
+        .tpm_state(&dir.join("tpm"))
+        .memory_mib(1024)
+        .allow_reboot(true)
+        .interactive(true)
+        .cmdline(&image.roothash_option())
+        .cmdline("loglevel=4")
+        .start();
+    guest.wait_exit(Duration::from_secs(24 * 3600)).map(|_| ())
 }
 
 const BENCH_CONFIG: &str = r#"
@@ -112,7 +153,83 @@ fn bench(release_init: &Path, release_measure: &Path) -> Result<(), String> {
         "median kernel start -> ready over {runs} TCG boots: {:.3} s",
         times[runs / 2]
     );
+    workload_bench(&artifacts)?;
     state_disk_bench(&artifacts)?;
+    Ok(())
+}
+
+/// containerd and the kubelet stand-in on an encrypted state disk, plus a probe for PID 1's
+/// resident set once both run.
+const NODE_CONFIG: &str = r#"
+service_log_dir = "/var/log/cvm"
+
+[state]
+serial = "cvm-state"
+key = "tpm"
+binds = ["/var/lib/containerd", "/var/lib/kubelet", "/etc/kubernetes", "/var/log"]
+
+[[service]]
+name = "containerd"
+path = "/usr/bin/containerd"
+args = ["--config", "/etc/containerd/config.toml"]
+ready_socket = "/run/containerd/containerd.sock"
+oom_score_adj = -999
+limits = { nofile = 1048576 }
+
+[[service]]
+name = "kubelet"
+path = "/usr/bin/kubelet"
+args = ["--container-runtime-endpoint=unix:///run/containerd/containerd.sock"]
+after = ["containerd"]
+
+[[service]]
+name = "probe"
+path = "/bin/payload"
+args = ["rss-probe"]
+after = ["containerd"]
+restart = "never"
+"#;
+
+/// Kernel start to containerd's socket accepting and to `ready`, first boot (the state disk
+/// formatted) and second boot; PID 1's RSS with both services running.
+fn workload_bench(artifacts: &Artifacts) -> Result<(), String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let image = artifacts.image_with_runtime(dir.path(), NODE_CONFIG);
+    let disk = dir.path().join("state.img");
+    sparse_disk(&disk, 8)?;
+    let tpm = dir.path().join("tpm");
+    std::fs::create_dir_all(&tpm).map_err(|e| e.to_string())?;
+    for boot in ["first", "second"] {
+        let mut guest = Guest::new(
+            &format!("bench-node-{boot}"),
+            &artifacts.kernel.vmlinuz,
+            &image.initrd,
+        )
+        .disk(&image.root.disk)
+        .state_disk(&disk, "cvm-state")
+        .tpm_state(&tpm)
+        .memory_mib(1024)
+        .cmdline(&image.roothash_option())
+        .cmdline("loglevel=7")
+        .start();
+        guest.wait_for("probe: payload: pid1-rss-kib=", Duration::from_secs(300))?;
+        guest.wait_for("kubelet-standin: reached", Duration::from_secs(60))?;
+        let log = guest.serial_log();
+        let at = |marker: &str| {
+            kernel_time_of(&log, marker).ok_or(format!("no timestamped line for {marker:?}"))
+        };
+        let socket = at("service containerd ready")?;
+        let ready = at("cvm-init: ready")?;
+        let rss = log
+            .lines()
+            .find_map(|l| l.split("pid1-rss-kib=").nth(1)?.split_whitespace().next())
+            .unwrap_or("?");
+        println!(
+            "node ({boot} boot, 8 GiB state disk{}): kernel start -> containerd socket accepts {socket:.3} s, -> cvm-init: ready {ready:.3} s; state phase {} ms; PID 1 RSS with containerd and kubelet running {rss} KiB",
+            if boot == "first" { ", formatted" } else { "" },
+            phase_ms(&log, "state").map_or("?".into(), |v| v.to_string()),
+        );
+    }
     Ok(())
 }
 
