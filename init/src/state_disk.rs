@@ -380,6 +380,44 @@ fn read_direct(device: &str, offset: u64) -> std::io::Result<Box<Block>> {
     Ok(block)
 }
 
+/// O_DIRECT writes to a new device, each failure saying what was being done to which device.
+struct DirectWriter<'a> {
+    file: File,
+    what: &'static str,
+    node: &'a str,
+}
+
+impl<'a> DirectWriter<'a> {
+    fn open(what: &'static str, node: &'a str) -> Result<Self, StateError> {
+        OpenOptions::new()
+            .write(true)
+            .custom_flags(nix::libc::O_DIRECT | nix::libc::O_CLOEXEC)
+            .open(node)
+            .map(|file| DirectWriter { file, what, node })
+            .map_err(|source| StateError::Io {
+                what,
+                device: node.to_string(),
+                source,
+            })
+    }
+
+    fn err(&self, source: std::io::Error) -> StateError {
+        StateError::Io {
+            what: self.what,
+            device: self.node.to_string(),
+            source,
+        }
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), StateError> {
+        self.file.write_all_at(buf, offset).map_err(|e| self.err(e))
+    }
+
+    fn sync(&self) -> Result<(), StateError> {
+        self.file.sync_all().map_err(|e| self.err(e))
+    }
+}
+
 /// ext4's block groups (4096-byte blocks, 32768 per group): every group may hold a backup
 /// superblock, which mke2fs writes as 1024 bytes into a block it first reads.
 const EXT4_GROUP_BYTES: u64 = 32768 * 4096;
@@ -390,37 +428,19 @@ const EXT4_GROUP_BYTES: u64 = 32768 * 4096;
 /// Writing zeros to block 0 and the first block of every group makes them readable, at one
 /// block per 128 MiB.
 fn write_superblock_slots(node: &str, bytes: u64) -> Result<(), StateError> {
-    let io = |source| StateError::Io {
-        what: "prepare",
-        device: node.to_string(),
-        source,
-    };
-    let file = OpenOptions::new()
-        .write(true)
-        .custom_flags(nix::libc::O_DIRECT | nix::libc::O_CLOEXEC)
-        .open(node)
-        .map_err(io)?;
+    let writer = DirectWriter::open("prepare", node)?;
     let zeros = Block([0u8; SUPERBLOCK_LEN]);
     let mut offset = 0;
     while offset < bytes {
-        file.write_all_at(&zeros.0, offset).map_err(io)?;
+        writer.write_at(&zeros.0, offset)?;
         offset += EXT4_GROUP_BYTES;
     }
-    file.sync_all().map_err(io)
+    writer.sync()
 }
 
 /// Writes every block of the new crypt device once, so that every integrity tag is valid.
 fn wipe(node: &str, bytes: u64) -> Result<(), StateError> {
-    let io = |source| StateError::Io {
-        what: "wipe",
-        device: node.to_string(),
-        source,
-    };
-    let file = OpenOptions::new()
-        .write(true)
-        .custom_flags(nix::libc::O_DIRECT | nix::libc::O_CLOEXEC)
-        .open(node)
-        .map_err(io)?;
+    let writer = DirectWriter::open("wipe", node)?;
     let chunk = vec![Block([0u8; SUPERBLOCK_LEN]); WIPE_CHUNK / SUPERBLOCK_LEN];
     // SAFETY: `Block` is a plain, padding-free array of bytes, so the vector's elements are
     // `WIPE_CHUNK` contiguous, initialised bytes, aligned to 4096 as O_DIRECT needs.
@@ -430,7 +450,7 @@ fn wipe(node: &str, bytes: u64) -> Result<(), StateError> {
     let mut offset = 0u64;
     while offset < bytes {
         let len = (bytes - offset).min(WIPE_CHUNK as u64) as usize;
-        file.write_all_at(&zeros[..len], offset).map_err(io)?;
+        writer.write_at(&zeros[..len], offset)?;
         offset += len as u64;
         let percent = offset * 100 / bytes;
         if percent >= reported + 10 {
@@ -442,8 +462,7 @@ fn wipe(node: &str, bytes: u64) -> Result<(), StateError> {
             );
         }
     }
-    file.sync_all().map_err(io)?;
-    Ok(())
+    writer.sync()
 }
 
 fn mkfs(cfg: &StateConfig, node: &str) -> Result<(), StateError> {

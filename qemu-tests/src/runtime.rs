@@ -14,6 +14,37 @@ pub const KUBELET_PATH: &str = "usr/bin/kubelet";
 pub const BUSYBOX_ARCHIVE: &str = "usr/share/cvm-test/busybox-oci.tar";
 pub const BUSYBOX_IMAGE: &str = "docker.io/cvm-test/busybox:1";
 
+/// A node's configuration file: the encrypted state disk, containerd, and the kubelet (here
+/// the stand-in) once containerd's socket accepts. Tests and benchmarks append services.
+pub const NODE_CONFIG: &str = r#"
+service_log_dir = "/var/log/cvm"
+
+[state]
+serial = "cvm-state"
+key = "tpm"
+binds = ["/var/lib/containerd", "/var/lib/kubelet", "/etc/kubernetes", "/var/log"]
+
+[[service]]
+name = "containerd"
+path = "/usr/bin/containerd"
+args = ["--config", "/etc/containerd/config.toml"]
+ready_socket = "/run/containerd/containerd.sock"
+oom_score_adj = -999
+limits = { nofile = 1048576, nproc = "infinity", core = "infinity" }
+
+[[service]]
+name = "kubelet"
+path = "/usr/bin/kubelet"
+args = [
+  "--container-runtime-endpoint=unix:///run/containerd/containerd.sock",
+  "--kubeconfig=/etc/kubernetes/kubelet.conf",
+  "--bootstrap-kubeconfig=/etc/kubernetes/bootstrap-kubelet.conf",
+  "--root-dir=/var/lib/kubelet",
+]
+after = ["containerd"]
+cgroup = { pids_max = 4096 }
+"#;
+
 /// containerd for cgroup v2 without systemd: cgroupfs, overlayfs snapshots on the state disk,
 /// CRI enabled (the kubelet's API), the snapshotters a node does not have switched off.
 pub const CONTAINERD_CONFIG: &str = r#"version = 2

@@ -15,21 +15,22 @@ pub struct Prepared {
 }
 
 pub fn prepare(config: Option<&str>) -> Prepared {
-    let artifacts = Artifacts::get();
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let image = artifacts.image(dir.path(), config);
-    Prepared {
-        artifacts,
-        image,
-        dir,
-    }
+    prepare_with(config, false)
 }
 
 /// An image whose root also holds containerd, runc, the kubelet stand-in and a busybox image.
 pub fn prepare_with_runtime(config: &str) -> Prepared {
+    prepare_with(Some(config), true)
+}
+
+fn prepare_with(config: Option<&str>, runtime: bool) -> Prepared {
     let artifacts = Artifacts::get();
     let dir = tempfile::tempdir().expect("temporary directory");
-    let image = artifacts.image_with_runtime(dir.path(), config);
+    let image = if runtime {
+        artifacts.image_with_runtime(dir.path(), config.unwrap_or_default())
+    } else {
+        artifacts.image(dir.path(), config)
+    };
     Prepared {
         artifacts,
         image,

@@ -4,44 +4,24 @@
 
 use std::path::Path;
 
+use qemu_tests::runtime::NODE_CONFIG;
 use qemu_tests::support::{must, prepare, prepare_with_runtime, BOOT};
 use serde_json::json;
 
-const CONFIG: &str = r#"
-service_log_dir = "/var/log/cvm"
-
-[state]
-serial = "cvm-state"
-key = "tpm"
-binds = ["/var/lib/containerd", "/var/lib/kubelet", "/etc/kubernetes", "/var/log"]
-
-[[service]]
-name = "containerd"
-path = "/usr/bin/containerd"
-args = ["--config", "/etc/containerd/config.toml"]
-ready_socket = "/run/containerd/containerd.sock"
-oom_score_adj = -999
-limits = { nofile = 1048576, nproc = "infinity", core = "infinity" }
-
-[[service]]
-name = "kubelet"
-path = "/usr/bin/kubelet"
-args = [
-  "--container-runtime-endpoint=unix:///run/containerd/containerd.sock",
-  "--kubeconfig=/etc/kubernetes/kubelet.conf",
-  "--bootstrap-kubeconfig=/etc/kubernetes/bootstrap-kubelet.conf",
-  "--root-dir=/var/lib/kubelet",
-]
-after = ["containerd"]
-cgroup = { pids_max = 4096 }
-
+/// The node, and a scenario service that drives containerd from inside the guest.
+fn config() -> String {
+    format!(
+        "{NODE_CONFIG}{}",
+        r#"
 [[service]]
 name = "scenario"
 path = "/bin/payload"
 args = ["container-probe"]
 after = ["containerd"]
 restart = "never"
-"#;
+"#
+    )
+}
 
 /// What the container writes into its own root (computed by its shell, so the command line
 /// itself does not hold the plaintext).
@@ -65,7 +45,7 @@ fn position(log: &str, marker: &str) -> usize {
 /// state disk cleanly, which the next boot reports.
 #[test]
 fn containerd_and_kubelet_run_from_the_verified_root() {
-    let prepared = prepare_with_runtime(CONFIG);
+    let prepared = prepare_with_runtime(&config());
     let work = tempfile::tempdir().unwrap();
     let disk = work.path().join("state.img");
     blank_disk(&disk);

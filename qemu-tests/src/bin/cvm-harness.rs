@@ -158,43 +158,27 @@ fn bench(release_init: &Path, release_measure: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// containerd and the kubelet stand-in on an encrypted state disk, plus a probe for PID 1's
-/// resident set once both run.
-const NODE_CONFIG: &str = r#"
-service_log_dir = "/var/log/cvm"
-
-[state]
-serial = "cvm-state"
-key = "tpm"
-binds = ["/var/lib/containerd", "/var/lib/kubelet", "/etc/kubernetes", "/var/log"]
-
-[[service]]
-name = "containerd"
-path = "/usr/bin/containerd"
-args = ["--config", "/etc/containerd/config.toml"]
-ready_socket = "/run/containerd/containerd.sock"
-oom_score_adj = -999
-limits = { nofile = 1048576 }
-
-[[service]]
-name = "kubelet"
-path = "/usr/bin/kubelet"
-args = ["--container-runtime-endpoint=unix:///run/containerd/containerd.sock"]
-after = ["containerd"]
-
+/// The node, plus a probe for PID 1's resident set once containerd and kubelet run.
+fn node_bench_config() -> String {
+    format!(
+        "{}{}",
+        qemu_tests::runtime::NODE_CONFIG,
+        r#"
 [[service]]
 name = "probe"
 path = "/bin/payload"
 args = ["rss-probe"]
 after = ["containerd"]
 restart = "never"
-"#;
+"#
+    )
+}
 
 /// Kernel start to containerd's socket accepting and to `ready`, first boot (the state disk
 /// formatted) and second boot; PID 1's RSS with both services running.
 fn workload_bench(artifacts: &Artifacts) -> Result<(), String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let image = artifacts.image_with_runtime(dir.path(), NODE_CONFIG);
+    let image = artifacts.image_with_runtime(dir.path(), &node_bench_config());
     let disk = dir.path().join("state.img");
     sparse_disk(&disk, 8)?;
     let tpm = dir.path().join("tpm");
