@@ -6,7 +6,9 @@ pub mod event;
 pub mod jsonseq;
 pub mod predict;
 pub mod registers;
+pub mod snp;
 pub mod tcglog;
+pub mod tdx;
 pub mod verity;
 
 use std::io::Read;
@@ -66,5 +68,20 @@ mod tests {
         let missing = sha256_file(&dir.join("nope")).unwrap_err();
         assert!(missing.to_string().contains("nope"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// The real hardware outputs in `shared/testdata` (beside the checkout, as on CI, or where
+/// CVM_SHARED_DIR points).
+#[cfg(test)]
+pub(crate) mod testdata {
+    pub fn read(path: &str) -> Vec<u8> {
+        let shared = std::env::var_os("CVM_SHARED_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared")
+            });
+        let root = shared.join("testdata");
+        std::fs::read(root.join(path)).unwrap_or_else(|e| panic!("shared/testdata/{path}: {e}"))
     }
 }

@@ -259,14 +259,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn testdata(path: &str) -> Vec<u8> {
-        // shared/ sits beside the checkout (as on CI); CVM_SHARED_DIR points elsewhere.
-        let shared = std::env::var_os("CVM_SHARED_DIR")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| {
-                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared")
-            });
-        let root = shared.join("testdata");
-        std::fs::read(root.join(path)).unwrap_or_else(|e| panic!("shared/testdata/{path}: {e}"))
+        crate::testdata::read(path)
     }
 
     #[test]

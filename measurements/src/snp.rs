@@ -1,0 +1,298 @@
+//! SEV-SNP attestation reports: a strict parser over the raw 1184 bytes, the report signature
+//! checked over exactly the bytes the firmware signed (never a re-encoding of parsed fields),
+//! and the VCEK/VLEK certificate checked up to AMD's built-in roots.
+
+use p384::ecdsa::signature::Verifier;
+use sev::certs::snp::{builtin, ca, Certificate, Chain, Verifiable};
+
+pub const REPORT_LEN: usize = 0x4a0;
+/// The signed part: everything before the signature.
+pub const SIGNED_LEN: usize = 0x2a0;
+const SIGNATURE_ALGO_ECDSA_P384_SHA384: u32 = 1;
+/// R and S are 72-byte little-endian fields of which P-384 uses 48 bytes.
+const COMPONENT_FIELD: usize = 72;
+const COMPONENT_LEN: usize = 48;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SnpError {
+    #[error("an SNP report is {REPORT_LEN} bytes, not {0}")]
+    Length(usize),
+    #[error("SNP report field {field} is {found}, expected {expected}")]
+    Field {
+        field: &'static str,
+        found: String,
+        expected: &'static str,
+    },
+    #[error("the SNP report's signature does not verify with this endorsement key")]
+    Signature,
+    #[error("invalid endorsement key certificate: {0}")]
+    Certificate(String),
+    #[error("the endorsement key certificate does not chain to AMD's Milan, Genoa or Turin root")]
+    Chain,
+}
+
+/// A parsed report: typed access to the fields a verifier checks, over the original bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    raw: Vec<u8>,
+}
+
+impl Report {
+    /// Parses and checks the structure (length, version, signature algorithm, VMPL, the
+    /// unused bytes of the signature).
+    pub fn parse(raw: &[u8]) -> Result<Report, SnpError> {
+        if raw.len() != REPORT_LEN {
+            return Err(SnpError::Length(raw.len()));
+        }
+        let report = Report { raw: raw.to_vec() };
+        let field = |field, found: u64, expected| {
+            Err(SnpError::Field {
+                field,
+                found: found.to_string(),
+                expected,
+            })
+        };
+        if !(2..=5).contains(&report.version()) {
+            return field("version", report.version().into(), "2 to 5");
+        }
+        if report.u32_at(0x34) != SIGNATURE_ALGO_ECDSA_P384_SHA384 {
+            return field(
+                "signature_algo",
+                report.u32_at(0x34).into(),
+                "1 (ECDSA P-384 with SHA-384)",
+            );
+        }
+        if report.vmpl() > 3 {
+            return field("vmpl", report.vmpl().into(), "0 to 3");
+        }
+        let signature = &raw[SIGNED_LEN..];
+        let padding_is_zero = signature[COMPONENT_LEN..COMPONENT_FIELD]
+            .iter()
+            .chain(&signature[COMPONENT_FIELD + COMPONENT_LEN..])
+            .all(|&b| b == 0);
+        if !padding_is_zero {
+            return Err(SnpError::Field {
+                field: "signature",
+                found: "non-zero bytes beyond R and S".into(),
+                expected: "zeros after the 48 bytes of R and of S",
+            });
+        }
+        Ok(report)
+    }
+
+    fn u32_at(&self, offset: usize) -> u32 {
+        u32::from_le_bytes(self.raw[offset..offset + 4].try_into().expect("4 bytes"))
+    }
+
+    fn u64_at(&self, offset: usize) -> u64 {
+        u64::from_le_bytes(self.raw[offset..offset + 8].try_into().expect("8 bytes"))
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.raw
+    }
+    pub fn version(&self) -> u32 {
+        self.u32_at(0)
+    }
+    pub fn guest_svn(&self) -> u32 {
+        self.u32_at(0x4)
+    }
+    pub fn policy(&self) -> u64 {
+        self.u64_at(0x8)
+    }
+    pub fn vmpl(&self) -> u32 {
+        self.u32_at(0x30)
+    }
+    /// 0 = VCEK, 1 = VLEK (signer_info bits 4:2).
+    pub fn signing_key(&self) -> u32 {
+        (self.u32_at(0x48) >> 2) & 0x7
+    }
+    pub fn report_data(&self) -> &[u8] {
+        &self.raw[0x50..0x90]
+    }
+    /// The launch digest.
+    pub fn measurement(&self) -> &[u8] {
+        &self.raw[0x90..0xc0]
+    }
+    pub fn host_data(&self) -> &[u8] {
+        &self.raw[0xc0..0xe0]
+    }
+    pub fn reported_tcb(&self) -> u64 {
+        self.u64_at(0x180)
+    }
+    pub fn chip_id(&self) -> &[u8] {
+        &self.raw[0x1a0..0x1e0]
+    }
+    /// Guest policy bit 19.
+    pub fn debug_allowed(&self) -> bool {
+        self.policy() & (1 << 19) != 0
+    }
+
+    /// Checks the ECDSA P-384 signature over the signed bytes with the endorsement key (VCEK
+    /// or VLEK) in `certificate`.
+    pub fn verify_signature(&self, certificate: &Certificate) -> Result<(), SnpError> {
+        let key = p384::ecdsa::VerifyingKey::from_sec1_bytes(certificate.public_key_sec1())
+            .map_err(|e| SnpError::Certificate(format!("not a P-384 public key: {e}")))?;
+        let component = |at: usize| {
+            let mut be = [0u8; COMPONENT_LEN];
+            be.copy_from_slice(&self.raw[at..at + COMPONENT_LEN]);
+            be.reverse();
+            be
+        };
+        let r = component(SIGNED_LEN);
+        let s = component(SIGNED_LEN + COMPONENT_FIELD);
+        let signature =
+            p384::ecdsa::Signature::from_scalars(r, s).map_err(|_| SnpError::Signature)?;
+        key.verify(&self.raw[..SIGNED_LEN], &signature)
+            .map_err(|_| SnpError::Signature)
+    }
+}
+
+/// Reads an endorsement key certificate (DER or PEM).
+pub fn certificate(bytes: &[u8]) -> Result<Certificate, SnpError> {
+    let parsed = if bytes.starts_with(b"-----BEGIN") {
+        Certificate::from_pem(bytes)
+    } else {
+        Certificate::from_der(bytes)
+    };
+    parsed.map_err(|e| SnpError::Certificate(e.to_string()))
+}
+
+/// Checks that the endorsement key is signed by the ASK of one of AMD's product lines, itself
+/// signed by that line's self-signed ARK (built in); returns the product line.
+pub fn verify_chain(endorsement: &Certificate) -> Result<&'static str, SnpError> {
+    type Roots = std::io::Result<(Certificate, Certificate)>;
+    let roots: [(&str, fn() -> Roots); 3] = [
+        ("Milan", || {
+            Ok((builtin::milan::ark()?, builtin::milan::ask()?))
+        }),
+        ("Genoa", || {
+            Ok((builtin::genoa::ark()?, builtin::genoa::ask()?))
+        }),
+        ("Turin", || {
+            Ok((builtin::turin::ark()?, builtin::turin::ask()?))
+        }),
+    ];
+    for (product, load) in roots {
+        let Ok((ark, ask)) = load() else { continue };
+        let chain = Chain {
+            ca: ca::Chain { ark, ask },
+            vek: endorsement.clone(),
+        };
+        if (&chain).verify().is_ok() {
+            return Ok(product);
+        }
+    }
+    Err(SnpError::Chain)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn testdata(path: &str) -> Vec<u8> {
+        crate::testdata::read(path)
+    }
+
+    fn hex_file(path: &str) -> Vec<u8> {
+        let text = String::from_utf8(testdata(path)).unwrap();
+        let digits: String = text.chars().filter(|c| c.is_ascii_hexdigit()).collect();
+        (0..digits.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&digits[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// (report, its VCEK) from real Milan machines.
+    fn real_reports() -> Vec<(Vec<u8>, Certificate)> {
+        vec![
+            (
+                testdata("snp/gsg_attestation.bin"),
+                certificate(&testdata("snp/gsg_vcek.der")).unwrap(),
+            ),
+            (
+                hex_file("snp/virtee_report_milan.hex"),
+                certificate(&testdata("snp/virtee_vcek_milan.der")).unwrap(),
+            ),
+        ]
+    }
+
+    #[test]
+    fn real_reports_verify_up_to_the_amd_root() {
+        for (raw, vcek) in real_reports() {
+            let report = Report::parse(&raw).unwrap();
+            report.verify_signature(&vcek).unwrap();
+            assert_eq!(verify_chain(&vcek).unwrap(), "Milan");
+            assert_eq!(report.signing_key(), 0);
+        }
+        let gsg = Report::parse(&real_reports()[0].0).unwrap();
+        assert_eq!(gsg.version(), 2);
+        assert_eq!(gsg.policy(), 0xb0000);
+        assert!(gsg.debug_allowed());
+        assert_eq!(&gsg.report_data()[..5], &[1, 2, 3, 4, 5]);
+        assert!(crate::hex(gsg.measurement()).starts_with("b07af962"));
+    }
+
+    #[test]
+    fn every_changed_byte_is_refused() {
+        for (raw, vcek) in real_reports() {
+            for at in 0..REPORT_LEN {
+                let mut changed = raw.clone();
+                changed[at] ^= 0x01;
+                let verdict = Report::parse(&changed).and_then(|r| r.verify_signature(&vcek));
+                assert!(verdict.is_err(), "byte {at:#x} changed, still accepted");
+            }
+        }
+    }
+
+    #[test]
+    fn another_vcek_does_not_verify() {
+        let reports = real_reports();
+        let report = Report::parse(&reports[0].0).unwrap();
+        assert_eq!(
+            report.verify_signature(&reports[1].1),
+            Err(SnpError::Signature)
+        );
+    }
+
+    #[test]
+    fn structure_errors_are_named() {
+        let raw = real_reports().remove(0).0;
+        assert_eq!(Report::parse(&raw[..100]), Err(SnpError::Length(100)));
+        let mut bad = raw.clone();
+        bad[0] = 9;
+        assert!(matches!(
+            Report::parse(&bad),
+            Err(SnpError::Field {
+                field: "version",
+                ..
+            })
+        ));
+        let mut bad = raw.clone();
+        bad[0x34] = 2;
+        assert!(matches!(
+            Report::parse(&bad),
+            Err(SnpError::Field {
+                field: "signature_algo",
+                ..
+            })
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..1300)) {
+            let _ = Report::parse(&bytes);
+        }
+
+        #[test]
+        fn arbitrary_reports_of_the_right_length_do_not_verify(
+            bytes in proptest::collection::vec(any::<u8>(), REPORT_LEN)) {
+            let vcek = certificate(&testdata("snp/gsg_vcek.der")).unwrap();
+            if let Ok(report) = Report::parse(&bytes) {
+                prop_assert!(report.verify_signature(&vcek).is_err());
+            }
+        }
+    }
+}
