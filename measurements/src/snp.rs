@@ -158,23 +158,24 @@ pub fn certificate(bytes: &[u8]) -> Result<Certificate, SnpError> {
     parsed.map_err(|e| SnpError::Certificate(e.to_string()))
 }
 
+type CertLoader = fn() -> std::io::Result<Certificate>;
+
 /// Checks that the endorsement key is signed by the ASK of one of AMD's product lines, itself
 /// signed by that line's self-signed ARK (built in); returns the product line.
 pub fn verify_chain(endorsement: &Certificate) -> Result<&'static str, SnpError> {
-    type Roots = std::io::Result<(Certificate, Certificate)>;
-    let roots: [(&str, fn() -> Roots); 3] = [
-        ("Milan", || {
-            Ok((builtin::milan::ark()?, builtin::milan::ask()?))
-        }),
-        ("Genoa", || {
-            Ok((builtin::genoa::ark()?, builtin::genoa::ask()?))
-        }),
-        ("Turin", || {
-            Ok((builtin::turin::ark()?, builtin::turin::ask()?))
-        }),
+    let roots = [
+        (
+            "Milan",
+            builtin::milan::ark as CertLoader,
+            builtin::milan::ask as CertLoader,
+        ),
+        ("Genoa", builtin::genoa::ark, builtin::genoa::ask),
+        ("Turin", builtin::turin::ark, builtin::turin::ask),
     ];
-    for (product, load) in roots {
-        let Ok((ark, ask)) = load() else { continue };
+    for (product, ark, ask) in roots {
+        let (Ok(ark), Ok(ask)) = (ark(), ask()) else {
+            continue;
+        };
         let chain = Chain {
             ca: ca::Chain { ark, ask },
             vek: endorsement.clone(),
