@@ -25,6 +25,12 @@ commands:
   replay <log> [--ccel] [--json]
                      the registers a log produces: systemd's JSON-seq tpm2-measure.log, a
                      TCG binary log (PCRs), or with --ccel a TDX CC event log (RTMRs)
+  evidence <file> [--vcek CERT] [--ccel LOG]
+                     parse an SEV-SNP report (raw or hex) or a TDX quote strictly and print
+                     what a verifier compares; with --vcek check the report's signature and
+                     the certificate up to AMD's built-in roots; with --ccel check the quote's
+                     RTMRs against the replay of that CC event log. TDX quote signatures
+                     need Intel's collateral and are not checked here.
   --version          print the version
   --help             print this text
 ";
@@ -80,8 +86,9 @@ fn run(args: &[String]) -> Result<(), Failure> {
         ["verity", "format", rest @ ..] => verity_format(rest),
         ["predict", rest @ ..] => predict(rest),
         ["replay", rest @ ..] => replay(rest),
+        ["evidence", rest @ ..] => evidence(rest),
         [other, ..] => Err(usage(format!(
-            "unknown command {other:?}: expected digest, verity, predict, replay, --version or --help"
+            "unknown command {other:?}: expected digest, verity, predict, replay, evidence, --version or --help"
         ))),
         [] => Err(usage("a command is needed".into())),
     }
@@ -404,6 +411,116 @@ fn replay(args: &[&str]) -> Result<(), Failure> {
         pcrs.sort();
         pcrs.dedup();
         print_registers(&regs, &pcrs, json, false);
+    }
+    Ok(())
+}
+
+/// Raw bytes, or the bytes a file of hex digits (and whitespace) spells.
+fn raw_or_hex(bytes: Vec<u8>) -> Vec<u8> {
+    let text = match std::str::from_utf8(&bytes) {
+        Ok(t)
+            if t.chars()
+                .all(|c| c.is_ascii_hexdigit() || c.is_ascii_whitespace()) =>
+        {
+            t
+        }
+        _ => return bytes,
+    };
+    let digits: Vec<u8> = text.bytes().filter(u8::is_ascii_hexdigit).collect();
+    if digits.len() % 2 != 0 {
+        return bytes;
+    }
+    digits
+        .chunks(2)
+        .map(|pair| {
+            let text = std::str::from_utf8(pair).expect("ASCII hex digits");
+            u8::from_str_radix(text, 16).expect("hex digits")
+        })
+        .collect()
+}
+
+fn evidence(args: &[&str]) -> Result<(), Failure> {
+    let (o, positional) = options(args, &["--vcek", "--ccel"], &[])?;
+    let [path] = positional[..] else {
+        return Err(usage(format!(
+            "evidence needs one file, got {}",
+            positional.len()
+        )));
+    };
+    let bytes = raw_or_hex(read(path, "the evidence")?);
+    let fail = |e: &dyn std::error::Error| Failure(format!("{path}: {}", chain(e)), 1);
+    if bytes.len() == cvm_measure::snp::REPORT_LEN {
+        let report = cvm_measure::snp::Report::parse(&bytes).map_err(|e| fail(&e))?;
+        println!("SEV-SNP report version {}", report.version());
+        println!("measurement  {}", cvm_measure::hex(report.measurement()));
+        println!("report_data  {}", cvm_measure::hex(report.report_data()));
+        println!("host_data    {}", cvm_measure::hex(report.host_data()));
+        println!(
+            "policy       {:#x}{}",
+            report.policy(),
+            if report.debug_allowed() {
+                " (DEBUG allowed)"
+            } else {
+                ""
+            }
+        );
+        println!("vmpl         {}", report.vmpl());
+        println!("reported_tcb {:#018x}", report.reported_tcb());
+        println!("chip_id      {}", cvm_measure::hex(report.chip_id()));
+        if let Some(cert) = o.get("--vcek") {
+            let cert = cvm_measure::snp::certificate(&read(cert, "the certificate")?)
+                .map_err(|e| fail(&e))?;
+            report.verify_signature(&cert).map_err(|e| fail(&e))?;
+            let product = cvm_measure::snp::verify_chain(&cert).map_err(|e| fail(&e))?;
+            println!("signature    ok (endorsement key chains to the AMD {product} root)");
+        } else {
+            println!("signature    not checked (no --vcek)");
+        }
+        return Ok(());
+    }
+    if o.contains_key("--vcek") {
+        return Err(usage(format!(
+            "--vcek is for SEV-SNP reports ({} bytes); {path} is {} bytes",
+            cvm_measure::snp::REPORT_LEN,
+            bytes.len()
+        )));
+    }
+    let quote = cvm_measure::tdx::Quote::parse(&bytes).map_err(|e| fail(&e))?;
+    println!(
+        "TDX quote version {} (TD {} body)",
+        quote.version,
+        if quote.body_type == 3 { "1.5" } else { "1.0" }
+    );
+    println!("mrtd         {}", cvm_measure::hex(&quote.td.mrtd));
+    for (i, rtmr) in quote.td.rtmr.iter().enumerate() {
+        println!("rtmr{i}        {}", cvm_measure::hex(rtmr));
+    }
+    println!("report_data  {}", cvm_measure::hex(&quote.td.report_data));
+    println!(
+        "td_attributes {:#018x}{}",
+        quote.td.td_attributes,
+        if quote.td.debug() { " (DEBUG)" } else { "" }
+    );
+    println!("signature    not checked (needs Intel's PCK collateral)");
+    if let Some(ccel) = o.get("--ccel") {
+        let log = cvm_measure::tcglog::parse(&read(ccel, "the CC event log")?)
+            .map_err(|e| Failure(format!("{ccel}: {e}"), 1))?;
+        let regs = log
+            .replay_ccel()
+            .map_err(|e| Failure(format!("{ccel}: {e}"), 1))?;
+        for i in 0..4 {
+            if regs.rtmr[i] != quote.td.rtmr[i] {
+                return Err(Failure(
+                    format!(
+                        "RTMR{i} of the quote is {} but the replay of {ccel} gives {}",
+                        cvm_measure::hex(&quote.td.rtmr[i]),
+                        cvm_measure::hex(&regs.rtmr[i])
+                    ),
+                    1,
+                ));
+            }
+        }
+        println!("rtmrs        equal the replay of {ccel}");
     }
     Ok(())
 }
