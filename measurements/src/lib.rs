@@ -4,6 +4,7 @@
 
 pub mod event;
 pub mod jsonseq;
+pub mod kbs;
 pub mod predict;
 pub mod registers;
 pub mod snp;
