@@ -166,3 +166,47 @@ fn tpm_key_source_round_trip_through_a_luks2_header() {
         "{err}"
     );
 }
+
+/// vTPM evidence: a quote by the attestation key, verified on the broker's side, binds the
+/// qualifying data and the PCR values; the key is the same on every boot of the same TPM.
+#[test]
+fn a_quote_binds_its_nonce_and_pcr_values() {
+    use cvm_init::tee::quote::quote;
+    use cvm_measure::tpm_quote::{verify, QuoteError};
+
+    let swtpm = start_swtpm(2);
+    let mut tpm = Tpm::new(connect(swtpm.port)).unwrap();
+    tpm.extend(11, |b| b.hash(b"enter-initrd")).unwrap();
+    let pcrs = [11u32, 15];
+    let values = tpm.read_bank(Bank::Sha256, &pcrs).unwrap();
+    drop(tpm);
+    let binding = [0x5au8; 48];
+    let mut t = connect(swtpm.port);
+    let q = quote(&mut t, &binding, &pcrs).expect("quote");
+    let key = (q.ak_x.as_slice(), q.ak_y.as_slice());
+    let attest = verify(&q.attest, &q.r, &q.s, key, &binding, &pcrs, &values).expect("verifies");
+    assert_eq!(attest.pcrs, pcrs);
+
+    // Another session's binding (a replayed quote), other PCR values, an altered byte.
+    assert_eq!(
+        verify(&q.attest, &q.r, &q.s, key, &[0u8; 48], &pcrs, &values),
+        Err(QuoteError::Binding)
+    );
+    let mut moved = values.clone();
+    moved[1][0] ^= 1;
+    assert_eq!(
+        verify(&q.attest, &q.r, &q.s, key, &binding, &pcrs, &moved),
+        Err(QuoteError::PcrDigest)
+    );
+    for at in 0..q.attest.len() {
+        let mut altered = q.attest.clone();
+        altered[at] ^= 0x01;
+        assert!(
+            verify(&altered, &q.r, &q.s, key, &binding, &pcrs, &values).is_err(),
+            "byte {at} altered"
+        );
+    }
+    // The attestation key is deterministic: a second quote has the same key.
+    let again = quote(&mut t, &binding, &pcrs).unwrap();
+    assert_eq!((again.ak_x, again.ak_y), (q.ak_x, q.ak_y));
+}

@@ -10,6 +10,7 @@ pub mod registers;
 pub mod snp;
 pub mod tcglog;
 pub mod tdx;
+pub mod tpm_quote;
 pub mod verity;
 
 use std::io::Read;

@@ -8,8 +8,8 @@ use zeroize::Zeroizing;
 
 use super::tpm::{self, TpmError, Transport};
 
-const TPM_ST_NO_SESSIONS: u16 = 0x8001;
-const TPM_ST_SESSIONS: u16 = 0x8002;
+pub(crate) const TPM_ST_NO_SESSIONS: u16 = 0x8001;
+pub(crate) const TPM_ST_SESSIONS: u16 = 0x8002;
 const TPM_CC_CREATE_PRIMARY: u32 = 0x131;
 const TPM_CC_CREATE: u32 = 0x153;
 const TPM_CC_LOAD: u32 = 0x157;
@@ -20,8 +20,8 @@ const TPM_CC_POLICY_PCR: u32 = 0x17f;
 const TPM_RH_OWNER: u32 = 0x4000_0001;
 const TPM_RH_NULL: u32 = 0x4000_0007;
 const TPM_RS_PW: u32 = 0x4000_0009;
-const ALG_SHA256: u16 = 0x000b;
-const ALG_NULL: u16 = 0x0010;
+pub(crate) const ALG_SHA256: u16 = 0x000b;
+pub(crate) const ALG_NULL: u16 = 0x0010;
 
 /// What is stored (in a LUKS2 token) to unseal later: the TPM's private and public blobs and
 /// the PCRs the policy covers. None of it is secret.
@@ -33,39 +33,39 @@ pub struct SealedBlob {
 }
 
 #[derive(Default)]
-struct Out(Vec<u8>);
+pub(crate) struct Out(pub(crate) Vec<u8>);
 
 impl Out {
-    fn u8(&mut self, v: u8) -> &mut Self {
+    pub(crate) fn u8(&mut self, v: u8) -> &mut Self {
         self.0.push(v);
         self
     }
-    fn u16(&mut self, v: u16) -> &mut Self {
+    pub(crate) fn u16(&mut self, v: u16) -> &mut Self {
         self.0.extend_from_slice(&v.to_be_bytes());
         self
     }
-    fn u32(&mut self, v: u32) -> &mut Self {
+    pub(crate) fn u32(&mut self, v: u32) -> &mut Self {
         self.0.extend_from_slice(&v.to_be_bytes());
         self
     }
-    fn bytes(&mut self, v: &[u8]) -> &mut Self {
+    pub(crate) fn bytes(&mut self, v: &[u8]) -> &mut Self {
         self.0.extend_from_slice(v);
         self
     }
-    fn tpm2b(&mut self, v: &[u8]) -> &mut Self {
+    pub(crate) fn tpm2b(&mut self, v: &[u8]) -> &mut Self {
         self.u16(v.len() as u16).bytes(v)
     }
 }
 
 /// The authorization area with the empty password session.
-fn password_auth() -> Vec<u8> {
+pub(crate) fn password_auth() -> Vec<u8> {
     let mut a = Out::default();
     a.u32(9).u32(TPM_RS_PW).u16(0).u8(0).u16(0);
     a.0
 }
 
 /// A TPML_PCR_SELECTION of the sha256 bank.
-fn pcr_selection(pcrs: &[u32]) -> Vec<u8> {
+pub(crate) fn pcr_selection(pcrs: &[u32]) -> Vec<u8> {
     let mut select = [0u8; 3];
     for &p in pcrs {
         select[p as usize / 8] |= 1 << (p % 8);
@@ -110,7 +110,12 @@ fn storage_template() -> Vec<u8> {
 }
 
 /// Sends a command (retrying as the TPM asks) and checks its response code.
-fn call<T: Transport>(t: &mut T, tag: u16, code: u32, body: &[u8]) -> Result<Vec<u8>, TpmError> {
+pub(crate) fn call<T: Transport>(
+    t: &mut T,
+    tag: u16,
+    code: u32,
+    body: &[u8],
+) -> Result<Vec<u8>, TpmError> {
     let reply = tpm::send(t, code, &tpm::frame(tag, code, body))?;
     tpm::response(code, &reply)?;
     Ok(reply)
@@ -130,7 +135,7 @@ fn create_primary<T: Transport>(t: &mut T) -> Result<u32, TpmError> {
     tpm::response(TPM_CC_CREATE_PRIMARY, &reply)?.u32()
 }
 
-fn flush<T: Transport>(t: &mut T, handle: u32) {
+pub(crate) fn flush<T: Transport>(t: &mut T, handle: u32) {
     let mut b = Out::default();
     b.u32(handle);
     let _ = call(t, TPM_ST_NO_SESSIONS, TPM_CC_FLUSH_CONTEXT, &b.0);

@@ -121,6 +121,15 @@ pub(crate) struct Cursor<'a> {
 }
 
 impl<'a> Cursor<'a> {
+    /// A cursor over a nested structure of the response to `command`.
+    pub(crate) fn nested(bytes: &'a [u8], command: u32) -> Self {
+        Cursor {
+            bytes,
+            at: 0,
+            command,
+        }
+    }
+
     pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], TpmError> {
         let s = self
             .bytes
