@@ -4,6 +4,7 @@
 pub mod quote;
 pub mod seal;
 pub mod tpm;
+pub mod tsm;
 
 use std::path::{Path, PathBuf};
 
