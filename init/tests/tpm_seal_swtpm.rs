@@ -1,80 +1,12 @@
 //! Sealing to PCRs against a real TPM 2.0 implementation: swtpm (installed by `make deps`)
 //! on loopback TCP, driven by the init's own TPM code.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
 use cvm_init::tee::seal::{seal, unseal};
-use cvm_init::tee::tpm::{Tpm, TpmError, Transport};
+use cvm_init::tee::tpm::{Tpm, TpmError};
 use cvm_measure::registers::Bank;
 
-struct Swtpm {
-    child: Child,
-    _dir: tempfile::TempDir,
-    port: u16,
-}
-
-impl Drop for Swtpm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// swtpm on a loopback port pair; each test passes its own `slot` so that tests running in
-/// parallel do not collide.
-fn start_swtpm(slot: u16) -> Swtpm {
-    let dir = tempfile::tempdir().unwrap();
-    let port = 20000 + ((std::process::id() % 5000) as u16) * 4 + slot * 2;
-    let child = Command::new("swtpm")
-        .args(["socket", "--tpm2", "--flags", "not-need-init,startup-clear"])
-        .arg("--server")
-        .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
-        .arg("--ctrl")
-        .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
-        .arg("--tpmstate")
-        .arg(format!("dir={}", dir.path().display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("swtpm is installed by make deps");
-    Swtpm {
-        child,
-        _dir: dir,
-        port,
-    }
-}
-
-struct Tcp(TcpStream);
-
-impl Transport for Tcp {
-    fn transact(&mut self, command: &[u8]) -> std::io::Result<Vec<u8>> {
-        self.0.write_all(command)?;
-        let mut head = [0u8; 10];
-        self.0.read_exact(&mut head)?;
-        let size = u32::from_be_bytes(head[2..6].try_into().unwrap()) as usize;
-        let mut reply = head.to_vec();
-        reply.resize(size.max(10), 0);
-        self.0.read_exact(&mut reply[10..])?;
-        Ok(reply)
-    }
-}
-
-fn connect(port: u16) -> Tcp {
-    let end = Instant::now() + Duration::from_secs(10);
-    loop {
-        match TcpStream::connect(("127.0.0.1", port)) {
-            Ok(s) => {
-                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-                return Tcp(s);
-            }
-            Err(e) if Instant::now() > end => panic!("swtpm did not listen: {e}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
-    }
-}
+mod common;
+use common::{connect, start_swtpm};
 
 #[test]
 fn sealed_to_pcrs_unseals_until_a_pcr_moves() {

@@ -3,8 +3,11 @@
 //! with the measured-boot and launch-measurement issues.
 
 pub mod event;
+pub mod http;
 pub mod jsonseq;
 pub mod kbs;
+pub mod kbs_broker;
+pub mod kbs_client;
 pub mod predict;
 pub mod registers;
 pub mod snp;

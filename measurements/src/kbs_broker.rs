@@ -1,0 +1,374 @@
+//! The reference key broker (`cvm-measure kbs-serve`): the Trustee KBS protocol (0.4.0) over
+//! HTTP, resources kept as files, released only to a session whose evidence verifies against
+//! reference values (`cvm-measure predict --json`). Evidence kinds so far: `tpm` (a vTPM quote
+//! by a pinned attestation key over the reference PCRs, bound to the session's nonce and the
+//! node's ephemeral key).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::http::{read_message, write_message, Message};
+use crate::kbs::{self, Attestation, Challenge, Jwk, Request};
+
+/// How long a session lives between `auth` and the last resource.
+const SESSION_LIFETIME: Duration = Duration::from_secs(300);
+const COOKIE: &str = "kbs-session-id";
+
+/// What the broker compares evidence with.
+#[derive(Debug, Clone, Default)]
+pub struct Reference {
+    /// sha256 PCR values by index.
+    pub pcrs: Vec<(u32, Vec<u8>)>,
+    /// Attestation keys allowed to sign vTPM quotes, as (x, y).
+    pub attestation_keys: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Reference {
+    /// Reads the JSON `cvm-measure predict --json` prints (its `pcr` map, sha256 bank).
+    pub fn from_prediction(json: &Value) -> Result<Reference, String> {
+        let map = json
+            .get("pcr")
+            .and_then(Value::as_object)
+            .ok_or("no \"pcr\" object in the reference values")?;
+        let mut pcrs = Vec::new();
+        for (index, banks) in map {
+            let index: u32 = index
+                .parse()
+                .map_err(|_| format!("PCR index {index:?} is not a number"))?;
+            let hex = banks
+                .get("sha256")
+                .and_then(Value::as_str)
+                .ok_or(format!("PCR {index} has no sha256 value"))?;
+            pcrs.push((
+                index,
+                crate::verity::parse_hex(hex).ok_or(format!("PCR {index}: bad hex"))?,
+            ));
+        }
+        pcrs.sort();
+        Ok(Reference {
+            pcrs,
+            attestation_keys: Vec::new(),
+        })
+    }
+}
+
+struct Session {
+    nonce: String,
+    hash: String,
+    created: Instant,
+    /// Set once the evidence verified: the key resources are encrypted to.
+    tee_pubkey: Option<Jwk>,
+    /// The nonce is spent by the first `attest`, whatever its outcome.
+    spent: bool,
+}
+
+/// The broker's state.
+pub struct Broker {
+    pub resources: PathBuf,
+    pub reference: Reference,
+    sessions: Mutex<HashMap<String, Session>>,
+}
+
+/// An HTTP answer.
+pub struct Answer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+fn problem(status: u16, name: &str, detail: String) -> Answer {
+    let body = json!({
+        "type": format!("https://github.com/confidential-containers/kbs/errors/{name}"),
+        "detail": detail,
+    });
+    Answer {
+        status,
+        headers: vec![("Content-Type".into(), "application/json".into())],
+        body: body.to_string().into_bytes(),
+    }
+}
+
+fn ok_json(body: Value, headers: Vec<(String, String)>) -> Answer {
+    let mut headers = headers;
+    headers.push(("Content-Type".into(), "application/json".into()));
+    Answer {
+        status: 200,
+        headers,
+        body: body.to_string().into_bytes(),
+    }
+}
+
+fn random_id() -> String {
+    let mut bytes = [0u8; 16];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
+    crate::hex(&bytes)
+}
+
+/// The `tpm` evidence a node sends as `primary_evidence`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TpmEvidence {
+    /// base64url x and y of the attestation key.
+    pub ak_x: String,
+    pub ak_y: String,
+    /// base64 TPMS_ATTEST, and the signature's r and s.
+    pub attest: String,
+    pub signature_r: String,
+    pub signature_s: String,
+}
+
+impl Broker {
+    pub fn new(resources: PathBuf, reference: Reference) -> Broker {
+        Broker {
+            resources,
+            reference,
+            sessions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Answers one request.
+    pub fn handle(&self, request: &Message) -> Answer {
+        let mut parts = request.start.split_whitespace();
+        let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        self.sessions
+            .lock()
+            .unwrap()
+            .retain(|_, s| s.created.elapsed() < SESSION_LIFETIME);
+        match (method, path) {
+            ("POST", "/kbs/v0/auth") => self.auth(request),
+            ("POST", "/kbs/v0/attest") => self.attest(request),
+            ("GET", p) if p.starts_with("/kbs/v0/resource/") => {
+                self.resource(request, &p["/kbs/v0/resource/".len()..])
+            }
+            _ => problem(404, "NotFound", format!("no endpoint {method} {path}")),
+        }
+    }
+
+    fn auth(&self, request: &Message) -> Answer {
+        let parsed: Request = match serde_json::from_slice(&request.body) {
+            Ok(r) => r,
+            Err(e) => return problem(400, "InvalidRequest", format!("auth request: {e}")),
+        };
+        if parsed.version != kbs::PROTOCOL_VERSION {
+            return problem(
+                400,
+                "ProtocolVersion",
+                format!(
+                    "protocol version {:?}, expected {}",
+                    parsed.version,
+                    kbs::PROTOCOL_VERSION
+                ),
+            );
+        }
+        if parsed.tee != "tpm" {
+            return problem(
+                400,
+                "UnsupportedTee",
+                format!("tee {:?}: this broker verifies tpm evidence", parsed.tee),
+            );
+        }
+        let id = random_id();
+        let nonce = kbs::new_nonce();
+        let challenge = Challenge {
+            nonce: nonce.clone(),
+            extra_params: json!({ "selected-hash-algorithm": "sha384" }),
+        };
+        self.sessions.lock().unwrap().insert(
+            id.clone(),
+            Session {
+                nonce,
+                hash: "sha384".into(),
+                created: Instant::now(),
+                tee_pubkey: None,
+                spent: false,
+            },
+        );
+        ok_json(
+            serde_json::to_value(challenge).expect("serializable"),
+            vec![(
+                "Set-Cookie".into(),
+                format!("{COOKIE}={id}; Path=/kbs/v0; HttpOnly"),
+            )],
+        )
+    }
+
+    fn attest(&self, request: &Message) -> Answer {
+        let Some(id) = request.cookie(COOKIE) else {
+            return problem(
+                401,
+                "UnAuthenticated",
+                "no session cookie: auth first".into(),
+            );
+        };
+        let (nonce, hash) = {
+            let mut sessions = self.sessions.lock().unwrap();
+            let Some(session) = sessions.get_mut(id) else {
+                return problem(401, "UnAuthenticated", "unknown or expired session".into());
+            };
+            if session.spent {
+                return problem(
+                    401,
+                    "AttestationError",
+                    "this session's nonce was already used: auth again".into(),
+                );
+            }
+            session.spent = true;
+            (session.nonce.clone(), session.hash.clone())
+        };
+        let attestation: Attestation = match serde_json::from_slice(&request.body) {
+            Ok(a) => a,
+            Err(e) => return problem(400, "InvalidRequest", format!("attest request: {e}")),
+        };
+        if attestation.runtime_data.nonce != nonce {
+            return problem(
+                401,
+                "AttestationError",
+                "the runtime data carries another session's nonce (replayed evidence)".into(),
+            );
+        }
+        if let Err(e) = attestation.runtime_data.tee_pubkey.public_key() {
+            return problem(400, "InvalidRequest", e.to_string());
+        }
+        let binding = match kbs::report_data(
+            &attestation.runtime_data,
+            &attestation.tee_evidence.additional_evidence,
+            &hash,
+        ) {
+            Ok(b) => b,
+            Err(e) => return problem(400, "InvalidRequest", e.to_string()),
+        };
+        if let Err(why) = self.verify_tpm(&attestation.tee_evidence.primary_evidence, &binding) {
+            return problem(401, "AttestationError", why);
+        }
+        if let Some(session) = self.sessions.lock().unwrap().get_mut(id) {
+            session.tee_pubkey = Some(attestation.runtime_data.tee_pubkey.clone());
+        }
+        ok_json(json!({ "token": random_id() }), Vec::new())
+    }
+
+    fn verify_tpm(&self, evidence: &Value, binding: &[u8; 64]) -> Result<(), String> {
+        let evidence: TpmEvidence =
+            serde_json::from_value(evidence.clone()).map_err(|e| format!("tpm evidence: {e}"))?;
+        let b64url = |name: &str, v: &str| {
+            URL_SAFE_NO_PAD
+                .decode(v)
+                .map_err(|_| format!("{name} is not base64url"))
+        };
+        let b64 = |name: &str, v: &str| {
+            STANDARD
+                .decode(v)
+                .map_err(|_| format!("{name} is not base64"))
+        };
+        let (x, y) = (
+            b64url("ak_x", &evidence.ak_x)?,
+            b64url("ak_y", &evidence.ak_y)?,
+        );
+        if !self
+            .reference
+            .attestation_keys
+            .iter()
+            .any(|(ax, ay)| *ax == x && *ay == y)
+        {
+            return Err("the quote's attestation key is not one this broker trusts".into());
+        }
+        let pcrs: Vec<u32> = self.reference.pcrs.iter().map(|(i, _)| *i).collect();
+        let values: Vec<Vec<u8>> = self.reference.pcrs.iter().map(|(_, v)| v.clone()).collect();
+        crate::tpm_quote::verify(
+            &b64("attest", &evidence.attest)?,
+            &b64("signature_r", &evidence.signature_r)?,
+            &b64("signature_s", &evidence.signature_s)?,
+            (&x, &y),
+            binding,
+            &pcrs,
+            &values,
+        )
+        .map(|_| ())
+        .map_err(|e| format!("vTPM quote refused: {e}"))
+    }
+
+    fn resource(&self, request: &Message, path: &str) -> Answer {
+        let key = {
+            let sessions = self.sessions.lock().unwrap();
+            let session = request.cookie(COOKIE).and_then(|id| sessions.get(id));
+            match session.and_then(|s| s.tee_pubkey.clone()) {
+                Some(k) => k,
+                None => {
+                    return problem(
+                        401,
+                        "UnAuthenticated",
+                        "no attested session: auth and attest first".into(),
+                    )
+                }
+            }
+        };
+        let parts: Vec<&str> = path.split('/').collect();
+        let valid = parts.len() == 3
+            && parts.iter().all(|p| {
+                !p.is_empty()
+                    && !p.starts_with('.')
+                    && p.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            });
+        if !valid {
+            return problem(
+                400,
+                "InvalidRequest",
+                format!("resource path {path:?}: expected <repository>/<type>/<tag>"),
+            );
+        }
+        let file: PathBuf = parts.iter().fold(self.resources.clone(), |p, c| p.join(c));
+        let Ok(plaintext) = std::fs::read(&file) else {
+            return problem(404, "ResourceNotFound", format!("no resource {path}"));
+        };
+        let recipient = key.public_key().expect("checked at attest");
+        let jwe = kbs::jwe_encrypt(&recipient, &plaintext);
+        ok_json(serde_json::to_value(jwe).expect("serializable"), Vec::new())
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        _ => "Error",
+    }
+}
+
+fn serve_one(broker: &Broker, mut stream: TcpStream) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let answer = match read_message(&mut stream) {
+        Ok(request) => broker.handle(&request),
+        Err(e) => problem(400, "InvalidRequest", e.to_string()),
+    };
+    let headers: Vec<(&str, &str)> = answer
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
+    let _ = write_message(
+        &mut stream,
+        &format!("HTTP/1.1 {} {}", answer.status, reason(answer.status)),
+        &headers,
+        &answer.body,
+    );
+    let _ = stream.flush();
+}
+
+/// Serves until the listener fails; one thread per connection.
+pub fn serve(listener: TcpListener, broker: Arc<Broker>) {
+    for stream in listener.incoming().flatten() {
+        let broker = broker.clone();
+        std::thread::spawn(move || serve_one(&broker, stream));
+    }
+}

@@ -1,0 +1,152 @@
+//! The key-broker client: `auth`, `attest` with evidence bound to the challenge and to an
+//! ephemeral P-256 key, then `resource`, decrypted with that key. Used by the init's `kbs`
+//! key source and by the tests; the caller supplies the evidence for the binding.
+
+use std::net::TcpStream;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::http::{read_message, write_message, HttpError, Message};
+use crate::kbs::{self, Attestation, Challenge, Jwe, Jwk, Request, RuntimeData, TeeEvidence};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the key broker at {address}")]
+    Connect {
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("key broker exchange failed at {step}")]
+    Http {
+        step: &'static str,
+        #[source]
+        source: HttpError,
+    },
+    #[error("the key broker refused {step} (HTTP {status}): {detail}")]
+    Refused {
+        step: &'static str,
+        status: u16,
+        detail: String,
+    },
+    #[error("unexpected answer to {step}: {detail}")]
+    Protocol { step: &'static str, detail: String },
+    #[error("cannot produce the evidence: {0}")]
+    Evidence(String),
+    #[error(transparent)]
+    Kbs(#[from] kbs::KbsError),
+}
+
+fn exchange(
+    address: &str,
+    step: &'static str,
+    start: &str,
+    cookie: Option<&str>,
+    body: &[u8],
+) -> Result<Message, ClientError> {
+    let mut stream = TcpStream::connect(address).map_err(|source| ClientError::Connect {
+        address: address.to_string(),
+        source,
+    })?;
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let cookie_header = cookie.map(|c| format!("kbs-session-id={c}"));
+    let mut headers = vec![("Host", address), ("Content-Type", "application/json")];
+    if let Some(c) = &cookie_header {
+        headers.push(("Cookie", c.as_str()));
+    }
+    let http = |source| ClientError::Http { step, source };
+    write_message(&mut stream, start, &headers, body).map_err(http)?;
+    let answer = read_message(&mut stream).map_err(http)?;
+    let status: u16 = answer
+        .start
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| ClientError::Protocol {
+            step,
+            detail: format!("status line {:?}", answer.start),
+        })?;
+    if status != 200 {
+        let detail = serde_json::from_slice::<Value>(&answer.body)
+            .ok()
+            .and_then(|v| v.get("detail")?.as_str().map(str::to_string))
+            .unwrap_or_else(|| String::from_utf8_lossy(&answer.body).into_owned());
+        return Err(ClientError::Refused {
+            step,
+            status,
+            detail,
+        });
+    }
+    Ok(answer)
+}
+
+/// Fetches `resource` (`<repository>/<type>/<tag>`) from the broker at `address` (host:port),
+/// proving the node with `evidence(report_data)`.
+pub fn get_resource(
+    address: &str,
+    tee: &str,
+    resource: &str,
+    evidence: &mut dyn FnMut(&[u8; 64]) -> Result<Value, String>,
+) -> Result<Vec<u8>, ClientError> {
+    let request = Request {
+        version: kbs::PROTOCOL_VERSION.into(),
+        tee: tee.into(),
+        extra_params: serde_json::json!({ "supported-hash-algorithms": ["sha384", "sha256", "sha512"] }),
+    };
+    let answer = exchange(
+        address,
+        "auth",
+        "POST /kbs/v0/auth HTTP/1.1",
+        None,
+        &serde_json::to_vec(&request).expect("serializable"),
+    )?;
+    let cookie = answer
+        .header("set-cookie")
+        .and_then(|c| c.split(';').next())
+        .and_then(|c| c.strip_prefix("kbs-session-id="))
+        .ok_or(ClientError::Protocol {
+            step: "auth",
+            detail: "no kbs-session-id cookie".into(),
+        })?
+        .to_string();
+    let challenge: Challenge =
+        serde_json::from_slice(&answer.body).map_err(|e| ClientError::Protocol {
+            step: "auth",
+            detail: e.to_string(),
+        })?;
+    let secret = p256::SecretKey::random(&mut rand_core::OsRng);
+    let runtime = RuntimeData {
+        nonce: challenge.nonce.clone(),
+        tee_pubkey: Jwk::from_public(&secret.public_key()),
+    };
+    let binding = kbs::report_data(&runtime, "", challenge.hash_algorithm())?;
+    let primary = evidence(&binding).map_err(ClientError::Evidence)?;
+    let attestation = Attestation {
+        init_data: None,
+        runtime_data: runtime,
+        tee_evidence: TeeEvidence {
+            primary_evidence: primary,
+            additional_evidence: String::new(),
+        },
+    };
+    exchange(
+        address,
+        "attest",
+        "POST /kbs/v0/attest HTTP/1.1",
+        Some(&cookie),
+        &serde_json::to_vec(&attestation).expect("serializable"),
+    )?;
+    let answer = exchange(
+        address,
+        "resource",
+        &format!("GET /kbs/v0/resource/{resource} HTTP/1.1"),
+        Some(&cookie),
+        &[],
+    )?;
+    let jwe: Jwe = serde_json::from_slice(&answer.body).map_err(|e| ClientError::Protocol {
+        step: "resource",
+        detail: e.to_string(),
+    })?;
+    Ok(kbs::jwe_decrypt(&secret, &jwe)?)
+}
