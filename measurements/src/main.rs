@@ -16,8 +16,10 @@ commands:
                      veritysetup superblock) into <hash-out>; print the root hash, or with
                      --json every parameter. Salt and UUID are random unless given.
   predict --root-hash HEX [--cmdline TEXT] [--config FILE] [--root-tree DIR]
-          [--uki FILE | --linux FILE [--initrd FILE] [--osrel FILE] [--uname TEXT]] [--json]
-                     the registers a node reaches at ready: PCR 11 (UKI sections as
+          [--uki FILE | --linux FILE [--initrd FILE] [--osrel FILE] [--uname TEXT]]
+          [--at ready|key-release] [--json]
+                     the registers a node reaches at ready (or when it asks a key broker
+                     for its disk key, --at key-release): PCR 11 (UKI sections as
                      systemd-stub measures them, then the boot phases), PCR 15 (cvm-init's
                      identity events) and RTMR2. Workload digests come from the services of
                      the config file, read inside --root-tree. Without --uki or --linux: a
@@ -31,6 +33,11 @@ commands:
                      the certificate up to AMD's built-in roots; with --ccel check the quote's
                      RTMRs against the replay of that CC event log. TDX quote signatures
                      need Intel's collateral and are not checked here.
+  kbs-serve --listen ADDR:PORT --resources DIR --reference FILE --attestation-keys FILE
+                     the reference key broker (Trustee KBS protocol 0.4.0, plain HTTP):
+                     resources are files DIR/<repository>/<type>/<tag>, released as JWE to a
+                     node whose vTPM quote (by a key listed in FILE, 128 hex digits a line)
+                     covers the PCR values of FILE (`predict --at key-release --json`)
   --version          print the version
   --help             print this text
 ";
@@ -87,8 +94,9 @@ fn run(args: &[String]) -> Result<(), Failure> {
         ["predict", rest @ ..] => predict(rest),
         ["replay", rest @ ..] => replay(rest),
         ["evidence", rest @ ..] => evidence(rest),
+        ["kbs-serve", rest @ ..] => kbs_serve(rest),
         [other, ..] => Err(usage(format!(
-            "unknown command {other:?}: expected digest, verity, predict, replay, evidence, --version or --help"
+            "unknown command {other:?}: expected digest, verity, predict, replay, evidence, kbs-serve, --version or --help"
         ))),
         [] => Err(usage("a command is needed".into())),
     }
@@ -252,6 +260,7 @@ fn predict(args: &[&str]) -> Result<(), Failure> {
             "--initrd",
             "--osrel",
             "--uname",
+            "--at",
         ],
         &["--json"],
     )?;
@@ -260,6 +269,15 @@ fn predict(args: &[&str]) -> Result<(), Failure> {
             "predict takes no positional argument, got {p:?}"
         )));
     }
+    let at_key_release = match o.get("--at").copied() {
+        None | Some("ready") => false,
+        Some("key-release") => true,
+        Some(other) => {
+            return Err(usage(format!(
+                "--at {other:?}: expected ready or key-release"
+            )))
+        }
+    };
     let hash = o
         .get("--root-hash")
         .ok_or_else(|| usage("predict needs --root-hash".into()))?;
@@ -329,8 +347,86 @@ fn predict(args: &[&str]) -> Result<(), Failure> {
         }
         inputs.config_file = Some(bytes);
     }
-    let regs = predict(&inputs);
+    let regs = if at_key_release {
+        cvm_measure::predict::predict_key_release(&inputs)
+    } else {
+        predict(&inputs)
+    };
     print_registers(&regs, &[11, 15], o.contains_key("--json"), true);
+    Ok(())
+}
+
+/// The reference key broker.
+fn kbs_serve(args: &[&str]) -> Result<(), Failure> {
+    use cvm_measure::kbs_broker::{serve, Broker, Reference};
+    let (o, positional) = options(
+        args,
+        &[
+            "--listen",
+            "--resources",
+            "--reference",
+            "--attestation-keys",
+        ],
+        &[],
+    )?;
+    if let Some(p) = positional.first() {
+        return Err(usage(format!(
+            "kbs-serve takes no positional argument, got {p:?}"
+        )));
+    }
+    let need = |name: &str| {
+        o.get(name)
+            .copied()
+            .ok_or_else(|| usage(format!("kbs-serve needs {name}")))
+    };
+    let (listen, resources, reference) = (
+        need("--listen")?,
+        need("--resources")?,
+        need("--reference")?,
+    );
+    if !Path::new(resources).is_dir() {
+        return Err(Failure(
+            format!("--resources {resources}: not a directory"),
+            1,
+        ));
+    }
+    let json: serde_json::Value = serde_json::from_slice(&read(reference, "the reference values")?)
+        .map_err(|e| Failure(format!("{reference}: {e}"), 1))?;
+    let mut reference_values =
+        Reference::from_prediction(&json).map_err(|e| Failure(format!("{reference}: {e}"), 1))?;
+    let keys_path = need("--attestation-keys")?;
+    let keys = String::from_utf8_lossy(&read(keys_path, "the attestation keys")?).into_owned();
+    for (n, line) in keys.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let point = verity::parse_hex(line)
+            .filter(|p| p.len() == 64)
+            .ok_or_else(|| {
+                Failure(
+                    format!(
+                        "{keys_path}:{}: expected 128 hex digits (x then y of a P-256 attestation key)",
+                        n + 1
+                    ),
+                    1,
+                )
+            })?;
+        reference_values
+            .attestation_keys
+            .push((point[..32].to_vec(), point[32..].to_vec()));
+    }
+    let listener = std::net::TcpListener::bind(listen)
+        .map_err(|e| Failure(format!("cannot listen on {listen}: {e}"), 1))?;
+    eprintln!(
+        "cvm-measure kbs-serve: listening on {listen}; {} reference PCRs, {} attestation keys, resources in {resources}",
+        reference_values.pcrs.len(),
+        reference_values.attestation_keys.len()
+    );
+    serve(
+        listener,
+        std::sync::Arc::new(Broker::new(resources.into(), reference_values)),
+    );
     Ok(())
 }
 

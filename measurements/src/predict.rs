@@ -135,10 +135,25 @@ pub fn boot_events(inputs: &Inputs) -> Vec<Event> {
 
 /// The registers at `ready`.
 pub fn predict(inputs: &Inputs) -> Registers {
+    predict_events(inputs, &boot_events(inputs))
+}
+
+/// How many events come before a key broker is asked for the state-disk key (`kbs`): the
+/// configuration file is measured, the state disk's identity not yet (a disk's random UUID
+/// would make the evidence unpredictable).
+pub const KEY_RELEASE_EVENTS: usize = 5;
+
+/// The registers when the node asks a key broker for its state-disk key: what the broker's
+/// reference values are.
+pub fn predict_key_release(inputs: &Inputs) -> Registers {
+    predict_events(inputs, &boot_events(inputs)[..KEY_RELEASE_EVENTS])
+}
+
+fn predict_events(inputs: &Inputs, events: &[Event]) -> Registers {
     let mut registers = Registers::default();
     measure_sections(&mut registers, &inputs.sections);
-    for event in boot_events(inputs) {
-        apply(&mut registers, &event);
+    for event in events {
+        apply(&mut registers, event);
     }
     registers
 }
