@@ -243,13 +243,19 @@ pub fn run() -> ! {
         measure(Event::ConfigFile(bytes.clone()))?;
         parse_config(bytes)
     });
+    if let Some(network) = &config_file.network {
+        phase("network", || crate::net::bring_up(network));
+    }
     // The state disk (a later issue) is measured here; without one, its absence is. Then the
     // seal barrier: nothing sealed to the values so far unseals later in this boot.
     phase("state", || {
         match &config_file.state {
             None => measure(Event::StateDisk(None))?,
             Some(cfg) => {
-                let opened = state_disk::set_up(cfg, &sys, &mut |event| measure(event))?;
+                let opened =
+                    state_disk::set_up(cfg, config_file.kbs.as_ref(), &sys, &mut |event| {
+                        measure(event)
+                    })?;
                 log::info!(
                     "state disk {} ({}) mounted at {}{}",
                     opened.device,

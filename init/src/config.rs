@@ -378,6 +378,12 @@ pub struct ConfigFile {
     /// The encrypted state disk; without it the node keeps no state.
     #[serde(default)]
     pub state: Option<StateConfig>,
+    /// A static address for the interface the key broker is reached through.
+    #[serde(default)]
+    pub network: Option<crate::net::NetworkConfig>,
+    /// The key broker of the `kbs` key source.
+    #[serde(default)]
+    pub kbs: Option<KbsConfig>,
     /// Where each service's output is also written, as `<name>.log` (a directory on the
     /// state disk, such as /var/log/cvm); without it, output goes to the console only.
     #[serde(default)]
@@ -399,6 +405,31 @@ pub enum KeySourceChoice {
     Tpm,
     /// A new key every boot; the disk is re-created every boot.
     Ephemeral,
+    /// Released by a key broker (Trustee KBS protocol) to evidence of this image.
+    Kbs,
+}
+
+/// The key broker the `kbs` key source asks.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KbsConfig {
+    /// `http://host:port` (https with a pinned certificate is not implemented yet).
+    pub url: String,
+    /// The state-disk secret: `<repository>/<type>/<tag>`.
+    pub resource: String,
+    /// Must be true for an http:// URL: the exchange is then visible to the host (the secret
+    /// itself stays encrypted to the node's ephemeral key).
+    #[serde(default)]
+    pub plain_http: bool,
+}
+
+impl KbsConfig {
+    /// `host:port` of an http:// URL.
+    pub fn address(&self) -> Option<&str> {
+        let rest = self.url.strip_prefix("http://")?;
+        let address = rest.strip_suffix('/').unwrap_or(rest);
+        (address.contains(':') && !address.contains('/')).then_some(address)
+    }
 }
 
 /// The state disk.
@@ -683,6 +714,46 @@ pub fn parse_config_file(path: &Path, text: &str) -> Result<ConfigFile, ConfigFi
         validate_state(state).map_err(|(field, value, expected)| {
             invalid(format!("state.{field}"), &value, expected)
         })?;
+        if state.key == KeySourceChoice::Kbs && config.kbs.is_none() {
+            return Err(invalid(
+                "state.key".into(),
+                "kbs",
+                "a [kbs] section naming the key broker",
+            ));
+        }
+    }
+    if let Some(kbs) = &config.kbs {
+        if kbs.address().is_none() {
+            return Err(invalid(
+                "kbs.url".into(),
+                &kbs.url,
+                "http://host:port (https with a pinned certificate is not implemented yet)",
+            ));
+        }
+        if !kbs.plain_http {
+            return Err(invalid(
+                "kbs.plain_http".into(),
+                "false",
+                "true for an http:// key broker (say so explicitly)",
+            ));
+        }
+        let parts: Vec<&str> = kbs.resource.split('/').collect();
+        if parts.len() != 3 || parts.iter().any(|p| p.is_empty()) {
+            return Err(invalid(
+                "kbs.resource".into(),
+                &kbs.resource,
+                "<repository>/<type>/<tag>",
+            ));
+        }
+    }
+    if let Some(network) = &config.network {
+        if crate::net::parse_cidr(&network.address).is_err() {
+            return Err(invalid(
+                "network.address".into(),
+                &network.address,
+                "a.b.c.d/len",
+            ));
+        }
     }
     Ok(config)
 }

@@ -1,6 +1,7 @@
 //! Where the state disk's keyslot secret comes from, behind one trait: `tpm` (a random secret
 //! sealed to the boot-time PCRs, kept in a LUKS2 token) and `ephemeral` (a new random secret
-//! every boot, the disk re-created). The attestation issue adds `kbs` and `snp-derived`.
+//! every boot, the disk re-created) and `kbs` (released by a key broker to this image's
+//! evidence). `snp-derived` is still to come.
 
 use base64::Engine;
 use zeroize::Zeroizing;
@@ -152,5 +153,65 @@ impl<T: Transport> KeySource for TpmSealed<T> {
             pcrs,
         };
         Ok(seal::unseal(&mut self.transport, &blob)?)
+    }
+}
+
+/// Evidence for a key broker, given the binding it must carry.
+pub type EvidenceFn = Box<dyn FnMut(&[u8; 64]) -> Result<serde_json::Value, String>>;
+
+/// The secret is released by a key broker (Trustee KBS protocol) to evidence of this image;
+/// fetched once, before the disk's identity is measured, so that the evidence is predictable
+/// (`cvm-measure predict --at key-release`). Unreachable or refusing: retried with capped
+/// backoff, a console line each time, never another key source.
+pub struct Kbs {
+    secret: Zeroizing<Vec<u8>>,
+}
+
+/// Capped backoff between key-broker attempts.
+const KBS_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Kbs {
+    pub fn fetch(address: &str, tee: &str, resource: &str, mut evidence: EvidenceFn) -> Kbs {
+        let mut delay = std::time::Duration::from_millis(500);
+        for attempt in 1.. {
+            match cvm_measure::kbs_client::get_resource(address, tee, resource, &mut evidence) {
+                Ok(secret) if secret.len() >= SECRET_LEN => {
+                    log::info!(
+                        "kbs: {resource} released by the key broker at {address} (attempt {attempt})"
+                    );
+                    return Kbs {
+                        secret: Zeroizing::new(secret),
+                    };
+                }
+                Ok(secret) => log::error!(
+                    "kbs: attempt {attempt}: {resource} holds {} bytes, at least {SECRET_LEN} needed; retrying in {}ms",
+                    secret.len(),
+                    delay.as_millis()
+                ),
+                Err(e) => log::error!(
+                    "kbs: attempt {attempt}: {}; retrying in {}ms",
+                    crate::logger::chain(&e),
+                    delay.as_millis()
+                ),
+            }
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(KBS_BACKOFF_MAX);
+        }
+        unreachable!("the loop only ends by returning")
+    }
+}
+
+impl KeySource for Kbs {
+    fn name(&self) -> &'static str {
+        "kbs"
+    }
+    fn provision(&mut self) -> Result<Provisioned, KeyError> {
+        Ok(Provisioned {
+            secret: self.secret.clone(),
+            token: None,
+        })
+    }
+    fn recover(&mut self, _token: Option<&Token>) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        Ok(self.secret.clone())
     }
 }

@@ -11,6 +11,7 @@ pub mod logger;
 pub mod measure;
 pub mod modules;
 pub mod mounts;
+pub mod net;
 pub mod power;
 pub mod root;
 pub mod runtime;

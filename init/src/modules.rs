@@ -30,8 +30,15 @@ pub const REQUIRED: &[&str] = &[
 /// Modules loaded when the machine has what they drive: the SEV-SNP and TDX guest drivers
 /// (their devices tell the measurement backend which TEE this is), and the AES-NI and SSSE3
 /// ciphers, without which dm-crypt falls back to the generic C code (the crypto API's own
-/// module requests need a modprobe this system does not have).
-pub const OPTIONAL: &[&str] = &["sev_guest", "tdx_guest", "aesni_intel", "sha256_ssse3"];
+/// module requests need a modprobe this system does not have), and the virtio NIC (for a
+/// key broker).
+pub const OPTIONAL: &[&str] = &[
+    "sev_guest",
+    "tdx_guest",
+    "aesni_intel",
+    "sha256_ssse3",
+    "virtio_net",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModuleError {

@@ -11,13 +11,13 @@ use cvm_measure::event::Event;
 use nix::mount::MsFlags;
 use zeroize::Zeroizing;
 
-use crate::config::{IntegrityChoice, KeySourceChoice, StateConfig};
+use crate::config::{IntegrityChoice, KbsConfig, KeySourceChoice, StateConfig};
 use crate::disk::crypt::{crypt_params, KeyringError, LogonKey};
 use crate::disk::integrity::{self, IntegrityError, SUPERBLOCK_LEN};
 use crate::disk::luks2::{self, FormatInput, KdfPolicy, Luks2Error, Policy, DATA_OFFSET, HDR_SIZE};
 use crate::disk::state::{classify, DiskState, BLANK_PROBE, COMMITTED, UNCOMMITTED};
 use crate::dm::{self, DmError, MappedDevice};
-use crate::keys::{Ephemeral, KeyError, KeySource, TpmSealed};
+use crate::keys::{Ephemeral, Kbs, KeyError, KeySource, TpmSealed};
 use crate::measure::MeasureError;
 use crate::sys::System;
 use crate::tee::tpm::{DeviceTransport, Tpm, TpmError};
@@ -87,6 +87,8 @@ pub enum StateError {
         #[source]
         source: nix::errno::Errno,
     },
+    #[error("state.key is kbs but the configuration has no [kbs] section")]
+    NoKbs,
     #[error("{device} is too small for a state disk ({size} bytes, at least {MIN_FORMAT_SIZE})")]
     TooSmall { device: String, size: u64 },
     #[error("the state disk {device} has integrity metadata cvm-init cannot use")]
@@ -138,6 +140,30 @@ fn random_uuid() -> String {
     cvm_measure::verity::format_uuid(&uuid)
 }
 
+/// The `kbs` source with vTPM evidence: a quote over the sealed PCRs by the vTPM's
+/// attestation key, bound to the broker's challenge.
+fn kbs_source(kbs: &KbsConfig) -> Result<Kbs, StateError> {
+    let address = kbs.address().expect("validated with the configuration");
+    let evidence = Box::new(|binding: &[u8; 64]| {
+        let mut transport = DeviceTransport::open().map_err(|e| crate::logger::chain(&e))?;
+        let q = crate::tee::quote::quote(&mut transport, binding, &SEAL_PCRS)
+            .map_err(|e| crate::logger::chain(&e))?;
+        log::info!(
+            "kbs: this node's vTPM attestation key is {}{} (the key broker must list it)",
+            cvm_measure::hex(&q.ak_x),
+            cvm_measure::hex(&q.ak_y)
+        );
+        Ok(cvm_measure::kbs_broker::TpmEvidence::json(
+            &q.ak_x, &q.ak_y, &q.attest, &q.r, &q.s,
+        ))
+    });
+    log::info!(
+        "kbs: asking the key broker at {address} for {}",
+        kbs.resource
+    );
+    Ok(Kbs::fetch(address, "tpm", &kbs.resource, evidence))
+}
+
 fn tpm_source() -> Result<TpmSealed<DeviceTransport>, StateError> {
     let mut tpm =
         Tpm::new(DeviceTransport::open().map_err(StateError::Tpm)?).map_err(StateError::Tpm)?;
@@ -163,9 +189,16 @@ pub struct Opened {
 /// the key is derived or used).
 pub fn set_up(
     cfg: &StateConfig,
+    kbs: Option<&KbsConfig>,
     sys: &dyn System,
     measure: &mut dyn FnMut(Event) -> Result<(), MeasureError>,
 ) -> Result<Opened, StateError> {
+    // A key broker is asked first, before anything about the disk is measured, so that the
+    // evidence it checks is what `cvm-measure predict --at key-release` computes.
+    let mut prefetched = match (cfg.key, kbs) {
+        (KeySourceChoice::Kbs, Some(kbs)) => Some(kbs_source(kbs)?),
+        _ => None,
+    };
     let (name, dev) = find_by_serial(Path::new("/sys/block"), &cfg.serial)?;
     let device = format!("/dev/{name}");
     let io = |what: &'static str| {
@@ -191,6 +224,7 @@ pub fn set_up(
     let mut source: Box<dyn KeySource> = match cfg.key {
         KeySourceChoice::Tpm => Box::new(tpm_source()?),
         KeySourceChoice::Ephemeral => Box::new(Ephemeral),
+        KeySourceChoice::Kbs => Box::new(prefetched.take().ok_or(StateError::NoKbs)?),
     };
     let key_err = |source_name: &'static str| {
         move |source| StateError::Key {

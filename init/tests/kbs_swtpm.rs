@@ -7,13 +7,13 @@ mod common;
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use common::{connect, start_swtpm, Tcp};
 use cvm_init::tee::quote::quote;
 use cvm_init::tee::tpm::Tpm;
 use cvm_measure::http::{read_message, write_message};
-use cvm_measure::kbs_broker::{serve, Broker, Reference};
+use cvm_measure::kbs_broker::{serve, Broker, Reference, TpmEvidence};
 use cvm_measure::kbs_client::{get_resource, ClientError};
 use cvm_measure::registers::Bank;
 use serde_json::{json, Value};
@@ -22,13 +22,7 @@ const PCRS: [u32; 2] = [11, 15];
 
 fn tpm_evidence(t: &mut Tcp, binding: &[u8; 64]) -> Result<Value, String> {
     let q = quote(t, binding, &PCRS).map_err(|e| e.to_string())?;
-    Ok(json!({
-        "ak_x": URL_SAFE_NO_PAD.encode(&q.ak_x),
-        "ak_y": URL_SAFE_NO_PAD.encode(&q.ak_y),
-        "attest": STANDARD.encode(&q.attest),
-        "signature_r": STANDARD.encode(&q.r),
-        "signature_s": STANDARD.encode(&q.s),
-    }))
+    Ok(TpmEvidence::json(&q.ak_x, &q.ak_y, &q.attest, &q.r, &q.s))
 }
 
 fn start_broker(resources: &std::path::Path, reference: Reference) -> String {
@@ -103,7 +97,7 @@ fn other_measurements_or_an_unknown_key_are_refused() {
     let mut t = connect(s.port);
     for (reference, why) in [
         (other_image, "PCR digest does not match"),
-        (unknown_key, "attestation key is not one this broker trusts"),
+        (unknown_key, "is not one this broker trusts"),
     ] {
         let address = start_broker(s.resources.path(), reference);
         match get_resource(&address, "tpm", "cvm/state-disk/key", &mut |b| {

@@ -74,7 +74,7 @@ struct Session {
 /// The broker's state.
 pub struct Broker {
     pub resources: PathBuf,
-    pub reference: Reference,
+    reference: Mutex<Reference>,
     sessions: Mutex<HashMap<String, Session>>,
 }
 
@@ -126,13 +126,31 @@ pub struct TpmEvidence {
     pub signature_s: String,
 }
 
+impl TpmEvidence {
+    /// The `primary_evidence` JSON of a quote.
+    pub fn json(ak_x: &[u8], ak_y: &[u8], attest: &[u8], r: &[u8], s: &[u8]) -> Value {
+        json!({
+            "ak_x": URL_SAFE_NO_PAD.encode(ak_x),
+            "ak_y": URL_SAFE_NO_PAD.encode(ak_y),
+            "attest": STANDARD.encode(attest),
+            "signature_r": STANDARD.encode(r),
+            "signature_s": STANDARD.encode(s),
+        })
+    }
+}
+
 impl Broker {
     pub fn new(resources: PathBuf, reference: Reference) -> Broker {
         Broker {
             resources,
-            reference,
+            reference: Mutex::new(reference),
             sessions: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Registers a node's attestation key (an operator admitting a new node).
+    pub fn allow_attestation_key(&self, x: Vec<u8>, y: Vec<u8>) {
+        self.reference.lock().unwrap().attestation_keys.push((x, y));
     }
 
     /// Answers one request.
@@ -272,16 +290,20 @@ impl Broker {
             b64url("ak_x", &evidence.ak_x)?,
             b64url("ak_y", &evidence.ak_y)?,
         );
-        if !self
-            .reference
+        let reference = self.reference.lock().unwrap().clone();
+        if !reference
             .attestation_keys
             .iter()
             .any(|(ax, ay)| *ax == x && *ay == y)
         {
-            return Err("the quote's attestation key is not one this broker trusts".into());
+            return Err(format!(
+                "the quote's attestation key {}{} is not one this broker trusts",
+                crate::hex(&x),
+                crate::hex(&y)
+            ));
         }
-        let pcrs: Vec<u32> = self.reference.pcrs.iter().map(|(i, _)| *i).collect();
-        let values: Vec<Vec<u8>> = self.reference.pcrs.iter().map(|(_, v)| v.clone()).collect();
+        let pcrs: Vec<u32> = reference.pcrs.iter().map(|(i, _)| *i).collect();
+        let values: Vec<Vec<u8>> = reference.pcrs.iter().map(|(_, v)| v.clone()).collect();
         crate::tpm_quote::verify(
             &b64("attest", &evidence.attest)?,
             &b64("signature_r", &evidence.signature_r)?,

@@ -25,6 +25,7 @@ pub struct Guest {
     memory_mib: u32,
     reboot: bool,
     interactive: bool,
+    network: bool,
 }
 
 impl Guest {
@@ -42,6 +43,7 @@ impl Guest {
             memory_mib: 512,
             reboot: false,
             interactive: false,
+            network: false,
         }
     }
 
@@ -88,6 +90,13 @@ impl Guest {
         self
     }
 
+    /// A virtio NIC on QEMU's user network: the guest is 10.0.2.15/24 by convention and
+    /// reaches the host's loopback at 10.0.2.2.
+    pub fn network(mut self, on: bool) -> Self {
+        self.network = on;
+        self
+    }
+
     /// The console (and the QEMU monitor, ctrl-a c) on this terminal instead of a log file:
     /// for `make run`.
     pub fn interactive(mut self, on: bool) -> Self {
@@ -127,7 +136,14 @@ impl Guest {
             "-no-user-config",
         ])
         .args(["-m", &self.memory_mib.to_string()])
-        .args(["-nic", "none"]);
+        .args([
+            "-nic",
+            if self.network {
+                "user,model=virtio-net-pci"
+            } else {
+                "none"
+            },
+        ]);
         if self.interactive {
             cmd.args(["-nographic", "-serial", "mon:stdio"]);
         } else {

@@ -1,0 +1,160 @@
+//! The `kbs` key source end to end in QEMU with swtpm: the node reaches the reference key
+//! broker (running in this test, on the host's loopback, seen by the guest at 10.0.2.2),
+//! proves itself with a vTPM quote over the PCRs `predict --at key-release` computes, and
+//! opens its state disk with the released secret; another image is refused and never opens it.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+
+use cvm_measure::kbs_broker::{serve, Broker, Reference};
+use cvm_measure::predict::{predict_key_release, Inputs};
+use cvm_measure::registers::Bank;
+use qemu_tests::guest::BASE_CMDLINE;
+use qemu_tests::support::{must, prepare, Prepared, BOOT};
+
+fn config(port: u16) -> String {
+    format!(
+        r#"
+[network]
+interface = "eth0"
+address = "10.0.2.15/24"
+gateway = "10.0.2.2"
+
+[kbs]
+url = "http://10.0.2.2:{port}"
+resource = "cvm/state-disk/key"
+plain_http = true
+
+[state]
+serial = "cvm-state"
+key = "kbs"
+binds = ["/var/lib/kubelet"]
+
+[[service]]
+name = "app"
+path = "/bin/payload"
+args = ["state-probe"]
+"#
+    )
+}
+
+/// The broker's reference values for this image: the registers when the key is asked for.
+fn reference(prepared: &Prepared, config: &str) -> Reference {
+    let cmdline = format!("{BASE_CMDLINE} {}", prepared.image.roothash_option());
+    let registers = predict_key_release(&Inputs {
+        cmdline: cmdline.into_bytes(),
+        root_hash: prepared.image.root.tree.root_hash,
+        config_file: Some(config.as_bytes().to_vec()),
+        ..Default::default()
+    });
+    Reference {
+        pcrs: [11u32, 15]
+            .iter()
+            .map(|&p| (p, registers.pcr(Bank::Sha256, p as usize).to_vec()))
+            .collect(),
+        attestation_keys: Vec::new(),
+    }
+}
+
+/// The attestation key the node prints while it asks (an operator registers it).
+fn printed_key(log: &str) -> Option<(Vec<u8>, Vec<u8>)> {
+    let hex = log
+        .lines()
+        .find_map(|l| l.split("vTPM attestation key is ").nth(1))?
+        .split_whitespace()
+        .next()?;
+    let bytes = cvm_measure::verity::parse_hex(hex)?;
+    (bytes.len() == 64).then(|| (bytes[..32].to_vec(), bytes[32..].to_vec()))
+}
+
+#[test]
+fn the_node_gets_its_disk_key_from_the_broker_and_another_image_does_not() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let config = config(port);
+    let prepared = prepare(Some(&config));
+    let resources = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(resources.path().join("cvm/state-disk")).unwrap();
+    let secret = qemu_tests::pseudo_random_bytes(32, 0x2545f4914f6cdd1d);
+    std::fs::write(resources.path().join("cvm/state-disk/key"), &secret).unwrap();
+    let broker = Arc::new(Broker::new(
+        resources.path().to_path_buf(),
+        reference(&prepared, &config),
+    ));
+    let serving = broker.clone();
+    std::thread::spawn(move || serve(listener, serving));
+
+    let work = tempfile::tempdir().unwrap();
+    let disk = work.path().join("state.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let tpm = work.path().join("tpm");
+    std::fs::create_dir_all(&tpm).unwrap();
+
+    // b. An unknown node first: refused, and it says so and retries; once the operator has
+    // registered its attestation key, the key is released and the node boots to ready.
+    let mut guest = prepared.boot("kbs-node", "", |g| {
+        g.state_disk(&disk, "cvm-state")
+            .tpm_state(&tpm)
+            .network(true)
+    });
+    must(guest.wait_for("is not one this broker trusts", BOOT));
+    let (x, y) = printed_key(&guest.serial_log()).expect("the node printed its key");
+    broker.allow_attestation_key(x, y);
+    must(guest.wait_for("kbs: cvm/state-disk/key released", BOOT));
+    must(guest.wait_for("app: payload: marker written", BOOT));
+    must(guest.wait_for("cvm-init: ready", BOOT));
+    let log = guest.serial_log();
+    assert!(log.contains("formatted on this boot"));
+    for line in log
+        .lines()
+        .filter(|l| l.contains("kbs") || l.contains("network"))
+    {
+        eprintln!("{line}");
+    }
+    guest
+        .qmp()
+        .execute("system_powerdown", serde_json::json!({}))
+        .unwrap();
+    guest.wait_exit(BOOT).unwrap_or_else(|e| panic!("{e}"));
+    drop(guest);
+    assert!(std::fs::read(&disk).unwrap().starts_with(b"LUKS\xba\xbe"));
+
+    // The next boot of the same image gets the same secret and opens the disk.
+    let mut guest = prepared.boot("kbs-node-again", "", |g| {
+        g.state_disk(&disk, "cvm-state")
+            .tpm_state(&tpm)
+            .network(true)
+    });
+    must(guest.wait_for(
+        "app: payload: marker found plaintext-marker-7f3a9c21e5",
+        BOOT,
+    ));
+    assert!(guest.serial_log().contains("(attempt 1)"));
+    guest
+        .qmp()
+        .execute("system_powerdown", serde_json::json!({}))
+        .unwrap();
+    guest.wait_exit(BOOT).unwrap_or_else(|e| panic!("{e}"));
+    drop(guest);
+
+    // c. Another image (its configuration differs): the broker refuses its evidence, the node
+    // says why, never opens the disk, and the disk is unchanged.
+    let other_config = format!("{config}# another image\n");
+    let other = prepare(Some(&other_config));
+    let before = std::fs::read(&disk).unwrap();
+    let mut guest = other.boot("kbs-other-image", "", |g| {
+        g.state_disk(&disk, "cvm-state")
+            .tpm_state(&tpm)
+            .network(true)
+    });
+    must(guest.wait_for("the quoted PCR digest does not match", BOOT));
+    must(guest.wait_for_count("the quoted PCR digest does not match", 2, BOOT));
+    let log = guest.serial_log();
+    assert!(!log.contains("app: payload:"), "the workload ran");
+    assert!(!log.contains("opened LUKS2"), "the disk was opened");
+    drop(guest);
+    assert!(std::fs::read(&disk).unwrap() == before, "the disk changed");
+}
