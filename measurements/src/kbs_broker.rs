@@ -30,6 +30,8 @@ pub struct Reference {
     pub pcrs: Vec<(u32, Vec<u8>)>,
     /// Attestation keys allowed to sign vTPM quotes, as (x, y).
     pub attestation_keys: Vec<(Vec<u8>, Vec<u8>)>,
+    /// SEV-SNP launch digests allowed (the reference JSON's `snp_measurements`).
+    pub snp_measurements: Vec<Vec<u8>>,
 }
 
 impl Reference {
@@ -54,14 +56,30 @@ impl Reference {
             ));
         }
         pcrs.sort();
+        let mut snp_measurements = Vec::new();
+        for m in json
+            .get("snp_measurements")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let hex = m.as_str().ok_or("snp_measurements holds a non-string")?;
+            snp_measurements.push(
+                crate::verity::parse_hex(hex)
+                    .filter(|d| d.len() == 48)
+                    .ok_or(format!("snp measurement {hex:?} is not 96 hex digits"))?,
+            );
+        }
         Ok(Reference {
             pcrs,
             attestation_keys: Vec::new(),
+            snp_measurements,
         })
     }
 }
 
 struct Session {
+    tee: String,
     nonce: String,
     hash: String,
     created: Instant,
@@ -187,11 +205,14 @@ impl Broker {
                 ),
             );
         }
-        if parsed.tee != "tpm" {
+        if parsed.tee != "tpm" && parsed.tee != "snp" {
             return problem(
                 400,
                 "UnsupportedTee",
-                format!("tee {:?}: this broker verifies tpm evidence", parsed.tee),
+                format!(
+                    "tee {:?}: this broker verifies tpm and snp evidence",
+                    parsed.tee
+                ),
             );
         }
         let id = random_id();
@@ -203,6 +224,7 @@ impl Broker {
         self.sessions.lock().unwrap().insert(
             id.clone(),
             Session {
+                tee: parsed.tee.clone(),
                 nonce,
                 hash: "sha384".into(),
                 created: Instant::now(),
@@ -227,7 +249,7 @@ impl Broker {
                 "no session cookie: auth first".into(),
             );
         };
-        let (nonce, hash) = {
+        let (tee, nonce, hash) = {
             let mut sessions = self.sessions.lock().unwrap();
             let Some(session) = sessions.get_mut(id) else {
                 return problem(401, "UnAuthenticated", "unknown or expired session".into());
@@ -240,7 +262,11 @@ impl Broker {
                 );
             }
             session.spent = true;
-            (session.nonce.clone(), session.hash.clone())
+            (
+                session.tee.clone(),
+                session.nonce.clone(),
+                session.hash.clone(),
+            )
         };
         let attestation: Attestation = match serde_json::from_slice(&request.body) {
             Ok(a) => a,
@@ -264,7 +290,13 @@ impl Broker {
             Ok(b) => b,
             Err(e) => return problem(400, "InvalidRequest", e.to_string()),
         };
-        if let Err(why) = self.verify_tpm(&attestation.tee_evidence.primary_evidence, &binding) {
+        let evidence = &attestation.tee_evidence.primary_evidence;
+        let verdict = if tee == "snp" {
+            self.verify_snp(evidence, &binding)
+        } else {
+            self.verify_tpm(evidence, &binding)
+        };
+        if let Err(why) = verdict {
             return problem(401, "AttestationError", why);
         }
         if let Some(session) = self.sessions.lock().unwrap().get_mut(id) {
@@ -315,6 +347,38 @@ impl Broker {
         )
         .map(|_| ())
         .map_err(|e| format!("vTPM quote refused: {e}"))
+    }
+
+    /// `snp` evidence: `{"report": base64 of the 1184 bytes, "vcek": base64 of its DER
+    /// certificate}`; the certificate must chain to AMD's root, the report verify with it and
+    /// carry an allowed launch digest, VMPL 0, no debugging, and this session's binding.
+    pub fn verify_snp(&self, evidence: &Value, binding: &[u8; 64]) -> Result<(), String> {
+        use crate::snp;
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct SnpEvidence {
+            report: String,
+            vcek: String,
+        }
+        let evidence: SnpEvidence =
+            serde_json::from_value(evidence.clone()).map_err(|e| format!("snp evidence: {e}"))?;
+        let decode = |name: &str, v: &str| {
+            STANDARD
+                .decode(v)
+                .map_err(|_| format!("{name} is not base64"))
+        };
+        let report =
+            snp::Report::parse(&decode("report", &evidence.report)?).map_err(|e| e.to_string())?;
+        let vcek = snp::certificate(&decode("vcek", &evidence.vcek)?).map_err(|e| e.to_string())?;
+        let product = snp::verify_chain(&vcek).map_err(|e| e.to_string())?;
+        report
+            .verify_signature(&vcek)
+            .map_err(|e| format!("{e} (AMD {product} chain)"))?;
+        let expected = snp::Expectations {
+            measurements: self.reference.lock().unwrap().snp_measurements.clone(),
+            report_data: binding.to_vec(),
+        };
+        snp::appraise(&report, &expected).map_err(|why| format!("SNP report refused: {why}"))
     }
 
     fn resource(&self, request: &Message, path: &str) -> Answer {
@@ -392,5 +456,81 @@ pub fn serve(listener: TcpListener, broker: Arc<Broker>) {
     for stream in listener.incoming().flatten() {
         let broker = broker.clone();
         std::thread::spawn(move || serve_one(&broker, stream));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn broker(snp_measurements: Vec<Vec<u8>>) -> Broker {
+        Broker::new(
+            PathBuf::from("/nonexistent"),
+            Reference {
+                snp_measurements,
+                ..Default::default()
+            },
+        )
+    }
+
+    fn real_evidence() -> Value {
+        json!({
+            "report": STANDARD.encode(crate::testdata::read("snp/gsg_attestation.bin")),
+            "vcek": STANDARD.encode(crate::testdata::read("snp/gsg_vcek.der")),
+        })
+    }
+
+    #[test]
+    fn real_snp_evidence_is_verified_and_appraised() {
+        let report =
+            crate::snp::Report::parse(&crate::testdata::read("snp/gsg_attestation.bin")).unwrap();
+        // Signature and chain pass; this real report allows debugging, which is refused.
+        let allowed = broker(vec![report.measurement().to_vec()]);
+        let mut binding = [0u8; 64];
+        binding.copy_from_slice(report.report_data());
+        let why = allowed.verify_snp(&real_evidence(), &binding).unwrap_err();
+        assert!(why.contains("allows debugging"), "{why}");
+        // Another image's digest.
+        let why = broker(vec![vec![0; 48]])
+            .verify_snp(&real_evidence(), &binding)
+            .unwrap_err();
+        assert!(why.contains("launch digest"), "{why}");
+        // A changed byte in the signed part.
+        let mut raw = crate::testdata::read("snp/gsg_attestation.bin");
+        raw[0x95] ^= 1;
+        let altered = json!({
+            "report": STANDARD.encode(raw),
+            "vcek": real_evidence()["vcek"],
+        });
+        let why = allowed.verify_snp(&altered, &binding).unwrap_err();
+        assert!(why.contains("does not verify"), "{why}");
+    }
+
+    #[test]
+    fn requests_that_are_not_the_protocol_are_refused() {
+        let b = broker(Vec::new());
+        for (start, body, status) in [
+            ("POST /kbs/v0/auth HTTP/1.1", "{", 400),
+            (
+                "POST /kbs/v0/auth HTTP/1.1",
+                r#"{"version":"0.1.1","tee":"tpm","extra-params":{}}"#,
+                400,
+            ),
+            (
+                "POST /kbs/v0/auth HTTP/1.1",
+                r#"{"version":"0.4.0","tee":"sgx","extra-params":{}}"#,
+                400,
+            ),
+            ("POST /kbs/v0/attest HTTP/1.1", "{}", 401),
+            ("GET /kbs/v0/resource/a/b/c HTTP/1.1", "", 401),
+            ("DELETE /kbs/v0/auth HTTP/1.1", "", 404),
+        ] {
+            let answer = b.handle(&Message {
+                start: start.into(),
+                headers: Vec::new(),
+                body: body.as_bytes().to_vec(),
+            });
+            assert_eq!(answer.status, status, "{start} {body}");
+        }
     }
 }

@@ -131,8 +131,11 @@ impl Report {
     /// Checks the ECDSA P-384 signature over the signed bytes with the endorsement key (VCEK
     /// or VLEK) in `certificate`.
     pub fn verify_signature(&self, certificate: &Certificate) -> Result<(), SnpError> {
-        let key = p384::ecdsa::VerifyingKey::from_sec1_bytes(certificate.public_key_sec1())
-            .map_err(|e| SnpError::Certificate(format!("not a P-384 public key: {e}")))?;
+        self.verify_signature_with(&endorsement_key(certificate)?)
+    }
+
+    /// The same with the endorsement key itself.
+    pub fn verify_signature_with(&self, key: &p384::ecdsa::VerifyingKey) -> Result<(), SnpError> {
         let component = |at: usize| {
             let mut be = [0u8; COMPONENT_LEN];
             be.copy_from_slice(&self.raw[at..at + COMPONENT_LEN]);
@@ -146,6 +149,52 @@ impl Report {
         key.verify(&self.raw[..SIGNED_LEN], &signature)
             .map_err(|_| SnpError::Signature)
     }
+}
+
+/// The P-384 public key an endorsement key certificate certifies.
+pub fn endorsement_key(certificate: &Certificate) -> Result<p384::ecdsa::VerifyingKey, SnpError> {
+    p384::ecdsa::VerifyingKey::from_sec1_bytes(certificate.public_key_sec1())
+        .map_err(|e| SnpError::Certificate(format!("not a P-384 public key: {e}")))
+}
+
+/// What a verifier requires of a report beyond its signature.
+#[derive(Debug, Clone, Default)]
+pub struct Expectations {
+    /// Launch digests of the images allowed to run (`cvm-measure`'s SNP prediction).
+    pub measurements: Vec<Vec<u8>>,
+    /// The binding the report must carry.
+    pub report_data: Vec<u8>,
+}
+
+/// Checks a signed report's contents: VMPL 0, no debugging, an allowed launch digest, the
+/// binding. (The signature and the chain are checked before.)
+pub fn appraise(report: &Report, expected: &Expectations) -> Result<(), String> {
+    if report.vmpl() != 0 {
+        return Err(format!(
+            "the report comes from VMPL {}, expected 0",
+            report.vmpl()
+        ));
+    }
+    if !expected
+        .measurements
+        .iter()
+        .any(|m| m.as_slice() == report.measurement())
+    {
+        return Err(format!(
+            "launch digest {} is not one of the {} allowed",
+            crate::hex(report.measurement()),
+            expected.measurements.len()
+        ));
+    }
+    if report.debug_allowed() {
+        return Err(
+            "the guest policy allows debugging (its memory is readable by the host)".into(),
+        );
+    }
+    if report.report_data() != expected.report_data.as_slice() {
+        return Err("the report data is not this session's binding (replayed evidence)".into());
+    }
+    Ok(())
 }
 
 /// Reads an endorsement key certificate (DER or PEM).
@@ -279,6 +328,64 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    /// A report signed by a test key, as the SNP firmware lays it out.
+    fn signed_report(
+        key: &p384::ecdsa::SigningKey,
+        measurement: &[u8; 48],
+        report_data: &[u8; 64],
+        policy: u64,
+    ) -> Report {
+        use p384::ecdsa::signature::Signer;
+        let mut raw = vec![0u8; REPORT_LEN];
+        raw[0] = 3;
+        raw[0x8..0x10].copy_from_slice(&policy.to_le_bytes());
+        raw[0x34] = 1;
+        raw[0x50..0x90].copy_from_slice(report_data);
+        raw[0x90..0xc0].copy_from_slice(measurement);
+        let signature: p384::ecdsa::Signature = key.sign(&raw[..SIGNED_LEN]);
+        let (r, s) = signature.split_bytes();
+        let mut r = r.to_vec();
+        let mut s = s.to_vec();
+        r.reverse();
+        s.reverse();
+        raw[SIGNED_LEN..SIGNED_LEN + COMPONENT_LEN].copy_from_slice(&r);
+        raw[SIGNED_LEN + COMPONENT_FIELD..SIGNED_LEN + COMPONENT_FIELD + COMPONENT_LEN]
+            .copy_from_slice(&s);
+        Report::parse(&raw).unwrap()
+    }
+
+    #[test]
+    fn appraisal_checks_digest_binding_and_policy() {
+        let key = p384::ecdsa::SigningKey::random(&mut rand_core::OsRng);
+        let digest = [0x11u8; 48];
+        let binding = [0x22u8; 64];
+        let expected = Expectations {
+            measurements: vec![digest.to_vec()],
+            report_data: binding.to_vec(),
+        };
+        let good = signed_report(&key, &digest, &binding, 0x30000);
+        good.verify_signature_with(key.verifying_key()).unwrap();
+        appraise(&good, &expected).unwrap();
+        let other_image = signed_report(&key, &[0x33; 48], &binding, 0x30000);
+        assert!(appraise(&other_image, &expected)
+            .unwrap_err()
+            .contains("launch digest"));
+        let replayed = signed_report(&key, &digest, &[0; 64], 0x30000);
+        assert!(appraise(&replayed, &expected)
+            .unwrap_err()
+            .contains("replayed"));
+        let debug = signed_report(&key, &digest, &binding, 0x30000 | 1 << 19);
+        assert!(appraise(&debug, &expected)
+            .unwrap_err()
+            .contains("debugging"));
+        // Signed by another key.
+        let other_key = p384::ecdsa::SigningKey::random(&mut rand_core::OsRng);
+        assert_eq!(
+            good.verify_signature_with(other_key.verifying_key()),
+            Err(SnpError::Signature)
+        );
     }
 
     proptest! {
