@@ -53,6 +53,7 @@ fn setup(slot: u16) -> Setup {
     let reference = Reference {
         pcrs: PCRS.iter().copied().zip(values).collect(),
         attestation_keys: vec![(q.ak_x, q.ak_y)],
+        ..Default::default()
     };
     let resources = tempfile::tempdir().unwrap();
     let key: Vec<u8> = (0..32u8).map(|i| i.wrapping_mul(37) ^ 0xa5).collect();

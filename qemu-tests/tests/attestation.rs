@@ -52,7 +52,7 @@ fn reference(prepared: &Prepared, config: &str) -> Reference {
             .iter()
             .map(|&p| (p, registers.pcr(Bank::Sha256, p as usize).to_vec()))
             .collect(),
-        attestation_keys: Vec::new(),
+        ..Default::default()
     }
 }
 
