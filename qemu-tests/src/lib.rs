@@ -1,6 +1,7 @@
 //! The boot-test harness: test images (cpio initramfs with cvm-init and the test payload),
 //! QEMU guests with optional swtpm, QMP, and console markers.
 
+pub mod broker;
 pub mod cpio;
 pub mod guest;
 pub mod image;

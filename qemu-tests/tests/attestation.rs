@@ -4,13 +4,9 @@
 //! opens its state disk with the released secret; another image is refused and never opens it.
 
 use std::net::TcpListener;
-use std::sync::Arc;
 
-use cvm_measure::kbs_broker::{serve, Broker, Reference};
-use cvm_measure::predict::{predict_key_release, Inputs};
-use cvm_measure::registers::Bank;
-use qemu_tests::guest::BASE_CMDLINE;
-use qemu_tests::support::{must, prepare, Prepared, BOOT};
+use qemu_tests::broker;
+use qemu_tests::support::{must, prepare, BOOT};
 
 fn config(port: u16) -> String {
     format!(
@@ -38,24 +34,6 @@ args = ["state-probe"]
     )
 }
 
-/// The broker's reference values for this image: the registers when the key is asked for.
-fn reference(prepared: &Prepared, config: &str) -> Reference {
-    let cmdline = format!("{BASE_CMDLINE} {}", prepared.image.roothash_option());
-    let registers = predict_key_release(&Inputs {
-        cmdline: cmdline.into_bytes(),
-        root_hash: prepared.image.root.tree.root_hash,
-        config_file: Some(config.as_bytes().to_vec()),
-        ..Default::default()
-    });
-    Reference {
-        pcrs: [11u32, 15]
-            .iter()
-            .map(|&p| (p, registers.pcr(Bank::Sha256, p as usize).to_vec()))
-            .collect(),
-        ..Default::default()
-    }
-}
-
 /// The attestation key the node prints while it asks (an operator registers it).
 fn printed_key(log: &str) -> Option<(Vec<u8>, Vec<u8>)> {
     let hex = log
@@ -74,15 +52,13 @@ fn the_node_gets_its_disk_key_from_the_broker_and_another_image_does_not() {
     let config = config(port);
     let prepared = prepare(Some(&config));
     let resources = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(resources.path().join("cvm/state-disk")).unwrap();
     let secret = qemu_tests::pseudo_random_bytes(32, 0x2545f4914f6cdd1d);
-    std::fs::write(resources.path().join("cvm/state-disk/key"), &secret).unwrap();
-    let broker = Arc::new(Broker::new(
-        resources.path().to_path_buf(),
-        reference(&prepared, &config),
-    ));
-    let serving = broker.clone();
-    std::thread::spawn(move || serve(listener, serving));
+    let broker = broker::start(
+        listener,
+        resources.path(),
+        broker::key_release_reference(&prepared.image, &config),
+        &secret,
+    );
 
     let work = tempfile::tempdir().unwrap();
     let disk = work.path().join("state.img");

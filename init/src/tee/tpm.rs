@@ -63,6 +63,40 @@ impl Transport for DeviceTransport {
     }
 }
 
+/// swtpm's TCP command port, for host tools and tests (an operator reading a node's
+/// attestation key before its first boot, the swtpm tests).
+pub struct TcpTransport(std::net::TcpStream);
+
+impl TcpTransport {
+    /// Connects, retrying for up to 10 s while swtpm starts.
+    pub fn connect(port: u16) -> std::io::Result<TcpTransport> {
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match std::net::TcpStream::connect(("127.0.0.1", port)) {
+                Ok(s) => {
+                    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+                    return Ok(TcpTransport(s));
+                }
+                Err(e) if std::time::Instant::now() > end => return Err(e),
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+            }
+        }
+    }
+}
+
+impl Transport for TcpTransport {
+    fn transact(&mut self, command: &[u8]) -> std::io::Result<Vec<u8>> {
+        self.0.write_all(command)?;
+        let mut head = [0u8; 10];
+        self.0.read_exact(&mut head)?;
+        let size = u32::from_be_bytes(head[2..6].try_into().expect("4 bytes")) as usize;
+        let mut reply = head.to_vec();
+        reply.resize(size.max(10), 0);
+        self.0.read_exact(&mut reply[10..])?;
+        Ok(reply)
+    }
+}
+
 pub(crate) fn frame(tag: u16, code: u32, body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(10 + body.len());
     out.extend_from_slice(&tag.to_be_bytes());

@@ -1,11 +1,8 @@
 //! swtpm on loopback TCP for the host tests that drive the init's own TPM code.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
-use cvm_init::tee::tpm::Transport;
+use cvm_init::tee::tpm::TcpTransport;
 
 pub struct Swtpm {
     child: Child,
@@ -44,31 +41,8 @@ pub fn start_swtpm(slot: u16) -> Swtpm {
     }
 }
 
-pub struct Tcp(pub TcpStream);
-
-impl Transport for Tcp {
-    fn transact(&mut self, command: &[u8]) -> std::io::Result<Vec<u8>> {
-        self.0.write_all(command)?;
-        let mut head = [0u8; 10];
-        self.0.read_exact(&mut head)?;
-        let size = u32::from_be_bytes(head[2..6].try_into().unwrap()) as usize;
-        let mut reply = head.to_vec();
-        reply.resize(size.max(10), 0);
-        self.0.read_exact(&mut reply[10..])?;
-        Ok(reply)
-    }
-}
+pub type Tcp = TcpTransport;
 
 pub fn connect(port: u16) -> Tcp {
-    let end = Instant::now() + Duration::from_secs(10);
-    loop {
-        match TcpStream::connect(("127.0.0.1", port)) {
-            Ok(s) => {
-                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-                return Tcp(s);
-            }
-            Err(e) if Instant::now() > end => panic!("swtpm did not listen: {e}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
-    }
+    TcpTransport::connect(port).unwrap_or_else(|e| panic!("swtpm did not listen: {e}"))
 }

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
-use qemu_tests::{kernel_time_of, Artifacts, Guest};
+use qemu_tests::{broker, kernel_time_of, Artifacts, Guest};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -57,8 +57,13 @@ fn image(dir: &Path, config: Option<&Path>) -> Result<(), String> {
     Ok(())
 }
 
+/// Where the demo's key broker listens (the demo configuration names it as 10.0.2.2:18080).
+const DEMO_BROKER: &str = "127.0.0.1:18080";
+
 /// `make run`: a fresh 8 GiB state disk and vTPM each time (the image may differ from the
-/// last run's, and the disk is sealed to the image); reboots within the run keep the disk.
+/// last run's); the disk key comes from the reference key broker, which runs in this process
+/// with the image's predicted reference values and the vTPM's attestation key registered
+/// before the first boot. Reboots within the run keep the disk.
 fn demo(config: &Path) -> Result<(), String> {
     let text = std::fs::read_to_string(config)
         .map_err(|e| format!("cannot read {}: {e}", config.display()))?;
@@ -67,24 +72,34 @@ fn demo(config: &Path) -> Result<(), String> {
         std::fs::remove_dir_all(&dir)
             .map_err(|e| format!("cannot clear {}: {e}", dir.display()))?;
     }
-    std::fs::create_dir_all(dir.join("tpm")).map_err(|e| e.to_string())?;
+    let tpm = dir.join("tpm");
+    std::fs::create_dir_all(&tpm).map_err(|e| e.to_string())?;
     let artifacts = Artifacts::get();
     let image = artifacts.image_with_runtime(&dir, &text);
     let disk = dir.join("state.img");
     sparse_disk(&disk, 8)?;
+    let listener = std::net::TcpListener::bind(DEMO_BROKER)
+        .map_err(|e| format!("cannot listen on {DEMO_BROKER} for the demo's key broker: {e}"))?;
+    let mut reference = broker::key_release_reference(&image, &text);
+    reference
+        .attestation_keys
+        .push(broker::attestation_key(&tpm)?);
+    let mut secret = [0u8; 32];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut secret);
+    broker::start(listener, &dir.join("kbs"), reference, &secret);
     println!(
-        "demo: root hash {}; console below (ctrl-a x quits, ctrl-a c then system_powerdown powers off)",
+        "demo: root hash {}; key broker on {DEMO_BROKER}; console below (ctrl-a x quits, ctrl-a c then system_powerdown powers off)",
         image.root.root_hash_hex()
     );
     let mut guest = Guest::new("demo", &artifacts.kernel.vmlinuz, &image.initrd)
         .disk(&image.root.disk)
         .state_disk(&disk, "cvm-state")
-        .tpm_state(&dir.join("tpm"))
+        .tpm_state(&tpm)
+        .network(true)
         .memory_mib(1024)
         .allow_reboot(true)
         .interactive(true)
         .cmdline(&image.roothash_option())
-        .cmdline("loglevel=4")
         .start();
     guest.wait_exit(Duration::from_secs(24 * 3600)).map(|_| ())
 }
