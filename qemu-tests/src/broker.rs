@@ -4,7 +4,6 @@
 
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use cvm_measure::kbs_broker::{serve, Broker, Reference};
@@ -42,17 +41,7 @@ pub fn attestation_key(dir: &Path) -> Result<(Vec<u8>, Vec<u8>), String> {
         let probe = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
         probe.local_addr().map_err(|e| e.to_string())?.port()
     };
-    let mut swtpm = Command::new("swtpm")
-        .args(["socket", "--tpm2", "--flags", "not-need-init,startup-clear"])
-        .arg("--server")
-        .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
-        .arg("--ctrl")
-        .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
-        .arg("--tpmstate")
-        .arg(format!("dir={}", dir.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
+    let mut swtpm = cvm_init::tee::tpm::spawn_swtpm(dir, port)
         .map_err(|e| format!("cannot start swtpm: {e}"))?;
     let result = cvm_init::tee::tpm::TcpTransport::connect(port)
         .map_err(|e| format!("swtpm did not listen: {e}"))

@@ -131,3 +131,12 @@ pub fn press_ctrl_alt_del(guest: &mut RunningGuest) {
         .execute("send-key", keys)
         .unwrap_or_else(|e| panic!("send-key: {e}"));
 }
+
+/// Presses the power button (ACPI) and waits for the guest to power off.
+pub fn power_down(guest: &mut RunningGuest) {
+    guest
+        .qmp()
+        .execute("system_powerdown", serde_json::json!({}))
+        .unwrap_or_else(|e| panic!("system_powerdown: {e}"));
+    guest.wait_exit(BOOT).unwrap_or_else(|e| panic!("{e}"));
+}

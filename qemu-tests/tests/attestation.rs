@@ -6,7 +6,7 @@
 use std::net::TcpListener;
 
 use qemu_tests::broker;
-use qemu_tests::support::{must, prepare, BOOT};
+use qemu_tests::support::{must, power_down, prepare, BOOT};
 
 fn config(port: u16) -> String {
     format!(
@@ -90,11 +90,7 @@ fn the_node_gets_its_disk_key_from_the_broker_and_another_image_does_not() {
     {
         eprintln!("{line}");
     }
-    guest
-        .qmp()
-        .execute("system_powerdown", serde_json::json!({}))
-        .unwrap();
-    guest.wait_exit(BOOT).unwrap_or_else(|e| panic!("{e}"));
+    power_down(&mut guest);
     drop(guest);
     assert!(std::fs::read(&disk).unwrap().starts_with(b"LUKS\xba\xbe"));
 
@@ -109,11 +105,7 @@ fn the_node_gets_its_disk_key_from_the_broker_and_another_image_does_not() {
         BOOT,
     ));
     assert!(guest.serial_log().contains("(attempt 1)"));
-    guest
-        .qmp()
-        .execute("system_powerdown", serde_json::json!({}))
-        .unwrap();
-    guest.wait_exit(BOOT).unwrap_or_else(|e| panic!("{e}"));
+    power_down(&mut guest);
     drop(guest);
 
     // c. Another image (its configuration differs): the broker refuses its evidence, the node

@@ -3,7 +3,9 @@
 
 use std::path::Path;
 
-use qemu_tests::support::{assert_fatal_before_workload, must, prepare, press_ctrl_alt_del, BOOT};
+use qemu_tests::support::{
+    assert_fatal_before_workload, must, power_down, prepare, press_ctrl_alt_del, BOOT,
+};
 use serde_json::json;
 
 const CONFIG: &str = r#"
@@ -65,8 +67,7 @@ fn state_persists_encrypted_and_only_for_the_same_image_and_tpm() {
         1,
         "the second boot formatted again"
     );
-    guest.qmp().execute("system_powerdown", json!({})).unwrap();
-    guest.wait_exit(BOOT).unwrap();
+    power_down(&mut guest);
     drop(guest);
 
     // b. The marker's plaintext is nowhere on the disk.
@@ -310,8 +311,7 @@ fn a_block_rewritten_by_the_host_is_an_error_with_integrity_and_garbage_without(
                 g.state_disk(&disk, "cvm-state").tpm_state(&tpm)
             });
             must(guest.wait_for(marker, BOOT));
-            guest.qmp().execute("system_powerdown", json!({})).unwrap();
-            guest.wait_exit(BOOT).unwrap_or_else(|e| panic!("{e}"));
+            power_down(&mut guest);
             guest.serial_log()
         };
         boot("state-probe-arm", "payload: probe armed");
@@ -374,8 +374,7 @@ fn a_power_cut_while_writing_leaves_a_readable_disk() {
     };
     let mut guest = start("state-write-arm");
     must(guest.wait_for("payload: probe armed", BOOT));
-    guest.qmp().execute("system_powerdown", json!({})).unwrap();
-    guest.wait_exit(BOOT).unwrap_or_else(|e| panic!("{e}"));
+    power_down(&mut guest);
     drop(guest);
 
     let mut guest = start("state-write-cut");

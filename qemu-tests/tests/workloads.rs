@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use qemu_tests::runtime::NODE_CONFIG;
-use qemu_tests::support::{must, prepare, prepare_with_runtime, BOOT};
+use qemu_tests::support::{must, power_down, prepare, prepare_with_runtime, BOOT};
 use serde_json::json;
 
 /// The node, and a scenario service that drives containerd from inside the guest.
@@ -95,8 +95,7 @@ fn containerd_and_kubelet_run_from_the_verified_root() {
     must(guest.wait_for_count("kubelet-standin: reached the container runtime", 2, BOOT));
 
     // e.
-    guest.qmp().execute("system_powerdown", json!({})).unwrap();
-    guest.wait_exit(BOOT).unwrap_or_else(|e| panic!("{e}"));
+    power_down(&mut guest);
     let log = guest.serial_log();
     let kubelet = position(&log, "stopping service kubelet");
     let containerd = position(&log, "stopping service containerd");

@@ -84,6 +84,22 @@ impl TcpTransport {
     }
 }
 
+/// Starts swtpm with its TCP command port `port` (and control port `port + 1`) on loopback,
+/// keeping its state in `state_dir`.
+pub fn spawn_swtpm(state_dir: &std::path::Path, port: u16) -> std::io::Result<std::process::Child> {
+    std::process::Command::new("swtpm")
+        .args(["socket", "--tpm2", "--flags", "not-need-init,startup-clear"])
+        .arg("--server")
+        .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
+        .arg("--ctrl")
+        .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
+        .arg("--tpmstate")
+        .arg(format!("dir={}", state_dir.display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+}
+
 impl Transport for TcpTransport {
     fn transact(&mut self, command: &[u8]) -> std::io::Result<Vec<u8>> {
         self.0.write_all(command)?;

@@ -1,6 +1,6 @@
 //! swtpm on loopback TCP for the host tests that drive the init's own TPM code.
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 
 use cvm_init::tee::tpm::TcpTransport;
 
@@ -22,18 +22,8 @@ impl Drop for Swtpm {
 pub fn start_swtpm(slot: u16) -> Swtpm {
     let dir = tempfile::tempdir().unwrap();
     let port = 20000 + ((std::process::id() % 4000) as u16) * 8 + slot * 2;
-    let child = Command::new("swtpm")
-        .args(["socket", "--tpm2", "--flags", "not-need-init,startup-clear"])
-        .arg("--server")
-        .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
-        .arg("--ctrl")
-        .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
-        .arg("--tpmstate")
-        .arg(format!("dir={}", dir.path().display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("swtpm is installed by make deps");
+    let child =
+        cvm_init::tee::tpm::spawn_swtpm(dir.path(), port).expect("swtpm is installed by make deps");
     Swtpm {
         child,
         _dir: dir,
