@@ -88,6 +88,12 @@ fn containerd_and_kubelet_run_from_the_verified_root() {
         "no containerd log on the state disk"
     );
 
+    // Its own cgroup, OOM bias and file limit, as configured.
+    must(guest.wait_for(
+        "payload: containerd cgroup=0::/containerd oom_score_adj=-999 nofile=1048576",
+        BOOT,
+    ));
+
     // c.
     must(guest.wait_for("payload: killed containerd pid", BOOT));
     must(guest.wait_for("service containerd exited: signal SIGKILL", BOOT));

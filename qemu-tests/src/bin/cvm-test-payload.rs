@@ -452,6 +452,20 @@ fn container_probe() {
                 .is_ok_and(|c| c.trim() == "containerd")
         });
     if let Some(pid) = containerd {
+        // What the init applied to it: its own cgroup, the OOM bias, the file limit.
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        let oom = std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj")).unwrap_or_default();
+        let nofile = std::fs::read_to_string(format!("/proc/{pid}/limits"))
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .map(|l| l.split_whitespace().nth(3).unwrap_or("").to_string())
+            .unwrap_or_default();
+        println!(
+            "payload: containerd cgroup={} oom_score_adj={} nofile={nofile}",
+            cgroup.trim(),
+            oom.trim()
+        );
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGKILL,
