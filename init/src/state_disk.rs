@@ -142,7 +142,7 @@ fn random_uuid() -> String {
 
 /// The `kbs` source with vTPM evidence: a quote over the sealed PCRs by the vTPM's
 /// attestation key, bound to the broker's challenge.
-fn kbs_source(kbs: &KbsConfig) -> Result<Kbs, StateError> {
+fn kbs_source(kbs: &KbsConfig) -> Kbs {
     let address = kbs.address().expect("validated with the configuration");
     let evidence = Box::new(|binding: &[u8; 64]| {
         let mut transport = DeviceTransport::open().map_err(|e| crate::logger::chain(&e))?;
@@ -161,7 +161,7 @@ fn kbs_source(kbs: &KbsConfig) -> Result<Kbs, StateError> {
         "kbs: asking the key broker at {address} for {}",
         kbs.resource
     );
-    Ok(Kbs::fetch(address, "tpm", &kbs.resource, evidence))
+    Kbs::fetch(address, "tpm", &kbs.resource, evidence)
 }
 
 fn tpm_source() -> Result<TpmSealed<DeviceTransport>, StateError> {
@@ -193,12 +193,6 @@ pub fn set_up(
     sys: &dyn System,
     measure: &mut dyn FnMut(Event) -> Result<(), MeasureError>,
 ) -> Result<Opened, StateError> {
-    // A key broker is asked first, before anything about the disk is measured, so that the
-    // evidence it checks is what `cvm-measure predict --at key-release` computes.
-    let mut prefetched = match (cfg.key, kbs) {
-        (KeySourceChoice::Kbs, Some(kbs)) => Some(kbs_source(kbs)?),
-        _ => None,
-    };
     let (name, dev) = find_by_serial(Path::new("/sys/block"), &cfg.serial)?;
     let device = format!("/dev/{name}");
     let io = |what: &'static str| {
@@ -221,10 +215,12 @@ pub fn set_up(
     file.read_exact_at(&mut head, 0)
         .map_err(io("read the start of"))?;
     let state = classify(&head, size, &policy);
+    // Nothing about the disk is measured yet: a key broker asked here checks the evidence
+    // `cvm-measure predict --at key-release` computes.
     let mut source: Box<dyn KeySource> = match cfg.key {
         KeySourceChoice::Tpm => Box::new(tpm_source()?),
         KeySourceChoice::Ephemeral => Box::new(Ephemeral),
-        KeySourceChoice::Kbs => Box::new(prefetched.take().ok_or(StateError::NoKbs)?),
+        KeySourceChoice::Kbs => Box::new(kbs_source(kbs.ok_or(StateError::NoKbs)?)),
     };
     let key_err = |source_name: &'static str| {
         move |source| StateError::Key {

@@ -522,17 +522,8 @@ fn raw_or_hex(bytes: Vec<u8>) -> Vec<u8> {
         }
         _ => return bytes,
     };
-    let digits: Vec<u8> = text.bytes().filter(u8::is_ascii_hexdigit).collect();
-    if digits.len() % 2 != 0 {
-        return bytes;
-    }
-    digits
-        .chunks(2)
-        .map(|pair| {
-            let text = std::str::from_utf8(pair).expect("ASCII hex digits");
-            u8::from_str_radix(text, 16).expect("hex digits")
-        })
-        .collect()
+    let digits: String = text.chars().filter(char::is_ascii_hexdigit).collect();
+    verity::parse_hex(&digits).unwrap_or(bytes)
 }
 
 fn evidence(args: &[&str]) -> Result<(), Failure> {

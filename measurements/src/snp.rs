@@ -248,10 +248,7 @@ mod tests {
     fn hex_file(path: &str) -> Vec<u8> {
         let text = String::from_utf8(testdata(path)).unwrap();
         let digits: String = text.chars().filter(|c| c.is_ascii_hexdigit()).collect();
-        (0..digits.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&digits[i..i + 2], 16).unwrap())
-            .collect()
+        crate::verity::parse_hex(&digits).unwrap()
     }
 
     /// (report, its VCEK) from real Milan machines.
