@@ -167,13 +167,19 @@ pub struct Kbs {
     secret: Zeroizing<Vec<u8>>,
 }
 
-/// Capped backoff between key-broker attempts.
-const KBS_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+/// Between key-broker attempts: 0.5 s, doubling, at most 30 s (the supervisor's backoff).
+const KBS_BACKOFF: crate::supervise::Backoff = crate::supervise::Backoff {
+    base: std::time::Duration::from_millis(500),
+    cap: std::time::Duration::from_secs(30),
+    stable: std::time::Duration::ZERO,
+};
 
 impl Kbs {
     pub fn fetch(address: &str, tee: &str, resource: &str, mut evidence: EvidenceFn) -> Kbs {
-        let mut delay = std::time::Duration::from_millis(500);
-        for attempt in 1.. {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let delay = KBS_BACKOFF.delay(attempt);
             match cvm_measure::kbs_client::get_resource(address, tee, resource, &mut evidence) {
                 Ok(secret) if secret.len() >= SECRET_LEN => {
                     log::info!(
@@ -185,7 +191,7 @@ impl Kbs {
                 }
                 Ok(secret) => log::error!(
                     "kbs: attempt {attempt}: {resource} holds {} bytes, at least {SECRET_LEN} needed; retrying in {}ms",
-                    secret.len(),
+                    Zeroizing::new(secret).len(),
                     delay.as_millis()
                 ),
                 Err(e) => log::error!(
@@ -195,9 +201,7 @@ impl Kbs {
                 ),
             }
             std::thread::sleep(delay);
-            delay = (delay * 2).min(KBS_BACKOFF_MAX);
         }
-        unreachable!("the loop only ends by returning")
     }
 }
 
