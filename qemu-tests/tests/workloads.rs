@@ -81,6 +81,8 @@ fn containerd_and_kubelet_run_from_the_verified_root() {
 
     // b.
     must(guest.wait_for(&format!("payload: container said {CONTAINER_MARKER}"), BOOT));
+    // The probe reports the log files after the container's line: wait for the last one.
+    must(guest.wait_for("payload: service log /var/log/cvm/kubelet.log bytes=", BOOT));
     let log = guest.serial_log();
     assert!(
         log.contains("payload: service log /var/log/cvm/containerd.log bytes=")
