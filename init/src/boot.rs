@@ -56,6 +56,23 @@ pub mod test_hooks {
     use std::sync::Mutex;
 
     pub static PANIC_IN: Mutex<Option<String>> = Mutex::new(None);
+    /// `cvm.test-snp-emulator=<dir>`: evidence from an emulated SNP provider.
+    pub static SNP_EMULATOR: Mutex<Option<std::path::PathBuf>> = Mutex::new(None);
+
+    pub fn snp_emulator() -> Option<crate::tee::emulated_snp::EmulatedSnp> {
+        let dir = SNP_EMULATOR.lock().ok()?.clone()?;
+        log::warn!(
+            "test build: SNP evidence comes from an emulated provider ({})",
+            dir.display()
+        );
+        match crate::tee::emulated_snp::EmulatedSnp::load(&dir) {
+            Ok(emulated) => Some(emulated),
+            Err(e) => {
+                log::error!("test build: the emulated SNP provider cannot start: {e}");
+                None
+            }
+        }
+    }
 
     pub fn maybe_panic(phase: &str) {
         let wanted = PANIC_IN.lock().map(|p| p.clone()).unwrap_or(None);
@@ -211,6 +228,7 @@ pub fn run() -> ! {
     #[cfg(feature = "test-hooks")]
     {
         *test_hooks::PANIC_IN.lock().unwrap() = options.test_panic.clone();
+        *test_hooks::SNP_EMULATOR.lock().unwrap() = options.test_snp_emulator.clone();
     }
     if options.debug {
         log::warn!("cvm.debug is set: a fatal error holds the machine instead of powering off");
@@ -252,8 +270,9 @@ pub fn run() -> ! {
         match &config_file.state {
             None => measure(Event::StateDisk(None))?,
             Some(cfg) => {
+                let tee = measurer.borrow().backend_name();
                 let opened =
-                    state_disk::set_up(cfg, config_file.kbs.as_ref(), &sys, &mut |event| {
+                    state_disk::set_up(cfg, config_file.kbs.as_ref(), tee, &sys, &mut |event| {
                         measure(event)
                     })?;
                 log::info!(

@@ -33,6 +33,8 @@ pub const OPTIONS: &[(&str, &str)] = &[
     ("cvm.tee", "one of auto, tdx, snp, tpm, none"),
     #[cfg(feature = "test-hooks")]
     ("cvm.test-panic", "the name of a boot phase"),
+    #[cfg(feature = "test-hooks")]
+    ("cvm.test-snp-emulator", "an absolute path"),
 ];
 
 /// `roothash=` as systemd and mkosi write it: the sha256 root of the verity tree.
@@ -93,6 +95,9 @@ pub struct BootOptions {
     /// Test builds only: panic inside this phase, to exercise the fatal path.
     #[cfg(feature = "test-hooks")]
     pub test_panic: Option<String>,
+    /// Test builds only: SNP evidence from an emulated configfs-tsm provider.
+    #[cfg(feature = "test-hooks")]
+    pub test_snp_emulator: Option<std::path::PathBuf>,
 }
 
 impl Default for BootOptions {
@@ -108,6 +113,8 @@ impl Default for BootOptions {
             tee: TeeChoice::Auto,
             #[cfg(feature = "test-hooks")]
             test_panic: None,
+            #[cfg(feature = "test-hooks")]
+            test_snp_emulator: None,
         }
     }
 }
@@ -225,6 +232,10 @@ pub fn parse_cmdline(cmdline: &[u8]) -> Result<BootOptions, CmdlineError> {
             #[cfg(feature = "test-hooks")]
             ("cvm.test-panic", Some(v)) if is_module_name(v) => {
                 options.test_panic = Some(v.to_string())
+            }
+            #[cfg(feature = "test-hooks")]
+            ("cvm.test-snp-emulator", Some(v)) if v.starts_with('/') => {
+                options.test_snp_emulator = Some(v.into())
             }
             (_, v) => return Err(malformed(v.unwrap_or(""))),
         }
@@ -407,6 +418,9 @@ pub enum KeySourceChoice {
     Ephemeral,
     /// Released by a key broker (Trustee KBS protocol) to evidence of this image.
     Kbs,
+    /// Derived by the SEV-SNP secure processor from the chip key, launch measurement and
+    /// policy (the disk cannot move to another machine).
+    SnpDerived,
 }
 
 /// The key broker the `kbs` key source asks.
@@ -421,6 +435,38 @@ pub struct KbsConfig {
     /// itself stays encrypted to the node's ephemeral key).
     #[serde(default)]
     pub plain_http: bool,
+    /// Further resources released in the same session, written to files on a tmpfs.
+    #[serde(default, rename = "file")]
+    pub files: Vec<KbsFile>,
+}
+
+/// A resource written to a file (for example a kubelet bootstrap kubeconfig).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KbsFile {
+    /// `<repository>/<type>/<tag>`.
+    pub resource: String,
+    /// Under /run or /tmp (memory only: a secret never reaches a disk unencrypted).
+    pub path: PathBuf,
+    /// Permission bits, 0600 unless given.
+    #[serde(default = "default_secret_mode")]
+    pub mode: u32,
+}
+
+fn default_secret_mode() -> u32 {
+    0o600
+}
+
+/// `<repository>/<type>/<tag>`, each part of letters, digits, `._-`, not starting with a dot.
+fn is_resource_path(path: &str) -> bool {
+    let parts: Vec<&str> = path.split('/').collect();
+    parts.len() == 3
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && !p.starts_with('.')
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        })
 }
 
 impl KbsConfig {
@@ -723,6 +769,17 @@ pub fn parse_config_file(path: &Path, text: &str) -> Result<ConfigFile, ConfigFi
         }
     }
     if let Some(kbs) = &config.kbs {
+        let kbs_key = config
+            .state
+            .as_ref()
+            .is_some_and(|s| s.key == KeySourceChoice::Kbs);
+        if !kbs.files.is_empty() && !kbs_key {
+            return Err(invalid(
+                "kbs.file".into(),
+                &format!("{} file(s)", kbs.files.len()),
+                "state.key = \"kbs\" (files come in the session that releases the disk key)",
+            ));
+        }
         if kbs.address().is_none() {
             return Err(invalid(
                 "kbs.url".into(),
@@ -737,13 +794,46 @@ pub fn parse_config_file(path: &Path, text: &str) -> Result<ConfigFile, ConfigFi
                 "true for an http:// key broker (say so explicitly)",
             ));
         }
-        let parts: Vec<&str> = kbs.resource.split('/').collect();
-        if parts.len() != 3 || parts.iter().any(|p| p.is_empty()) {
+        if !is_resource_path(&kbs.resource) {
             return Err(invalid(
                 "kbs.resource".into(),
                 &kbs.resource,
                 "<repository>/<type>/<tag>",
             ));
+        }
+        let mut seen = Vec::new();
+        for (i, file) in kbs.files.iter().enumerate() {
+            if !is_resource_path(&file.resource) {
+                return Err(invalid(
+                    format!("kbs.file[{i}].resource"),
+                    &file.resource,
+                    "<repository>/<type>/<tag>",
+                ));
+            }
+            let in_memory = ["/run/", "/tmp/"].iter().any(|m| {
+                file.path.starts_with(m) && file.path != Path::new(m.trim_end_matches('/'))
+            });
+            let plain = file.path.components().all(|c| {
+                matches!(
+                    c,
+                    std::path::Component::RootDir | std::path::Component::Normal(_)
+                )
+            });
+            if !in_memory || !plain || seen.contains(&&file.path) {
+                return Err(invalid(
+                    format!("kbs.file[{i}].path"),
+                    &file.path.to_string_lossy(),
+                    "a new file under /run or /tmp (memory only), without . or ..",
+                ));
+            }
+            seen.push(&file.path);
+            if file.mode & !0o777 != 0 || file.mode & 0o007 != 0 {
+                return Err(invalid(
+                    format!("kbs.file[{i}].mode"),
+                    &format!("{:o}", file.mode),
+                    "permission bits without access for others (at most 0770)",
+                ));
+            }
         }
     }
     if let Some(network) = &config.network {

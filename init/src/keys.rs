@@ -19,6 +19,8 @@ pub const TPM_TOKEN: &str = "cvm-tpm2";
 pub enum KeyError {
     #[error("the TPM refused to seal or unseal the state-disk secret")]
     Tpm(#[from] TpmError),
+    #[error("the SNP secure processor did not derive the key")]
+    Snp(#[from] crate::tee::snp::SnpGuestError),
     #[error("the state disk has no {0} token: it was not made by this key source")]
     NoToken(&'static str),
     #[error("the {kind} token is malformed: {detail}")]
@@ -156,15 +158,15 @@ impl<T: Transport> KeySource for TpmSealed<T> {
     }
 }
 
-/// Evidence for a key broker, given the binding it must carry.
-pub type EvidenceFn = Box<dyn FnMut(&[u8; 64]) -> Result<serde_json::Value, String>>;
-
 /// The secret is released by a key broker (Trustee KBS protocol) to evidence of this image;
 /// fetched once, before the disk's identity is measured, so that the evidence is predictable
 /// (`cvm-measure predict --at key-release`). Unreachable or refusing: retried with capped
-/// backoff, a console line each time, never another key source.
+/// backoff, a console line each time, never another key source. Extra resources (for example
+/// a kubelet bootstrap kubeconfig) come in the same attested session.
 pub struct Kbs {
     secret: Zeroizing<Vec<u8>>,
+    /// The extra resources, in the order asked.
+    pub extras: Vec<Zeroizing<Vec<u8>>>,
 }
 
 /// Between key-broker attempts: 0.5 s, doubling, at most 30 s (the supervisor's backoff).
@@ -175,23 +177,37 @@ const KBS_BACKOFF: crate::supervise::Backoff = crate::supervise::Backoff {
 };
 
 impl Kbs {
-    pub fn fetch(address: &str, tee: &str, resource: &str, mut evidence: EvidenceFn) -> Kbs {
+    /// `resources[0]` is the disk secret.
+    pub fn fetch(
+        address: &str,
+        evidence: &crate::tee::evidence::Source,
+        resources: &[&str],
+    ) -> Kbs {
         let mut attempt = 0;
+        let resource = resources[0];
+        let mut prove = |binding: &[u8; 64]| {
+            evidence
+                .evidence(binding)
+                .map_err(|e| crate::logger::chain(&e))
+        };
         loop {
             attempt += 1;
             let delay = KBS_BACKOFF.delay(attempt);
-            match cvm_measure::kbs_client::get_resource(address, tee, resource, &mut evidence) {
-                Ok(secret) if secret.len() >= SECRET_LEN => {
+            match cvm_measure::kbs_client::get_resources(address, evidence.tee(), resources, &mut prove) {
+                Ok(mut released) if released[0].len() >= SECRET_LEN => {
                     log::info!(
-                        "kbs: {resource} released by the key broker at {address} (attempt {attempt})"
+                        "kbs: {} released by the key broker at {address} (attempt {attempt})",
+                        resources.join(", ")
                     );
+                    let secret = Zeroizing::new(released.remove(0));
                     return Kbs {
-                        secret: Zeroizing::new(secret),
+                        secret,
+                        extras: released.into_iter().map(Zeroizing::new).collect(),
                     };
                 }
-                Ok(secret) => log::error!(
+                Ok(released) => log::error!(
                     "kbs: attempt {attempt}: {resource} holds {} bytes, at least {SECRET_LEN} needed; retrying in {}ms",
-                    Zeroizing::new(secret).len(),
+                    released.into_iter().map(Zeroizing::new).next().map_or(0, |s| s.len()),
                     delay.as_millis()
                 ),
                 Err(e) => log::error!(
@@ -202,6 +218,26 @@ impl Kbs {
             }
             std::thread::sleep(delay);
         }
+    }
+}
+
+/// The SEV-SNP secure processor derives the secret from the chip's key, the launch
+/// measurement and the guest policy: the same image on the same machine gets the same key,
+/// another image or policy another one. Nothing leaves the machine; the disk does not move.
+pub struct SnpDerived;
+
+impl KeySource for SnpDerived {
+    fn name(&self) -> &'static str {
+        "snp-derived"
+    }
+    fn provision(&mut self) -> Result<Provisioned, KeyError> {
+        Ok(Provisioned {
+            secret: self.recover(None)?,
+            token: None,
+        })
+    }
+    fn recover(&mut self, _token: Option<&Token>) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        Ok(crate::tee::snp::derived_key()?)
     }
 }
 

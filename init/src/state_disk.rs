@@ -17,7 +17,7 @@ use crate::disk::integrity::{self, IntegrityError, SUPERBLOCK_LEN};
 use crate::disk::luks2::{self, FormatInput, KdfPolicy, Luks2Error, Policy, DATA_OFFSET, HDR_SIZE};
 use crate::disk::state::{classify, DiskState, BLANK_PROBE, COMMITTED, UNCOMMITTED};
 use crate::dm::{self, DmError, MappedDevice};
-use crate::keys::{Ephemeral, Kbs, KeyError, KeySource, TpmSealed};
+use crate::keys::{Ephemeral, Kbs, KeyError, KeySource, SnpDerived, TpmSealed};
 use crate::measure::MeasureError;
 use crate::sys::System;
 use crate::tee::tpm::{DeviceTransport, Tpm, TpmError};
@@ -89,6 +89,8 @@ pub enum StateError {
     },
     #[error("state.key is kbs but the configuration has no [kbs] section")]
     NoKbs,
+    #[error("no evidence for the key broker")]
+    Evidence(#[source] crate::tee::evidence::EvidenceError),
     #[error("{device} is too small for a state disk ({size} bytes, at least {MIN_FORMAT_SIZE})")]
     TooSmall { device: String, size: u64 },
     #[error("the state disk {device} has integrity metadata cvm-init cannot use")]
@@ -140,28 +142,55 @@ fn random_uuid() -> String {
     cvm_measure::verity::format_uuid(&uuid)
 }
 
-/// The `kbs` source with vTPM evidence: a quote over the sealed PCRs by the vTPM's
-/// attestation key, bound to the broker's challenge.
-fn kbs_source(kbs: &KbsConfig) -> Kbs {
+/// The `kbs` source: evidence of the TEE this boot measures into, bound to the broker's
+/// challenge; the extra resources are written to their files.
+fn kbs_source(kbs: &KbsConfig, tee: &'static str) -> Result<Kbs, StateError> {
     let address = kbs.address().expect("validated with the configuration");
-    let evidence = Box::new(|binding: &[u8; 64]| {
-        let mut transport = DeviceTransport::open().map_err(|e| crate::logger::chain(&e))?;
-        let q = crate::tee::quote::quote(&mut transport, binding, &SEAL_PCRS)
-            .map_err(|e| crate::logger::chain(&e))?;
-        log::info!(
-            "kbs: this node's vTPM attestation key is {}{} (the key broker must list it)",
-            cvm_measure::hex(&q.ak_x),
-            cvm_measure::hex(&q.ak_y)
-        );
-        Ok(cvm_measure::kbs_broker::TpmEvidence::json(
-            &q.ak_x, &q.ak_y, &q.attest, &q.r, &q.s,
-        ))
-    });
+    let evidence = crate::tee::evidence::Source::for_tee(tee).map_err(StateError::Evidence)?;
+    let mut resources = vec![kbs.resource.as_str()];
+    resources.extend(kbs.files.iter().map(|f| f.resource.as_str()));
     log::info!(
-        "kbs: asking the key broker at {address} for {}",
-        kbs.resource
+        "kbs: asking the key broker at {address} for {} ({} evidence)",
+        resources.join(", "),
+        evidence.tee()
     );
-    Kbs::fetch(address, "tpm", &kbs.resource, evidence)
+    let mut fetched = Kbs::fetch(address, &evidence, &resources);
+    for (file, bytes) in kbs.files.iter().zip(std::mem::take(&mut fetched.extras)) {
+        write_secret_file(&file.path, &bytes, file.mode).map_err(|source| StateError::Io {
+            what: "write the released resource to",
+            device: file.path.display().to_string(),
+            source,
+        })?;
+        log::info!(
+            "kbs: {} written to {} ({} bytes, mode {:o})",
+            file.resource,
+            file.path.display(),
+            bytes.len(),
+            file.mode
+        );
+    }
+    Ok(fetched)
+}
+
+/// Writes a released secret with its mode from the start (never readable by others, even for
+/// a moment); parents are created 0700.
+fn write_secret_file(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if let Some(parent) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)?;
+    }
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(nix::libc::O_CLOEXEC | nix::libc::O_NOFOLLOW)
+        .open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
 }
 
 fn tpm_source() -> Result<TpmSealed<DeviceTransport>, StateError> {
@@ -190,6 +219,7 @@ pub struct Opened {
 pub fn set_up(
     cfg: &StateConfig,
     kbs: Option<&KbsConfig>,
+    tee: &'static str,
     sys: &dyn System,
     measure: &mut dyn FnMut(Event) -> Result<(), MeasureError>,
 ) -> Result<Opened, StateError> {
@@ -220,7 +250,8 @@ pub fn set_up(
     let mut source: Box<dyn KeySource> = match cfg.key {
         KeySourceChoice::Tpm => Box::new(tpm_source()?),
         KeySourceChoice::Ephemeral => Box::new(Ephemeral),
-        KeySourceChoice::Kbs => Box::new(kbs_source(kbs.ok_or(StateError::NoKbs)?)),
+        KeySourceChoice::Kbs => Box::new(kbs_source(kbs.ok_or(StateError::NoKbs)?, tee)?),
+        KeySourceChoice::SnpDerived => Box::new(SnpDerived),
     };
     let key_err = |source_name: &'static str| {
         move |source| StateError::Key {

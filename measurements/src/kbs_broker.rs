@@ -32,6 +32,8 @@ pub struct Reference {
     pub attestation_keys: Vec<(Vec<u8>, Vec<u8>)>,
     /// SEV-SNP launch digests allowed (the reference JSON's `snp_measurements`).
     pub snp_measurements: Vec<Vec<u8>>,
+    /// ARK/ASK pairs trusted beside AMD's built-in roots (`kbs-serve --snp-chain`).
+    pub snp_chains: Vec<crate::snp::TrustedChain>,
 }
 
 impl Reference {
@@ -74,6 +76,7 @@ impl Reference {
             pcrs,
             attestation_keys: Vec::new(),
             snp_measurements,
+            snp_chains: Vec::new(),
         })
     }
 }
@@ -349,33 +352,35 @@ impl Broker {
         .map_err(|e| format!("vTPM quote refused: {e}"))
     }
 
-    /// `snp` evidence: `{"report": base64 of the 1184 bytes, "vcek": base64 of its DER
-    /// certificate}`; the certificate must chain to AMD's root, the report verify with it and
-    /// carry an allowed launch digest, VMPL 0, no debugging, and this session's binding.
+    /// `snp` evidence in Trustee's shape (`snp::trustee_evidence`): the VCEK or VLEK from its
+    /// certificate table must chain to AMD's roots (or a configured chain), the report verify
+    /// with it and carry an allowed launch digest, VMPL 0, no debugging, and this session's
+    /// binding. This broker is offline: evidence without its endorsement certificate is refused
+    /// (Trustee would fetch it from AMD's key server).
     pub fn verify_snp(&self, evidence: &Value, binding: &[u8; 64]) -> Result<(), String> {
-        use crate::snp;
-        #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct SnpEvidence {
-            report: String,
-            vcek: String,
-        }
-        let evidence: SnpEvidence =
-            serde_json::from_value(evidence.clone()).map_err(|e| format!("snp evidence: {e}"))?;
-        let decode = |name: &str, v: &str| {
-            STANDARD
-                .decode(v)
-                .map_err(|_| format!("{name} is not base64"))
+        use crate::snp::{self, CertType};
+        let (report, certs) = snp::from_trustee_evidence(evidence).map_err(|e| e.to_string())?;
+        let (wanted, name) = match report.signing_key() {
+            0 => (CertType::VCEK, "VCEK"),
+            1 => (CertType::VLEK, "VLEK"),
+            other => {
+                return Err(format!(
+                    "the report is signed by key {other}, expected a VCEK (0) or a VLEK (1)"
+                ))
+            }
         };
-        let report =
-            snp::Report::parse(&decode("report", &evidence.report)?).map_err(|e| e.to_string())?;
-        let vcek = snp::certificate(&decode("vcek", &evidence.vcek)?).map_err(|e| e.to_string())?;
-        let product = snp::verify_chain(&vcek).map_err(|e| e.to_string())?;
+        let der = certs.iter().find(|c| c.cert_type == wanted).ok_or(format!(
+            "the evidence carries no {name} certificate (this broker does not fetch one)"
+        ))?;
+        let endorsement = snp::certificate(&der.data).map_err(|e| e.to_string())?;
+        let reference = self.reference.lock().unwrap().clone();
+        let product = snp::verify_chain_with(&endorsement, &reference.snp_chains)
+            .map_err(|e| e.to_string())?;
         report
-            .verify_signature(&vcek)
-            .map_err(|e| format!("{e} (AMD {product} chain)"))?;
+            .verify_signature(&endorsement)
+            .map_err(|e| format!("{e} ({product} chain)"))?;
         let expected = snp::Expectations {
-            measurements: self.reference.lock().unwrap().snp_measurements.clone(),
+            measurements: reference.snp_measurements,
             report_data: binding.to_vec(),
         };
         snp::appraise(&report, &expected).map_err(|why| format!("SNP report refused: {why}"))
@@ -473,11 +478,17 @@ mod tests {
         )
     }
 
+    fn evidence_of(raw: &[u8]) -> Value {
+        let vcek = crate::snp::CertTableEntry {
+            cert_type: crate::snp::CertType::VCEK,
+            data: crate::testdata::read("snp/gsg_vcek.der"),
+        };
+        crate::snp::trustee_evidence(&crate::snp::Report::parse(raw).unwrap(), Some(vec![vcek]))
+            .unwrap()
+    }
+
     fn real_evidence() -> Value {
-        json!({
-            "report": STANDARD.encode(crate::testdata::read("snp/gsg_attestation.bin")),
-            "vcek": STANDARD.encode(crate::testdata::read("snp/gsg_vcek.der")),
-        })
+        evidence_of(&crate::testdata::read("snp/gsg_attestation.bin"))
     }
 
     #[test]
@@ -498,12 +509,15 @@ mod tests {
         // A changed byte in the signed part.
         let mut raw = crate::testdata::read("snp/gsg_attestation.bin");
         raw[0x95] ^= 1;
-        let altered = json!({
-            "report": STANDARD.encode(raw),
-            "vcek": real_evidence()["vcek"],
-        });
-        let why = allowed.verify_snp(&altered, &binding).unwrap_err();
+        let why = allowed
+            .verify_snp(&evidence_of(&raw), &binding)
+            .unwrap_err();
         assert!(why.contains("does not verify"), "{why}");
+        // No certificate.
+        let mut bare = real_evidence();
+        bare["cert_chain"] = Value::Null;
+        let why = allowed.verify_snp(&bare, &binding).unwrap_err();
+        assert!(why.contains("no VCEK certificate"), "{why}");
     }
 
     #[test]

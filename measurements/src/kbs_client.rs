@@ -89,6 +89,17 @@ pub fn get_resource(
     resource: &str,
     evidence: &mut dyn FnMut(&[u8; 64]) -> Result<Value, String>,
 ) -> Result<Vec<u8>, ClientError> {
+    let mut all = get_resources(address, tee, &[resource], evidence)?;
+    Ok(std::mem::take(&mut all[0]))
+}
+
+/// Fetches several resources in one attested session, in order.
+pub fn get_resources(
+    address: &str,
+    tee: &str,
+    resources: &[&str],
+    evidence: &mut dyn FnMut(&[u8; 64]) -> Result<Value, String>,
+) -> Result<Vec<Vec<u8>>, ClientError> {
     let request = Request {
         version: kbs::PROTOCOL_VERSION.into(),
         tee: tee.into(),
@@ -137,16 +148,20 @@ pub fn get_resource(
         Some(&cookie),
         &serde_json::to_vec(&attestation).expect("serializable"),
     )?;
-    let answer = exchange(
-        address,
-        "resource",
-        &format!("GET /kbs/v0/resource/{resource} HTTP/1.1"),
-        Some(&cookie),
-        &[],
-    )?;
-    let jwe: Jwe = serde_json::from_slice(&answer.body).map_err(|e| ClientError::Protocol {
-        step: "resource",
-        detail: e.to_string(),
-    })?;
-    Ok(kbs::jwe_decrypt(&secret, &jwe)?)
+    let mut released = Vec::new();
+    for resource in resources {
+        let answer = exchange(
+            address,
+            "resource",
+            &format!("GET /kbs/v0/resource/{resource} HTTP/1.1"),
+            Some(&cookie),
+            &[],
+        )?;
+        let jwe: Jwe = serde_json::from_slice(&answer.body).map_err(|e| ClientError::Protocol {
+            step: "resource",
+            detail: format!("{resource}: {e}"),
+        })?;
+        released.push(kbs::jwe_decrypt(&secret, &jwe)?);
+    }
+    Ok(released)
 }

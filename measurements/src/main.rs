@@ -33,11 +33,15 @@ commands:
                      the certificate up to AMD's built-in roots; with --ccel check the quote's
                      RTMRs against the replay of that CC event log. TDX quote signatures
                      need Intel's collateral and are not checked here.
-  kbs-serve --listen ADDR:PORT --resources DIR --reference FILE --attestation-keys FILE
+  kbs-serve --listen ADDR:PORT --resources DIR --reference FILE
+            [--attestation-keys FILE] [--snp-chain PEM]
                      the reference key broker (Trustee KBS protocol 0.4.0, plain HTTP):
                      resources are files DIR/<repository>/<type>/<tag>, released as JWE to a
-                     node whose vTPM quote (by a key listed in FILE, 128 hex digits a line)
-                     covers the PCR values of FILE (`predict --at key-release --json`)
+                     node whose vTPM quote (by a key listed in the keys FILE, 128 hex digits
+                     a line) covers the PCR values of the reference FILE (`predict --at
+                     key-release --json`), or whose SNP report (Trustee's evidence shape,
+                     with its VCEK/VLEK) chains to AMD's roots or to the ASK+ARK in PEM and
+                     carries one of the reference's snp_measurements
   --version          print the version
   --help             print this text
 ";
@@ -356,6 +360,33 @@ fn predict(args: &[&str]) -> Result<(), Failure> {
     Ok(())
 }
 
+/// An ASK then its ARK, PEM, as AMD publishes them (`ask_ark_<product>.pem`).
+fn snp_chain(path: &str) -> Result<cvm_measure::snp::TrustedChain, Failure> {
+    let text = String::from_utf8_lossy(&read(path, "the SNP certificate chain")?).into_owned();
+    let blocks: Vec<&str> = text
+        .split_inclusive("-----END CERTIFICATE-----")
+        .map(str::trim_start)
+        .filter(|b| b.starts_with("-----BEGIN CERTIFICATE-----"))
+        .collect();
+    let [ask, ark] = blocks[..] else {
+        return Err(Failure(
+            format!(
+                "--snp-chain {path}: expected two PEM certificates (the ASK, then the ARK), found {}",
+                blocks.len()
+            ),
+            1,
+        ));
+    };
+    let cert = |pem: &str, what: &str| {
+        cvm_measure::snp::certificate(pem.as_bytes())
+            .map_err(|e| Failure(format!("--snp-chain {path}: the {what}: {e}"), 1))
+    };
+    Ok(cvm_measure::snp::TrustedChain {
+        ask: cert(ask, "ASK")?,
+        ark: cert(ark, "ARK")?,
+    })
+}
+
 /// The reference key broker.
 fn kbs_serve(args: &[&str]) -> Result<(), Failure> {
     use cvm_measure::kbs_broker::{serve, Broker, Reference};
@@ -366,6 +397,7 @@ fn kbs_serve(args: &[&str]) -> Result<(), Failure> {
             "--resources",
             "--reference",
             "--attestation-keys",
+            "--snp-chain",
         ],
         &[],
     )?;
@@ -394,8 +426,14 @@ fn kbs_serve(args: &[&str]) -> Result<(), Failure> {
         .map_err(|e| Failure(format!("{reference}: {e}"), 1))?;
     let mut reference_values =
         Reference::from_prediction(&json).map_err(|e| Failure(format!("{reference}: {e}"), 1))?;
-    let keys_path = need("--attestation-keys")?;
-    let keys = String::from_utf8_lossy(&read(keys_path, "the attestation keys")?).into_owned();
+    if let Some(path) = o.get("--snp-chain").copied() {
+        reference_values.snp_chains.push(snp_chain(path)?);
+    }
+    let keys = match o.get("--attestation-keys").copied() {
+        Some(path) => String::from_utf8_lossy(&read(path, "the attestation keys")?).into_owned(),
+        None => String::new(),
+    };
+    let keys_path = o.get("--attestation-keys").copied().unwrap_or_default();
     for (n, line) in keys.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {

@@ -1,6 +1,11 @@
 //! SEV-SNP attestation reports: a strict parser over the raw 1184 bytes, the report signature
 //! checked over exactly the bytes the firmware signed (never a re-encoding of parsed fields),
 //! and the VCEK/VLEK certificate checked up to AMD's built-in roots.
+//!
+//! On the wire (Trustee's `snp` evidence) the report travels as the serde form of the `sev`
+//! crate's `AttestationReport`; the broker encodes it back to the 1184 bytes and checks the
+//! signature over those. A re-encoding that differs from what the firmware signed can only fail
+//! the signature, never pass it.
 
 use p384::ecdsa::signature::Verifier;
 use sev::certs::snp::{builtin, ca, Certificate, Chain, Verifiable};
@@ -27,8 +32,12 @@ pub enum SnpError {
     Signature,
     #[error("invalid endorsement key certificate: {0}")]
     Certificate(String),
-    #[error("the endorsement key certificate does not chain to AMD's Milan, Genoa or Turin root")]
+    #[error("the endorsement key certificate does not chain to AMD's Milan, Genoa or Turin root, nor to a configured one")]
     Chain,
+    #[error("SNP certificate table: {0}")]
+    CertTable(String),
+    #[error("snp evidence: {0}")]
+    Evidence(String),
 }
 
 /// A parsed report: typed access to the fields a verifier checks, over the original bytes.
@@ -212,6 +221,33 @@ type CertLoader = fn() -> std::io::Result<Certificate>;
 /// Checks that the endorsement key is signed by the ASK of one of AMD's product lines, itself
 /// signed by that line's self-signed ARK (built in); returns the product line.
 pub fn verify_chain(endorsement: &Certificate) -> Result<&'static str, SnpError> {
+    verify_chain_with(endorsement, &[])
+}
+
+/// An ARK and ASK pair trusted beside AMD's built-in ones (an offline store, or a test chain).
+#[derive(Debug, Clone)]
+pub struct TrustedChain {
+    pub ark: Certificate,
+    pub ask: Certificate,
+}
+
+/// The same, also accepting the chains in `extra` (named "configured").
+pub fn verify_chain_with(
+    endorsement: &Certificate,
+    extra: &[TrustedChain],
+) -> Result<&'static str, SnpError> {
+    for trusted in extra {
+        let chain = Chain {
+            ca: ca::Chain {
+                ark: trusted.ark.clone(),
+                ask: trusted.ask.clone(),
+            },
+            vek: endorsement.clone(),
+        };
+        if (&chain).verify().is_ok() {
+            return Ok("configured");
+        }
+    }
     let roots = [
         (
             "Milan",
@@ -234,6 +270,173 @@ pub fn verify_chain(endorsement: &Certificate) -> Result<&'static str, SnpError>
         }
     }
     Err(SnpError::Chain)
+}
+
+/// A version-3 report laid out and signed as the SNP firmware does, by `key`. For the test
+/// build's emulated report provider and for tests: a real report is signed by the AMD secure
+/// processor with a key no guest holds.
+pub fn test_report(
+    key: &p384::ecdsa::SigningKey,
+    measurement: &[u8; 48],
+    report_data: &[u8; 64],
+    policy: u64,
+) -> Vec<u8> {
+    use p384::ecdsa::signature::Signer;
+    let mut raw = vec![0u8; REPORT_LEN];
+    raw[0] = 3;
+    raw[0x8..0x10].copy_from_slice(&policy.to_le_bytes());
+    raw[0x34] = 1;
+    raw[0x50..0x90].copy_from_slice(report_data);
+    raw[0x90..0xc0].copy_from_slice(measurement);
+    let signature: p384::ecdsa::Signature = key.sign(&raw[..SIGNED_LEN]);
+    let (r, s) = signature.split_bytes();
+    for (field, component) in [(SIGNED_LEN, r), (SIGNED_LEN + COMPONENT_FIELD, s)] {
+        let mut le = component.to_vec();
+        le.reverse();
+        raw[field..field + COMPONENT_LEN].copy_from_slice(&le);
+    }
+    raw
+}
+
+pub use sev::firmware::host::{CertTableEntry, CertType};
+
+/// GUIDs of the certificate table (extended report, configfs-tsm `auxblob`), in table order
+/// of bytes.
+const CERT_GUIDS: [(&str, CertType); 4] = [
+    ("63da758de6644564adc5f4b93be8accd", CertType::VCEK),
+    ("a8074bc2a25a483eaae639c045a0b8a1", CertType::VLEK),
+    ("4ab7b379bbac4fe4a02f05aef327c782", CertType::ASK),
+    ("c0b406a4a803495297433fb6014cd0ae", CertType::ARK),
+];
+const CERT_ENTRY_LEN: usize = 24;
+/// No real table comes near this; a bound so that hostile input cannot ask for more.
+const CERT_TABLE_MAX: usize = 64 * 1024;
+
+fn guid_bytes(hex: &str) -> [u8; 16] {
+    crate::verity::parse_hex(hex)
+        .and_then(|v| v.try_into().ok())
+        .expect("GUID constants are 16 bytes of hex")
+}
+
+/// Parses a certificate table: 24-byte entries `{GUID, u32 offset, u32 length}` up to an
+/// all-zero entry, offsets from the start of the table. Unknown GUIDs are kept as `OTHER`;
+/// an entry outside the buffer, overlapping the entries, or a table without its terminator is
+/// refused.
+pub fn parse_cert_table(table: &[u8]) -> Result<Vec<CertTableEntry>, SnpError> {
+    let bad = |why: String| Err(SnpError::CertTable(why));
+    if table.len() > CERT_TABLE_MAX {
+        return bad(format!("{} bytes, at most {CERT_TABLE_MAX}", table.len()));
+    }
+    let mut entries = Vec::new();
+    let mut at = 0;
+    loop {
+        let Some(entry) = table.get(at..at + CERT_ENTRY_LEN) else {
+            return bad(format!(
+                "no terminating all-zero entry before byte {}",
+                table.len()
+            ));
+        };
+        if entry.iter().all(|&b| b == 0) {
+            break;
+        }
+        let guid: [u8; 16] = entry[..16].try_into().expect("16 bytes");
+        let offset = u32::from_le_bytes(entry[16..20].try_into().expect("4 bytes")) as usize;
+        let length = u32::from_le_bytes(entry[20..24].try_into().expect("4 bytes")) as usize;
+        let Some(data) = offset
+            .checked_add(length)
+            .and_then(|end| table.get(offset..end))
+        else {
+            return bad(format!(
+                "entry {} points at bytes {offset}+{length}, past the table's {} bytes",
+                entries.len(),
+                table.len()
+            ));
+        };
+        let kind = CERT_GUIDS
+            .iter()
+            .find(|(hex, _)| guid_bytes(hex) == guid)
+            .map(|(_, kind)| kind.clone())
+            .unwrap_or_else(|| CertType::OTHER(uuid::Uuid::from_bytes(guid)));
+        entries.push(CertTableEntry {
+            cert_type: kind,
+            data: data.to_vec(),
+        });
+        at += CERT_ENTRY_LEN;
+    }
+    let entries_end = at + CERT_ENTRY_LEN;
+    for (i, e) in entries.iter().enumerate() {
+        let offset = u32::from_le_bytes(
+            table[i * CERT_ENTRY_LEN + 16..i * CERT_ENTRY_LEN + 20]
+                .try_into()
+                .expect("4 bytes"),
+        ) as usize;
+        if !e.data.is_empty() && offset < entries_end {
+            return bad(format!("entry {i}'s data overlaps the entries"));
+        }
+    }
+    Ok(entries)
+}
+
+/// Lays out a certificate table as a host provides it (the test build's emulated provider).
+pub fn encode_cert_table(entries: &[CertTableEntry]) -> Vec<u8> {
+    let header = (entries.len() + 1) * CERT_ENTRY_LEN;
+    let mut table = vec![0u8; header];
+    for (i, e) in entries.iter().enumerate() {
+        let guid = match &e.cert_type {
+            CertType::OTHER(uuid) => *uuid.as_bytes(),
+            kind => CERT_GUIDS
+                .iter()
+                .find(|(_, k)| k == kind)
+                .map(|(hex, _)| guid_bytes(hex))
+                .unwrap_or([0; 16]),
+        };
+        let at = i * CERT_ENTRY_LEN;
+        table[at..at + 16].copy_from_slice(&guid);
+        let offset = table.len() as u32;
+        table[at + 16..at + 20].copy_from_slice(&offset.to_le_bytes());
+        table[at + 20..at + 24].copy_from_slice(&(e.data.len() as u32).to_le_bytes());
+        table.extend_from_slice(&e.data);
+    }
+    table
+}
+
+/// Trustee's `snp` primary evidence: `{"attestation_report": <sev's serde form>,
+/// "cert_chain": [{"cert_type": "VCEK", "data": [...]}, ...] or null}`.
+pub fn trustee_evidence(
+    report: &Report,
+    cert_chain: Option<Vec<CertTableEntry>>,
+) -> Result<serde_json::Value, SnpError> {
+    use sev::parser::ByteParser;
+    let parsed = sev::firmware::guest::AttestationReport::from_bytes(report.bytes())
+        .map_err(|e| SnpError::Evidence(format!("the report does not decode: {e}")))?;
+    Ok(serde_json::json!({
+        "attestation_report": parsed,
+        "cert_chain": cert_chain,
+    }))
+}
+
+/// Reads Trustee's `snp` evidence back: the report encoded to its 1184 bytes and parsed
+/// strictly, and the certificates it came with.
+pub fn from_trustee_evidence(
+    evidence: &serde_json::Value,
+) -> Result<(Report, Vec<CertTableEntry>), SnpError> {
+    use sev::parser::ByteParser;
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Evidence {
+        attestation_report: sev::firmware::guest::AttestationReport,
+        cert_chain: Option<Vec<CertTableEntry>>,
+    }
+    let evidence: Evidence =
+        serde_json::from_value(evidence.clone()).map_err(|e| SnpError::Evidence(e.to_string()))?;
+    let raw = evidence
+        .attestation_report
+        .to_bytes()
+        .map_err(|e| SnpError::Evidence(format!("the report does not encode: {e}")))?;
+    Ok((
+        Report::parse(&raw)?,
+        evidence.cert_chain.unwrap_or_default(),
+    ))
 }
 
 #[cfg(test)]
@@ -334,23 +537,7 @@ mod tests {
         report_data: &[u8; 64],
         policy: u64,
     ) -> Report {
-        use p384::ecdsa::signature::Signer;
-        let mut raw = vec![0u8; REPORT_LEN];
-        raw[0] = 3;
-        raw[0x8..0x10].copy_from_slice(&policy.to_le_bytes());
-        raw[0x34] = 1;
-        raw[0x50..0x90].copy_from_slice(report_data);
-        raw[0x90..0xc0].copy_from_slice(measurement);
-        let signature: p384::ecdsa::Signature = key.sign(&raw[..SIGNED_LEN]);
-        let (r, s) = signature.split_bytes();
-        let mut r = r.to_vec();
-        let mut s = s.to_vec();
-        r.reverse();
-        s.reverse();
-        raw[SIGNED_LEN..SIGNED_LEN + COMPONENT_LEN].copy_from_slice(&r);
-        raw[SIGNED_LEN + COMPONENT_FIELD..SIGNED_LEN + COMPONENT_FIELD + COMPONENT_LEN]
-            .copy_from_slice(&s);
-        Report::parse(&raw).unwrap()
+        Report::parse(&test_report(key, measurement, report_data, policy)).unwrap()
     }
 
     #[test]
@@ -385,7 +572,96 @@ mod tests {
         );
     }
 
+    #[test]
+    fn trustee_evidence_carries_the_exact_report() {
+        for (raw, vcek) in real_reports() {
+            let report = Report::parse(&raw).unwrap();
+            let chain = vec![CertTableEntry {
+                cert_type: CertType::VCEK,
+                data: testdata("snp/gsg_vcek.der"),
+            }];
+            let evidence = trustee_evidence(&report, Some(chain.clone())).unwrap();
+            let text = serde_json::to_string(&evidence).unwrap();
+            let (back, certs) =
+                from_trustee_evidence(&serde_json::from_str(&text).unwrap()).unwrap();
+            assert_eq!(back.bytes(), &raw[..], "the report survives the serde form");
+            back.verify_signature(&vcek).unwrap();
+            assert_eq!(certs, chain);
+            assert!(evidence["cert_chain"][0]["cert_type"] == "VCEK");
+        }
+        let mut evidence =
+            trustee_evidence(&Report::parse(&real_reports()[0].0).unwrap(), None).unwrap();
+        evidence["attestation_report"]["vmpl"] = 1.into();
+        let (changed, _) = from_trustee_evidence(&evidence).unwrap();
+        let vcek = certificate(&testdata("snp/gsg_vcek.der")).unwrap();
+        assert_eq!(changed.verify_signature(&vcek), Err(SnpError::Signature));
+        evidence["extra"] = 1.into();
+        assert!(matches!(
+            from_trustee_evidence(&evidence),
+            Err(SnpError::Evidence(_))
+        ));
+    }
+
+    #[test]
+    fn certificate_tables_round_trip_and_bad_ones_are_named() {
+        let entries = vec![
+            CertTableEntry {
+                cert_type: CertType::VCEK,
+                data: vec![1; 100],
+            },
+            CertTableEntry {
+                cert_type: CertType::ASK,
+                data: vec![2; 10],
+            },
+            CertTableEntry {
+                cert_type: CertType::OTHER(uuid::Uuid::from_bytes([7; 16])),
+                data: vec![3; 5],
+            },
+        ];
+        let table = encode_cert_table(&entries);
+        assert_eq!(parse_cert_table(&table).unwrap(), entries);
+        // The VCEK GUID as go-sev-guest and the kernel lay it out.
+        assert_eq!(crate::hex(&table[..16]), "63da758de6644564adc5f4b93be8accd");
+        let err = |t: &[u8]| parse_cert_table(t).unwrap_err().to_string();
+        let mut unterminated = vec![1u8; 16];
+        unterminated.extend([0u8; 8]);
+        assert!(err(&unterminated).contains("no terminating"));
+        let mut past = table.clone();
+        past[20..24].copy_from_slice(&10_000u32.to_le_bytes());
+        assert!(err(&past).contains("past the table"));
+        let mut overlap = table.clone();
+        overlap[16..20].copy_from_slice(&0u32.to_le_bytes());
+        assert!(err(&overlap).contains("overlaps"));
+        assert_eq!(parse_cert_table(&[0; 24]).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn a_configured_chain_is_trusted_only_when_given() {
+        let vcek = certificate(&testdata("snp/gsg_vcek.der")).unwrap();
+        let pems = testdata("snp/ask_ark_milan.pem");
+        let text = String::from_utf8(pems).unwrap();
+        let blocks: Vec<&str> = text
+            .split_inclusive("-----END CERTIFICATE-----")
+            .filter(|b| b.contains("BEGIN"))
+            .collect();
+        let ask = certificate(blocks[0].trim_start().as_bytes()).unwrap();
+        let ark = certificate(blocks[1].trim_start().as_bytes()).unwrap();
+        let milan = TrustedChain { ark, ask };
+        assert_eq!(verify_chain_with(&vcek, &[milan]).unwrap(), "configured");
+        let other = certificate(&testdata("snp/virtee_vcek_milan.der")).unwrap();
+        assert_eq!(verify_chain(&other).unwrap(), "Milan");
+    }
+
     proptest! {
+        #[test]
+        fn arbitrary_cert_tables_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            if let Ok(entries) = parse_cert_table(&bytes) {
+                for e in entries {
+                    prop_assert!(e.data.len() <= bytes.len());
+                }
+            }
+        }
+
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..1300)) {
             let _ = Report::parse(&bytes);

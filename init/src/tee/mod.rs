@@ -1,8 +1,13 @@
 //! The TEE's measurement registers: one trait, three backends (vTPM PCRs, TDX RTMRs, and
 //! SEV-SNP, which has no runtime registers), chosen by `cvm.tee=`.
 
+#[cfg(feature = "test-hooks")]
+pub mod emulated_snp;
+pub mod evidence;
 pub mod quote;
 pub mod seal;
+pub mod snp;
+pub mod tdx_guest;
 pub mod tpm;
 pub mod tsm;
 

@@ -1,0 +1,146 @@
+//! Evidence for a key broker, in the shapes Trustee's verifiers read, chosen by the TEE this
+//! boot measures into: `tpm` (a vTPM quote), `snp` (a report and its certificate table) or
+//! `tdx` (a quote and the CC event log). Each binds the broker's challenge (`binding`, the
+//! hash of the session's nonce and the node's ephemeral key).
+
+use std::path::Path;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use serde_json::{json, Value};
+
+use super::tpm::DeviceTransport;
+use super::tsm::{self, TsmFs};
+
+/// The CC event log the TDX firmware leaves (ACPI CCEL table data).
+const CCEL: &str = "/sys/firmware/acpi/tables/data/CCEL";
+
+#[derive(Debug, thiserror::Error)]
+pub enum EvidenceError {
+    #[error("cvm.tee={0}: a key broker needs hardware evidence (tpm, snp or tdx)")]
+    NoEvidence(&'static str),
+    #[error("vTPM quote")]
+    Tpm(#[from] super::tpm::TpmError),
+    #[error("configfs-tsm report")]
+    Tsm(#[from] tsm::TsmError),
+    #[error("SNP report from /dev/sev-guest")]
+    SevGuest(#[source] super::snp::SnpGuestError),
+    #[error("the SNP report")]
+    Report(#[from] cvm_measure::snp::SnpError),
+    #[error("cannot read the CC event log {CCEL}")]
+    Ccel(#[source] std::io::Error),
+    #[error("{0}")]
+    TdxNoQuote(String),
+}
+
+/// Where evidence comes from.
+pub enum Source {
+    Tpm,
+    /// configfs-tsm (the kernel's, or the test build's emulation) when present, else the
+    /// TEE's device.
+    Snp(Option<Box<dyn TsmFs>>),
+    Tdx(Option<Box<dyn TsmFs>>),
+}
+
+impl Source {
+    /// The source for the TEE this boot measures into (`Measurer::backend_name`).
+    pub fn for_tee(tee: &'static str) -> Result<Source, EvidenceError> {
+        let tsm = || -> Option<Box<dyn TsmFs>> {
+            #[cfg(feature = "test-hooks")]
+            if let Some(emulated) = crate::boot::test_hooks::snp_emulator() {
+                return Some(Box::new(emulated));
+            }
+            Path::new(tsm::REPORT_ROOT)
+                .is_dir()
+                .then(|| Box::new(tsm::Configfs) as Box<dyn TsmFs>)
+        };
+        match tee {
+            "tpm" => Ok(Source::Tpm),
+            "snp" => Ok(Source::Snp(tsm())),
+            "tdx" => Ok(Source::Tdx(tsm())),
+            other => Err(EvidenceError::NoEvidence(other)),
+        }
+    }
+
+    /// Trustee's tee name for the `auth` request.
+    pub fn tee(&self) -> &'static str {
+        match self {
+            Source::Tpm => "tpm",
+            Source::Snp(_) => "snp",
+            Source::Tdx(_) => "tdx",
+        }
+    }
+
+    /// The primary evidence binding `binding`.
+    pub fn evidence(&self, binding: &[u8; 64]) -> Result<Value, EvidenceError> {
+        match self {
+            Source::Tpm => tpm(binding),
+            Source::Snp(Some(fs)) => {
+                let report = tsm::report(
+                    fs.as_ref(),
+                    Path::new(tsm::REPORT_ROOT),
+                    binding,
+                    Some("sev_guest"),
+                )?;
+                let certs = match &report.auxblob {
+                    Some(table) => Some(cvm_measure::snp::parse_cert_table(table)?),
+                    None => None,
+                };
+                snp(&report.outblob, certs)
+            }
+            Source::Snp(None) => {
+                let (report, certs) =
+                    super::snp::extended_report(binding).map_err(EvidenceError::SevGuest)?;
+                snp(&report, certs)
+            }
+            Source::Tdx(Some(fs)) => {
+                let report = tsm::report(
+                    fs.as_ref(),
+                    Path::new(tsm::REPORT_ROOT),
+                    binding,
+                    Some("tdx_guest"),
+                )?;
+                let ccel = std::fs::read(CCEL).map_err(EvidenceError::Ccel)?;
+                Ok(tdx(&report.outblob, &ccel))
+            }
+            Source::Tdx(None) => Err(EvidenceError::TdxNoQuote(
+                super::tdx_guest::without_quote_service(binding),
+            )),
+        }
+    }
+}
+
+fn tpm(binding: &[u8; 64]) -> Result<Value, EvidenceError> {
+    let mut transport = DeviceTransport::open()?;
+    let q = super::quote::quote(&mut transport, binding, &crate::state_disk::SEAL_PCRS)?;
+    log::info!(
+        "kbs: this node's vTPM attestation key is {}{} (the key broker must list it)",
+        cvm_measure::hex(&q.ak_x),
+        cvm_measure::hex(&q.ak_y)
+    );
+    Ok(cvm_measure::kbs_broker::TpmEvidence::json(
+        &q.ak_x, &q.ak_y, &q.attest, &q.r, &q.s,
+    ))
+}
+
+fn snp(
+    report: &[u8],
+    certs: Option<Vec<cvm_measure::snp::CertTableEntry>>,
+) -> Result<Value, EvidenceError> {
+    let report = cvm_measure::snp::Report::parse(report)?;
+    log::info!(
+        "kbs: SNP report, launch digest {}, {} certificate(s)",
+        cvm_measure::hex(report.measurement()),
+        certs.as_ref().map_or(0, Vec::len)
+    );
+    Ok(cvm_measure::snp::trustee_evidence(&report, certs)?)
+}
+
+/// Trustee's `tdx` evidence: the quote and the CC event log area as the firmware left it
+/// (its unused tail is 0xff, where a replay stops).
+fn tdx(quote: &[u8], ccel: &[u8]) -> Value {
+    json!({
+        "quote": STANDARD.encode(quote),
+        "cc_eventlog": STANDARD.encode(ccel),
+    })
+}
