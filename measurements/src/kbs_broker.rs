@@ -174,6 +174,15 @@ impl Broker {
         self.reference.lock().unwrap().attestation_keys.push((x, y));
     }
 
+    /// Adds a launch digest to the SNP reference values (an operator loading a new image's).
+    pub fn allow_snp_measurement(&self, measurement: Vec<u8>) {
+        self.reference
+            .lock()
+            .unwrap()
+            .snp_measurements
+            .push(measurement);
+    }
+
     /// Answers one request.
     pub fn handle(&self, request: &Message) -> Answer {
         let mut parts = request.start.split_whitespace();

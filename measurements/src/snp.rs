@@ -288,6 +288,8 @@ pub fn test_report(
     raw[0x34] = 1;
     raw[0x50..0x90].copy_from_slice(report_data);
     raw[0x90..0xc0].copy_from_slice(measurement);
+    // CPUID family 19h, model 01h, stepping 1: a Milan processor (v3 reports name it).
+    raw[0x188..0x18b].copy_from_slice(&[0x19, 0x01, 0x01]);
     let signature: p384::ecdsa::Signature = key.sign(&raw[..SIGNED_LEN]);
     let (r, s) = signature.split_bytes();
     for (field, component) in [(SIGNED_LEN, r), (SIGNED_LEN + COMPONENT_FIELD, s)] {

@@ -75,3 +75,198 @@ pub fn start(
     std::thread::spawn(move || serve(listener, serving));
     broker
 }
+
+/// A certificate chain shaped like AMD's (RSA-4096 ARK and ASK signing with RSA-PSS SHA-384, a
+/// P-384 VCEK), made with openssl for tests: a broker trusts it only when configured with it.
+pub struct SnpTestChain {
+    /// The ASK then the ARK, PEM (`kbs-serve --snp-chain`).
+    pub ask_ark_pem: Vec<u8>,
+    pub vcek_der: Vec<u8>,
+    /// The VCEK's private scalar (48 bytes).
+    pub vcek_scalar: Vec<u8>,
+}
+
+impl SnpTestChain {
+    pub fn trusted(&self) -> cvm_measure::snp::TrustedChain {
+        let text = String::from_utf8_lossy(&self.ask_ark_pem).into_owned();
+        let (ask, ark) = text
+            .split_once("-----END CERTIFICATE-----")
+            .expect("two certificates");
+        let ask = format!("{ask}-----END CERTIFICATE-----\n");
+        let cert = |pem: &str| cvm_measure::snp::certificate(pem.trim_start().as_bytes()).unwrap();
+        cvm_measure::snp::TrustedChain {
+            ask: cert(&ask),
+            ark: cert(ark),
+        }
+    }
+}
+
+pub fn snp_test_chain(dir: &Path) -> SnpTestChain {
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let pss = [
+        "-sha384",
+        "-sigopt",
+        "rsa_padding_mode:pss",
+        "-sigopt",
+        "rsa_pss_saltlen:48",
+    ];
+    let with_pss = |mut args: Vec<&'static str>| {
+        args.extend(pss);
+        args
+    };
+    openssl(&with_pss(vec![
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:4096",
+        "-nodes",
+        "-keyout",
+        "ark.key",
+        "-out",
+        "ark.pem",
+        "-subj",
+        "/CN=ARK-Test",
+        "-days",
+        "2",
+    ]));
+    openssl(&[
+        "req",
+        "-new",
+        "-newkey",
+        "rsa:4096",
+        "-nodes",
+        "-keyout",
+        "ask.key",
+        "-out",
+        "ask.csr",
+        "-subj",
+        "/CN=SEV-Test",
+    ]);
+    openssl(&with_pss(vec![
+        "x509",
+        "-req",
+        "-in",
+        "ask.csr",
+        "-CA",
+        "ark.pem",
+        "-CAkey",
+        "ark.key",
+        "-out",
+        "ask.pem",
+        "-days",
+        "2",
+        "-set_serial",
+        "1",
+    ]));
+    openssl(&[
+        "ecparam",
+        "-name",
+        "secp384r1",
+        "-genkey",
+        "-noout",
+        "-out",
+        "vcek.key",
+    ]);
+    openssl(&[
+        "ec",
+        "-in",
+        "vcek.key",
+        "-outform",
+        "DER",
+        "-out",
+        "vcek.key.der",
+    ]);
+    openssl(&[
+        "req",
+        "-new",
+        "-key",
+        "vcek.key",
+        "-out",
+        "vcek.csr",
+        "-subj",
+        "/CN=SEV-VCEK-Test",
+    ]);
+    openssl(&with_pss(vec![
+        "x509",
+        "-req",
+        "-in",
+        "vcek.csr",
+        "-CA",
+        "ask.pem",
+        "-CAkey",
+        "ask.key",
+        "-out",
+        "vcek.der",
+        "-outform",
+        "DER",
+        "-days",
+        "2",
+        "-set_serial",
+        "2",
+    ]));
+    let read = |name: &str| std::fs::read(dir.join(name)).expect("openssl wrote it");
+    // SEC1 ECPrivateKey: SEQUENCE (30 81 a4) { INTEGER 1 (02 01 01), OCTET STRING (04 30) <48> ...
+    let sec1 = read("vcek.key.der");
+    assert_eq!(
+        &sec1[3..8],
+        &[0x02, 0x01, 0x01, 0x04, 0x30],
+        "SEC1 P-384 key layout"
+    );
+    let mut ask_ark_pem = read("ask.pem");
+    ask_ark_pem.extend(read("ark.pem"));
+    SnpTestChain {
+        ask_ark_pem,
+        vcek_der: read("vcek.der"),
+        vcek_scalar: sec1[8..56].to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_signed_by_the_test_chain_pass_the_broker_only_when_it_trusts_the_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let chain = snp_test_chain(dir.path());
+        let key = p384::ecdsa::SigningKey::from_slice(&chain.vcek_scalar).unwrap();
+        let (measurement, binding) = ([0x42u8; 48], [0x17u8; 64]);
+        let raw = cvm_measure::snp::test_report(&key, &measurement, &binding, 0x30000);
+        let evidence = cvm_measure::snp::trustee_evidence(
+            &cvm_measure::snp::Report::parse(&raw).unwrap(),
+            Some(vec![cvm_measure::snp::CertTableEntry {
+                cert_type: cvm_measure::snp::CertType::VCEK,
+                data: chain.vcek_der.clone(),
+            }]),
+        )
+        .unwrap();
+        let reference = Reference {
+            snp_measurements: vec![measurement.to_vec()],
+            ..Default::default()
+        };
+        let untrusting = Broker::new(dir.path().into(), reference.clone());
+        let why = untrusting.verify_snp(&evidence, &binding).unwrap_err();
+        assert!(why.contains("does not chain"), "{why}");
+        let trusting = Broker::new(
+            dir.path().into(),
+            Reference {
+                snp_chains: vec![chain.trusted()],
+                ..reference
+            },
+        );
+        trusting.verify_snp(&evidence, &binding).unwrap();
+        let why = trusting.verify_snp(&evidence, &[0; 64]).unwrap_err();
+        assert!(why.contains("replayed"), "{why}");
+    }
+}

@@ -138,17 +138,39 @@ impl Artifacts {
 
     /// The initramfs and a verified root disk with this configuration file, in `dir`.
     pub fn image(&self, dir: &Path, config: Option<&str>) -> TestImage {
-        self.image_with(dir, config, false)
+        self.image_with(dir, config, false, &[])
+    }
+
+    /// The same, with extra files (path in the root, contents).
+    pub fn image_with_files(
+        &self,
+        dir: &Path,
+        config: Option<&str>,
+        files: &[(&str, Vec<u8>)],
+    ) -> TestImage {
+        self.image_with(dir, config, false, files)
     }
 
     /// The same, with containerd, runc, the kubelet stand-in and a busybox image in the root.
     pub fn image_with_runtime(&self, dir: &Path, config: &str) -> TestImage {
-        self.image_with(dir, Some(config), true)
+        self.image_with(dir, Some(config), true, &[])
     }
 
-    fn image_with(&self, dir: &Path, config: Option<&str>, runtime: bool) -> TestImage {
+    fn image_with(
+        &self,
+        dir: &Path,
+        config: Option<&str>,
+        runtime: bool,
+        files: &[(&str, Vec<u8>)],
+    ) -> TestImage {
         let tree = dir.join("tree");
         self.root_tree(&tree, config);
+        for (path, contents) in files {
+            let target = tree.join(path.trim_start_matches('/'));
+            std::fs::create_dir_all(target.parent().expect("a file in a directory"))
+                .and_then(|_| std::fs::write(&target, contents))
+                .unwrap_or_else(|e| panic!("cannot write {}: {e}", target.display()));
+        }
         if runtime {
             assert!(
                 self.kubelet_standin.exists(),

@@ -23,6 +23,18 @@ pub fn prepare_with_runtime(config: &str) -> Prepared {
     prepare_with(Some(config), true)
 }
 
+/// An image whose root also holds `files` (path in the root, contents).
+pub fn prepare_with_files(config: &str, files: &[(&str, Vec<u8>)]) -> Prepared {
+    let artifacts = Artifacts::get();
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let image = artifacts.image_with_files(dir.path(), Some(config), files);
+    Prepared {
+        artifacts,
+        image,
+        dir,
+    }
+}
+
 fn prepare_with(config: Option<&str>, runtime: bool) -> Prepared {
     let artifacts = Artifacts::get();
     let dir = tempfile::tempdir().expect("temporary directory");

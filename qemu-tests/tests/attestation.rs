@@ -6,7 +6,7 @@
 use std::net::TcpListener;
 
 use qemu_tests::broker;
-use qemu_tests::support::{must, power_down, prepare, BOOT};
+use qemu_tests::support::{must, power_down, prepare, prepare_with_files, BOOT};
 
 fn config(port: u16) -> String {
     format!(
@@ -125,4 +125,85 @@ fn the_node_gets_its_disk_key_from_the_broker_and_another_image_does_not() {
     assert!(!log.contains("opened LUKS2"), "the disk was opened");
     drop(guest);
     assert!(std::fs::read(&disk).unwrap() == before, "the disk changed");
+}
+
+/// f. SNP-format evidence end to end: the test build's emulated configfs-tsm provider signs
+/// reports with a test VCEK (chained to a test ASK/ARK that only this broker trusts); the node
+/// asks with `snp` evidence in Trustee's shape, is refused while its launch digest is not a
+/// reference value, then gets its disk key and a second resource written to a tmpfs file.
+#[test]
+fn snp_format_evidence_from_an_emulated_provider_releases_the_key() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let config = config(port)
+        .replace(
+            r#"args = ["state-probe"]"#,
+            r#"args = ["file-probe", "/run/kubelet/bootstrap-kubeconfig"]"#,
+        )
+        .replace(
+            "plain_http = true\n",
+            "plain_http = true\n\n[[kbs.file]]\nresource = \"cvm/kubelet/bootstrap\"\npath = \"/run/kubelet/bootstrap-kubeconfig\"\n",
+        );
+    let keys = tempfile::tempdir().unwrap();
+    let chain = broker::snp_test_chain(keys.path());
+    let measurement = [0x5au8; 48];
+    let emulator = "/usr/lib/cvm-test/snp";
+    let prepared = prepare_with_files(
+        &config,
+        &[
+            (
+                "usr/lib/cvm-test/snp/vcek.key",
+                cvm_measure::hex(&chain.vcek_scalar).into_bytes(),
+            ),
+            ("usr/lib/cvm-test/snp/vcek.der", chain.vcek_der.clone()),
+            (
+                "usr/lib/cvm-test/snp/measurement",
+                cvm_measure::hex(&measurement).into_bytes(),
+            ),
+        ],
+    );
+    let resources = tempfile::tempdir().unwrap();
+    let bootstrap = resources.path().join("cvm/kubelet");
+    std::fs::create_dir_all(&bootstrap).unwrap();
+    std::fs::write(bootstrap.join("bootstrap"), "kubeconfig-for-test-3c1d").unwrap();
+    let broker = broker::start(
+        listener,
+        resources.path(),
+        cvm_measure::kbs_broker::Reference {
+            snp_chains: vec![chain.trusted()],
+            ..Default::default()
+        },
+        &qemu_tests::pseudo_random_bytes(32, 0x9e3779b97f4a7c15),
+    );
+    let work = tempfile::tempdir().unwrap();
+    let disk = work.path().join("state.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let mut guest = prepared.boot(
+        "kbs-snp-emulated",
+        &format!("cvm.tee=snp cvm.test-snp-emulator={emulator}"),
+        |g| g.state_disk(&disk, "cvm-state").network(true),
+    );
+    must(guest.wait_for("is not one of the 0 allowed", BOOT));
+    let log = guest.serial_log();
+    assert!(
+        log.contains("(snp evidence)"),
+        "the node did not send SNP evidence"
+    );
+    assert!(log.contains(&format!("launch digest {}", cvm_measure::hex(&measurement))));
+    assert!(!log.contains("opened LUKS2") && !log.contains("formatted on this boot"));
+    broker.allow_snp_measurement(measurement.to_vec());
+    must(guest.wait_for(
+        "kbs: cvm/state-disk/key, cvm/kubelet/bootstrap released",
+        BOOT,
+    ));
+    must(guest.wait_for(
+        "app: payload: file /run/kubelet/bootstrap-kubeconfig mode 600 content kubeconfig-for-test-3c1d",
+        BOOT,
+    ));
+    must(guest.wait_for("cvm-init: ready", BOOT));
+    assert!(guest.serial_log().contains("formatted on this boot"));
+    power_down(&mut guest);
 }

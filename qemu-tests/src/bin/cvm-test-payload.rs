@@ -111,6 +111,23 @@ fn run(args: Vec<String>) {
             }
             serve();
         }
+        "file-probe" => {
+            // A file the init wrote before any service (a released secret): its mode and text.
+            let path = args.get(1).map(String::as_str).unwrap_or("/run/missing");
+            match std::fs::read(path) {
+                Ok(bytes) => {
+                    use std::os::unix::fs::PermissionsExt;
+                    let mode = std::fs::metadata(path).map(|m| m.permissions().mode() & 0o7777);
+                    println!(
+                        "payload: file {path} mode {:o} content {}",
+                        mode.unwrap_or(0),
+                        String::from_utf8_lossy(&bytes).trim()
+                    );
+                }
+                Err(e) => println!("payload: file {path} unreadable: {e}"),
+            }
+            serve();
+        }
         "dump-log" => {
             // The measurement log, once the init has measured `ready`, one record a line.
             let path = "/run/log/systemd/tpm2-measure.log";
