@@ -427,7 +427,8 @@ pub enum KeySourceChoice {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KbsConfig {
-    /// `http://host:port` (https with a pinned certificate is not implemented yet).
+    /// `https://host:port` (trusted by `ca` or `public_key_sha256` only), or `http://host:port`
+    /// with `plain_http = true`.
     pub url: String,
     /// The state-disk secret: `<repository>/<type>/<tag>`.
     pub resource: String,
@@ -435,6 +436,14 @@ pub struct KbsConfig {
     /// itself stays encrypted to the node's ephemeral key).
     #[serde(default)]
     pub plain_http: bool,
+    /// https: the CA certificate(s) (PEM file in the verified root) the broker's certificate
+    /// must chain to, for the URL's host.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// https: the sha256 (64 hex digits) of the broker certificate's SubjectPublicKeyInfo;
+    /// any other key is refused.
+    #[serde(default)]
+    pub public_key_sha256: Option<String>,
     /// Further resources released in the same session, written to files on a tmpfs.
     #[serde(default, rename = "file")]
     pub files: Vec<KbsFile>,
@@ -470,11 +479,23 @@ fn is_resource_path(path: &str) -> bool {
 }
 
 impl KbsConfig {
-    /// `host:port` of an http:// URL.
+    /// `host:port` of the URL.
     pub fn address(&self) -> Option<&str> {
-        let rest = self.url.strip_prefix("http://")?;
+        let rest = self
+            .url
+            .strip_prefix("http://")
+            .or_else(|| self.url.strip_prefix("https://"))?;
         let address = rest.strip_suffix('/').unwrap_or(rest);
-        (address.contains(':') && !address.contains('/')).then_some(address)
+        let (host, port) = address.rsplit_once(':')?;
+        let valid = !host.is_empty()
+            && !address.contains('/')
+            && !address.contains('@')
+            && port.parse::<u16>().is_ok_and(|p| p != 0);
+        valid.then_some(address)
+    }
+
+    pub fn https(&self) -> bool {
+        self.url.starts_with("https://")
     }
 }
 
@@ -784,15 +805,58 @@ pub fn parse_config_file(path: &Path, text: &str) -> Result<ConfigFile, ConfigFi
             return Err(invalid(
                 "kbs.url".into(),
                 &kbs.url,
-                "http://host:port (https with a pinned certificate is not implemented yet)",
+                "https://host:port or http://host:port",
             ));
         }
-        if !kbs.plain_http {
-            return Err(invalid(
-                "kbs.plain_http".into(),
-                "false",
-                "true for an http:// key broker (say so explicitly)",
-            ));
+        if kbs.https() {
+            if kbs.plain_http {
+                return Err(invalid(
+                    "kbs.plain_http".into(),
+                    "true",
+                    "false (or absent) for an https:// key broker",
+                ));
+            }
+            match (&kbs.ca, &kbs.public_key_sha256) {
+                (Some(_), Some(_)) | (None, None) => {
+                    return Err(invalid(
+                        "kbs.ca".into(),
+                        if kbs.ca.is_some() { "set with kbs.public_key_sha256" } else { "absent, as is kbs.public_key_sha256" },
+                        "exactly one of kbs.ca (a PEM file) or kbs.public_key_sha256 for an https:// key broker",
+                    ))
+                }
+                (Some(ca), None) if !ca.is_absolute() => {
+                    return Err(invalid(
+                        "kbs.ca".into(),
+                        &ca.to_string_lossy(),
+                        "an absolute path in the root image",
+                    ))
+                }
+                (None, Some(pin))
+                    if cvm_measure::verity::parse_hex(pin).is_none_or(|b| b.len() != 32) =>
+                {
+                    return Err(invalid(
+                        "kbs.public_key_sha256".into(),
+                        pin,
+                        "64 hex digits (sha256 of the broker's SubjectPublicKeyInfo)",
+                    ))
+                }
+                _ => {}
+            }
+        } else {
+            if !kbs.plain_http {
+                return Err(invalid(
+                    "kbs.plain_http".into(),
+                    "false",
+                    "true for an http:// key broker (say so explicitly)",
+                ));
+            }
+            if kbs.ca.is_some() || kbs.public_key_sha256.is_some() {
+                return Err(invalid(
+                    "kbs.url".into(),
+                    &kbs.url,
+                    "https:// when kbs.ca or kbs.public_key_sha256 is set",
+                ));
+            }
         }
         if !is_resource_path(&kbs.resource) {
             return Err(invalid(

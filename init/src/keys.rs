@@ -179,10 +179,11 @@ const KBS_BACKOFF: crate::supervise::Backoff = crate::supervise::Backoff {
 impl Kbs {
     /// `resources[0]` is the disk secret.
     pub fn fetch(
-        address: &str,
+        endpoint: &cvm_measure::kbs_client::Endpoint,
         evidence: &crate::tee::evidence::Source,
         resources: &[&str],
     ) -> Kbs {
+        let address = &endpoint.address;
         let mut attempt = 0;
         let resource = resources[0];
         let mut prove = |binding: &[u8; 64]| {
@@ -193,7 +194,7 @@ impl Kbs {
         loop {
             attempt += 1;
             let delay = KBS_BACKOFF.delay(attempt);
-            match cvm_measure::kbs_client::get_resources(address, evidence.tee(), resources, &mut prove) {
+            match cvm_measure::kbs_client::get_resources(endpoint, evidence.tee(), resources, &mut prove) {
                 Ok(mut released) if released[0].len() >= SECRET_LEN => {
                     log::info!(
                         "kbs: {} released by the key broker at {address} (attempt {attempt})",

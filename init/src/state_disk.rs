@@ -89,6 +89,8 @@ pub enum StateError {
     },
     #[error("state.key is kbs but the configuration has no [kbs] section")]
     NoKbs,
+    #[error("TLS to the key broker")]
+    Tls(#[source] cvm_measure::tls::TlsError),
     #[error("no evidence for the key broker")]
     Evidence(#[source] crate::tee::evidence::EvidenceError),
     #[error("{device} is too small for a state disk ({size} bytes, at least {MIN_FORMAT_SIZE})")]
@@ -145,7 +147,8 @@ fn random_uuid() -> String {
 /// The `kbs` source: evidence of the TEE this boot measures into, bound to the broker's
 /// challenge; the extra resources are written to their files.
 fn kbs_source(kbs: &KbsConfig, tee: &'static str) -> Result<Kbs, StateError> {
-    let address = kbs.address().expect("validated with the configuration");
+    let endpoint = kbs_endpoint(kbs)?;
+    let address = endpoint.address.clone();
     let evidence = crate::tee::evidence::Source::for_tee(tee).map_err(StateError::Evidence)?;
     let mut resources = vec![kbs.resource.as_str()];
     resources.extend(kbs.files.iter().map(|f| f.resource.as_str()));
@@ -154,7 +157,7 @@ fn kbs_source(kbs: &KbsConfig, tee: &'static str) -> Result<Kbs, StateError> {
         resources.join(", "),
         evidence.tee()
     );
-    let mut fetched = Kbs::fetch(address, &evidence, &resources);
+    let mut fetched = Kbs::fetch(&endpoint, &evidence, &resources);
     for (file, bytes) in kbs.files.iter().zip(std::mem::take(&mut fetched.extras)) {
         write_secret_file(&file.path, &bytes, file.mode).map_err(|source| StateError::Io {
             what: "write the released resource to",
@@ -170,6 +173,33 @@ fn kbs_source(kbs: &KbsConfig, tee: &'static str) -> Result<Kbs, StateError> {
         );
     }
     Ok(fetched)
+}
+
+/// The broker's address and, for https, TLS trusting only the pinned CA or public key.
+fn kbs_endpoint(kbs: &KbsConfig) -> Result<cvm_measure::kbs_client::Endpoint, StateError> {
+    use cvm_measure::tls::{client_config, Pin};
+    let address = kbs.address().expect("validated with the configuration");
+    if !kbs.https() {
+        log::warn!("kbs: plain http to {address} (kbs.plain_http): the host sees the exchange; the secret stays encrypted to this boot's key");
+        return Ok(cvm_measure::kbs_client::Endpoint::plain(address));
+    }
+    let pin = match (&kbs.ca, &kbs.public_key_sha256) {
+        (Some(ca), _) => Pin::Ca(std::fs::read(ca).map_err(|source| StateError::Io {
+            what: "read the key broker's CA",
+            device: ca.display().to_string(),
+            source,
+        })?),
+        (None, Some(hex)) => Pin::PublicKeySha256(
+            cvm_measure::verity::parse_hex(hex)
+                .and_then(|b| b.try_into().ok())
+                .expect("validated with the configuration"),
+        ),
+        (None, None) => unreachable!("validated with the configuration"),
+    };
+    Ok(cvm_measure::kbs_client::Endpoint {
+        address: address.to_string(),
+        tls: Some(client_config(&pin).map_err(StateError::Tls)?),
+    })
 }
 
 /// Writes a released secret with its mode from the start (never readable by others, even for

@@ -14,7 +14,7 @@ use cvm_init::tee::quote::quote;
 use cvm_init::tee::tpm::Tpm;
 use cvm_measure::http::{read_message, write_message};
 use cvm_measure::kbs_broker::{serve, Broker, Reference, TpmEvidence};
-use cvm_measure::kbs_client::{get_resource, ClientError};
+use cvm_measure::kbs_client::{get_resource, ClientError, Endpoint};
 use cvm_measure::registers::Bank;
 use serde_json::{json, Value};
 
@@ -73,14 +73,19 @@ fn a_node_with_the_expected_measurements_gets_its_key() {
     let s = setup(0);
     let address = start_broker(s.resources.path(), s.reference.clone());
     let mut t = connect(s.port);
-    let got = get_resource(&address, "tpm", "cvm/state-disk/key", &mut |b| {
-        tpm_evidence(&mut t, b)
-    })
+    let got = get_resource(
+        &Endpoint::plain(&address),
+        "tpm",
+        "cvm/state-disk/key",
+        &mut |b| tpm_evidence(&mut t, b),
+    )
     .expect("the key is released");
     assert_eq!(got, s.key);
     // A resource that does not exist, and a path that tries to leave the directory.
     for (path, status) in [("cvm/state-disk/other", 404), ("cvm/../../etc", 400)] {
-        match get_resource(&address, "tpm", path, &mut |b| tpm_evidence(&mut t, b)) {
+        match get_resource(&Endpoint::plain(&address), "tpm", path, &mut |b| {
+            tpm_evidence(&mut t, b)
+        }) {
             Err(ClientError::Refused { status: s, .. }) => assert_eq!(s, status, "{path}"),
             other => panic!("{path}: {other:?}"),
         }
@@ -101,9 +106,12 @@ fn other_measurements_or_an_unknown_key_are_refused() {
         (unknown_key, "is not one this broker trusts"),
     ] {
         let address = start_broker(s.resources.path(), reference);
-        match get_resource(&address, "tpm", "cvm/state-disk/key", &mut |b| {
-            tpm_evidence(&mut t, b)
-        }) {
+        match get_resource(
+            &Endpoint::plain(&address),
+            "tpm",
+            "cvm/state-disk/key",
+            &mut |b| tpm_evidence(&mut t, b),
+        ) {
             Err(ClientError::Refused {
                 step: "attest",
                 status: 401,
@@ -240,9 +248,12 @@ fn a_resource_altered_in_transit_is_detected() {
         }
     });
     let mut t = connect(s.port);
-    match get_resource(&proxy_address, "tpm", "cvm/state-disk/key", &mut |b| {
-        tpm_evidence(&mut t, b)
-    }) {
+    match get_resource(
+        &Endpoint::plain(&proxy_address),
+        "tpm",
+        "cvm/state-disk/key",
+        &mut |b| tpm_evidence(&mut t, b),
+    ) {
         Err(ClientError::Kbs(cvm_measure::kbs::KbsError::Decrypt)) => {}
         other => panic!("an altered resource was not detected: {other:?}"),
     }

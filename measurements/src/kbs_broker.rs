@@ -445,8 +445,27 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-fn serve_one(broker: &Broker, mut stream: TcpStream) {
+fn serve_one(broker: &Broker, stream: TcpStream, tls: Option<&Arc<rustls::ServerConfig>>) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    match tls {
+        None => answer_one(broker, stream),
+        Some(config) => {
+            let mut tls = match rustls::ServerConnection::new(config.clone()) {
+                Ok(connection) => rustls::StreamOwned::new(connection, stream),
+                Err(e) => return eprintln!("kbs-serve: TLS: {e}"),
+            };
+            // A client that does not complete the handshake gets nothing, not an error page.
+            while tls.conn.is_handshaking() {
+                if let Err(e) = tls.conn.complete_io(&mut tls.sock) {
+                    return eprintln!("kbs-serve: TLS handshake: {e}");
+                }
+            }
+            answer_one(broker, tls)
+        }
+    }
+}
+
+fn answer_one(broker: &Broker, mut stream: impl std::io::Read + Write) {
     let answer = match read_message(&mut stream) {
         Ok(request) => broker.handle(&request),
         Err(e) => problem(400, "InvalidRequest", e.to_string()),
@@ -467,9 +486,19 @@ fn serve_one(broker: &Broker, mut stream: TcpStream) {
 
 /// Serves until the listener fails; one thread per connection.
 pub fn serve(listener: TcpListener, broker: Arc<Broker>) {
+    serve_with(listener, broker, None)
+}
+
+/// The same; over TLS with `tls`.
+pub fn serve_with(
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
     for stream in listener.incoming().flatten() {
         let broker = broker.clone();
-        std::thread::spawn(move || serve_one(&broker, stream));
+        let tls = tls.clone();
+        std::thread::spawn(move || serve_one(&broker, stream, tls.as_ref()));
     }
 }
 

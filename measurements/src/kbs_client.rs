@@ -2,7 +2,9 @@
 //! ephemeral P-256 key, then `resource`, decrypted with that key. Used by the init's `kbs`
 //! key source and by the tests; the caller supplies the evidence for the binding.
 
+use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -36,20 +38,85 @@ pub enum ClientError {
     Evidence(String),
     #[error(transparent)]
     Kbs(#[from] kbs::KbsError),
+    #[error("TLS with the key broker at {address} failed")]
+    Tls {
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where the broker is and how it is trusted.
+#[derive(Clone)]
+pub struct Endpoint {
+    /// host:port.
+    pub address: String,
+    /// TLS trusting only the pinned CA or key; `None` = plain HTTP (the secret is still
+    /// encrypted to the node's ephemeral key, but the host sees the exchange).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl Endpoint {
+    pub fn plain(address: &str) -> Endpoint {
+        Endpoint {
+            address: address.to_string(),
+            tls: None,
+        }
+    }
+
+    /// The host part of the address, for the certificate's name.
+    fn host(&self) -> &str {
+        let host = self
+            .address
+            .rsplit_once(':')
+            .map_or(self.address.as_str(), |(h, _)| h);
+        host.trim_start_matches('[').trim_end_matches(']')
+    }
+}
+
+trait Stream: Read + Write {}
+impl<T: Read + Write> Stream for T {}
+
+fn connect(endpoint: &Endpoint) -> Result<Box<dyn Stream>, ClientError> {
+    let address = &endpoint.address;
+    let stream = TcpStream::connect(address).map_err(|source| ClientError::Connect {
+        address: address.clone(),
+        source,
+    })?;
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let Some(config) = &endpoint.tls else {
+        return Ok(Box::new(stream));
+    };
+    let tls_error = |detail: String| ClientError::Tls {
+        address: address.clone(),
+        source: std::io::Error::other(detail),
+    };
+    let name = rustls::pki_types::ServerName::try_from(endpoint.host().to_string())
+        .map_err(|e| tls_error(format!("{:?} is not a server name: {e}", endpoint.host())))?;
+    let connection = rustls::ClientConnection::new(config.clone(), name)
+        .map_err(|e| tls_error(e.to_string()))?;
+    let mut tls = rustls::StreamOwned::new(connection, stream);
+    // The handshake now, so that a refused certificate is reported as such.
+    while tls.conn.is_handshaking() {
+        tls.conn
+            .complete_io(&mut tls.sock)
+            .map_err(|source| ClientError::Tls {
+                address: address.clone(),
+                source,
+            })?;
+    }
+    Ok(Box::new(tls))
 }
 
 fn exchange(
-    address: &str,
+    endpoint: &Endpoint,
     step: &'static str,
     start: &str,
     cookie: Option<&str>,
     body: &[u8],
 ) -> Result<Message, ClientError> {
-    let mut stream = TcpStream::connect(address).map_err(|source| ClientError::Connect {
-        address: address.to_string(),
-        source,
-    })?;
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let address = endpoint.address.as_str();
+    let mut stream = connect(endpoint)?;
     let cookie_header = cookie.map(|c| format!("kbs-session-id={c}"));
     let mut headers = vec![("Host", address), ("Content-Type", "application/json")];
     if let Some(c) = &cookie_header {
@@ -84,18 +151,18 @@ fn exchange(
 /// Fetches `resource` (`<repository>/<type>/<tag>`) from the broker at `address` (host:port),
 /// proving the node with `evidence(report_data)`.
 pub fn get_resource(
-    address: &str,
+    endpoint: &Endpoint,
     tee: &str,
     resource: &str,
     evidence: &mut dyn FnMut(&[u8; 64]) -> Result<Value, String>,
 ) -> Result<Vec<u8>, ClientError> {
-    let mut all = get_resources(address, tee, &[resource], evidence)?;
+    let mut all = get_resources(endpoint, tee, &[resource], evidence)?;
     Ok(std::mem::take(&mut all[0]))
 }
 
 /// Fetches several resources in one attested session, in order.
 pub fn get_resources(
-    address: &str,
+    endpoint: &Endpoint,
     tee: &str,
     resources: &[&str],
     evidence: &mut dyn FnMut(&[u8; 64]) -> Result<Value, String>,
@@ -106,7 +173,7 @@ pub fn get_resources(
         extra_params: serde_json::json!({ "supported-hash-algorithms": ["sha384", "sha256", "sha512"] }),
     };
     let answer = exchange(
-        address,
+        endpoint,
         "auth",
         "POST /kbs/v0/auth HTTP/1.1",
         None,
@@ -142,7 +209,7 @@ pub fn get_resources(
         },
     };
     exchange(
-        address,
+        endpoint,
         "attest",
         "POST /kbs/v0/attest HTTP/1.1",
         Some(&cookie),
@@ -151,7 +218,7 @@ pub fn get_resources(
     let mut released = Vec::new();
     for resource in resources {
         let answer = exchange(
-            address,
+            endpoint,
             "resource",
             &format!("GET /kbs/v0/resource/{resource} HTTP/1.1"),
             Some(&cookie),

@@ -13,6 +13,7 @@ pub mod registers;
 pub mod snp;
 pub mod tcglog;
 pub mod tdx;
+pub mod tls;
 pub mod tpm_quote;
 pub mod verity;
 

@@ -34,8 +34,9 @@ commands:
                      RTMRs against the replay of that CC event log. TDX quote signatures
                      need Intel's collateral and are not checked here.
   kbs-serve --listen ADDR:PORT --resources DIR --reference FILE
-            [--attestation-keys FILE] [--snp-chain PEM]
-                     the reference key broker (Trustee KBS protocol 0.4.0, plain HTTP):
+            [--attestation-keys FILE] [--snp-chain PEM] [--tls-cert PEM --tls-key PEM]
+                     the reference key broker (Trustee KBS protocol 0.4.0; HTTPS with the
+                     certificate chain and key given, else plain HTTP):
                      resources are files DIR/<repository>/<type>/<tag>, released as JWE to a
                      node whose vTPM quote (by a key listed in the keys FILE, 128 hex digits
                      a line) covers the PCR values of the reference FILE (`predict --at
@@ -389,7 +390,7 @@ fn snp_chain(path: &str) -> Result<cvm_measure::snp::TrustedChain, Failure> {
 
 /// The reference key broker.
 fn kbs_serve(args: &[&str]) -> Result<(), Failure> {
-    use cvm_measure::kbs_broker::{serve, Broker, Reference};
+    use cvm_measure::kbs_broker::{serve_with, Broker, Reference};
     let (o, positional) = options(
         args,
         &[
@@ -398,6 +399,8 @@ fn kbs_serve(args: &[&str]) -> Result<(), Failure> {
             "--reference",
             "--attestation-keys",
             "--snp-chain",
+            "--tls-cert",
+            "--tls-key",
         ],
         &[],
     )?;
@@ -456,14 +459,33 @@ fn kbs_serve(args: &[&str]) -> Result<(), Failure> {
     }
     let listener = std::net::TcpListener::bind(listen)
         .map_err(|e| Failure(format!("cannot listen on {listen}: {e}"), 1))?;
+    let tls = match (o.get("--tls-cert").copied(), o.get("--tls-key").copied()) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => Some(
+            cvm_measure::tls::server_config(
+                &read(cert, "the TLS certificate chain")?,
+                &read(key, "the TLS private key")?,
+            )
+            .map_err(|e| {
+                Failure(
+                    format!("--tls-cert {cert} --tls-key {key}: {}", chain(&e)),
+                    1,
+                )
+            })?,
+        ),
+        _ => return Err(usage("--tls-cert and --tls-key go together".into())),
+    };
     eprintln!(
-        "cvm-measure kbs-serve: listening on {listen}; {} reference PCRs, {} attestation keys, resources in {resources}",
+        "cvm-measure kbs-serve: listening on {listen} ({}); {} reference PCRs, {} attestation keys, {} SNP launch digests, resources in {resources}",
+        if tls.is_some() { "https" } else { "plain http" },
         reference_values.pcrs.len(),
-        reference_values.attestation_keys.len()
+        reference_values.attestation_keys.len(),
+        reference_values.snp_measurements.len()
     );
-    serve(
+    serve_with(
         listener,
         std::sync::Arc::new(Broker::new(resources.into(), reference_values)),
+        tls,
     );
     Ok(())
 }

@@ -6,7 +6,7 @@ use std::net::TcpListener;
 use std::path::Path;
 use std::sync::Arc;
 
-use cvm_measure::kbs_broker::{serve, Broker, Reference};
+use cvm_measure::kbs_broker::{serve_with, Broker, Reference};
 use cvm_measure::predict::{predict_key_release, Inputs};
 use cvm_measure::registers::Bank;
 
@@ -67,12 +67,23 @@ pub fn start(
     reference: Reference,
     secret: &[u8],
 ) -> Arc<Broker> {
+    start_with(listener, resources, reference, secret, None)
+}
+
+/// The same over TLS with `tls`.
+pub fn start_with(
+    listener: TcpListener,
+    resources: &Path,
+    reference: Reference,
+    secret: &[u8],
+    tls: Option<Arc<cvm_measure::tls::rustls::ServerConfig>>,
+) -> Arc<Broker> {
     let dir = resources.join("cvm/state-disk");
     std::fs::create_dir_all(&dir).expect("the broker's resource directory");
     std::fs::write(dir.join("key"), secret).expect("the broker's resource");
     let broker = Arc::new(Broker::new(resources.to_path_buf(), reference));
     let serving = broker.clone();
-    std::thread::spawn(move || serve(listener, serving));
+    std::thread::spawn(move || serve_with(listener, serving, tls));
     broker
 }
 
@@ -230,6 +241,71 @@ pub fn snp_test_chain(dir: &Path) -> SnpTestChain {
         vcek_der: read("vcek.der"),
         vcek_scalar: sec1[8..56].to_vec(),
     }
+}
+
+/// A CA and a broker certificate for `ip` (EC P-256, two days), made with openssl: (CA PEM,
+/// broker certificate PEM, broker key PEM).
+pub fn tls_test_pki(dir: &Path, ip: &str) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let p256 = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-days",
+        "2",
+    ];
+    run(&[
+        &[
+            "req",
+            "-x509",
+            "-keyout",
+            "tls-ca.key",
+            "-out",
+            "tls-ca.pem",
+            "-subj",
+            "/CN=test broker CA",
+        ][..],
+        &p256[..],
+    ]
+    .concat());
+    let san = format!("subjectAltName=IP:{ip}");
+    run(&[
+        &[
+            "req",
+            "-x509",
+            "-keyout",
+            "tls.key",
+            "-out",
+            "tls.pem",
+            "-subj",
+            "/CN=test broker",
+            "-CA",
+            "tls-ca.pem",
+            "-CAkey",
+            "tls-ca.key",
+            "-addext",
+            &san,
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+        ][..],
+        &p256[..],
+    ]
+    .concat());
+    let read = |f: &str| std::fs::read(dir.join(f)).expect("openssl wrote it");
+    (read("tls-ca.pem"), read("tls.pem"), read("tls.key"))
 }
 
 #[cfg(test)]

@@ -127,10 +127,11 @@ fn the_node_gets_its_disk_key_from_the_broker_and_another_image_does_not() {
     assert!(std::fs::read(&disk).unwrap() == before, "the disk changed");
 }
 
-/// f. SNP-format evidence end to end: the test build's emulated configfs-tsm provider signs
-/// reports with a test VCEK (chained to a test ASK/ARK that only this broker trusts); the node
-/// asks with `snp` evidence in Trustee's shape, is refused while its launch digest is not a
-/// reference value, then gets its disk key and a second resource written to a tmpfs file.
+/// f. SNP-format evidence end to end, over TLS: the test build's emulated configfs-tsm provider
+/// signs reports with a test VCEK (chained to a test ASK/ARK that only this broker trusts); the
+/// node reaches the broker by https trusting only the CA its configuration pins, asks with
+/// `snp` evidence in Trustee's shape, is refused while its launch digest is not a reference
+/// value, then gets its disk key and a second resource written to a tmpfs file.
 #[test]
 fn snp_format_evidence_from_an_emulated_provider_releases_the_key() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -140,11 +141,13 @@ fn snp_format_evidence_from_an_emulated_provider_releases_the_key() {
             r#"args = ["state-probe"]"#,
             r#"args = ["file-probe", "/run/kubelet/bootstrap-kubeconfig"]"#,
         )
+        .replace("http://", "https://")
         .replace(
             "plain_http = true\n",
-            "plain_http = true\n\n[[kbs.file]]\nresource = \"cvm/kubelet/bootstrap\"\npath = \"/run/kubelet/bootstrap-kubeconfig\"\n",
+            "ca = \"/etc/cvm/kbs-ca.pem\"\n\n[[kbs.file]]\nresource = \"cvm/kubelet/bootstrap\"\npath = \"/run/kubelet/bootstrap-kubeconfig\"\n",
         );
     let keys = tempfile::tempdir().unwrap();
+    let (ca, tls_chain, tls_key) = broker::tls_test_pki(keys.path(), "10.0.2.2");
     let chain = broker::snp_test_chain(keys.path());
     let measurement = [0x5au8; 48];
     let emulator = "/usr/lib/cvm-test/snp";
@@ -160,13 +163,14 @@ fn snp_format_evidence_from_an_emulated_provider_releases_the_key() {
                 "usr/lib/cvm-test/snp/measurement",
                 cvm_measure::hex(&measurement).into_bytes(),
             ),
+            ("etc/cvm/kbs-ca.pem", ca),
         ],
     );
     let resources = tempfile::tempdir().unwrap();
     let bootstrap = resources.path().join("cvm/kubelet");
     std::fs::create_dir_all(&bootstrap).unwrap();
     std::fs::write(bootstrap.join("bootstrap"), "kubeconfig-for-test-3c1d").unwrap();
-    let broker = broker::start(
+    let broker = broker::start_with(
         listener,
         resources.path(),
         cvm_measure::kbs_broker::Reference {
@@ -174,6 +178,7 @@ fn snp_format_evidence_from_an_emulated_provider_releases_the_key() {
             ..Default::default()
         },
         &qemu_tests::pseudo_random_bytes(32, 0x9e3779b97f4a7c15),
+        Some(cvm_measure::tls::server_config(&tls_chain, &tls_key).unwrap()),
     );
     let work = tempfile::tempdir().unwrap();
     let disk = work.path().join("state.img");
@@ -194,6 +199,7 @@ fn snp_format_evidence_from_an_emulated_provider_releases_the_key() {
     );
     assert!(log.contains(&format!("launch digest {}", cvm_measure::hex(&measurement))));
     assert!(!log.contains("opened LUKS2") && !log.contains("formatted on this boot"));
+    assert!(!log.contains("plain http"), "the node did not use TLS");
     broker.allow_snp_measurement(measurement.to_vec());
     must(guest.wait_for(
         "kbs: cvm/state-disk/key, cvm/kubelet/bootstrap released",
