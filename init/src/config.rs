@@ -1185,6 +1185,63 @@ restart = "on-failure"
         assert!(!wiped.unwritten_blocks_fail());
     }
 
+    fn kbs(section: &str) -> Result<ConfigFile, ConfigFileError> {
+        parse_config_file(
+            Path::new("/etc/cvm-init.toml"),
+            &format!("[state]\nserial = \"cvm-state\"\nkey = \"kbs\"\n\n[kbs]\nresource = \"r/t/k\"\n{section}"),
+        )
+    }
+
+    #[test]
+    fn key_broker_trust_and_files_are_checked() {
+        let pin = "ab".repeat(32);
+        kbs("url = \"https://kbs.example:8080\"\nca = \"/etc/cvm/ca.pem\"").unwrap();
+        kbs(&format!(
+            "url = \"https://10.0.0.1:8080\"\npublic_key_sha256 = \"{pin}\""
+        ))
+        .unwrap();
+        kbs("url = \"http://10.0.0.1:8080\"\nplain_http = true").unwrap();
+        let file = "[[kbs.file]]\nresource = \"default/kubelet/bootstrap\"";
+        let ok = kbs(&format!(
+            "url = \"http://h:1\"\nplain_http = true\n{file}\npath = \"/run/kubelet/kubeconfig\""
+        ))
+        .unwrap();
+        assert_eq!(ok.kbs.unwrap().files[0].mode, 0o600);
+        for (section, field) in [
+            ("url = \"https://h:1\"", "kbs.ca"),
+            (&*format!("url = \"https://h:1\"\nca = \"/c.pem\"\npublic_key_sha256 = \"{pin}\""), "kbs.ca"),
+            ("url = \"https://h:1\"\nca = \"c.pem\"", "kbs.ca"),
+            ("url = \"https://h:1\"\npublic_key_sha256 = \"abc\"", "kbs.public_key_sha256"),
+            ("url = \"https://h:1\"\nca = \"/c.pem\"\nplain_http = true", "kbs.plain_http"),
+            ("url = \"http://h:1\"", "kbs.plain_http"),
+            ("url = \"http://h:1\"\nplain_http = true\nca = \"/c.pem\"", "kbs.url"),
+            ("url = \"https://h\"\nca = \"/c.pem\"", "kbs.url"),
+            ("url = \"https://user@h:1\"\nca = \"/c.pem\"", "kbs.url"),
+            ("url = \"ftp://h:1\"", "kbs.url"),
+            (&*format!("url = \"http://h:1\"\nplain_http = true\n{file}\npath = \"/var/lib/k\""), "kbs.file[0].path"),
+            (&*format!("url = \"http://h:1\"\nplain_http = true\n{file}\npath = \"/run/../etc/k\""), "kbs.file[0].path"),
+            (&*format!("url = \"http://h:1\"\nplain_http = true\n{file}\npath = \"/run\""), "kbs.file[0].path"),
+            (&*format!("url = \"http://h:1\"\nplain_http = true\n{file}\npath = \"/run/k\"\nmode = 0o644"), "kbs.file[0].mode"),
+            (&*format!("url = \"http://h:1\"\nplain_http = true\n[[kbs.file]]\nresource = \"../x/y\"\npath = \"/run/k\""), "kbs.file[0].resource"),
+        ] {
+            assert_eq!(invalid_field(kbs(section).unwrap_err()), field, "{section}");
+        }
+        // Files come only with the session that releases the disk key.
+        let e = parse_config_file(
+            Path::new("/c"),
+            &format!("[state]\nserial = \"s\"\nkey = \"tpm\"\n[kbs]\nurl = \"http://h:1\"\nplain_http = true\nresource = \"r/t/k\"\n{file}\npath = \"/run/k\""),
+        )
+        .unwrap_err();
+        assert_eq!(invalid_field(e), "kbs.file");
+        // snp-derived is a key source of its own.
+        let cfg = parse_config_file(
+            Path::new("/c"),
+            "[state]\nserial = \"s\"\nkey = \"snp-derived\"",
+        )
+        .unwrap();
+        assert_eq!(cfg.state.unwrap().key, KeySourceChoice::SnpDerived);
+    }
+
     #[test]
     fn state_options_that_cannot_work_are_refused() {
         for (extra, field) in [
