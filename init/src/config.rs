@@ -1222,7 +1222,7 @@ restart = "on-failure"
             (&*format!("url = \"http://h:1\"\nplain_http = true\n{file}\npath = \"/run/../etc/k\""), "kbs.file[0].path"),
             (&*format!("url = \"http://h:1\"\nplain_http = true\n{file}\npath = \"/run\""), "kbs.file[0].path"),
             (&*format!("url = \"http://h:1\"\nplain_http = true\n{file}\npath = \"/run/k\"\nmode = 0o644"), "kbs.file[0].mode"),
-            (&*format!("url = \"http://h:1\"\nplain_http = true\n[[kbs.file]]\nresource = \"../x/y\"\npath = \"/run/k\""), "kbs.file[0].resource"),
+            ("url = \"http://h:1\"\nplain_http = true\n[[kbs.file]]\nresource = \"../x/y\"\npath = \"/run/k\"", "kbs.file[0].resource"),
         ] {
             assert_eq!(invalid_field(kbs(section).unwrap_err()), field, "{section}");
         }
