@@ -16,6 +16,7 @@ pub mod tdx;
 pub mod tls;
 pub mod tpm_quote;
 pub mod verity;
+pub mod x509;
 
 use std::io::Read;
 use std::path::Path;
