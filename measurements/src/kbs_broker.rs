@@ -34,6 +34,14 @@ pub struct Reference {
     pub snp_measurements: Vec<Vec<u8>>,
     /// ARK/ASK pairs trusted beside AMD's built-in roots (`kbs-serve --snp-chain`).
     pub snp_chains: Vec<crate::snp::TrustedChain>,
+    /// TDX MRTDs allowed (the firmware; the reference JSON's `tdx_mrtds`).
+    pub tdx_mrtds: Vec<Vec<u8>>,
+    /// TDX RTMRs that must have exactly these values (`tdx_rtmrs`: at least RTMR 1, the
+    /// kernel and initrd the firmware measured).
+    pub tdx_rtmrs: Vec<(usize, Vec<u8>)>,
+    /// RTMR 2 extended from zero with only cvm-init's events up to the key release
+    /// (`tdx_init_rtmr2`, from `predict --at key-release`).
+    pub tdx_init_rtmr2: Option<Vec<u8>>,
 }
 
 impl Reference {
@@ -72,11 +80,47 @@ impl Reference {
                     .ok_or(format!("snp measurement {hex:?} is not 96 hex digits"))?,
             );
         }
+        let digest48 = |name: &str, v: &Value| -> Result<Vec<u8>, String> {
+            v.as_str()
+                .and_then(crate::verity::parse_hex)
+                .filter(|d| d.len() == 48)
+                .ok_or(format!("{name}: expected 96 hex digits"))
+        };
+        let mut tdx_mrtds = Vec::new();
+        for m in json
+            .get("tdx_mrtds")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            tdx_mrtds.push(digest48("tdx_mrtds", m)?);
+        }
+        let mut tdx_rtmrs = Vec::new();
+        for (index, value) in json
+            .get("tdx_rtmrs")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+        {
+            let i: usize = index
+                .parse()
+                .ok()
+                .filter(|i| *i < 4)
+                .ok_or(format!("tdx_rtmrs: {index:?} is not 0 to 3"))?;
+            tdx_rtmrs.push((i, digest48("tdx_rtmrs", value)?));
+        }
+        let tdx_init_rtmr2 = match json.get("tdx_init_rtmr2") {
+            Some(v) => Some(digest48("tdx_init_rtmr2", v)?),
+            None => None,
+        };
         Ok(Reference {
             pcrs,
             attestation_keys: Vec::new(),
             snp_measurements,
             snp_chains: Vec::new(),
+            tdx_mrtds,
+            tdx_rtmrs,
+            tdx_init_rtmr2,
         })
     }
 }
@@ -217,12 +261,12 @@ impl Broker {
                 ),
             );
         }
-        if parsed.tee != "tpm" && parsed.tee != "snp" {
+        if !["tpm", "snp", "tdx"].contains(&parsed.tee.as_str()) {
             return problem(
                 400,
                 "UnsupportedTee",
                 format!(
-                    "tee {:?}: this broker verifies tpm and snp evidence",
+                    "tee {:?}: this broker verifies tpm, snp and tdx evidence",
                     parsed.tee
                 ),
             );
@@ -303,10 +347,10 @@ impl Broker {
             Err(e) => return problem(400, "InvalidRequest", e.to_string()),
         };
         let evidence = &attestation.tee_evidence.primary_evidence;
-        let verdict = if tee == "snp" {
-            self.verify_snp(evidence, &binding)
-        } else {
-            self.verify_tpm(evidence, &binding)
+        let verdict = match tee.as_str() {
+            "snp" => self.verify_snp(evidence, &binding),
+            "tdx" => self.verify_tdx(evidence, &binding),
+            _ => self.verify_tpm(evidence, &binding),
         };
         if let Err(why) = verdict {
             return problem(401, "AttestationError", why);
@@ -393,6 +437,97 @@ impl Broker {
             report_data: binding.to_vec(),
         };
         snp::appraise(&report, &expected).map_err(|why| format!("SNP report refused: {why}"))
+    }
+
+    /// `tdx` evidence in Trustee's shape (`quote`, `cc_eventlog`, both base64) plus cvm-init's
+    /// own measurement log (`cvm_measure_log`, base64 of the JSON-seq log): the quote's
+    /// signature up to the Intel root (collateral checks are not done: see
+    /// `SignatureChecked::NOT_CHECKED`), no debugging, this session's binding, an allowed MRTD,
+    /// the reference RTMRs, the CC event log and then cvm-init's log replaying to all four
+    /// RTMRs, and cvm-init's own events being this image's (`tdx_init_rtmr2`).
+    pub fn verify_tdx(&self, evidence: &Value, binding: &[u8; 64]) -> Result<(), String> {
+        use crate::tdx::Quote;
+        #[derive(Deserialize)]
+        struct TdxEvidence {
+            quote: String,
+            cc_eventlog: Option<String>,
+            cvm_measure_log: Option<String>,
+        }
+        let evidence: TdxEvidence =
+            serde_json::from_value(evidence.clone()).map_err(|e| format!("tdx evidence: {e}"))?;
+        let decode = |name: &str, v: &str| {
+            STANDARD
+                .decode(v)
+                .map_err(|_| format!("{name} is not base64"))
+        };
+        let quote = Quote::parse(&decode("quote", &evidence.quote)?).map_err(|e| e.to_string())?;
+        quote.verify_signature().map_err(|e| e.to_string())?;
+        if quote.td.debug() {
+            return Err("the TD is debuggable (its memory is readable by the host)".into());
+        }
+        if quote.td.report_data != *binding {
+            return Err(
+                "the quote's report data is not this session's binding (replayed evidence)".into(),
+            );
+        }
+        let reference = self.reference.lock().unwrap().clone();
+        if reference.tdx_mrtds.is_empty() || !reference.tdx_rtmrs.iter().any(|(i, _)| *i == 1) {
+            return Err(
+                "this broker has no TDX reference values (tdx_mrtds and tdx_rtmrs with RTMR 1)"
+                    .into(),
+            );
+        }
+        if !reference.tdx_mrtds.iter().any(|m| m[..] == quote.td.mrtd) {
+            return Err(format!(
+                "MRTD {} is not one of the {} allowed",
+                crate::hex(&quote.td.mrtd),
+                reference.tdx_mrtds.len()
+            ));
+        }
+        for (i, value) in &reference.tdx_rtmrs {
+            if value[..] != quote.td.rtmr[*i] {
+                return Err(format!(
+                    "RTMR {i} is {}, the reference is {}",
+                    crate::hex(&quote.td.rtmr[*i]),
+                    crate::hex(value)
+                ));
+            }
+        }
+        let (Some(ccel), Some(init_log)) = (&evidence.cc_eventlog, &evidence.cvm_measure_log)
+        else {
+            return Err("the evidence lacks the CC event log or cvm-init's measurement log".into());
+        };
+        let ccel = crate::tcglog::parse(&decode("cc_eventlog", ccel)?)
+            .map_err(|e| format!("cc_eventlog: {e}"))?;
+        let mut replayed = ccel
+            .replay_ccel()
+            .map_err(|e| format!("cc_eventlog: {e}"))?;
+        let records = crate::jsonseq::parse(&decode("cvm_measure_log", init_log)?)
+            .map_err(|e| format!("cvm_measure_log: {e}"))?;
+        let init_only = crate::jsonseq::replay(&records);
+        for record in &records {
+            for (bank, digest) in &record.digests {
+                if *bank == crate::registers::Bank::Sha384 {
+                    if let Some(rtmr) = crate::registers::rtmr_for_pcr(record.pcr) {
+                        replayed.extend_rtmr(rtmr, digest);
+                    }
+                }
+            }
+        }
+        for i in 0..4 {
+            if replayed.rtmr[i][..] != quote.td.rtmr[i] {
+                return Err(format!(
+                    "the event logs do not replay to the quote's RTMR {i}"
+                ));
+            }
+        }
+        match &reference.tdx_init_rtmr2 {
+            Some(expected) if *expected == init_only.rtmr[2] => Ok(()),
+            Some(_) => {
+                Err("cvm-init's measurements are not this image's (tdx_init_rtmr2 differs)".into())
+            }
+            None => Err("this broker has no tdx_init_rtmr2 reference value".into()),
+        }
     }
 
     fn resource(&self, request: &Message, path: &str) -> Answer {
@@ -556,6 +691,120 @@ mod tests {
         bare["cert_chain"] = Value::Null;
         let why = allowed.verify_snp(&bare, &binding).unwrap_err();
         assert!(why.contains("no VCEK certificate"), "{why}");
+    }
+
+    /// A real TDX quote with its CC event log; the binding is the quote's own report data.
+    fn tdx_case() -> (Broker, Value, [u8; 64]) {
+        let raw = crate::testdata::read("tdx/gtg_cos-113-tdx-quote.dat");
+        let quote = crate::tdx::Quote::parse(&raw).unwrap();
+        let broker = Broker::new(
+            PathBuf::from("/nonexistent"),
+            Reference {
+                tdx_mrtds: vec![quote.td.mrtd.to_vec()],
+                tdx_rtmrs: vec![(1, quote.td.rtmr[1].to_vec())],
+                tdx_init_rtmr2: Some(vec![0; 48]),
+                ..Default::default()
+            },
+        );
+        let evidence = json!({
+            "quote": STANDARD.encode(&raw),
+            "cc_eventlog": STANDARD.encode(crate::testdata::read("tdx/gtg_ccel_data.dat")),
+            "cvm_measure_log": "",
+        });
+        (broker, evidence, quote.td.report_data)
+    }
+
+    #[test]
+    fn real_tdx_evidence_is_verified_and_appraised() {
+        let (broker, evidence, binding) = tdx_case();
+        broker.verify_tdx(&evidence, &binding).unwrap();
+        let refused = |broker: &Broker, evidence: &Value, binding: &[u8; 64], why: &str| {
+            let got = broker.verify_tdx(evidence, binding).unwrap_err();
+            assert!(got.contains(why), "{got}");
+        };
+        refused(&broker, &evidence, &[0x5a; 64], "replayed");
+        // Another firmware, another kernel.
+        let (other, _, _) = tdx_case();
+        other.reference.lock().unwrap().tdx_mrtds = vec![vec![1; 48]];
+        refused(&other, &evidence, &binding, "MRTD");
+        let (other, _, _) = tdx_case();
+        other.reference.lock().unwrap().tdx_rtmrs = vec![(1, vec![1; 48])];
+        refused(&other, &evidence, &binding, "RTMR 1 is");
+        // cvm-init's events are not this image's.
+        let (other, _, _) = tdx_case();
+        other.reference.lock().unwrap().tdx_init_rtmr2 = Some(vec![1; 48]);
+        refused(&other, &evidence, &binding, "not this image's");
+        // A log that does not replay to the quote: one more event, or a changed digest.
+        let mut extra = evidence.clone();
+        let record = crate::jsonseq::record(&crate::event::Event::Phase(
+            crate::event::Phase::EnterInitrd,
+        ));
+        extra["cvm_measure_log"] = STANDARD.encode(record).into();
+        refused(&broker, &extra, &binding, "do not replay");
+        let mut ccel = crate::testdata::read("tdx/gtg_ccel_data.dat");
+        let log = crate::tcglog::parse(&ccel).unwrap();
+        let first = log.replay_ccel().unwrap();
+        // Flip bytes until the replay changes (a digest byte), keeping the log parseable.
+        let changed = (100..ccel.len()).find_map(|at| {
+            ccel[at] ^= 1;
+            let ok = crate::tcglog::parse(&ccel)
+                .ok()
+                .and_then(|l| l.replay_ccel().ok())
+                .is_some_and(|r| r.rtmr != first.rtmr);
+            if ok {
+                Some(at)
+            } else {
+                ccel[at] ^= 1;
+                None
+            }
+        });
+        assert!(changed.is_some());
+        let mut altered = evidence.clone();
+        altered["cc_eventlog"] = STANDARD.encode(&ccel).into();
+        refused(&broker, &altered, &binding, "do not replay");
+        let mut missing = evidence.clone();
+        missing["cc_eventlog"] = Value::Null;
+        refused(&broker, &missing, &binding, "lacks the CC event log");
+        // No reference values at all: refused, not waved through.
+        refused(
+            &self::broker(Vec::new()),
+            &evidence,
+            &binding,
+            "no TDX reference values",
+        );
+    }
+
+    proptest::proptest! {
+        /// Whatever arrives (any path, cookie and body, also after a real `auth`), the broker
+        /// answers with a refusal and never panics or releases anything.
+        #[test]
+        fn arbitrary_requests_are_refused_without_panics(
+            method in proptest::sample::select(vec!["GET", "POST", "PUT", "X"]),
+            path in "(/kbs/v0/(auth|attest|resource/[a-z./]{0,12})|/[ -~]{0,20})",
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+            json_body in proptest::option::of("\\{[ -~]{0,80}\\}"),
+            with_session in proptest::prelude::any::<bool>(),
+        ) {
+            let b = broker(vec![vec![0; 48]]);
+            let mut headers = Vec::new();
+            if with_session {
+                let auth = b.handle(&Message {
+                    start: "POST /kbs/v0/auth HTTP/1.1".into(),
+                    headers: Vec::new(),
+                    body: br#"{"version":"0.4.0","tee":"snp","extra-params":{}}"#.to_vec(),
+                });
+                proptest::prop_assert_eq!(auth.status, 200);
+                let cookie = auth.headers.iter().find(|(n, _)| n == "Set-Cookie").unwrap().1.clone();
+                headers.push(("cookie".to_string(), cookie.split(';').next().unwrap().to_string()));
+            }
+            let answer = b.handle(&Message {
+                start: format!("{method} {path} HTTP/1.1"),
+                headers,
+                body: json_body.map(String::into_bytes).unwrap_or(body),
+            });
+            let is_auth = method == "POST" && path == "/kbs/v0/auth";
+            proptest::prop_assert!(answer.status >= 400 || is_auth, "{} for {method} {path}", answer.status);
+        }
     }
 
     #[test]

@@ -42,7 +42,10 @@ commands:
                      a line) covers the PCR values of the reference FILE (`predict --at
                      key-release --json`), or whose SNP report (Trustee's evidence shape,
                      with its VCEK/VLEK) chains to AMD's roots or to the ASK+ARK in PEM and
-                     carries one of the reference's snp_measurements
+                     carries one of the reference's snp_measurements, or whose TDX quote
+                     (signature chain to the Intel root; no collateral checks) carries one of
+                     tdx_mrtds, the tdx_rtmrs values, and logs replaying to its RTMRs with
+                     cvm-init's part equal to tdx_init_rtmr2
   --version          print the version
   --help             print this text
 ";
@@ -352,12 +355,15 @@ fn predict(args: &[&str]) -> Result<(), Failure> {
         }
         inputs.config_file = Some(bytes);
     }
-    let regs = if at_key_release {
-        cvm_measure::predict::predict_key_release(&inputs)
+    let (regs, extra) = if at_key_release {
+        let regs = cvm_measure::predict::predict_key_release(&inputs);
+        // The RTMRs predicted are cvm-init's part alone (the firmware's is in the CC log).
+        let init_rtmr2 = cvm_measure::hex(&regs.rtmr[2]);
+        (regs, vec![("tdx_init_rtmr2", init_rtmr2)])
     } else {
-        predict(&inputs)
+        (predict(&inputs), Vec::new())
     };
-    print_registers(&regs, &[11, 15], o.contains_key("--json"), true);
+    print_registers_with(&regs, &[11, 15], o.contains_key("--json"), true, &extra);
     Ok(())
 }
 
@@ -496,6 +502,17 @@ fn print_registers(
     json: bool,
     rtmrs: bool,
 ) {
+    print_registers_with(regs, pcrs, json, rtmrs, &[])
+}
+
+/// The same, with extra named values (JSON fields, or `name value` lines).
+fn print_registers_with(
+    regs: &cvm_measure::registers::Registers,
+    pcrs: &[usize],
+    json: bool,
+    rtmrs: bool,
+    extra: &[(&str, String)],
+) {
     use cvm_measure::hex;
     use cvm_measure::registers::Bank;
     if json {
@@ -512,8 +529,14 @@ fn print_registers(
                 .map(|i| (i.to_string(), serde_json::json!(hex(&regs.rtmr[i]))))
                 .collect::<serde_json::Map<_, _>>());
         }
+        for (name, v) in extra {
+            value[*name] = serde_json::json!(v);
+        }
         println!("{}", serde_json::to_string_pretty(&value).unwrap());
         return;
+    }
+    for (name, v) in extra {
+        println!("{name} {v}");
     }
     for &p in pcrs {
         for bank in Bank::ALL {

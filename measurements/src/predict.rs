@@ -322,4 +322,23 @@ mod tests {
         };
         assert_eq!(predict(&other), p);
     }
+
+    #[test]
+    fn the_init_part_of_rtmr2_is_what_its_log_replays_to() {
+        let inputs = Inputs {
+            cmdline: b"console=ttyS0 cvm.loglevel=info".to_vec(),
+            root_hash: [3; 32],
+            config_file: Some(b"[network]\n".to_vec()),
+            sections: vec![(".linux".into(), b"kernel".to_vec())],
+            ..Default::default()
+        };
+        let log: Vec<u8> = boot_events(&inputs)[..KEY_RELEASE_EVENTS]
+            .iter()
+            .flat_map(crate::jsonseq::record)
+            .collect();
+        let replayed = crate::jsonseq::replay(&crate::jsonseq::parse(&log).unwrap());
+        // The predicted RTMRs hold cvm-init's events only (a UKI's sections are in the CC
+        // event log): what a broker compares cvm-init's log with.
+        assert_eq!(replayed.rtmr[2], predict_key_release(&inputs).rtmr[2]);
+    }
 }

@@ -29,6 +29,8 @@ pub enum EvidenceError {
     Report(#[from] cvm_measure::snp::SnpError),
     #[error("cannot read the CC event log {CCEL}")]
     Ccel(#[source] std::io::Error),
+    #[error("cannot read cvm-init's measurement log")]
+    OwnLog(#[source] std::io::Error),
     #[error("{0}")]
     TdxNoQuote(String),
 }
@@ -101,7 +103,9 @@ impl Source {
                     Some("tdx_guest"),
                 )?;
                 let ccel = std::fs::read(CCEL).map_err(EvidenceError::Ccel)?;
-                Ok(tdx(&report.outblob, &ccel))
+                let own =
+                    std::fs::read(cvm_measure::jsonseq::LOG_PATH).map_err(EvidenceError::OwnLog)?;
+                Ok(tdx(&report.outblob, &ccel, &own))
             }
             Source::Tdx(None) => Err(EvidenceError::TdxNoQuote(
                 super::tdx_guest::without_quote_service(binding),
@@ -137,10 +141,12 @@ fn snp(
 }
 
 /// Trustee's `tdx` evidence: the quote and the CC event log area as the firmware left it
-/// (its unused tail is 0xff, where a replay stops).
-fn tdx(quote: &[u8], ccel: &[u8]) -> Value {
+/// (its unused tail is 0xff, where a replay stops); with cvm-init's own measurement log, whose
+/// events extend RTMR 2 after the firmware's (a field Trustee does not read).
+fn tdx(quote: &[u8], ccel: &[u8], own_log: &[u8]) -> Value {
     json!({
         "quote": STANDARD.encode(quote),
         "cc_eventlog": STANDARD.encode(ccel),
+        "cvm_measure_log": STANDARD.encode(own_log),
     })
 }
