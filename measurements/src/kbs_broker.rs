@@ -745,18 +745,16 @@ mod tests {
         let log = crate::tcglog::parse(&ccel).unwrap();
         let first = log.replay_ccel().unwrap();
         // Flip bytes until the replay changes (a digest byte), keeping the log parseable.
-        let changed = (100..ccel.len()).find_map(|at| {
+        let changed = (100..ccel.len()).find(|&at| {
             ccel[at] ^= 1;
-            let ok = crate::tcglog::parse(&ccel)
+            let replays_otherwise = crate::tcglog::parse(&ccel)
                 .ok()
                 .and_then(|l| l.replay_ccel().ok())
                 .is_some_and(|r| r.rtmr != first.rtmr);
-            if ok {
-                Some(at)
-            } else {
+            if !replays_otherwise {
                 ccel[at] ^= 1;
-                None
             }
+            replays_otherwise
         });
         assert!(changed.is_some());
         let mut altered = evidence.clone();
