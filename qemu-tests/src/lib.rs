@@ -156,6 +156,16 @@ impl Artifacts {
         self.image_with(dir, Some(config), true, &[])
     }
 
+    /// The same, with extra files (path in the root, contents).
+    pub fn image_with_runtime_and_files(
+        &self,
+        dir: &Path,
+        config: &str,
+        files: &[(&str, Vec<u8>)],
+    ) -> TestImage {
+        self.image_with(dir, Some(config), true, files)
+    }
+
     fn image_with(
         &self,
         dir: &Path,

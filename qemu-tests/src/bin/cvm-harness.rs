@@ -59,6 +59,8 @@ fn image(dir: &Path, config: Option<&Path>) -> Result<(), String> {
 
 /// Where the demo's key broker listens (the demo configuration names it as 10.0.2.2:18080).
 const DEMO_BROKER: &str = "127.0.0.1:18080";
+/// The CA the demo configuration pins for the broker (`kbs.ca`).
+const DEMO_BROKER_CA: &str = "etc/cvm/kbs-ca.pem";
 
 /// `make run`: a fresh 8 GiB state disk and vTPM each time (the image may differ from the
 /// last run's); the disk key comes from the reference key broker, which runs in this process
@@ -75,7 +77,11 @@ fn demo(config: &Path) -> Result<(), String> {
     let tpm = dir.join("tpm");
     std::fs::create_dir_all(&tpm).map_err(|e| e.to_string())?;
     let artifacts = Artifacts::get();
-    let image = artifacts.image_with_runtime(&dir, &text);
+    // The broker's TLS identity, made for this run; the image pins its CA.
+    let pki = dir.join("pki");
+    std::fs::create_dir_all(&pki).map_err(|e| e.to_string())?;
+    let (ca, chain, key) = broker::tls_test_pki(&pki, "10.0.2.2");
+    let image = artifacts.image_with_runtime_and_files(&dir, &text, &[(DEMO_BROKER_CA, ca)]);
     let disk = dir.join("state.img");
     sparse_disk(&disk, 8)?;
     let listener = std::net::TcpListener::bind(DEMO_BROKER)
@@ -86,9 +92,10 @@ fn demo(config: &Path) -> Result<(), String> {
         .push(broker::attestation_key(&tpm)?);
     let mut secret = [0u8; 32];
     rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut secret);
-    broker::start(listener, &dir.join("kbs"), reference, &secret);
+    let tls = cvm_measure::tls::server_config(&chain, &key).map_err(|e| qemu_tests::chain(&e))?;
+    broker::start_with(listener, &dir.join("kbs"), reference, &secret, Some(tls));
     println!(
-        "demo: root hash {}; key broker on {DEMO_BROKER}; console below (ctrl-a x quits, ctrl-a c then system_powerdown powers off)",
+        "demo: root hash {}; key broker on https://{DEMO_BROKER}; console below (ctrl-a x quits, ctrl-a c then system_powerdown powers off)",
         image.root.root_hash_hex()
     );
     let mut guest = Guest::new("demo", &artifacts.kernel.vmlinuz, &image.initrd)
