@@ -22,7 +22,14 @@ const PCRS: [u32; 2] = [11, 15];
 
 fn tpm_evidence(t: &mut Tcp, binding: &[u8; 64]) -> Result<Value, String> {
     let q = quote(t, binding, &PCRS).map_err(|e| e.to_string())?;
-    Ok(TpmEvidence::json(&q.ak_x, &q.ak_y, &q.attest, &q.r, &q.s))
+    Ok(TpmEvidence::json(
+        &q.ak_x,
+        &q.ak_y,
+        &q.attest,
+        (&q.r, &q.s),
+        None,
+        None,
+    ))
 }
 
 fn start_broker(resources: &std::path::Path, reference: Reference) -> String {
@@ -257,4 +264,53 @@ fn a_resource_altered_in_transit_is_detected() {
         Err(ClientError::Kbs(cvm_measure::kbs::KbsError::Decrypt)) => {}
         other => panic!("an altered resource was not detected: {other:?}"),
     }
+}
+
+/// With the event logs: they must replay to the quoted PCRs, and a mismatch with the
+/// reference values is named PCR by PCR.
+#[test]
+fn event_logs_must_replay_to_the_quote_and_explain_a_mismatch() {
+    use cvm_measure::event::{Event, Phase};
+    let s = setup(4);
+    let record = cvm_measure::jsonseq::record(&Event::Phase(Phase::EnterInitrd));
+    let parsed = cvm_measure::jsonseq::parse(&record).unwrap();
+    assert_eq!(
+        parsed[0].pcr, 11,
+        "the setup extends PCR 11 with this event"
+    );
+    let mut t = connect(s.port);
+    let mut ask = |reference: Reference, log: &[u8]| {
+        let address = start_broker(s.resources.path(), reference);
+        get_resource(
+            &Endpoint::plain(&address),
+            "tpm",
+            "cvm/state-disk/key",
+            &mut |b| {
+                let q = quote(&mut t, b, &PCRS).map_err(|e| e.to_string())?;
+                Ok(TpmEvidence::json(
+                    &q.ak_x,
+                    &q.ak_y,
+                    &q.attest,
+                    (&q.r, &q.s),
+                    None,
+                    Some(log),
+                ))
+            },
+        )
+    };
+    assert_eq!(ask(s.reference.clone(), &record).unwrap(), s.key);
+    let refused = |result: Result<Vec<u8>, ClientError>, why: &str| match result {
+        Err(ClientError::Refused { detail, .. }) => assert!(detail.contains(why), "{detail}"),
+        other => panic!("{why}: {other:?}"),
+    };
+    // A log with one event more than the TPM saw.
+    let doubled = [record.clone(), record.clone()].concat();
+    refused(
+        ask(s.reference.clone(), &doubled),
+        "do not replay to the quoted PCRs",
+    );
+    // Another image's reference value for PCR 15: the refusal says which PCR differs.
+    let mut other = s.reference.clone();
+    other.pcrs[1].1[0] ^= 1;
+    refused(ask(other, &record), "PCR 15 is 0000");
 }

@@ -15,6 +15,7 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use sha2::Digest;
 
 use crate::http::{read_message, write_message, Message};
 use crate::kbs::{self, Attestation, Challenge, Jwk, Request};
@@ -189,19 +190,55 @@ pub struct TpmEvidence {
     pub attest: String,
     pub signature_r: String,
     pub signature_s: String,
+    /// base64 of the firmware's TCG event log (absent on direct kernel boot).
+    #[serde(default)]
+    pub eventlog: Option<String>,
+    /// base64 of cvm-init's JSON-seq measurement log.
+    #[serde(default)]
+    pub cvm_measure_log: Option<String>,
 }
 
 impl TpmEvidence {
-    /// The `primary_evidence` JSON of a quote.
-    pub fn json(ak_x: &[u8], ak_y: &[u8], attest: &[u8], r: &[u8], s: &[u8]) -> Value {
+    /// The `primary_evidence` JSON of a quote and the logs that explain it.
+    pub fn json(
+        ak_x: &[u8],
+        ak_y: &[u8],
+        attest: &[u8],
+        (r, s): (&[u8], &[u8]),
+        firmware_log: Option<&[u8]>,
+        cvm_measure_log: Option<&[u8]>,
+    ) -> Value {
         json!({
             "ak_x": URL_SAFE_NO_PAD.encode(ak_x),
             "ak_y": URL_SAFE_NO_PAD.encode(ak_y),
             "attest": STANDARD.encode(attest),
             "signature_r": STANDARD.encode(r),
             "signature_s": STANDARD.encode(s),
+            "eventlog": firmware_log.map(|l| STANDARD.encode(l)),
+            "cvm_measure_log": cvm_measure_log.map(|l| STANDARD.encode(l)),
         })
     }
+}
+
+/// The sha256 PCR values the logs replay to: the firmware's TCG log, then cvm-init's.
+fn replay_logs(firmware: Option<&[u8]>, own: &[u8]) -> Result<crate::registers::Registers, String> {
+    let mut registers = match firmware {
+        Some(log) => crate::tcglog::parse(log)
+            .and_then(|l| l.replay_tpm())
+            .map_err(|e| format!("eventlog: {e}"))?,
+        None => crate::registers::Registers::default(),
+    };
+    let records = crate::jsonseq::parse(own).map_err(|e| format!("cvm_measure_log: {e}"))?;
+    for record in &records {
+        for (bank, digest) in &record.digests {
+            if *bank == crate::registers::Bank::Sha256
+                && (record.pcr as usize) < crate::registers::PCRS
+            {
+                registers.extend_pcr(*bank, record.pcr as usize, digest);
+            }
+        }
+    }
+    Ok(registers)
 }
 
 impl Broker {
@@ -392,17 +429,59 @@ impl Broker {
         }
         let pcrs: Vec<u32> = reference.pcrs.iter().map(|(i, _)| *i).collect();
         let values: Vec<Vec<u8>> = reference.pcrs.iter().map(|(_, v)| v.clone()).collect();
-        crate::tpm_quote::verify(
-            &b64("attest", &evidence.attest)?,
+        let attest = b64("attest", &evidence.attest)?;
+        let verdict = crate::tpm_quote::verify(
+            &attest,
             &b64("signature_r", &evidence.signature_r)?,
             &b64("signature_s", &evidence.signature_s)?,
             (&x, &y),
             binding,
             &pcrs,
             &values,
-        )
-        .map(|_| ())
-        .map_err(|e| format!("vTPM quote refused: {e}"))
+        );
+        let Some(own_log) = &evidence.cvm_measure_log else {
+            return verdict
+                .map(|_| ())
+                .map_err(|e| format!("vTPM quote refused: {e}"));
+        };
+        // With the logs: they must replay to the quoted PCRs (a log that does not is refused
+        // even when the quote matches), and a mismatch is named PCR by PCR.
+        let firmware_log = match &evidence.eventlog {
+            Some(l) => Some(b64("eventlog", l)?),
+            None => None,
+        };
+        let replayed = replay_logs(firmware_log.as_deref(), &b64("cvm_measure_log", own_log)?)?;
+        let quoted = match crate::tpm_quote::parse_attest(&attest) {
+            Ok(q) => q,
+            Err(e) => return Err(format!("vTPM quote refused: {e}")),
+        };
+        let mut digest = sha2::Sha256::new();
+        for &p in &quoted.pcrs {
+            digest.update(replayed.pcr(crate::registers::Bank::Sha256, p as usize));
+        }
+        let consistent = digest.finalize().as_slice() == quoted.pcr_digest;
+        match verdict {
+            Ok(_) if consistent => Ok(()),
+            Ok(_) => Err("the event logs do not replay to the quoted PCRs".into()),
+            Err(crate::tpm_quote::QuoteError::PcrDigest) if consistent => {
+                let differing: Vec<String> = reference
+                    .pcrs
+                    .iter()
+                    .filter(|(p, v)| {
+                        replayed.pcr(crate::registers::Bank::Sha256, *p as usize) != v.as_slice()
+                    })
+                    .map(|(p, v)| {
+                        format!(
+                            "PCR {p} is {}, the reference is {}",
+                            crate::hex(replayed.pcr(crate::registers::Bank::Sha256, *p as usize)),
+                            crate::hex(v)
+                        )
+                    })
+                    .collect();
+                Err(format!("vTPM quote refused: the quoted PCR digest does not match the reference values ({})", differing.join("; ")))
+            }
+            Err(e) => Err(format!("vTPM quote refused: {e}")),
+        }
     }
 
     /// `snp` evidence in Trustee's shape (`snp::trustee_evidence`): the VCEK or VLEK from its

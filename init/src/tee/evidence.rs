@@ -12,6 +12,8 @@ use serde_json::{json, Value};
 use super::tpm::DeviceTransport;
 use super::tsm::{self, TsmFs};
 
+/// The TCG event log of the firmware (and a UKI's stub), where securityfs shows it.
+const FIRMWARE_LOG: &str = "/sys/kernel/security/tpm0/binary_bios_measurements";
 /// The CC event log the TDX firmware leaves (ACPI CCEL table data).
 const CCEL: &str = "/sys/firmware/acpi/tables/data/CCEL";
 
@@ -122,8 +124,16 @@ fn tpm(binding: &[u8; 64]) -> Result<Value, EvidenceError> {
         cvm_measure::hex(&q.ak_x),
         cvm_measure::hex(&q.ak_y)
     );
+    // The firmware's log exists on UEFI boots only; cvm-init's own always does.
+    let firmware_log = std::fs::read(FIRMWARE_LOG).ok();
+    let own_log = std::fs::read(cvm_measure::jsonseq::LOG_PATH).map_err(EvidenceError::OwnLog)?;
     Ok(cvm_measure::kbs_broker::TpmEvidence::json(
-        &q.ak_x, &q.ak_y, &q.attest, &q.r, &q.s,
+        &q.ak_x,
+        &q.ak_y,
+        &q.attest,
+        (&q.r, &q.s),
+        firmware_log.as_deref(),
+        Some(&own_log),
     ))
 }
 
