@@ -21,6 +21,15 @@ use serde_json::{json, Value};
 const PCRS: [u32; 2] = [11, 15];
 
 fn tpm_evidence(t: &mut Tcp, binding: &[u8; 64]) -> Result<Value, String> {
+    tpm_evidence_with_log(t, binding, None)
+}
+
+/// The same, with cvm-init's measurement log.
+fn tpm_evidence_with_log(
+    t: &mut Tcp,
+    binding: &[u8; 64],
+    log: Option<&[u8]>,
+) -> Result<Value, String> {
     let q = quote(t, binding, &PCRS).map_err(|e| e.to_string())?;
     Ok(TpmEvidence::json(
         &q.ak_x,
@@ -28,7 +37,7 @@ fn tpm_evidence(t: &mut Tcp, binding: &[u8; 64]) -> Result<Value, String> {
         &q.attest,
         (&q.r, &q.s),
         None,
-        None,
+        log,
     ))
 }
 
@@ -285,17 +294,7 @@ fn event_logs_must_replay_to_the_quote_and_explain_a_mismatch() {
             &Endpoint::plain(&address),
             "tpm",
             "cvm/state-disk/key",
-            &mut |b| {
-                let q = quote(&mut t, b, &PCRS).map_err(|e| e.to_string())?;
-                Ok(TpmEvidence::json(
-                    &q.ak_x,
-                    &q.ak_y,
-                    &q.attest,
-                    (&q.r, &q.s),
-                    None,
-                    Some(log),
-                ))
-            },
+            &mut |b| tpm_evidence_with_log(&mut t, b, Some(log)),
         )
     };
     assert_eq!(ask(s.reference.clone(), &record).unwrap(), s.key);

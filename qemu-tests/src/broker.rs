@@ -112,19 +112,22 @@ impl SnpTestChain {
     }
 }
 
+/// Runs openssl in `dir`; a failure panics with its message (test material only).
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub fn snp_test_chain(dir: &Path) -> SnpTestChain {
-    let openssl = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl runs");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let openssl = |args: &[&str]| openssl(dir, args);
     let pss = [
         "-sha384",
         "-sigopt",
@@ -246,18 +249,7 @@ pub fn snp_test_chain(dir: &Path) -> SnpTestChain {
 /// A CA and a broker certificate for `ip` (EC P-256, two days), made with openssl: (CA PEM,
 /// broker certificate PEM, broker key PEM).
 pub fn tls_test_pki(dir: &Path, ip: &str) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl runs");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let run = |args: &[&str]| openssl(dir, args);
     let p256 = [
         "-newkey",
         "ec",

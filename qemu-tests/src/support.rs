@@ -80,6 +80,20 @@ pub fn boot(
     (guest, prepared.dir)
 }
 
+/// A sparse file of `gib` GiB (a state disk).
+pub fn sparse_disk(path: &std::path::Path, gib: u64) -> Result<(), String> {
+    std::fs::File::create(path)
+        .and_then(|f| f.set_len(gib << 30))
+        .map_err(|e| format!("cannot create {}: {e}", path.display()))
+}
+
+/// A blank 1 GiB state disk `state.img` in `dir`.
+pub fn blank_state_disk(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("state.img");
+    sparse_disk(&path, 1).unwrap_or_else(|e| panic!("{e}"));
+    path
+}
+
 pub fn must(result: Result<Duration, String>) -> Duration {
     result.unwrap_or_else(|e| panic!("{e}"))
 }

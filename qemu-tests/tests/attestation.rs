@@ -6,7 +6,7 @@
 use std::net::TcpListener;
 
 use qemu_tests::broker;
-use qemu_tests::support::{must, power_down, prepare, prepare_with_files, BOOT};
+use qemu_tests::support::{blank_state_disk, must, power_down, prepare, prepare_with_files, BOOT};
 
 fn config(port: u16) -> String {
     format!(
@@ -61,11 +61,7 @@ fn the_node_gets_its_disk_key_from_the_broker_and_another_image_does_not() {
     );
 
     let work = tempfile::tempdir().unwrap();
-    let disk = work.path().join("state.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(1 << 30)
-        .unwrap();
+    let disk = blank_state_disk(work.path());
     let tpm = work.path().join("tpm");
     std::fs::create_dir_all(&tpm).unwrap();
 
@@ -181,11 +177,7 @@ fn snp_format_evidence_from_an_emulated_provider_releases_the_key() {
         Some(cvm_measure::tls::server_config(&tls_chain, &tls_key).unwrap()),
     );
     let work = tempfile::tempdir().unwrap();
-    let disk = work.path().join("state.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(1 << 30)
-        .unwrap();
+    let disk = blank_state_disk(work.path());
     let mut guest = prepared.boot(
         "kbs-snp-emulated",
         &format!("cvm.tee=snp cvm.test-snp-emulator={emulator}"),

@@ -23,12 +23,7 @@ args = ["state-probe"]
 const MARKER: &[u8] = b"plaintext-marker-7f3a9c21e5";
 
 fn blank_disk(dir: &Path) -> std::path::PathBuf {
-    let path = dir.join("state.img");
-    std::fs::File::create(&path)
-        .unwrap()
-        .set_len(1 << 30)
-        .unwrap();
-    path
+    qemu_tests::support::blank_state_disk(dir)
 }
 
 fn sha256(path: &Path) -> Vec<u8> {

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
+use qemu_tests::support::sparse_disk;
 use qemu_tests::{broker, kernel_time_of, Artifacts, Guest};
 
 fn main() -> ExitCode {
@@ -252,12 +253,6 @@ const STATE_OPTIONS: [(&str, &str, &[u64]); 3] = [
     ("xts + hmac-sha256, no wipe (default)", "", &[1, 8, 32]),
     ("xts + hmac-sha256, full wipe", "wipe = true\n", &[1, 8]),
 ];
-
-fn sparse_disk(path: &Path, gib: u64) -> Result<(), String> {
-    std::fs::File::create(path)
-        .and_then(|f| f.set_len(gib << 30))
-        .map_err(|e| format!("cannot create {}: {e}", path.display()))
-}
 
 fn phase_ms(log: &str, name: &str) -> Option<u64> {
     log.lines().find_map(|l| {
