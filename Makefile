@@ -20,7 +20,7 @@ export CVM_INIT_BIN := $(CURDIR)/$(TEST_DIR)/cvm-init
 export CVM_PAYLOAD_BIN := $(CURDIR)/$(TEST_DIR)/cvm-test-payload
 export CVM_KERNEL_DIR := $(CURDIR)/$(KERNEL_DIR)
 
-.PHONY: all deps build test-artifacts check unit boot-tests test run bench clean
+.PHONY: all deps build test-artifacts check unit boot-tests test run bench clean image image-lock image-reproducible measurements image-test
 
 all: build
 
@@ -63,6 +63,36 @@ run: build test-artifacts
 ## Size of the static init, time from kernel start to ready, PID 1's RSS at ready.
 bench: build test-artifacts
 	$(CARGO) run -q --release -p qemu-tests --bin cvm-harness -- bench $(CURDIR)/$(RELEASE_DIR)/cvm-init $(CURDIR)/$(RELEASE_DIR)/cvm-measure
+
+## The node image: mkosi 25 in a Debian trixie environment that scripts/image-env.sh makes once
+## (.cache/image-env); outputs in target/image/out. KUBELET=<kubelet binary or .deb> (else the
+## Kubernetes package repository), CONFIG=<cvm-init configuration> (default image/node.toml).
+IMAGE_TOOLS = $(CARGO) build -q -p qemu-tests --bin cvm-harness
+image: build
+	$(IMAGE_TOOLS)
+	bash scripts/image.sh build
+
+## Re-resolve the image's packages and write image/packages.lock (names, versions, sha256).
+image-lock: build
+	$(IMAGE_TOOLS)
+	bash scripts/image.sh lock
+
+## Build the image twice; any output that differs is named and fails the target.
+image-reproducible: build
+	$(IMAGE_TOOLS)
+	bash scripts/image.sh reproducible
+
+## The built image's reference values (PCR 11/15 at ready and at key release, RTMR 2) as JSON.
+measurements: build
+	bash scripts/image.sh measurements
+
+## Boot the image under OVMF + swtpm to ready and compare its PCRs with `make measurements`.
+## Uses the kubelet stand-in unless KUBELET is given.
+image-test: build test-artifacts
+	$(IMAGE_TOOLS)
+	KUBELET=$${KUBELET:-$(CURDIR)/target/$(TARGET)/test-image/kubelet-standin} bash scripts/image.sh build
+	bash scripts/image.sh measurements
+	$(CARGO) test -p qemu-tests --test image_boot -- --nocapture
 
 clean:
 	$(CARGO) clean

@@ -22,6 +22,10 @@ apt_packages=(
   xz-utils
   ovmf
   libseccomp2       # runc's one library, copied into test roots
+  qemu-utils        # qemu-img: the image's qcow2 and VHD formats
+  binutils          # objcopy: the UKI's command line after an image build
+  curl              # the image build asks whether the Kubernetes repository is reachable
+  openssl           # test certificate chains (key-broker TLS, the emulated SNP chain)
 )
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }

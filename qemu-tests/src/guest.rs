@@ -26,6 +26,9 @@ pub struct Guest {
     reboot: bool,
     interactive: bool,
     network: bool,
+    /// UEFI firmware (code, variable-store template): the guest boots its first disk's ESP
+    /// instead of a kernel given to QEMU.
+    uefi: Option<(PathBuf, PathBuf)>,
 }
 
 impl Guest {
@@ -44,7 +47,16 @@ impl Guest {
             reboot: false,
             interactive: false,
             network: false,
+            uefi: None,
         }
+    }
+
+    /// A guest that boots a whole disk image through UEFI firmware (OVMF code and a variable
+    /// store template, copied for the guest): firmware → the ESP's UKI → its initramfs.
+    pub fn uefi(name: &str, code: &Path, vars: &Path, disk: &Path) -> Self {
+        let mut guest = Guest::new(name, Path::new(""), Path::new("")).disk(disk);
+        guest.uefi = Some((code.to_path_buf(), vars.to_path_buf()));
+        guest
     }
 
     /// Appends options to the kernel command line.
@@ -151,12 +163,27 @@ impl Guest {
                 .arg(format!("file:{}", serial.display()));
         }
         cmd.arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", qmp_socket.display()))
-            .arg("-kernel")
-            .arg(&self.kernel)
-            .arg("-initrd")
-            .arg(&self.initrd)
-            .args(["-append", &self.cmdline]);
+            .arg(format!("unix:{},server=on,wait=off", qmp_socket.display()));
+        match &self.uefi {
+            Some((code, vars_template)) => {
+                let vars = guest.dir.path().join("efivars.fd");
+                fs::copy(vars_template, &vars).expect("copy the UEFI variable store");
+                cmd.arg("-drive")
+                    .arg(format!(
+                        "if=pflash,format=raw,readonly=on,file={}",
+                        code.display()
+                    ))
+                    .arg("-drive")
+                    .arg(format!("if=pflash,format=raw,file={}", vars.display()));
+            }
+            None => {
+                cmd.arg("-kernel")
+                    .arg(&self.kernel)
+                    .arg("-initrd")
+                    .arg(&self.initrd)
+                    .args(["-append", &self.cmdline]);
+            }
+        }
         if !self.reboot {
             cmd.arg("-no-reboot");
         }

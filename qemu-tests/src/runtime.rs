@@ -46,35 +46,9 @@ cgroup = { pids_max = 4096 }
 "#;
 
 /// containerd for cgroup v2 without systemd: cgroupfs, overlayfs snapshots on the state disk,
-/// CRI enabled (the kubelet's API), the snapshotters a node does not have switched off.
-pub const CONTAINERD_CONFIG: &str = r#"version = 2
-root = "/var/lib/containerd"
-state = "/run/containerd"
-disabled_plugins = [
-  "io.containerd.snapshotter.v1.aufs",
-  "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.zfs",
-  "io.containerd.tracing.processor.v1.otlp",
-  "io.containerd.internal.v1.tracing",
-]
-
-[grpc]
-  address = "/run/containerd/containerd.sock"
-
-[plugins."io.containerd.internal.v1.opt"]
-  path = "/var/lib/containerd/opt"
-
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "registry.k8s.io/pause:3.9"
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "overlayfs"
-    default_runtime_name = "runc"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-        SystemdCgroup = false
-"#;
+/// CRI enabled (the kubelet's API), the snapshotters a node does not have switched off. The
+/// node image's own file, so that test roots and the image run the same configuration.
+pub const CONTAINERD_CONFIG: &str = include_str!("../../image/extra/etc/containerd/config.toml");
 
 /// The unpacked Debian packages.
 pub fn cache_dir() -> PathBuf {

@@ -1,0 +1,83 @@
+//! The node image `make image` built (target/image/out), booted as a cloud boots it: OVMF
+//! (UEFI, TCG) → the UKI on the ESP → cvm-init → the verity root → the state disk (vTPM
+//! sealed) → containerd and the kubelet → `cvm-init: ready`; the guest's PCR 11 (the UKI's
+//! sections as systemd-stub measured them, then cvm-init's phases) must equal what `make
+//! measurements` predicted. Run by `make image-test` (it needs the image and takes minutes),
+//! not by `make test`.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use qemu_tests::support::{blank_state_disk, must, power_down};
+use qemu_tests::Guest;
+
+const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+/// Firmware, a 20 MB UKI and the whole node under TCG.
+const BOOT: Duration = Duration::from_secs(600);
+
+fn registers(log: &str) -> Vec<(String, String, String)> {
+    log.lines()
+        .filter_map(|l| l.split("cvm-init: register ").nth(1))
+        .map(|rest| {
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            (f[0].to_string(), f[1].to_string(), f[2].to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn the_image_boots_through_uefi_to_ready_and_measures_what_was_predicted() {
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/image/out");
+    let raw = out.join("cvm.raw");
+    assert!(
+        raw.exists(),
+        "{} missing: run `make image` first",
+        raw.display()
+    );
+    let measurements: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(out.join("measurements.json"))
+            .expect("measurements.json: run `make measurements` first"),
+    )
+    .unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let disk = blank_state_disk(work.path());
+    let started = Instant::now();
+    let mut guest = Guest::uefi("image", Path::new(OVMF_CODE), Path::new(OVMF_VARS), &raw)
+        .state_disk(&disk, "cvm-state")
+        .memory_mib(1024)
+        .start();
+    must(guest.wait_for("cvm-init: ready", BOOT));
+    let to_ready = started.elapsed();
+    let log = guest.serial_log();
+    for phase in ["verity-root", "switch-root", "config-file", "state"] {
+        assert!(
+            log.contains(&format!("cvm-init: phase {phase} ok")),
+            "phase {phase} missing"
+        );
+    }
+    assert!(
+        log.contains("formatted on this boot"),
+        "the state disk was not set up"
+    );
+    assert!(log.contains("containerd:"), "containerd did not run");
+    let observed = registers(&log);
+    for bank in ["sha256", "sha384"] {
+        let expected = measurements["pcr11_at_ready"][bank]
+            .as_str()
+            .unwrap_or_else(|| panic!("measurements.json has no PCR 11 {bank}"));
+        let seen = observed
+            .iter()
+            .find(|(r, b, _)| r == "pcr11" && b == bank)
+            .unwrap_or_else(|| panic!("the guest printed no PCR 11 {bank}"));
+        assert_eq!(
+            seen.2, expected,
+            "PCR 11 {bank}: guest vs `make measurements`"
+        );
+    }
+    eprintln!(
+        "image boot: QEMU start to `cvm-init: ready` in {:.1} s (OVMF, TCG, 1 vCPU)",
+        to_ready.as_secs_f64()
+    );
+    power_down(&mut guest);
+}

@@ -1,0 +1,297 @@
+#!/usr/bin/env bash
+# Builds the node image with mkosi 25 in the trixie environment of scripts/image-env.sh.
+#
+#   image.sh build [OUT]       the image (default target/image/out), pinned to image/packages.lock
+#   image.sh lock              build unpinned and write image/packages.lock from what was installed
+#   image.sh reproducible      build twice and compare every output byte for byte
+#   image.sh measurements OUT  the reference values of a built image, as JSON
+#
+# Inputs: KUBELET=<kubelet binary or .deb> (else the Kubernetes package repository, when it is
+# reachable), CONFIG=<cvm-init configuration> (default image/node.toml), INIT=<static cvm-init>
+# (default the release build).
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+env_sh="$root/scripts/image-env.sh"
+work="$root/target/image"
+lock="$root/image/packages.lock"
+pkg_cache="$root/.cache/image-packages"
+config_file="${CONFIG:-$root/image/node.toml}"
+init_bin="${INIT:-$root/target/x86_64-unknown-linux-musl/release/cvm-init}"
+measure_bin="$root/target/x86_64-unknown-linux-musl/release/cvm-measure"
+harness="$root/target/debug/cvm-harness"
+# The Kubernetes package repository (minor version 1.32), used when no KUBELET is given.
+k8s_repo="https://pkgs.k8s.io/core:/stable:/v1.32/deb/"
+
+die() { echo "image: $*" >&2; exit 1; }
+say() { echo "image: $*"; }
+inside() { "$env_sh" run "$@"; }
+# A project path as the environment sees it (the project is mounted at /build/src).
+in_env() { echo "/build/src/${1#"$root"/}"; }
+
+# Assembles the mkosi directory in $work/config: image/ as committed, plus what the build
+# depends on. $1 = pinned|unpinned.
+assemble() {
+  local mode=$1 cfg="$work/config"
+  rm -rf "$cfg"; mkdir -p "$cfg" "$pkg_cache"
+  cp -r "$root/image/mkosi.conf" "$root/image/mkosi.repart" "$root/image/extra" "$cfg/"
+  # Package sources exactly as the build host reaches them, without the debug archive mkosi
+  # would add (unreachable here).
+  mkdir -p "$cfg/mkosi.sandbox/etc/apt/sources.list.d"
+  cat > "$cfg/mkosi.sandbox/etc/apt/sources.list.d/mkosi.sources" <<SRC
+Types: deb
+URIs: $("$env_sh" mirror)
+Suites: trixie trixie-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: $("$env_sh" security-mirror)
+Suites: trixie-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+  # The root's own files: cvm-init's configuration, the mount points of the state disk.
+  [ -f "$config_file" ] || die "CONFIG=$config_file: no such file"
+  install -D -m 0644 "$config_file" "$cfg/extra/etc/cvm-init/config.toml"
+  for d in var/lib/cvm-state var/lib/containerd var/lib/kubelet etc/kubernetes var/log etc/cni/net.d opt/cni/bin; do
+    mkdir -p "$cfg/extra/$d"
+  done
+  local packages=() extra_conf=""
+  mapfile -t packages < <(sed -e 's/#.*//' -e '/^\s*$/d' -e 's/\s//g' "$root/image/packages.list")
+  kubelet "$cfg"
+  if [ -n "$kubelet_package" ]; then packages+=("$kubelet_package"); fi
+  if [ "$mode" = pinned ]; then
+    [ -f "$lock" ] || die "no $lock: run \`make image-lock\` first"
+    # Every installed package at its locked version (dependencies included): apt then has
+    # nothing to choose.
+    mapfile -t packages < <(awk '!/^#/ && NF { print $1 "=" $2 }' "$lock")
+  fi
+  initramfs "$cfg"
+  {
+    echo "[Build]"
+    echo "PackageCacheDirectory=$(in_env "$pkg_cache")"
+    echo "[Content]"
+    echo "Initrds=$(in_env "$cfg/initrd.cpio")"
+    echo "Packages=$(IFS=,; echo "${packages[*]}")"
+    echo "$extra_conf"
+  } > "$cfg/mkosi.conf.d-90-build.conf"
+  mkdir -p "$cfg/mkosi.conf.d"
+  mv "$cfg/mkosi.conf.d-90-build.conf" "$cfg/mkosi.conf.d/90-build.conf"
+  if [ -n "$kubelet_repo_dir" ]; then
+    echo "[Content]" >> "$cfg/mkosi.conf.d/90-build.conf"
+    echo "PackageDirectories=$(in_env "$kubelet_repo_dir")" >> "$cfg/mkosi.conf.d/90-build.conf"
+  fi
+}
+
+kubelet_package=""
+kubelet_repo_dir=""
+# Where the kubelet comes from, said once: a binary or .deb the builder passed, or the
+# Kubernetes package repository.
+kubelet() {
+  local cfg=$1
+  if [ -n "${KUBELET:-}" ]; then
+    [ -f "$KUBELET" ] || die "KUBELET=$KUBELET: no such file"
+    case "$KUBELET" in
+      *.deb)
+        kubelet_repo_dir="$work/kubelet-deb"
+        rm -rf "$kubelet_repo_dir"; mkdir -p "$kubelet_repo_dir"
+        cp "$KUBELET" "$kubelet_repo_dir/"
+        kubelet_package=kubelet
+        say "kubelet: the package $KUBELET (KUBELET=)"
+        ;;
+      *)
+        install -D -m 0755 "$KUBELET" "$cfg/extra/usr/bin/kubelet"
+        say "kubelet: the binary $KUBELET (KUBELET=), sha256 $(sha256sum "$KUBELET" | cut -c1-64)"
+        ;;
+    esac
+    return
+  fi
+  if curl -fsS --max-time 10 -o "$work/k8s-release.key" "${k8s_repo}Release.key" 2>/dev/null; then
+    mkdir -p "$cfg/mkosi.sandbox/etc/apt/keyrings"
+    inside gpg --dearmor < "$work/k8s-release.key" > "$cfg/mkosi.sandbox/etc/apt/keyrings/kubernetes.gpg"
+    cat > "$cfg/mkosi.sandbox/etc/apt/sources.list.d/kubernetes.sources" <<SRC
+Types: deb
+URIs: $k8s_repo
+Suites: /
+Signed-By: /etc/apt/keyrings/kubernetes.gpg
+SRC
+    kubelet_package=kubelet
+    say "kubelet: the Kubernetes package repository $k8s_repo"
+    return
+  fi
+  die "kubelet: the Kubernetes package repository ($k8s_repo) is not reachable from here; pass KUBELET=/path/to/kubelet or KUBELET=/path/to/kubelet.deb"
+}
+
+# The initramfs: cvm-init and the modules it loads, from the kernel the image installs (the
+# locked linux-image package, downloaded into the package cache and unpacked).
+initramfs() {
+  local cfg=$1 kpkg kver kdir deb
+  [ -x "$init_bin" ] || die "INIT=$init_bin: no static cvm-init (run \`make build\`)"
+  [ -x "$harness" ] || die "$harness missing (run \`make test-artifacts\`)"
+  if [ -f "$lock" ]; then
+    kpkg=$(awk '$1 ~ /^linux-image-[0-9].*-amd64$/ { print $1 "=" $2; exit }' "$lock")
+  fi
+  if [ -z "${kpkg:-}" ]; then
+    kpkg=$(inside apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ { print $2; exit }')
+  fi
+  [ -n "$kpkg" ] || die "cannot tell which kernel package the image installs"
+  kdir="$work/kernel"
+  rm -rf "$kdir"; mkdir -p "$kdir/deb" "$kdir/root"
+  inside sh -c "cd $(in_env "$kdir/deb") && apt-get download -qq '$kpkg'" \
+    || die "cannot download the kernel package $kpkg"
+  deb=$(ls "$kdir"/deb/*.deb)
+  dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$kdir/root" --wildcards './boot/vmlinuz-*' '*/modules/*'
+  kver=$(ls "$kdir/root/usr/lib/modules")
+  depmod -b "$kdir/root/usr" "$kver" 2>/dev/null || depmod -b "$kdir/root" "$kver"
+  ln -sfn "root/boot/vmlinuz-$kver" "$kdir/vmlinuz"
+  ln -sfn "root/usr/lib/modules/$kver" "$kdir/modules"
+  echo "$kver" > "$kdir/ready"
+  "$harness" initramfs "$kdir" "$init_bin" "$cfg/initrd.cpio" >/dev/null
+  say "initramfs: cvm-init $(stat -c %s "$init_bin") bytes + modules of $kver = $(stat -c %s "$cfg/initrd.cpio") bytes"
+}
+
+mkosi_build() {
+  local out=$1
+  rm -rf "$out"; mkdir -p "$out"
+  inside mkosi -C "$(in_env "$work/config")" --output-directory="$(in_env "$out")" -f build \
+    > "$out.log" 2>&1 || { tail -30 "$out.log" >&2; die "mkosi failed (whole log: $out.log)"; }
+}
+
+# The installed packages (from mkosi's manifest) with the sha256 of their .deb in the cache.
+installed_packages() {
+  local out=$1
+  python3 - "$out/cvm.manifest" "$pkg_cache" <<'PY'
+import hashlib, json, os, sys, urllib.parse
+manifest, cache = sys.argv[1], sys.argv[2]
+debs = {}
+for base, _, files in os.walk(cache):
+    for f in files:
+        if f.endswith(".deb"):
+            debs[urllib.parse.unquote(f)] = os.path.join(base, f)
+for p in sorted(json.load(open(manifest))["packages"], key=lambda p: p["name"]):
+    # apt keeps the epoch in cache names (as %3a); the archive's names drop it.
+    names = [f'{p["name"]}_{v}_{p["architecture"]}.deb' for v in (p["version"], p["version"].split(":", 1)[-1])]
+    path = next((debs[n] for n in names if n in debs), None)
+    digest = hashlib.sha256(open(path, "rb").read()).hexdigest() if path else "-"
+    print(p["name"], p["version"], p["architecture"], digest)
+PY
+}
+
+# Fails, naming each package, where what was installed is not what the lock says.
+check_lock() {
+  local out=$1 diff
+  diff=$(diff <(awk '!/^#/ && NF' "$lock") <(installed_packages "$out") || true)
+  if [ -n "$diff" ]; then
+    echo "$diff" | sed 's/^/image:   /' >&2
+    die "the installed packages differ from $lock (< locked, > installed); the archive moved on: run \`make image-lock\` to take the new versions"
+  fi
+}
+
+formats() {
+  local out=$1 raw="$1/cvm.raw" size
+  # Azure wants a fixed VHD whose size is a multiple of 1 MiB: pad a copy and move the backup
+  # GPT header to its new end (the root and its hash are untouched).
+  cp --sparse=always "$raw" "$out/cvm-azure.raw"
+  size=$(stat -c %s "$raw")
+  truncate -s $(( (size + 1048575) / 1048576 * 1048576 )) "$out/cvm-azure.raw"
+  sfdisk --relocate gpt-bak-std "$out/cvm-azure.raw" >/dev/null 2>&1
+  qemu-img convert -f raw -O vpc -o subformat=fixed,force_size "$out/cvm-azure.raw" "$out/cvm-azure.vhd"
+  rm "$out/cvm-azure.raw"
+  qemu-img convert -f raw -O qcow2 "$raw" "$out/cvm.qcow2"
+  # GCE: a gzipped tar holding disk.raw, with fixed owner and time.
+  ln -f "$raw" "$out/disk.raw"
+  tar --format=oldgnu --owner=0 --group=0 --numeric-owner --mtime=@1735689600 -S -C "$out" -cf - disk.raw \
+    | gzip -n > "$out/cvm-gce.tar.gz"
+  rm "$out/disk.raw"
+}
+
+report() {
+  local out=$1 f
+  say "outputs in $out:"
+  for f in cvm.efi cvm.root-x86-64.raw cvm.root-x86-64-verity.raw cvm.esp.raw cvm.raw cvm.qcow2 cvm-azure.vhd cvm-gce.tar.gz; do
+    [ -f "$out/$f" ] && printf 'image:   %-28s %12d bytes\n' "$f" "$(stat -c %s "$out/$f")"
+  done
+  say "root hash $(roothash "$out")"
+}
+
+# The root hash mkosi put on the UKI's command line.
+roothash() {
+  tr ' ' '\n' < "$1/cvm.cmdline" 2>/dev/null | sed -n 's/^roothash=//p' | head -1
+}
+
+build() {
+  local out=${1:-$work/out} start
+  start=$(date +%s)
+  "$env_sh" create
+  assemble pinned
+  say "building with mkosi ($(inside mkosi --version)); log in $out.log"
+  mkosi_build "$out"
+  check_lock "$out"
+  # The UKI's command line, for the reference values and for operators.
+  objcopy -O binary --only-section=.cmdline "$out/cvm.efi" "$out/cvm.cmdline"
+  sed -i 's/\x0//g' "$out/cvm.cmdline"
+  formats "$out"
+  report "$out"
+  say "built in $(( $(date +%s) - start )) s"
+}
+
+lock() {
+  "$env_sh" create
+  assemble unpinned
+  mkosi_build "$work/lock-out"
+  {
+    echo "# Every package the node image installs: name, version, architecture, sha256 of the .deb."
+    echo "# Written by \`make image-lock\`; \`make image\` installs exactly these and checks them."
+    installed_packages "$work/lock-out"
+  } > "$lock"
+  say "$lock: $(grep -vc '^#' "$lock") packages"
+}
+
+reproducible() {
+  build "$work/build-a"
+  build "$work/build-b"
+  local differing=() f
+  for f in $(cd "$work/build-a" && ls); do
+    case "$f" in *.log) continue ;; esac
+    cmp -s "$work/build-a/$f" "$work/build-b/$f" || differing+=("$f")
+  done
+  if [ ${#differing[@]} -gt 0 ]; then
+    die "two builds differ in: ${differing[*]}"
+  fi
+  say "two builds are bit-identical: $(cd "$work/build-a" && ls | grep -vc '\.log$') outputs ($(sha256sum "$work/build-a/cvm.raw" | cut -c1-16)… for cvm.raw)"
+}
+
+measurements() {
+  local out=${1:-$work/out} tree="$work/root-tree" hash
+  hash=$(roothash "$out")
+  [ -n "$hash" ] || die "$out: no root hash (build the image first)"
+  rm -rf "$tree"; mkdir -p "$tree"
+  inside fsck.erofs --extract="$(in_env "$tree")" "$(in_env "$out/cvm.root-x86-64.raw")" >/dev/null
+  local ready key_release
+  ready=$("$measure_bin" predict --uki "$out/cvm.efi" --root-hash "$hash" \
+    --config "$tree/etc/cvm-init/config.toml" --root-tree "$tree" --json)
+  key_release=$("$measure_bin" predict --uki "$out/cvm.efi" --root-hash "$hash" \
+    --config "$tree/etc/cvm-init/config.toml" --root-tree "$tree" --at key-release --json)
+  # What a key broker loads (`kbs-serve --reference`): the registers when the node asks for
+  # its disk key, PCR 15 included (at ready PCR 15 also holds the state disk's random LUKS2
+  # UUID); beside them the image's identity and PCR 11 at ready, which nothing random enters.
+  python3 - "$hash" "$(sha256sum "$out/cvm.efi" | cut -c1-64)" "$(cat "$out/cvm.cmdline")" <<PY > "$out/measurements.json"
+import json, sys
+values = json.loads("""$key_release""")
+at_ready = json.loads("""$ready""")
+values["image"] = {"root_hash": sys.argv[1], "uki_sha256": sys.argv[2], "cmdline": sys.argv[3]}
+values["pcr11_at_ready"] = at_ready["pcr"]["11"]
+values["not_predicted"] = "SEV-SNP launch digest and TDX MRTD/RTMR 0-1 (firmware-dependent)"
+print(json.dumps(values, indent=2))
+PY
+  say "reference values: $out/measurements.json"
+}
+
+case "${1:-}" in
+  build) shift; build "$@" ;;
+  lock) lock ;;
+  reproducible) reproducible ;;
+  measurements) shift; measurements "$@" ;;
+  *) echo "usage: $0 build [OUT] | lock | reproducible | measurements [OUT]" >&2; exit 2 ;;
+esac
