@@ -198,6 +198,22 @@ formats() {
   sfdisk --relocate gpt-bak-std "$out/cvm-azure.raw" >/dev/null 2>&1
   qemu-img convert -f raw -O vpc -o subformat=fixed,force_size "$out/cvm-azure.raw" "$out/cvm-azure.vhd"
   rm "$out/cvm-azure.raw"
+  # qemu-img stamps the VHD footer with the time and a random unique ID: fix both (the time
+  # from the build's epoch, the ID from the disk's root hash) and recompute its checksum.
+  python3 - "$out/cvm-azure.vhd" "$(roothash "$out" 2>/dev/null || true)" <<'PY'
+import hashlib, struct, sys
+path, seed = sys.argv[1], sys.argv[2]
+with open(path, "r+b") as f:
+    f.seek(-512, 2)
+    footer = bytearray(f.read(512))
+    assert footer[:8] == b"conectix", "not a VHD footer"
+    footer[24:28] = struct.pack(">I", 1735689600 - 946684800)  # seconds since 2000-01-01
+    footer[68:84] = hashlib.sha256(("cvm-azure-vhd " + seed).encode()).digest()[:16]
+    footer[64:68] = b"\0\0\0\0"
+    footer[64:68] = struct.pack(">I", ~sum(footer) & 0xFFFFFFFF)
+    f.seek(-512, 2)
+    f.write(footer)
+PY
   qemu-img convert -f raw -O qcow2 "$raw" "$out/cvm.qcow2"
   # GCE: a gzipped tar holding disk.raw, with fixed owner and time.
   ln -f "$raw" "$out/disk.raw"
