@@ -11,6 +11,7 @@ pub mod kbs_client;
 pub mod predict;
 pub mod registers;
 pub mod snp;
+pub mod snp_launch;
 pub mod tcglog;
 pub mod tdx;
 pub mod tls;

@@ -33,6 +33,17 @@ commands:
                      the certificate up to AMD's built-in roots; with --ccel check the quote's
                      RTMRs against the replay of that CC event log. TDX quote signatures
                      need Intel's collateral and are not checked here.
+  snp --ovmf FILE --vcpus N (--vcpu-type MODEL | --vcpu-sig HEX) [--vmm-type QEMU|ec2|gce]
+      [--guest-features HEX] [--kernel FILE [--initrd FILE] [--append TEXT]]
+      [--ovmf-hash HEX] [--json]
+  snp --ovmf FILE --firmware-digest
+                     the SEV-SNP launch digest (the report's MEASUREMENT) of a launch of that
+                     firmware: its pages, its SEV metadata sections (the kernel-hashes page
+                     with --kernel, which needs an AmdSev build), one VMSA per vCPU. Models:
+                     EPYC(-v1..v4), EPYC-Rome, EPYC-Milan, EPYC-Genoa, EPYC-Turin. Guest
+                     features (the VMSA's SEV_FEATURES) are the host's choice: default 0x1.
+                     --ovmf-hash seeds the digest with a precomputed firmware digest, which
+                     --firmware-digest prints.
   kbs-serve --listen ADDR:PORT --resources DIR --reference FILE
             [--attestation-keys FILE] [--snp-chain PEM] [--tls-cert PEM --tls-key PEM]
                      the reference key broker (Trustee KBS protocol 0.4.0; HTTPS with the
@@ -103,8 +114,9 @@ fn run(args: &[String]) -> Result<(), Failure> {
         ["replay", rest @ ..] => replay(rest),
         ["evidence", rest @ ..] => evidence(rest),
         ["kbs-serve", rest @ ..] => kbs_serve(rest),
+        ["snp", rest @ ..] => snp(rest),
         [other, ..] => Err(usage(format!(
-            "unknown command {other:?}: expected digest, verity, predict, replay, evidence, kbs-serve, --version or --help"
+            "unknown command {other:?}: expected digest, verity, predict, replay, evidence, snp, kbs-serve, --version or --help"
         ))),
         [] => Err(usage("a command is needed".into())),
     }
@@ -364,6 +376,121 @@ fn predict(args: &[&str]) -> Result<(), Failure> {
         (predict(&inputs), Vec::new())
     };
     print_registers_with(&regs, &[11, 15], o.contains_key("--json"), true, &extra);
+    Ok(())
+}
+
+/// `cvm-measure snp`: the SEV-SNP launch digest.
+fn snp(args: &[&str]) -> Result<(), Failure> {
+    use cvm_measure::snp_launch::{
+        firmware_digest, launch_digest, vcpu_signature, LaunchInputs, Vmm,
+    };
+    let (o, positional) = options(
+        args,
+        &[
+            "--ovmf",
+            "--vcpus",
+            "--vcpu-type",
+            "--vcpu-sig",
+            "--vmm-type",
+            "--guest-features",
+            "--kernel",
+            "--initrd",
+            "--append",
+            "--ovmf-hash",
+        ],
+        &["--json", "--firmware-digest"],
+    )?;
+    if let Some(p) = positional.first() {
+        return Err(usage(format!(
+            "snp takes no positional argument, got {p:?}"
+        )));
+    }
+    let ovmf_path = o
+        .get("--ovmf")
+        .copied()
+        .ok_or_else(|| usage("snp needs --ovmf FILE".into()))?;
+    let firmware = read(ovmf_path, "the firmware")?;
+    let fail = |e: cvm_measure::snp_launch::LaunchError| Failure(format!("{ovmf_path}: {e}"), 1);
+    if o.contains_key("--firmware-digest") {
+        println!(
+            "{}",
+            cvm_measure::hex(&firmware_digest(&firmware).map_err(fail)?)
+        );
+        return Ok(());
+    }
+    let hex_number = |name: &str, v: &str| {
+        u64::from_str_radix(v.trim_start_matches("0x"), 16)
+            .map_err(|_| usage(format!("{name} {v:?} is not a hexadecimal number")))
+    };
+    let vcpus: u32 = o
+        .get("--vcpus")
+        .ok_or_else(|| usage("snp needs --vcpus N".into()))?
+        .parse()
+        .map_err(|_| usage(format!("--vcpus {:?} is not a number", o["--vcpus"])))?;
+    let signature = match (o.get("--vcpu-type"), o.get("--vcpu-sig")) {
+        (Some(model), None) => vcpu_signature(model).ok_or_else(|| {
+            usage(format!("--vcpu-type {model:?}: expected EPYC, EPYC-v1..v4, EPYC-Rome, EPYC-Milan, EPYC-Genoa or EPYC-Turin"))
+        })?,
+        (None, Some(sig)) => u32::try_from(hex_number("--vcpu-sig", sig)?)
+            .map_err(|_| usage(format!("--vcpu-sig {sig}: more than 32 bits")))?,
+        _ => return Err(usage("snp needs exactly one of --vcpu-type or --vcpu-sig".into())),
+    };
+    let vmm = match o.get("--vmm-type") {
+        None => Vmm::Qemu,
+        Some(name) => Vmm::from_name(name)
+            .ok_or_else(|| usage(format!("--vmm-type {name:?}: expected QEMU, ec2 or gce")))?,
+    };
+    let guest_features = match o.get("--guest-features") {
+        None => 0x1,
+        Some(v) => hex_number("--guest-features", v)?,
+    };
+    let firmware_seed = match o.get("--ovmf-hash") {
+        None => None,
+        Some(v) => Some(
+            verity::parse_hex(v)
+                .and_then(|d| d.try_into().ok())
+                .ok_or_else(|| usage(format!("--ovmf-hash {v:?}: expected 96 hex digits")))?,
+        ),
+    };
+    let kernel = o
+        .get("--kernel")
+        .map(|p| read(p, "the kernel"))
+        .transpose()?;
+    let initrd = o
+        .get("--initrd")
+        .map(|p| read(p, "the initrd"))
+        .transpose()?;
+    let inputs = LaunchInputs {
+        firmware: &firmware,
+        firmware_digest: firmware_seed,
+        vcpus,
+        vcpu_signature: signature,
+        vmm,
+        guest_features,
+        kernel: kernel.as_deref(),
+        initrd: initrd.as_deref(),
+        append: o.get("--append").copied(),
+    };
+    let digest = cvm_measure::hex(&launch_digest(&inputs).map_err(fail)?);
+    if o.contains_key("--json") {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "snp_measurements": [digest],
+                "launch": {
+                    "firmware_sha256": cvm_measure::hex(&sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(&firmware))),
+                    "vcpus": vcpus,
+                    "vcpu_signature": format!("{signature:#010x}"),
+                    "vmm_type": format!("{vmm:?}"),
+                    "guest_features": format!("{guest_features:#x}"),
+                    "kernel_sha256": kernel.as_ref().map(|k| cvm_measure::hex(&sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(k)))),
+                },
+            }))
+            .unwrap()
+        );
+    } else {
+        println!("{digest}");
+    }
     Ok(())
 }
 
