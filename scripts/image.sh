@@ -289,6 +289,12 @@ measurements() {
     --config "$tree/etc/cvm-init/config.toml" --root-tree "$tree" --json)
   key_release=$("$measure_bin" predict --uki "$out/cvm.efi" --root-hash "$hash" \
     --config "$tree/etc/cvm-init/config.toml" --root-tree "$tree" --at key-release --json)
+  # The SEV-SNP launch digest for the firmware and vCPUs this image is launched with (the disk,
+  # and the UKI on it, are not part of an SNP launch: PCR 11 covers them).
+  local snp
+  snp=$("$measure_bin" snp --ovmf "${SNP_OVMF:-/usr/share/ovmf/OVMF.fd}" --vcpus "${SNP_VCPUS:-2}" \
+    --vcpu-type "${SNP_VCPU_TYPE:-EPYC-Milan}" --guest-features "${SNP_GUEST_FEATURES:-0x1}" --json) \
+    || die "the SNP launch digest (SNP_OVMF, SNP_VCPUS, SNP_VCPU_TYPE, SNP_GUEST_FEATURES)"
   # What a key broker loads (`kbs-serve --reference`): the registers when the node asks for
   # its disk key, PCR 15 included (at ready PCR 15 also holds the state disk's random LUKS2
   # UUID); beside them the image's identity and PCR 11 at ready, which nothing random enters.
@@ -298,7 +304,10 @@ values = json.loads("""$key_release""")
 at_ready = json.loads("""$ready""")
 values["image"] = {"root_hash": sys.argv[1], "uki_sha256": sys.argv[2], "cmdline": sys.argv[3]}
 values["pcr11_at_ready"] = at_ready["pcr"]["11"]
-values["not_predicted"] = "SEV-SNP launch digest and TDX MRTD/RTMR 0-1 (firmware-dependent)"
+snp = json.loads("""$snp""")
+values["snp_measurements"] = snp["snp_measurements"]
+values["snp_launch"] = snp["launch"]
+values["not_predicted"] = "TDX MRTD and RTMR 0-1 (they depend on the TDVF build)"
 print(json.dumps(values, indent=2))
 PY
   say "reference values: $out/measurements.json"
