@@ -44,6 +44,18 @@ commands:
                      features (the VMSA's SEV_FEATURES) are the host's choice: default 0x1.
                      --ovmf-hash seeds the digest with a precomputed firmware digest, which
                      --firmware-digest prints.
+  verify snp-report <report> --vcek CERT [--chain PEM] [--measurement HEX]...
+      [--report-data HEX] [--host-data HEX] [--min-tcb bootloader=N,tee=N,snp=N,microcode=N]
+      [--allow-debug]
+                     an SNP report (raw or hex) offline: its signature with the VCEK/VLEK,
+                     the certificate up to AMD's built-in roots (or the ASK+ARK of --chain),
+                     VMPL 0, no debugging unless allowed, and what is expected; prints the
+                     claims (policy and TCB decoded) as JSON; exit 1 with the reason if not
+  verify tdx-quote <quote> [--mrtd HEX]... [--report-data HEX] [--ccel LOG]
+                     a TDX quote (v4/v5): its signature chain as far as the quote allows (to
+                     the Intel SGX Root CA; TCB status, QE identity and revocation need
+                     Intel's collateral and are reported as not checked), no debug TD, the
+                     expectations, RTMRs against the CC event log; claims as JSON
   kbs-serve --listen ADDR:PORT --resources DIR --reference FILE
             [--attestation-keys FILE] [--snp-chain PEM] [--tls-cert PEM --tls-key PEM]
                      the reference key broker (Trustee KBS protocol 0.4.0; HTTPS with the
@@ -115,8 +127,10 @@ fn run(args: &[String]) -> Result<(), Failure> {
         ["evidence", rest @ ..] => evidence(rest),
         ["kbs-serve", rest @ ..] => kbs_serve(rest),
         ["snp", rest @ ..] => snp(rest),
+        ["verify", "snp-report", rest @ ..] => verify_snp_report(rest),
+        ["verify", "tdx-quote", rest @ ..] => verify_tdx_quote(rest),
         [other, ..] => Err(usage(format!(
-            "unknown command {other:?}: expected digest, verity, predict, replay, evidence, snp, kbs-serve, --version or --help"
+            "unknown command {other:?}: expected digest, verity, predict, replay, evidence, snp, verify, kbs-serve, --version or --help"
         ))),
         [] => Err(usage("a command is needed".into())),
     }
@@ -376,6 +390,216 @@ fn predict(args: &[&str]) -> Result<(), Failure> {
         (predict(&inputs), Vec::new())
     };
     print_registers_with(&regs, &[11, 15], o.contains_key("--json"), true, &extra);
+    Ok(())
+}
+
+/// A report or quote file: raw bytes, or hex text.
+fn read_evidence_file(path: &str) -> Result<Vec<u8>, Failure> {
+    let bytes = read(path, "the evidence")?;
+    let text = String::from_utf8_lossy(&bytes);
+    let digits: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+    if !digits.is_empty() && digits.len() % 2 == 0 && digits.chars().all(|c| c.is_ascii_hexdigit())
+    {
+        if let Some(raw) = verity::parse_hex(&digits) {
+            return Ok(raw);
+        }
+    }
+    Ok(bytes)
+}
+
+fn expected_hex(
+    o: &std::collections::BTreeMap<String, &str>,
+    name: &str,
+    len: usize,
+) -> Result<Option<Vec<u8>>, Failure> {
+    match o.get(name) {
+        None => Ok(None),
+        Some(v) => verity::parse_hex(v)
+            .filter(|b| b.len() <= len)
+            .map(|mut b| {
+                b.resize(len, 0);
+                Some(b)
+            })
+            .ok_or_else(|| {
+                usage(format!(
+                    "{name} {v:?}: expected at most {} hex digits",
+                    2 * len
+                ))
+            }),
+    }
+}
+
+/// `verify snp-report`.
+fn verify_snp_report(args: &[&str]) -> Result<(), Failure> {
+    use cvm_measure::snp;
+    let (o, positional) = options(
+        args,
+        &[
+            "--vcek",
+            "--chain",
+            "--measurement",
+            "--report-data",
+            "--host-data",
+            "--min-tcb",
+        ],
+        &["--allow-debug"],
+    )?;
+    let [path] = positional[..] else {
+        return Err(usage("verify snp-report takes one report file".into()));
+    };
+    let report = snp::Report::parse(&read_evidence_file(path)?)
+        .map_err(|e| Failure(format!("{path}: {e}"), 1))?;
+    let vcek_path = o
+        .get("--vcek")
+        .ok_or_else(|| usage("verify snp-report needs --vcek CERT".into()))?;
+    let vcek = snp::certificate(&read(vcek_path, "the endorsement key certificate")?)
+        .map_err(|e| Failure(format!("{vcek_path}: {e}"), 1))?;
+    let extra = match o.get("--chain") {
+        Some(p) => vec![snp_chain(p)?],
+        None => Vec::new(),
+    };
+    let product = snp::verify_chain_with(&vcek, &extra)
+        .map_err(|e| Failure(format!("{vcek_path}: {e}"), 1))?;
+    report
+        .verify_signature(&vcek)
+        .map_err(|e| Failure(format!("{path}: {e}"), 1))?;
+    let refuse = |why: String| Failure(format!("{path}: {why}"), 1);
+    if report.vmpl() != 0 {
+        return Err(refuse(format!(
+            "the report comes from VMPL {}, expected 0",
+            report.vmpl()
+        )));
+    }
+    if report.debug_allowed() && !o.contains_key("--allow-debug") {
+        return Err(refuse(
+            "the guest policy allows debugging (--allow-debug to accept)".into(),
+        ));
+    }
+    let measurements: Vec<&str> = args
+        .windows(2)
+        .filter(|w| w[0] == "--measurement")
+        .map(|w| w[1])
+        .collect();
+    if !measurements.is_empty()
+        && !measurements
+            .iter()
+            .any(|m| verity::parse_hex(m).as_deref() == Some(report.measurement()))
+    {
+        return Err(refuse(format!(
+            "measurement {} is none of the {} expected",
+            cvm_measure::hex(report.measurement()),
+            measurements.len()
+        )));
+    }
+    if let Some(data) = expected_hex(&o, "--report-data", 64)? {
+        if data != report.report_data() {
+            return Err(refuse("the report data is not the expected one".into()));
+        }
+    }
+    if let Some(data) = expected_hex(&o, "--host-data", 32)? {
+        if data != report.host_data() {
+            return Err(refuse("the host data is not the expected one".into()));
+        }
+    }
+    if let Some(min) = o.get("--min-tcb") {
+        let mut wanted = serde_json::Map::new();
+        for part in min.split(',') {
+            let (k, v) = part
+                .split_once('=')
+                .and_then(|(k, v)| Some((k, v.parse::<u64>().ok()?)))
+                .ok_or_else(|| usage(format!("--min-tcb {min:?}: expected field=N,...")))?;
+            wanted.insert(k.to_string(), v.into());
+        }
+        snp::tcb_at_least(
+            report.reported_tcb(),
+            &serde_json::Value::Object(wanted),
+            product,
+        )
+        .map_err(refuse)?;
+    }
+    let mut claims = report.claims(product);
+    claims["verified"] = serde_json::json!({
+        "signature": true,
+        "chain": format!("{product} (AMD root{})", if product == "configured" { " given by --chain" } else { ", built in" }),
+    });
+    println!("{}", serde_json::to_string_pretty(&claims).unwrap());
+    Ok(())
+}
+
+/// `verify tdx-quote`.
+fn verify_tdx_quote(args: &[&str]) -> Result<(), Failure> {
+    use cvm_measure::tdx::{Quote, SignatureChecked};
+    let (o, positional) = options(args, &["--mrtd", "--report-data", "--ccel"], &[])?;
+    let [path] = positional[..] else {
+        return Err(usage("verify tdx-quote takes one quote file".into()));
+    };
+    let refuse = |why: String| Failure(format!("{path}: {why}"), 1);
+    let quote = Quote::parse(&read_evidence_file(path)?).map_err(|e| refuse(e.to_string()))?;
+    let checked = quote
+        .verify_signature()
+        .map_err(|e| refuse(e.to_string()))?;
+    if quote.td.debug() {
+        return Err(refuse("the TD is debuggable (TD attribute bit 0)".into()));
+    }
+    let mrtds: Vec<&str> = args
+        .windows(2)
+        .filter(|w| w[0] == "--mrtd")
+        .map(|w| w[1])
+        .collect();
+    if !mrtds.is_empty()
+        && !mrtds
+            .iter()
+            .any(|m| verity::parse_hex(m).as_deref() == Some(&quote.td.mrtd[..]))
+    {
+        return Err(refuse(format!(
+            "MRTD {} is none of the {} expected",
+            cvm_measure::hex(&quote.td.mrtd),
+            mrtds.len()
+        )));
+    }
+    if let Some(data) = expected_hex(&o, "--report-data", 64)? {
+        if data[..] != quote.td.report_data {
+            return Err(refuse("the report data is not the expected one".into()));
+        }
+    }
+    let ccel = match o.get("--ccel") {
+        None => serde_json::Value::Null,
+        Some(log_path) => {
+            let log = cvm_measure::tcglog::parse(&read(log_path, "the CC event log")?)
+                .map_err(|e| Failure(format!("{log_path}: {e}"), 1))?;
+            let replayed = log
+                .replay_ccel()
+                .map_err(|e| Failure(format!("{log_path}: {e}"), 1))?;
+            for i in 0..4 {
+                if replayed.rtmr[i][..] != quote.td.rtmr[i] {
+                    return Err(refuse(format!(
+                        "RTMR {i} is not what {log_path} replays to"
+                    )));
+                }
+            }
+            serde_json::json!("all four RTMRs equal its replay")
+        }
+    };
+    let td = &quote.td;
+    let claims = serde_json::json!({
+        "version": quote.version,
+        "body": if quote.body_type == 3 { "TD 1.5" } else { "TD 1.0" },
+        "mrtd": cvm_measure::hex(&td.mrtd),
+        "rtmr": td.rtmr.iter().map(|r| cvm_measure::hex(r)).collect::<Vec<_>>(),
+        "mrconfigid": cvm_measure::hex(&td.mrconfigid),
+        "mrowner": cvm_measure::hex(&td.mrowner),
+        "mrownerconfig": cvm_measure::hex(&td.mrownerconfig),
+        "report_data": cvm_measure::hex(&td.report_data),
+        "td_attributes": format!("{:#x}", td.td_attributes),
+        "xfam": format!("{:#x}", td.xfam),
+        "tee_tcb_svn": cvm_measure::hex(&quote.tee_tcb_svn()),
+        "verified": {
+            "signature_chain": format!("attestation key, QE report, PCK certificate ({}), Intel SGX Root CA", checked.pck_subject),
+            "not_checked": SignatureChecked::NOT_CHECKED,
+            "ccel": ccel,
+        },
+    });
+    println!("{}", serde_json::to_string_pretty(&claims).unwrap());
     Ok(())
 }
 

@@ -206,6 +206,115 @@ pub fn appraise(report: &Report, expected: &Expectations) -> Result<(), String> 
     Ok(())
 }
 
+/// A TCB version decoded for a product line (Turin moved the fields).
+pub fn decode_tcb(tcb: u64, product: &str) -> serde_json::Value {
+    let b = tcb.to_le_bytes();
+    if product == "Turin" {
+        serde_json::json!({"fmc": b[0], "bootloader": b[1], "tee": b[2], "snp": b[3], "microcode": b[7]})
+    } else {
+        serde_json::json!({"bootloader": b[0], "tee": b[1], "snp": b[6], "microcode": b[7]})
+    }
+}
+
+/// The guest policy's fields.
+pub fn decode_policy(policy: u64) -> serde_json::Value {
+    let bit = |n: u32| policy & (1 << n) != 0;
+    serde_json::json!({
+        "abi_minor": policy & 0xff,
+        "abi_major": (policy >> 8) & 0xff,
+        "smt": bit(16),
+        "migrate_ma": bit(18),
+        "debug": bit(19),
+        "single_socket": bit(20),
+        "cxl_allowed": bit(21),
+        "mem_aes_256_xts": bit(22),
+        "rapl_disabled": bit(23),
+        "ciphertext_hiding": bit(24),
+        "page_swap_disabled": bit(25),
+    })
+}
+
+impl Report {
+    pub fn current_tcb(&self) -> u64 {
+        self.u64_at(0x38)
+    }
+    pub fn launch_tcb(&self) -> u64 {
+        self.u64_at(0x1f0)
+    }
+    pub fn committed_tcb(&self) -> u64 {
+        self.u64_at(0x1e0)
+    }
+    pub fn platform_info(&self) -> u64 {
+        self.u64_at(0x40)
+    }
+    pub fn id_key_digest(&self) -> &[u8] {
+        &self.raw[0xe0..0x110]
+    }
+    pub fn report_id(&self) -> &[u8] {
+        &self.raw[0x140..0x160]
+    }
+    /// The firmware version (major.minor.build) the report was made with.
+    pub fn firmware_version(&self) -> String {
+        format!(
+            "{}.{}.{}",
+            self.raw[0x1ea], self.raw[0x1e9], self.raw[0x1e8]
+        )
+    }
+
+    /// What a verifier reads off the report, as JSON (`product` decodes the TCB fields).
+    pub fn claims(&self, product: &str) -> serde_json::Value {
+        serde_json::json!({
+            "version": self.version(),
+            "guest_svn": self.guest_svn(),
+            "policy": format!("{:#x}", self.policy()),
+            "policy_decoded": decode_policy(self.policy()),
+            "vmpl": self.vmpl(),
+            "signing_key": if self.signing_key() == 0 { "VCEK" } else { "VLEK" },
+            "platform_info": format!("{:#x}", self.platform_info()),
+            "measurement": crate::hex(self.measurement()),
+            "report_data": crate::hex(self.report_data()),
+            "host_data": crate::hex(self.host_data()),
+            "id_key_digest": crate::hex(self.id_key_digest()),
+            "report_id": crate::hex(self.report_id()),
+            "chip_id": crate::hex(self.chip_id()),
+            "firmware": self.firmware_version(),
+            "current_tcb": decode_tcb(self.current_tcb(), product),
+            "reported_tcb": decode_tcb(self.reported_tcb(), product),
+            "committed_tcb": decode_tcb(self.committed_tcb(), product),
+            "launch_tcb": decode_tcb(self.launch_tcb(), product),
+        })
+    }
+}
+
+/// The reported TCB is at least `minimum` in every field (both decoded for `product`).
+pub fn tcb_at_least(
+    reported: u64,
+    minimum: &serde_json::Value,
+    product: &str,
+) -> Result<(), String> {
+    let have = decode_tcb(reported, product);
+    let wanted = minimum
+        .as_object()
+        .ok_or("the minimum TCB is not an object")?;
+    for (field, value) in wanted {
+        let want = value
+            .as_u64()
+            .ok_or(format!("minimum TCB {field}: not a number"))?;
+        let got = have
+            .get(field)
+            .and_then(serde_json::Value::as_u64)
+            .ok_or(format!(
+                "minimum TCB field {field:?} is not one of {product}'s"
+            ))?;
+        if got < want {
+            return Err(format!(
+                "reported TCB {field} is {got}, below the minimum {want}"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Reads an endorsement key certificate (DER or PEM).
 pub fn certificate(bytes: &[u8]) -> Result<Certificate, SnpError> {
     let parsed = if bytes.starts_with(b"-----BEGIN") {

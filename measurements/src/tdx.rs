@@ -227,6 +227,16 @@ impl Quote {
         })
     }
 
+    /// TEE_TCB_SVN: the TDX module's security version numbers (the body's first 16 bytes).
+    pub fn tee_tcb_svn(&self) -> [u8; 16] {
+        let body_at = if self.version == 5 {
+            HEADER_LEN + 6
+        } else {
+            HEADER_LEN
+        };
+        array(&self.signed, body_at)
+    }
+
     /// Checks the signature chain the quote carries, up to the pinned Intel SGX Root CA.
     pub fn verify_signature(&self) -> Result<SignatureChecked, TdxError> {
         use p256::ecdsa::signature::Verifier;

@@ -1,0 +1,130 @@
+//! `cvm-measure verify` on the real reports and quotes of the shared test data: claims as JSON
+//! on success, a refusal naming the file and the reason (exit 1) otherwise.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn testdata(path: &str) -> String {
+    std::env::var_os("CVM_SHARED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"))
+        .join("testdata")
+        .join(path)
+        .display()
+        .to_string()
+}
+
+/// (exit code, stdout, stderr)
+fn measure(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_cvm-measure"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn snp_reports_verify_and_expectations_are_enforced() {
+    let (report, vcek) = (
+        testdata("snp/gsg_attestation.bin"),
+        testdata("snp/gsg_vcek.der"),
+    );
+    // This real report's policy allows debugging: refused unless accepted explicitly.
+    let (code, _, err) = measure(&["verify", "snp-report", &report, "--vcek", &vcek]);
+    assert_eq!(code, 1);
+    assert!(err.contains("allows debugging"), "{err}");
+    let (code, out, err) = measure(&[
+        "verify",
+        "snp-report",
+        &report,
+        "--vcek",
+        &vcek,
+        "--allow-debug",
+        "--report-data",
+        "0102030405",
+        "--min-tcb",
+        "bootloader=2,snp=5,microcode=68",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let claims: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(claims["policy_decoded"]["debug"], true);
+    assert_eq!(claims["reported_tcb"]["microcode"], 68);
+    assert_eq!(claims["firmware"], "1.49.3");
+    assert!(claims["verified"]["chain"]
+        .as_str()
+        .unwrap()
+        .starts_with("Milan"));
+    for (extra, why) in [
+        (vec!["--min-tcb", "snp=6"], "below the minimum"),
+        (vec!["--report-data", "ff"], "report data"),
+        (vec!["--measurement", "00"], "none of the 1 expected"),
+        (vec!["--min-tcb", "fmc=1"], "not one of Milan's"),
+    ] {
+        let mut args = vec![
+            "verify",
+            "snp-report",
+            &report,
+            "--vcek",
+            &vcek,
+            "--allow-debug",
+        ];
+        args.extend(extra);
+        let (code, _, err) = measure(&args);
+        assert_eq!(code, 1, "{args:?}");
+        assert!(
+            err.contains(why) && err.contains("gsg_attestation.bin"),
+            "{err}"
+        );
+    }
+    // Another chip's certificate.
+    let (code, _, err) = measure(&[
+        "verify",
+        "snp-report",
+        &report,
+        "--vcek",
+        &testdata("snp/virtee_vcek_milan.der"),
+        "--allow-debug",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("does not verify"), "{err}");
+}
+
+#[test]
+fn tdx_quotes_verify_with_their_event_log() {
+    let quote = testdata("tdx/gtg_cos-113-tdx-quote.dat");
+    let (code, out, err) = measure(&[
+        "verify",
+        "tdx-quote",
+        &quote,
+        "--ccel",
+        &testdata("tdx/gtg_ccel_data.dat"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let claims: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(claims["rtmr"][0].as_str().unwrap().starts_with("3fa2f61f"));
+    assert!(claims["verified"]["not_checked"]
+        .as_str()
+        .unwrap()
+        .contains("collateral"));
+    let (code, _, err) = measure(&["verify", "tdx-quote", &quote, "--mrtd", &"00".repeat(48)]);
+    assert_eq!(code, 1);
+    assert!(err.contains("MRTD"), "{err}");
+    let (code, out, _) = measure(&[
+        "verify",
+        "tdx-quote",
+        &testdata("tdx/gtg_quote_v5_sample.dat"),
+    ]);
+    assert_eq!(code, 0);
+    assert!(out.contains("TD 1.5"));
+    // Truncated garbage: a named error, not a panic.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.dat");
+    std::fs::write(&bad, &std::fs::read(&quote).unwrap()[..700]).unwrap();
+    let (code, _, err) = measure(&["verify", "tdx-quote", bad.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("truncated"), "{err}");
+}
