@@ -676,23 +676,37 @@ fn snp(args: &[&str]) -> Result<(), Failure> {
                 .ok_or_else(|| usage(format!("--ovmf-hash {v:?}: expected 96 hex digits")))?,
         ),
     };
-    let kernel = o
-        .get("--kernel")
-        .map(|p| read(p, "the kernel"))
-        .transpose()?;
-    let initrd = o
-        .get("--initrd")
-        .map(|p| read(p, "the initrd"))
-        .transpose()?;
+    // The kernel and the initrd are hashed while the firmware's pages are: they are the bulk.
+    let hash = |name: &str| {
+        o.get(name).map(|p| {
+            let path = std::path::PathBuf::from(p);
+            std::thread::spawn(move || cvm_measure::sha256_file(&path))
+        })
+    };
+    let (kernel, initrd) = (hash("--kernel"), hash("--initrd"));
+    let seed = match firmware_seed {
+        Some(seed) => seed,
+        None => firmware_digest(&firmware).map_err(fail)?,
+    };
+    type Hashing = std::thread::JoinHandle<Result<[u8; 32], cvm_measure::DigestError>>;
+    let join = |h: Option<Hashing>| {
+        h.map(|h| {
+            h.join()
+                .expect("the hashing thread")
+                .map_err(|e| Failure(chain(&e), 1))
+        })
+        .transpose()
+    };
+    let (kernel, initrd) = (join(kernel)?, join(initrd)?);
     let inputs = LaunchInputs {
         firmware: &firmware,
-        firmware_digest: firmware_seed,
+        firmware_digest: Some(seed),
         vcpus,
         vcpu_signature: signature,
         vmm,
         guest_features,
-        kernel: kernel.as_deref(),
-        initrd: initrd.as_deref(),
+        kernel,
+        initrd,
         append: o.get("--append").copied(),
     };
     let digest = cvm_measure::hex(&launch_digest(&inputs).map_err(fail)?);
@@ -707,7 +721,8 @@ fn snp(args: &[&str]) -> Result<(), Failure> {
                     "vcpu_signature": format!("{signature:#010x}"),
                     "vmm_type": format!("{vmm:?}"),
                     "guest_features": format!("{guest_features:#x}"),
-                    "kernel_sha256": kernel.as_ref().map(|k| cvm_measure::hex(&sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(k)))),
+                    "kernel_sha256": kernel.as_ref().map(|k| cvm_measure::hex(k)),
+                    "initrd_sha256": initrd.as_ref().map(|k| cvm_measure::hex(k)),
                 },
             }))
             .unwrap()

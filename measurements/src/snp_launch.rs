@@ -317,8 +317,9 @@ pub struct LaunchInputs<'a> {
     pub vmm: Vmm,
     /// The VMSA's SEV_FEATURES, chosen by the host (typically 0x1 or 0x21).
     pub guest_features: u64,
-    pub kernel: Option<&'a [u8]>,
-    pub initrd: Option<&'a [u8]>,
+    /// SHA-256 of the kernel and of the initrd (measured direct boot).
+    pub kernel: Option<[u8; 32]>,
+    pub initrd: Option<[u8; 32]>,
     pub append: Option<&'a str>,
 }
 
@@ -330,17 +331,24 @@ pub fn firmware_digest(firmware: &[u8]) -> Result<[u8; 48], LaunchError> {
     Ok(gctx.digest)
 }
 
-/// The kernel-hashes table QEMU writes for measured direct boot (176 bytes).
-pub fn kernel_hashes_table(kernel: &[u8], initrd: Option<&[u8]>, append: Option<&str>) -> Vec<u8> {
+/// The kernel-hashes table QEMU writes for measured direct boot (176 bytes), from the
+/// SHA-256 of the kernel and of the initrd (none: the empty string's).
+pub fn kernel_hashes_table(
+    kernel: &[u8; 32],
+    initrd: Option<&[u8; 32]>,
+    append: Option<&str>,
+) -> Vec<u8> {
     let mut cmdline = append.unwrap_or("").as_bytes().to_vec();
     cmdline.push(0);
     let mut table = Vec::with_capacity(176);
     table.extend(guid_le(HASH_TABLE_HEADER_GUID));
     table.extend(168u16.to_le_bytes());
+    let no_initrd: [u8; 32] = Sha256::digest([]).into();
+    let cmdline: [u8; 32] = Sha256::digest(&cmdline).into();
     for (guid, digest) in [
-        (HASH_CMDLINE_GUID, Sha256::digest(&cmdline)),
-        (HASH_INITRD_GUID, Sha256::digest(initrd.unwrap_or(&[]))),
-        (HASH_KERNEL_GUID, Sha256::digest(kernel)),
+        (HASH_CMDLINE_GUID, &cmdline),
+        (HASH_INITRD_GUID, initrd.unwrap_or(&no_initrd)),
+        (HASH_KERNEL_GUID, kernel),
     ] {
         table.extend(guid_le(guid));
         table.extend(50u16.to_le_bytes());
@@ -467,8 +475,8 @@ pub fn launch_digest(inputs: &LaunchInputs) -> Result<[u8; 48], LaunchError> {
                         }
                         let mut page = vec![0u8; PAGE];
                         page[offset..offset + 176].copy_from_slice(&kernel_hashes_table(
-                            kernel,
-                            inputs.initrd,
+                            &kernel,
+                            inputs.initrd.as_ref(),
                             inputs.append,
                         ));
                         gctx.normal_pages(section.gpa, &page);
@@ -540,6 +548,10 @@ mod tests {
         }
     }
 
+    fn sha256(bytes: &[u8]) -> [u8; 32] {
+        Sha256::digest(bytes).into()
+    }
+
     fn hex(d: [u8; 48]) -> String {
         crate::hex(&d)
     }
@@ -571,8 +583,8 @@ mod tests {
     #[test]
     fn the_kernel_hashes_table_vector() {
         let table = kernel_hashes_table(
-            &synthetic_kernel(),
-            Some(&synthetic_initrd()),
+            &sha256(&synthetic_kernel()),
+            Some(&sha256(&synthetic_initrd())),
             Some(SYNTHETIC_APPEND),
         );
         assert_eq!(crate::hex(&table), "06d63894224fc94cb479a793d411fd21a800d82dd09720bd944caa78e7714d36ab2a320004490ebd411de8f53ce562b8b071e557bd6efda474686eb8454d495bf1de687c31f7ba442f3ad74b9af141e29169781d3200d8c6d3d157f9b6dd5421e11d7e72543ec9d60d85ff0ebf5808e73354ff2130073794e74dd2ab7f42b835d5b172d2045b3200a1f259d4365ed4320c377ce26f5c8c56dcdc9a89e7b641bfd8eabfbbeac866540000000000000000");
@@ -581,7 +593,7 @@ mod tests {
     #[test]
     fn published_vectors_with_an_empty_kernel() {
         let fw = amdsev();
-        let empty: &[u8] = &[];
+        let empty = sha256(&[]);
         for (gf, expected) in [
             (0x21, "803f691094946e42068aaa3a8f9e26a5c89f36f7b73ecfb28c653360fe4b3aba7e534442e7e1e17895dfe778d0228977"),
             (0x1, "6d287813eb5222d770f75005c664e34c204f385ce832cc2ce7d0d6f354454362f390ef83a92046c042e706363b4b08fa"),
@@ -599,7 +611,7 @@ mod tests {
         let fw = amdsev();
         let x64 = crate::testdata::read("ovmf/ovmf_OvmfX64_suffix.bin");
         let v4 = vcpu_signature("EPYC-v4").unwrap();
-        let empty: &[u8] = &[];
+        let empty = sha256(&[]);
         let with_kernel = |mut i: LaunchInputs<'static>, append: &'static str| {
             i.kernel = Some(empty);
             i.append = Some(append);
@@ -655,7 +667,7 @@ mod tests {
     #[test]
     fn vectors_with_the_synthetic_kernel_initrd_and_command_line() {
         let fw = amdsev();
-        let (kernel, initrd) = (synthetic_kernel(), synthetic_initrd());
+        let (kernel, initrd) = (sha256(&synthetic_kernel()), sha256(&synthetic_initrd()));
         for (vcpus, model, vmm, gf, expected) in [
             (1, "EPYC-v4", Vmm::Qemu, 0x1, "0a8535c65df9c5ab74b7a1ea713c591432dd3c62429f6af74dd1f5559ebc23f89cda249601459da998300fc548c664fb"),
             (1, "EPYC-v4", Vmm::Qemu, 0x21, "2590617244d0a33857c52ac8d1a0f3d66493b679c1e6de9c0156ca32af8ff269503b4ecd1d67ed3a84d84d85f0f998b2"),
@@ -665,8 +677,8 @@ mod tests {
             (2, "EPYC-v4", Vmm::Gce, 0x1, "415c41d290d484047319b7f90a2748c5fb90e61d5d43623a58485b898954cd7682b40954bc989a74c11669e224c95c3d"),
         ] {
             let mut i = inputs(&fw, vcpus, vcpu_signature(model).unwrap(), vmm, gf);
-            i.kernel = Some(&kernel);
-            i.initrd = Some(&initrd);
+            i.kernel = Some(kernel);
+            i.initrd = Some(initrd);
             i.append = Some(SYNTHETIC_APPEND);
             assert_eq!(hex(launch_digest(&i).unwrap()), expected, "{vcpus} {model} {vmm:?} {gf:#x}");
             // Seeded from the firmware digest: the same result.
@@ -697,9 +709,8 @@ mod tests {
             hex(launch_digest(&i).unwrap()),
             "a175292a4a09fcfb760c5bd80c93ed667dbaafce6247d0f21fc06638658b3ebf2804d3019e2abed05cb6a9efe0a7464e"
         );
-        let empty: &[u8] = &[];
         let mut with_kernel = i.clone();
-        with_kernel.kernel = Some(empty);
+        with_kernel.kernel = Some(sha256(&[]));
         assert_eq!(
             launch_digest(&with_kernel),
             Err(LaunchError::NoKernelHashes)
