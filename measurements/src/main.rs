@@ -35,7 +35,7 @@ commands:
                      need Intel's collateral and are not checked here.
   snp --ovmf FILE --vcpus N (--vcpu-type MODEL | --vcpu-sig HEX) [--vmm-type QEMU|ec2|gce]
       [--guest-features HEX] [--kernel FILE [--initrd FILE] [--append TEXT]]
-      [--ovmf-hash HEX] [--json]
+      [--ovmf-hash HEX] [--mode snp|seves] [--json]
   snp --ovmf FILE --firmware-digest
                      the SEV-SNP launch digest (the report's MEASUREMENT) of a launch of that
                      firmware: its pages, its SEV metadata sections (the kernel-hashes page
@@ -43,7 +43,7 @@ commands:
                      EPYC(-v1..v4), EPYC-Rome, EPYC-Milan, EPYC-Genoa, EPYC-Turin. Guest
                      features (the VMSA's SEV_FEATURES) are the host's choice: default 0x1.
                      --ovmf-hash seeds the digest with a precomputed firmware digest, which
-                     --firmware-digest prints.
+                     --firmware-digest prints. --mode seves: the SEV-ES digest (SHA-256).
   verify snp-report <report> --vcek CERT [--chain PEM] [--measurement HEX]...
       [--report-data HEX] [--host-data HEX] [--min-tcb bootloader=N,tee=N,snp=N,microcode=N]
       [--allow-debug]
@@ -621,6 +621,7 @@ fn snp(args: &[&str]) -> Result<(), Failure> {
             "--initrd",
             "--append",
             "--ovmf-hash",
+            "--mode",
         ],
         &["--json", "--firmware-digest"],
     )?;
@@ -709,7 +710,18 @@ fn snp(args: &[&str]) -> Result<(), Failure> {
         initrd,
         append: o.get("--append").copied(),
     };
-    let digest = cvm_measure::hex(&launch_digest(&inputs).map_err(fail)?);
+    let digest = match o.get("--mode").copied() {
+        None | Some("snp") => cvm_measure::hex(&launch_digest(&inputs).map_err(fail)?),
+        Some("seves") => {
+            if o.contains_key("--ovmf-hash") || o.contains_key("--guest-features") {
+                return Err(usage(
+                    "--mode seves takes neither --ovmf-hash nor --guest-features".into(),
+                ));
+            }
+            cvm_measure::hex(&cvm_measure::snp_launch::seves_launch_digest(&inputs).map_err(fail)?)
+        }
+        Some(other) => return Err(usage(format!("--mode {other:?}: expected snp or seves"))),
+    };
     if o.contains_key("--json") {
         println!(
             "{}",

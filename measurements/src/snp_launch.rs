@@ -124,6 +124,11 @@ pub struct Ovmf {
 impl Ovmf {
     /// Reads the footer GUID table and the SEV metadata, checking every offset.
     pub fn parse(bytes: &[u8]) -> Result<Ovmf, LaunchError> {
+        Self::parse_for(bytes, true)
+    }
+
+    /// The same; SEV-ES launches need no SEV metadata (`snp_metadata` false).
+    pub fn parse_for(bytes: &[u8], snp_metadata: bool) -> Result<Ovmf, LaunchError> {
         let size = bytes.len();
         if size < 64 || size % PAGE != 0 || size as u64 > FOUR_GIB {
             return Err(firmware_error(
@@ -188,7 +193,25 @@ impl Ovmf {
                 .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
                 .ok_or_else(|| firmware_error(what, offset, "entry too short"))
         };
-        let (_, metadata_entry, metadata_entry_at) = find(SEV_METADATA_GUID).ok_or_else(|| {
+        let metadata = find(SEV_METADATA_GUID);
+        if metadata.is_none() && !snp_metadata {
+            return Ok(Ovmf {
+                size,
+                sections: Vec::new(),
+                ap_reset_eip: match find(SEV_ES_RESET_BLOCK_GUID) {
+                    Some((_, data, at)) => Some(u32_of(data, 0, "SEV-ES reset block", *at)?),
+                    None => None,
+                },
+                hash_table: match find(SEV_HASH_TABLE_GUID) {
+                    Some((_, data, at)) => Some((
+                        u32_of(data, 0, "SEV hash table entry", *at)?,
+                        u32_of(data, 4, "SEV hash table entry", *at)?,
+                    )),
+                    None => None,
+                },
+            });
+        }
+        let (_, metadata_entry, metadata_entry_at) = metadata.ok_or_else(|| {
             firmware_error(
                 "SEV metadata",
                 table_start,
@@ -419,6 +442,49 @@ pub fn vmsa(eip: u32, bsp: bool, vcpu_signature: u32, vmm: Vmm, guest_features: 
         page[0x410..0x412].copy_from_slice(&0x37fu16.to_le_bytes());
     }
     page
+}
+
+/// The SEV-ES launch digest (SHA-256): the firmware, the kernel-hashes table when a kernel is
+/// measured, and each vCPU's VMSA (guest features 0: SEV-ES has none).
+pub fn seves_launch_digest(inputs: &LaunchInputs) -> Result<[u8; 32], LaunchError> {
+    let ovmf = Ovmf::parse_for(inputs.firmware, false)?;
+    if inputs.vcpus == 0 || inputs.vcpus > 512 {
+        return Err(LaunchError::Input(format!(
+            "{} vCPUs: expected 1 to 512",
+            inputs.vcpus
+        )));
+    }
+    let mut hash = Sha256::new();
+    hash.update(inputs.firmware);
+    if let Some(kernel) = &inputs.kernel {
+        if !ovmf.hash_table.is_some_and(|(gpa, _)| gpa != 0) {
+            return Err(LaunchError::NoKernelHashes);
+        }
+        hash.update(kernel_hashes_table(
+            kernel,
+            inputs.initrd.as_ref(),
+            inputs.append,
+        ));
+    }
+    let ap_eip = ovmf.ap_reset_eip.unwrap_or(0);
+    if inputs.vcpus > 1 && ap_eip == 0 {
+        return Err(firmware_error(
+            "SEV-ES reset block",
+            0,
+            "more than one vCPU, but the firmware names no AP reset address",
+        ));
+    }
+    for cpu in 0..inputs.vcpus {
+        let bsp = cpu == 0;
+        hash.update(vmsa(
+            if bsp { BSP_EIP } else { ap_eip },
+            bsp,
+            inputs.vcpu_signature,
+            inputs.vmm,
+            0,
+        ));
+    }
+    Ok(hash.finalize().into())
 }
 
 /// The SEV-SNP launch digest for these inputs.
@@ -734,6 +800,23 @@ mod tests {
         let asev = bad_signature.windows(4).position(|w| w == b"ASEV").unwrap();
         bad_signature[asev] = b'X';
         assert!(err(&bad_signature).contains("no \"ASEV\" signature"));
+    }
+
+    #[test]
+    fn the_seves_digest_is_sha256_over_firmware_hashes_and_vmsas() {
+        let fw = amdsev();
+        let i = inputs(&fw, 2, vcpu_signature("EPYC-v4").unwrap(), Vmm::Qemu, 0x1);
+        let digest = seves_launch_digest(&i).unwrap();
+        let mut expected = Sha256::new();
+        expected.update(&fw);
+        expected.update(vmsa(BSP_EIP, true, 0x00800f12, Vmm::Qemu, 0));
+        expected.update(vmsa(0x80b004, false, 0x00800f12, Vmm::Qemu, 0));
+        assert_eq!(digest, <[u8; 32]>::from(expected.finalize()));
+        // A kernel needs the hash table; the OvmfX64 build has none.
+        let x64 = crate::testdata::read("ovmf/ovmf_OvmfX64_suffix.bin");
+        let mut k = inputs(&x64, 1, 0x00800f12, Vmm::Qemu, 0);
+        k.kernel = Some(sha256(b"k"));
+        assert_eq!(seves_launch_digest(&k), Err(LaunchError::NoKernelHashes));
     }
 
     proptest! {

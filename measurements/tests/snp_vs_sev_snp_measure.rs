@@ -142,6 +142,41 @@ fn both_calculators_agree() {
             }
         }
     }
+    // SEV-ES (SHA-256 over firmware, hashes table and VMSAs).
+    for (fw, _) in &firmware {
+        for vcpus in ["1", "3"] {
+            for with_kernel in [false, true] {
+                let mut args: Vec<String> = vec![
+                    "--ovmf".into(),
+                    fw.display().to_string(),
+                    "--vcpus".into(),
+                    vcpus.into(),
+                    "--vcpu-type".into(),
+                    "EPYC-Milan".into(),
+                ];
+                if with_kernel {
+                    args.extend([
+                        "--kernel".into(),
+                        kernel.display().to_string(),
+                        "--append".into(),
+                        "ro".into(),
+                    ]);
+                }
+                let theirs = run(Command::new(&tool)
+                    .args(["--mode", "seves", "--output-format", "hex"])
+                    .args(&args));
+                let mine = run(Command::new(ours)
+                    .args(["snp", "--mode", "seves"])
+                    .args(&args));
+                match (&theirs, &mine) {
+                    (Ok(a), Ok(b)) => assert_eq!(a, b, "seves {args:?}"),
+                    (Err(_), Err(_)) => assert!(with_kernel, "both refused seves {args:?}"),
+                    _ => panic!("seves {args:?}: sev-snp-measure {theirs:?}, cvm-measure {mine:?}"),
+                }
+                compared += 1;
+            }
+        }
+    }
     // The firmware digest seed.
     let theirs = run(Command::new(&tool)
         .args(["--mode", "snp:ovmf-hash", "--ovmf"])
