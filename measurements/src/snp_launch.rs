@@ -457,7 +457,7 @@ pub fn seves_launch_digest(inputs: &LaunchInputs) -> Result<[u8; 32], LaunchErro
     let mut hash = Sha256::new();
     hash.update(inputs.firmware);
     if let Some(kernel) = &inputs.kernel {
-        if !ovmf.hash_table.is_some_and(|(gpa, _)| gpa != 0) {
+        if ovmf.hash_table.is_none_or(|(gpa, _)| gpa == 0) {
             return Err(LaunchError::NoKernelHashes);
         }
         hash.update(kernel_hashes_table(
