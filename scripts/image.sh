@@ -295,6 +295,10 @@ measurements() {
   snp=$("$measure_bin" snp --ovmf "${SNP_OVMF:-/usr/share/ovmf/OVMF.fd}" --vcpus "${SNP_VCPUS:-2}" \
     --vcpu-type "${SNP_VCPU_TYPE:-EPYC-Milan}" --guest-features "${SNP_GUEST_FEATURES:-0x1}" --json) \
     || die "the SNP launch digest (SNP_OVMF, SNP_VCPUS, SNP_VCPU_TYPE, SNP_GUEST_FEATURES)"
+  # TDX: MRTD of the TDVF the node is launched with, in both page-add orders QEMU versions use.
+  local tdx_fw="${TDX_OVMF:-/usr/share/ovmf/OVMF.fd}" mrtd_one mrtd_two
+  mrtd_one=$("$measure_bin" tdx --ovmf "$tdx_fw") || die "the TDX MRTD (TDX_OVMF=$tdx_fw)"
+  mrtd_two=$("$measure_bin" tdx --ovmf "$tdx_fw" --two-pass) || die "the TDX MRTD (TDX_OVMF=$tdx_fw)"
   # What a key broker loads (`kbs-serve --reference`): the registers when the node asks for
   # its disk key, PCR 15 included (at ready PCR 15 also holds the state disk's random LUKS2
   # UUID); beside them the image's identity and PCR 11 at ready, which nothing random enters.
@@ -307,7 +311,8 @@ values["pcr11_at_ready"] = at_ready["pcr"]["11"]
 snp = json.loads("""$snp""")
 values["snp_measurements"] = snp["snp_measurements"]
 values["snp_launch"] = snp["launch"]
-values["not_predicted"] = "TDX MRTD and RTMR 0-1 (they depend on the TDVF build)"
+values["tdx_mrtds"] = ["$mrtd_one", "$mrtd_two"]
+values["not_predicted"] = "TDX RTMR 0-1 (the firmware's configuration and the kernel it loads)"
 print(json.dumps(values, indent=2))
 PY
   say "reference values: $out/measurements.json"

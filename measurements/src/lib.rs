@@ -14,6 +14,7 @@ pub mod snp;
 pub mod snp_launch;
 pub mod tcglog;
 pub mod tdx;
+pub mod tdx_launch;
 pub mod tls;
 pub mod tpm_quote;
 pub mod verity;

@@ -44,6 +44,10 @@ commands:
                      features (the VMSA's SEV_FEATURES) are the host's choice: default 0x1.
                      --ovmf-hash seeds the digest with a precomputed firmware digest, which
                      --firmware-digest prints. --mode seves: the SEV-ES digest (SHA-256).
+  tdx --ovmf FILE [--two-pass] [--json]
+                     the TDX MRTD of a launch of that firmware (the unified OVMF.fd with TDVF
+                     metadata): pages added, MR_EXTEND sections measured; --two-pass for QEMU
+                     versions that add a section's pages before extending them
   verify snp-report <report> --vcek CERT [--chain PEM] [--measurement HEX]...
       [--report-data HEX] [--host-data HEX] [--min-tcb bootloader=N,tee=N,snp=N,microcode=N]
       [--allow-debug]
@@ -127,10 +131,11 @@ fn run(args: &[String]) -> Result<(), Failure> {
         ["evidence", rest @ ..] => evidence(rest),
         ["kbs-serve", rest @ ..] => kbs_serve(rest),
         ["snp", rest @ ..] => snp(rest),
+        ["tdx", rest @ ..] => tdx(rest),
         ["verify", "snp-report", rest @ ..] => verify_snp_report(rest),
         ["verify", "tdx-quote", rest @ ..] => verify_tdx_quote(rest),
         [other, ..] => Err(usage(format!(
-            "unknown command {other:?}: expected digest, verity, predict, replay, evidence, snp, verify, kbs-serve, --version or --help"
+            "unknown command {other:?}: expected digest, verity, predict, replay, evidence, snp, tdx, verify, kbs-serve, --version or --help"
         ))),
         [] => Err(usage("a command is needed".into())),
     }
@@ -600,6 +605,37 @@ fn verify_tdx_quote(args: &[&str]) -> Result<(), Failure> {
         },
     });
     println!("{}", serde_json::to_string_pretty(&claims).unwrap());
+    Ok(())
+}
+
+/// `cvm-measure tdx`: MRTD.
+fn tdx(args: &[&str]) -> Result<(), Failure> {
+    use cvm_measure::tdx_launch::{mrtd, PageAddOrder};
+    let (o, positional) = options(args, &["--ovmf"], &["--two-pass", "--json"])?;
+    if let Some(p) = positional.first() {
+        return Err(usage(format!(
+            "tdx takes no positional argument, got {p:?}"
+        )));
+    }
+    let path = o
+        .get("--ovmf")
+        .copied()
+        .ok_or_else(|| usage("tdx needs --ovmf FILE".into()))?;
+    let order = if o.contains_key("--two-pass") {
+        PageAddOrder::TwoPass
+    } else {
+        PageAddOrder::SinglePass
+    };
+    let digest = mrtd(&read(path, "the firmware")?, order)
+        .map_err(|e| Failure(format!("{path}: {e}"), 1))?;
+    if o.contains_key("--json") {
+        println!(
+            "{}",
+            serde_json::json!({ "tdx_mrtds": [cvm_measure::hex(&digest)], "page_add_order": format!("{order:?}") })
+        );
+    } else {
+        println!("{}", cvm_measure::hex(&digest));
+    }
     Ok(())
 }
 

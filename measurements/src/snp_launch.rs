@@ -43,7 +43,7 @@ fn firmware_error(what: &'static str, offset: usize, detail: impl Into<String>) 
 }
 
 /// A GUID as it is stored in EFI structures (the first three fields little-endian).
-fn guid_le(text: &str) -> [u8; 16] {
+pub(crate) fn guid_le(text: &str) -> [u8; 16] {
     let hex: String = text.chars().filter(|c| *c != '-').collect();
     let b: [u8; 16] = crate::verity::parse_hex(&hex)
         .and_then(|v| v.try_into().ok())
@@ -130,63 +130,7 @@ impl Ovmf {
     /// The same; SEV-ES launches need no SEV metadata (`snp_metadata` false).
     pub fn parse_for(bytes: &[u8], snp_metadata: bool) -> Result<Ovmf, LaunchError> {
         let size = bytes.len();
-        if size < 64 || size % PAGE != 0 || size as u64 > FOUR_GIB {
-            return Err(firmware_error(
-                "image",
-                0,
-                format!("{size} bytes: expected a whole number of 4 KiB pages, at most 4 GiB"),
-            ));
-        }
-        let footer_at = size - 48;
-        if bytes[footer_at..footer_at + 16] != guid_le(FOOTER_GUID) {
-            return Err(firmware_error(
-                "footer GUID table",
-                footer_at,
-                "no table GUID 16 bytes before the last 32 (not an OVMF image)",
-            ));
-        }
-        let table_len = u16::from_le_bytes([bytes[footer_at - 2], bytes[footer_at - 1]]) as usize;
-        let table_start = (size - 32)
-            .checked_sub(table_len)
-            .filter(|_| table_len >= 18)
-            .ok_or_else(|| {
-                firmware_error(
-                    "footer GUID table",
-                    footer_at - 2,
-                    format!("length {table_len} does not fit the image"),
-                )
-            })?;
-        let mut entries = Vec::new();
-        // Entries are `data | u16 size | GUID`, walked back from the footer's own entry.
-        let mut end = footer_at - 2;
-        while end > table_start {
-            if end < table_start + 18 {
-                return Err(firmware_error(
-                    "footer GUID table entry",
-                    end,
-                    "an entry's size and GUID run past the table's start",
-                ));
-            }
-            let guid: [u8; 16] = bytes[end - 16..end].try_into().expect("16 bytes");
-            let entry_len = u16::from_le_bytes([bytes[end - 18], bytes[end - 17]]) as usize;
-            if entry_len < 18 || end < table_start + entry_len {
-                return Err(firmware_error(
-                    "footer GUID table entry",
-                    end - 18,
-                    format!("size {entry_len} is not between 18 and the bytes left in the table"),
-                ));
-            }
-            let data = &bytes[end - entry_len..end - 18];
-            entries.push((guid, data.to_vec(), end - entry_len));
-            end -= entry_len;
-        }
-        if end != table_start {
-            return Err(firmware_error(
-                "footer GUID table",
-                end,
-                "the entries do not end exactly at the table's start",
-            ));
-        }
+        let entries = footer_entries(bytes)?;
         let find = |guid: &str| entries.iter().find(|(g, _, _)| *g == guid_le(guid));
         let u32_of = |data: &[u8], at: usize, what: &'static str, offset: usize| {
             data.get(at..at + 4)
@@ -214,7 +158,7 @@ impl Ovmf {
         let (_, metadata_entry, metadata_entry_at) = metadata.ok_or_else(|| {
             firmware_error(
                 "SEV metadata",
-                table_start,
+                size - 48,
                 "the footer table has no SEV metadata entry: this firmware cannot launch an SNP guest",
             )
         })?;
@@ -293,6 +237,69 @@ impl Ovmf {
             hash_table,
         })
     }
+}
+
+/// The footer GUID table's entries as (GUID, data, offset of the entry), checked.
+pub(crate) fn footer_entries(bytes: &[u8]) -> Result<Vec<([u8; 16], Vec<u8>, usize)>, LaunchError> {
+    let size = bytes.len();
+    if size < 64 || size % PAGE != 0 || size as u64 > FOUR_GIB {
+        return Err(firmware_error(
+            "image",
+            0,
+            format!("{size} bytes: expected a whole number of 4 KiB pages, at most 4 GiB"),
+        ));
+    }
+    let footer_at = size - 48;
+    if bytes[footer_at..footer_at + 16] != guid_le(FOOTER_GUID) {
+        return Err(firmware_error(
+            "footer GUID table",
+            footer_at,
+            "no table GUID 16 bytes before the last 32 (not an OVMF image)",
+        ));
+    }
+    let table_len = u16::from_le_bytes([bytes[footer_at - 2], bytes[footer_at - 1]]) as usize;
+    let table_start = (size - 32)
+        .checked_sub(table_len)
+        .filter(|_| table_len >= 18)
+        .ok_or_else(|| {
+            firmware_error(
+                "footer GUID table",
+                footer_at - 2,
+                format!("length {table_len} does not fit the image"),
+            )
+        })?;
+    let mut entries = Vec::new();
+    // Entries are `data | u16 size | GUID`, walked back from the footer's own entry.
+    let mut end = footer_at - 2;
+    while end > table_start {
+        if end < table_start + 18 {
+            return Err(firmware_error(
+                "footer GUID table entry",
+                end,
+                "an entry's size and GUID run past the table's start",
+            ));
+        }
+        let guid: [u8; 16] = bytes[end - 16..end].try_into().expect("16 bytes");
+        let entry_len = u16::from_le_bytes([bytes[end - 18], bytes[end - 17]]) as usize;
+        if entry_len < 18 || end < table_start + entry_len {
+            return Err(firmware_error(
+                "footer GUID table entry",
+                end - 18,
+                format!("size {entry_len} is not between 18 and the bytes left in the table"),
+            ));
+        }
+        let data = &bytes[end - entry_len..end - 18];
+        entries.push((guid, data.to_vec(), end - entry_len));
+        end -= entry_len;
+    }
+    if end != table_start {
+        return Err(firmware_error(
+            "footer GUID table",
+            end,
+            "the entries do not end exactly at the table's start",
+        ));
+    }
+    Ok(entries)
 }
 
 /// Who launches the guest: the VMSA and page details differ.
