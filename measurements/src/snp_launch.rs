@@ -239,8 +239,11 @@ impl Ovmf {
     }
 }
 
-/// The footer GUID table's entries as (GUID, data, offset of the entry), checked.
-pub(crate) fn footer_entries(bytes: &[u8]) -> Result<Vec<([u8; 16], Vec<u8>, usize)>, LaunchError> {
+/// A footer GUID table entry: its GUID, its data, and where it starts in the image.
+pub(crate) type FooterEntry = ([u8; 16], Vec<u8>, usize);
+
+/// The footer GUID table's entries, checked.
+pub(crate) fn footer_entries(bytes: &[u8]) -> Result<Vec<FooterEntry>, LaunchError> {
     let size = bytes.len();
     if size < 64 || size % PAGE != 0 || size as u64 > FOUR_GIB {
         return Err(firmware_error(
