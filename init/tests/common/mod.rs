@@ -17,11 +17,19 @@ impl Drop for Swtpm {
     }
 }
 
-/// swtpm on a loopback port pair; each test passes its own `slot` so that tests running in
-/// parallel do not collide.
+/// Slots per test process: each test passes its own `slot` so that tests running in parallel
+/// do not collide.
+const SLOTS: u16 = 8;
+
+/// swtpm on a loopback port pair (server, control), below the kernel's ephemeral range
+/// (32768 and up), where the tests' own connections would otherwise take ports swtpm needs.
 pub fn start_swtpm(slot: u16) -> Swtpm {
+    assert!(
+        slot < SLOTS,
+        "slot {slot}: at most {SLOTS} swtpm per test process"
+    );
     let dir = tempfile::tempdir().unwrap();
-    let port = 20000 + ((std::process::id() % 4000) as u16) * 8 + slot * 2;
+    let port = 10000 + ((std::process::id() % 1300) as u16) * SLOTS * 2 + slot * 2;
     let child =
         cvm_init::tee::tpm::spawn_swtpm(dir.path(), port).expect("swtpm is installed by make deps");
     Swtpm {
