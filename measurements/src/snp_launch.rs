@@ -174,30 +174,7 @@ impl Ovmf {
                     format!("offset {from_end:#x} from the end is outside the image"),
                 )
             })?;
-        if &bytes[at..at + 4] != b"ASEV" {
-            return Err(firmware_error("SEV metadata", at, "no \"ASEV\" signature"));
-        }
-        let declared = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().expect("4")) as usize;
-        let version = u32::from_le_bytes(bytes[at + 8..at + 12].try_into().expect("4"));
-        let count = u32::from_le_bytes(bytes[at + 12..at + 16].try_into().expect("4")) as usize;
-        if version != 1 {
-            return Err(firmware_error(
-                "SEV metadata",
-                at + 8,
-                format!("version {version}, expected 1"),
-            ));
-        }
-        let needed = count
-            .checked_mul(12)
-            .and_then(|n| n.checked_add(16))
-            .filter(|&n| n == declared && at + n <= size)
-            .ok_or_else(|| {
-                firmware_error(
-                    "SEV metadata",
-                    at + 4,
-                    format!("size {declared} for {count} sections (16 + 12 each) does not fit"),
-                )
-            })?;
+        let count = metadata_header(bytes, at, b"ASEV", 12, "SEV metadata")?;
         let mut sections = Vec::with_capacity(count);
         for i in 0..count {
             let s = at + 16 + 12 * i;
@@ -218,7 +195,6 @@ impl Ovmf {
             }
             sections.push(section);
         }
-        debug_assert!(needed <= size);
         let ap_reset_eip = match find(SEV_ES_RESET_BLOCK_GUID) {
             Some((_, data, at)) => Some(u32_of(data, 0, "SEV-ES reset block", *at)?),
             None => None,
@@ -303,6 +279,54 @@ pub(crate) fn footer_entries(bytes: &[u8]) -> Result<Vec<FooterEntry>, LaunchErr
         ));
     }
     Ok(entries)
+}
+
+/// A firmware metadata header, `signature | u32 length | u32 version = 1 | u32 count`, at
+/// `at`, followed by `count` entries of `entry_len` bytes (the SEV and the TDVF metadata share
+/// the shape); returns `count` once the signature, the version and the bounds are checked.
+pub(crate) fn metadata_header(
+    bytes: &[u8],
+    at: usize,
+    signature: &[u8; 4],
+    entry_len: usize,
+    what: &'static str,
+) -> Result<usize, LaunchError> {
+    let word = |at: usize| -> Option<u32> {
+        Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
+    };
+    if bytes.get(at..at + 4) != Some(&signature[..]) {
+        return Err(firmware_error(
+            what,
+            at,
+            format!("no \"{}\" signature", String::from_utf8_lossy(signature)),
+        ));
+    }
+    let (Some(length), Some(version), Some(count)) = (word(at + 4), word(at + 8), word(at + 12))
+    else {
+        return Err(firmware_error(what, at, "the header runs past the image"));
+    };
+    if version != 1 {
+        return Err(firmware_error(
+            what,
+            at + 8,
+            format!("version {version}, expected 1"),
+        ));
+    }
+    let (length, count) = (length as usize, count as usize);
+    count
+        .checked_mul(entry_len)
+        .and_then(|n| n.checked_add(16))
+        .filter(|&n| n == length && at + n <= bytes.len())
+        .ok_or_else(|| {
+            firmware_error(
+                what,
+                at + 4,
+                format!(
+                    "length {length} for {count} sections (16 + {entry_len} each) does not fit"
+                ),
+            )
+        })?;
+    Ok(count)
 }
 
 /// Who launches the guest: the VMSA and page details differ.

@@ -72,39 +72,15 @@ pub fn sections(bytes: &[u8]) -> Result<Vec<Section>, crate::snp_launch::LaunchE
                 format!("offset {from_end:#x} from the end is outside the image"),
             )
         })?;
-    if bytes[desc - 16..desc] != crate::snp_launch::guid_le(TDX_METADATA_GUID)
-        || &bytes[desc..desc + 4] != b"TDVF"
-    {
+    if bytes[desc - 16..desc] != crate::snp_launch::guid_le(TDX_METADATA_GUID) {
         return Err(bad(
             "TDX metadata",
-            desc,
-            "no TDVF GUID and \"TDVF\" signature".into(),
+            desc - 16,
+            "no TDVF metadata GUID before the descriptor".into(),
         ));
     }
+    let count = crate::snp_launch::metadata_header(bytes, desc, b"TDVF", 32, "TDX metadata")?;
     let word = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4"));
-    let (length, version, count) = (
-        word(desc + 4) as usize,
-        word(desc + 8),
-        word(desc + 12) as usize,
-    );
-    if version != 1 {
-        return Err(bad(
-            "TDX metadata",
-            desc + 8,
-            format!("version {version}, expected 1"),
-        ));
-    }
-    count
-        .checked_mul(32)
-        .and_then(|n| n.checked_add(16))
-        .filter(|&n| n == length && desc + n <= size)
-        .ok_or_else(|| {
-            bad(
-                "TDX metadata",
-                desc + 4,
-                format!("length {length} for {count} sections (16 + 32 each) does not fit"),
-            )
-        })?;
     let mut sections = Vec::with_capacity(count);
     for i in 0..count {
         let s = desc + 16 + 32 * i;
