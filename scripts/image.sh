@@ -57,7 +57,7 @@ SRC
   for d in var/lib/cvm-state var/lib/containerd var/lib/kubelet etc/kubernetes var/log etc/cni/net.d opt/cni/bin; do
     mkdir -p "$cfg/extra/$d"
   done
-  local packages=() extra_conf=""
+  local packages=()
   mapfile -t packages < <(sed -e 's/#.*//' -e '/^\s*$/d' -e 's/\s//g' "$root/image/packages.list")
   kubelet "$cfg"
   if [ -n "$kubelet_package" ]; then packages+=("$kubelet_package"); fi
@@ -68,20 +68,17 @@ SRC
     mapfile -t packages < <(awk '!/^#/ && NF { print $1 "=" $2 }' "$lock")
   fi
   initramfs "$cfg"
+  mkdir -p "$cfg/mkosi.conf.d"
   {
     echo "[Build]"
     echo "PackageCacheDirectory=$(in_env "$pkg_cache")"
     echo "[Content]"
     echo "Initrds=$(in_env "$cfg/initrd.cpio")"
     echo "Packages=$(IFS=,; echo "${packages[*]}")"
-    echo "$extra_conf"
-  } > "$cfg/mkosi.conf.d-90-build.conf"
-  mkdir -p "$cfg/mkosi.conf.d"
-  mv "$cfg/mkosi.conf.d-90-build.conf" "$cfg/mkosi.conf.d/90-build.conf"
-  if [ -n "$kubelet_repo_dir" ]; then
-    echo "[Content]" >> "$cfg/mkosi.conf.d/90-build.conf"
-    echo "PackageDirectories=$(in_env "$kubelet_repo_dir")" >> "$cfg/mkosi.conf.d/90-build.conf"
-  fi
+    if [ -n "$kubelet_repo_dir" ]; then
+      echo "PackageDirectories=$(in_env "$kubelet_repo_dir")"
+    fi
+  } > "$cfg/mkosi.conf.d/90-build.conf"
 }
 
 kubelet_package=""
