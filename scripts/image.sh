@@ -66,6 +66,9 @@ SRC
     # Every installed package at its locked version (dependencies included): apt then has
     # nothing to choose.
     mapfile -t packages < <(awk '!/^#/ && NF { print $1 "=" $2 }' "$lock")
+    if [ -n "$kubelet_package" ] && ! awk '{ print $1 }' "$lock" | grep -qx "$kubelet_package"; then
+      die "KUBELET=$KUBELET is a package, but $lock has no $kubelet_package: run \`make image-lock KUBELET=$KUBELET\`"
+    fi
   fi
   initramfs "$cfg"
   mkdir -p "$cfg/mkosi.conf.d"
