@@ -24,9 +24,11 @@ commands:
                      identity events) and RTMR2. Workload digests come from the services of
                      the config file, read inside --root-tree. Without --uki or --linux: a
                      direct kernel boot, where nothing measures the kernel into PCR 11.
-  replay <log> [--ccel] [--json]
+  replay <log> [--ccel] [--json] [--events]
                      the registers a log produces: systemd's JSON-seq tpm2-measure.log, a
-                     TCG binary log (PCRs), or with --ccel a TDX CC event log (RTMRs)
+                     TCG binary log (PCRs), or with --ccel a TDX CC event log (RTMRs);
+                     --events lists a binary log's events instead (register, type, digest,
+                     printable data)
   evidence <file> [--vcek CERT] [--ccel LOG]
                      parse an SEV-SNP report (raw or hex) or a TDX quote strictly and print
                      what a verifier compares; with --vcek check the report's signature and
@@ -531,6 +533,64 @@ fn verify_snp_report(args: &[&str]) -> Result<(), Failure> {
     Ok(())
 }
 
+/// `replay --events`: one line (or JSON object) per event, in log order.
+fn print_events(log: &cvm_measure::tcglog::EventLog, ccel: bool, json: bool) {
+    use cvm_measure::tcglog::event_type_name;
+    let register = |index: u32| match (ccel, index) {
+        (true, 0) => "MRTD".to_string(),
+        (true, 1..=4) => format!("RTMR{}", index - 1),
+        (true, _) => format!("MR{index}"),
+        (false, _) => format!("PCR{index}"),
+    };
+    let printable = |data: &[u8]| {
+        let text: String = data
+            .iter()
+            .map(|&b| {
+                if (0x20..0x7f).contains(&b) {
+                    b as char
+                } else {
+                    '.'
+                }
+            })
+            .take(64)
+            .collect();
+        text
+    };
+    let mut rows = Vec::new();
+    for e in &log.events {
+        let digests: serde_json::Map<String, serde_json::Value> = e
+            .digests
+            .iter()
+            .map(|(id, d)| (format!("{id:#06x}"), serde_json::json!(cvm_measure::hex(d))))
+            .collect();
+        if json {
+            rows.push(serde_json::json!({
+                "register": register(e.index),
+                "type": event_type_name(e.event_type),
+                "type_value": e.event_type,
+                "digests": digests,
+                "data": cvm_measure::hex(&e.data),
+            }));
+        } else {
+            let first = e
+                .digests
+                .first()
+                .map(|(_, d)| cvm_measure::hex(d))
+                .unwrap_or_default();
+            println!(
+                "{:<6} {:<34} {} {:?}",
+                register(e.index),
+                event_type_name(e.event_type),
+                first,
+                printable(&e.data)
+            );
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows).unwrap());
+    }
+}
+
 /// `verify tdx-quote`.
 fn verify_tdx_quote(args: &[&str]) -> Result<(), Failure> {
     use cvm_measure::tdx::{Quote, SignatureChecked};
@@ -965,7 +1025,7 @@ fn print_registers_with(
 }
 
 fn replay(args: &[&str]) -> Result<(), Failure> {
-    let (o, positional) = options(args, &[], &["--ccel", "--json"])?;
+    let (o, positional) = options(args, &[], &["--ccel", "--json", "--events"])?;
     let [path] = positional[..] else {
         return Err(usage(format!(
             "replay needs one log, got {}",
@@ -974,6 +1034,17 @@ fn replay(args: &[&str]) -> Result<(), Failure> {
     };
     let bytes = read(path, "the log")?;
     let json = o.contains_key("--json");
+    if o.contains_key("--events") {
+        if bytes.first() == Some(&0x1e) {
+            return Err(usage(
+                "replay --events lists the events of a TCG binary log or a CCEL".into(),
+            ));
+        }
+        let log =
+            cvm_measure::tcglog::parse(&bytes).map_err(|e| Failure(format!("{path}: {e}"), 1))?;
+        print_events(&log, o.contains_key("--ccel"), json);
+        return Ok(());
+    }
     if o.contains_key("--ccel") {
         let log =
             cvm_measure::tcglog::parse(&bytes).map_err(|e| Failure(format!("{path}: {e}"), 1))?;

@@ -81,9 +81,16 @@ impl Gctx {
         self.digest = Sha384::digest(info).into();
     }
 
+    /// Firmware volumes have runs of identical pages (erased flash, free space): a page equal
+    /// to the one before it reuses its contents digest (a compare costs far less than a SHA-384).
     fn normal_pages(&mut self, gpa: u64, data: &[u8]) {
+        let mut previous: Option<(&[u8], [u8; 48])> = None;
         for (i, page) in data.chunks(PAGE).enumerate() {
-            let contents: [u8; 48] = Sha384::digest(page).into();
+            let contents = match previous {
+                Some((before, digest)) if before == page => digest,
+                _ => Sha384::digest(page).into(),
+            };
+            previous = Some((page, contents));
             self.update(PageType::Normal, gpa + (i * PAGE) as u64, &contents);
         }
     }

@@ -36,6 +36,44 @@ pub enum LogError {
     },
 }
 
+/// The TCG PC Client name of an event type, or its value in hex.
+pub fn event_type_name(event_type: u32) -> String {
+    let name = match event_type {
+        0x1 => "EV_POST_CODE",
+        0x3 => "EV_NO_ACTION",
+        0x4 => "EV_SEPARATOR",
+        0x5 => "EV_ACTION",
+        0x6 => "EV_EVENT_TAG",
+        0x7 => "EV_S_CRTM_CONTENTS",
+        0x8 => "EV_S_CRTM_VERSION",
+        0x9 => "EV_CPU_MICROCODE",
+        0xa => "EV_PLATFORM_CONFIG_FLAGS",
+        0xb => "EV_TABLE_OF_DEVICES",
+        0xc => "EV_COMPACT_HASH",
+        0xd => "EV_IPL",
+        0xe => "EV_IPL_PARTITION_DATA",
+        0xf => "EV_NONHOST_CODE",
+        0x10 => "EV_NONHOST_CONFIG",
+        0x11 => "EV_NONHOST_INFO",
+        0x12 => "EV_OMIT_BOOT_DEVICE_EVENTS",
+        0x8000_0001 => "EV_EFI_VARIABLE_DRIVER_CONFIG",
+        0x8000_0002 => "EV_EFI_VARIABLE_BOOT",
+        0x8000_0003 => "EV_EFI_BOOT_SERVICES_APPLICATION",
+        0x8000_0004 => "EV_EFI_BOOT_SERVICES_DRIVER",
+        0x8000_0005 => "EV_EFI_RUNTIME_SERVICES_DRIVER",
+        0x8000_0006 => "EV_EFI_GPT_EVENT",
+        0x8000_0007 => "EV_EFI_ACTION",
+        0x8000_0008 => "EV_EFI_PLATFORM_FIRMWARE_BLOB",
+        0x8000_0009 => "EV_EFI_HANDOFF_TABLES",
+        0x8000_000a => "EV_EFI_PLATFORM_FIRMWARE_BLOB2",
+        0x8000_000b => "EV_EFI_HANDOFF_TABLES2",
+        0x8000_000c => "EV_EFI_VARIABLE_BOOT2",
+        0x8000_00e0 => "EV_EFI_VARIABLE_AUTHORITY",
+        other => return format!("{other:#010x}"),
+    };
+    name.to_string()
+}
+
 /// One algorithm of the log: its ID and digest size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Algorithm {

@@ -128,3 +128,40 @@ fn tdx_quotes_verify_with_their_event_log() {
     assert_eq!(code, 1);
     assert!(err.contains("truncated"), "{err}");
 }
+
+#[test]
+fn replay_events_lists_the_real_ccel() {
+    let log = testdata("tdx/gtg_ccel_data.dat");
+    let (code, out, err) = measure(&["replay", &log, "--ccel", "--events"]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    // 43 extending events (PROVENANCE.md), every one printed with its register and type.
+    assert_eq!(lines.len(), 43, "{out}");
+    assert!(
+        lines[0].starts_with("RTMR0  EV_EFI_HANDOFF_TABLES2"),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[42].starts_with("RTMR1  EV_EFI_ACTION"),
+        "{}",
+        lines[42]
+    );
+    assert!(lines[42].ends_with("\"Exit Boot Services Returned with Success\""));
+    let (code, out, err) = measure(&["replay", &log, "--ccel", "--events", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 43);
+    assert_eq!(rows[0]["register"], "RTMR0");
+    assert_eq!(rows[0]["type_value"], 0x8000_000bu32);
+    // A truncated log is refused with the place named.
+    let dir = tempfile::tempdir().unwrap();
+    let cut = dir.path().join("cut.dat");
+    std::fs::write(&cut, &std::fs::read(&log).unwrap()[..300]).unwrap();
+    let (code, _, err) = measure(&["replay", cut.to_str().unwrap(), "--ccel", "--events"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("cut.dat") && err.contains("truncated"),
+        "{err}"
+    );
+}
