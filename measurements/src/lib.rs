@@ -15,6 +15,7 @@ pub mod snp_launch;
 pub mod tcglog;
 pub mod tdx;
 pub mod tdx_launch;
+pub mod tdx_rtmr;
 pub mod tls;
 pub mod tpm_quote;
 pub mod verity;

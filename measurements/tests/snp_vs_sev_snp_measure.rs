@@ -4,48 +4,18 @@
 //! with and without kernel hashes, kernels, initrds and command lines. Errors must agree in
 //! kind: where the tool refuses, so do we.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 use std::process::Command;
+
+use common::shared;
 
 const VERSION: &str = "0.0.13";
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
 /// The reference tool, installed once; None when it cannot be installed here.
 fn reference_tool() -> Option<PathBuf> {
-    let venv = workspace().join(format!(".cache/sev-snp-measure-{VERSION}"));
-    let tool = venv.join("bin/sev-snp-measure");
-    if tool.exists() {
-        return Some(tool);
-    }
-    let ok = |c: &mut Command| c.output().map(|o| o.status.success()).unwrap_or(false);
-    if !ok(Command::new("python3").arg("-m").arg("venv").arg(&venv))
-        || !ok(Command::new(venv.join("bin/pip")).args([
-            "install",
-            "-q",
-            &format!("sev-snp-measure=={VERSION}"),
-        ]))
-    {
-        eprintln!(
-            "sev-snp-measure {VERSION} could not be installed (no PyPI?): comparison skipped"
-        );
-        let _ = std::fs::remove_dir_all(&venv);
-        return None;
-    }
-    Some(tool)
-}
-
-fn shared(path: &str) -> PathBuf {
-    std::env::var_os("CVM_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("../shared"))
-        .join("testdata")
-        .join(path)
+    common::python_package("sev-snp-measure", VERSION).map(|venv| venv.join("bin/sev-snp-measure"))
 }
 
 /// Runs a command; Ok(stdout's last line) or Err(stderr).
