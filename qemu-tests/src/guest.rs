@@ -29,6 +29,8 @@ pub struct Guest {
     /// UEFI firmware (code, variable-store template): the guest boots its first disk's ESP
     /// instead of a kernel given to QEMU.
     uefi: Option<(PathBuf, PathBuf)>,
+    /// With `uefi`: the firmware boots the kernel QEMU is given (fw_cfg), not a disk.
+    kernel_through_firmware: bool,
 }
 
 impl Guest {
@@ -48,6 +50,7 @@ impl Guest {
             interactive: false,
             network: false,
             uefi: None,
+            kernel_through_firmware: false,
         }
     }
 
@@ -57,6 +60,19 @@ impl Guest {
         let mut guest = Guest::new(name, Path::new(""), Path::new("")).disk(disk);
         guest.uefi = Some((code.to_path_buf(), vars.to_path_buf()));
         guest
+    }
+
+    /// A direct kernel boot through UEFI firmware: OVMF loads the kernel, initrd and command
+    /// line QEMU hands it and measures them, as it does for a TDX or SNP launch.
+    pub fn direct_uefi(mut self, code: &Path, vars: &Path) -> Self {
+        self.uefi = Some((code.to_path_buf(), vars.to_path_buf()));
+        self.kernel_through_firmware = true;
+        self
+    }
+
+    /// The kernel command line QEMU passes.
+    pub fn kernel_cmdline(&self) -> &str {
+        &self.cmdline
     }
 
     /// Appends options to the kernel command line.
@@ -176,13 +192,14 @@ impl Guest {
                     .arg("-drive")
                     .arg(format!("if=pflash,format=raw,file={}", vars.display()));
             }
-            None => {
-                cmd.arg("-kernel")
-                    .arg(&self.kernel)
-                    .arg("-initrd")
-                    .arg(&self.initrd)
-                    .args(["-append", &self.cmdline]);
-            }
+            None => {}
+        }
+        if self.uefi.is_none() || self.kernel_through_firmware {
+            cmd.arg("-kernel")
+                .arg(&self.kernel)
+                .arg("-initrd")
+                .arg(&self.initrd)
+                .args(["-append", &self.cmdline]);
         }
         if !self.reboot {
             cmd.arg("-no-reboot");

@@ -3,11 +3,14 @@
 //! a changed `cvm.*` option or root image moves the prediction and the guest alike.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use cvm_measure::predict::{predict, Inputs};
 use cvm_measure::registers::{Bank, Registers};
 use qemu_tests::guest::BASE_CMDLINE;
-use qemu_tests::support::{assert_fatal_before_workload, must, prepare, Prepared, BOOT};
+use qemu_tests::support::{
+    assert_fatal_before_workload, must, power_down, prepare, Prepared, BOOT,
+};
 
 const DUMP: &str = "[[service]]\nname = \"dump\"\npath = \"/bin/payload\"\nargs = [\"dump-log\"]\n";
 
@@ -144,4 +147,112 @@ fn without_a_tee_the_boot_stops_unless_told() {
     let log = guest.serial_log();
     assert!(log.contains("cvm.tee=none: this boot is not measured"));
     assert!(log.contains("measuring into none"));
+}
+
+const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+const FIRMWARE_DUMP: &str =
+    "[[service]]\nname = \"fwlog\"\npath = \"/bin/payload\"\nargs = [\"dump-firmware-log\"]\n";
+
+/// The firmware's view of a direct boot is the part of a TDX prediction no TDX hardware is
+/// needed to check: OVMF measures the same kernel image, actions, load options and initrd
+/// into a vTPM's PCRs 2–6 and 9 that TDVF measures into RTMR 1 and 2 (PCR → RTMR mapping of
+/// UEFI 2.10 §38.4.1; a TPM gets a separator per PCR where an RTMR gets one). So the real
+/// OVMF and QEMU here, with swtpm, check `tdx_rtmr`'s kernel patching, Authenticode, event
+/// order and load options, in both banks.
+#[test]
+fn ovmf_measures_a_direct_boot_as_the_rtmr_prediction_says() {
+    use cvm_measure::tdx_rtmr::{DirectBoot, KernelAsMeasured, Predicted};
+    let prepared = prepare(Some(FIRMWARE_DUMP));
+    // Above 896 MiB, so that the kernel's XLF_CAN_BE_LOADED_ABOVE_4G (not initrd_addr_max) bounds
+    // where QEMU puts the initrd.
+    let memory_mib = 1536u64;
+    let mut cmdline = String::new();
+    let mut guest = prepared.boot("ovmf-direct", "", |g| {
+        cmdline = g.kernel_cmdline().to_string();
+        g.memory_mib(memory_mib as u32)
+            .direct_uefi(Path::new(OVMF_CODE), Path::new(OVMF_VARS))
+    });
+    must(guest.wait_for("fwlog: payload: firmware-log-end", BOOT));
+    let mut bytes = Vec::new();
+    for line in guest.serial_log().lines() {
+        if let Some(hex) = line.split("fwlog: payload: firmware-log ").nth(1) {
+            bytes.extend(cvm_measure::verity::parse_hex(hex.trim()).expect("hex"));
+        }
+    }
+    let log = cvm_measure::tcglog::parse(&bytes).expect("the firmware's log parses");
+    let kernel = std::fs::read(&prepared.artifacts.kernel.vmlinuz).unwrap();
+    let initrd = std::fs::read(&prepared.image.initrd).unwrap();
+    let boot = DirectBoot {
+        kernel: &kernel,
+        initrd: Some(&initrd),
+        cmdline: &cmdline,
+        memory_bytes: memory_mib << 20,
+        kernel_as_measured: KernelAsMeasured::QemuPatched,
+    };
+    // What the log says each RTMR would have received, one bank at a time.
+    let observed = |alg: u16, rtmr1: bool| -> Vec<String> {
+        let mut seen_separator = false;
+        log.events
+            .iter()
+            .filter(|e| {
+                if rtmr1 {
+                    (2..=6).contains(&e.index)
+                } else {
+                    e.index == 9
+                }
+            })
+            .filter(|e| e.event_type != cvm_measure::tcglog::EV_NO_ACTION)
+            .filter(|e| {
+                let separator = e.event_type == 0x4;
+                let keep = !(separator && seen_separator);
+                seen_separator |= separator;
+                keep
+            })
+            .map(|e| {
+                let digest = e.digests.iter().find(|(id, _)| *id == alg);
+                cvm_measure::hex(&digest.expect("the bank's digest").1)
+            })
+            .collect()
+    };
+    let hex = |events: Vec<Predicted>| -> Vec<String> {
+        events.iter().map(|e| cvm_measure::hex(&e.digest)).collect()
+    };
+    let banks: Vec<u16> = log.algorithms.iter().map(|a| a.id).collect();
+    assert!(
+        banks.contains(&0x000b),
+        "the firmware log has no SHA-256 bank"
+    );
+    let mut checked = 0;
+    for alg in banks {
+        let (rtmr1, rtmr2) = match alg {
+            0x000b => (
+                hex(boot.rtmr1_events::<sha2::Sha256>().unwrap()),
+                hex(boot.rtmr2_events::<sha2::Sha256>()),
+            ),
+            0x000c => (
+                hex(boot.rtmr1_events::<sha2::Sha384>().unwrap()),
+                hex(boot.rtmr2_events::<sha2::Sha384>()),
+            ),
+            _ => continue,
+        };
+        assert_eq!(
+            observed(alg, true),
+            rtmr1,
+            "PCRs 2-6 (RTMR 1), bank {alg:#x}"
+        );
+        assert_eq!(observed(alg, false), rtmr2, "PCR 9 (RTMR 2), bank {alg:#x}");
+        checked += 1;
+    }
+    // The kernel OVMF measured is the one QEMU patched, not the file.
+    let unpatched = DirectBoot {
+        kernel_as_measured: KernelAsMeasured::Unpatched,
+        ..boot
+    };
+    assert_ne!(
+        observed(0x000b, true)[0],
+        hex(unpatched.rtmr1_events::<sha2::Sha256>().unwrap())[0]
+    );
+    eprintln!("OVMF direct boot: RTMR 1 and 2 events as predicted in {checked} bank(s)");
+    power_down(&mut guest);
 }

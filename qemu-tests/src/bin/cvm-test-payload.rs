@@ -128,6 +128,21 @@ fn run(args: Vec<String>) {
             }
             serve();
         }
+        "dump-firmware-log" => {
+            // The firmware's TCG event log (the kernel's copy), in hex lines of 1 KiB.
+            let path = "/sys/kernel/security/tpm0/binary_bios_measurements";
+            match std::fs::read(path) {
+                Ok(log) => {
+                    for chunk in log.chunks(1024) {
+                        let hex: String = chunk.iter().map(|b| format!("{b:02x}")).collect();
+                        println!("payload: firmware-log {hex}");
+                    }
+                    println!("payload: firmware-log-end {} bytes", log.len());
+                }
+                Err(e) => println!("payload: {path} unreadable: {e}"),
+            }
+            serve();
+        }
         "dump-log" => {
             // The measurement log, once the init has measured `ready`, one record a line.
             let path = "/run/log/systemd/tpm2-measure.log";
@@ -166,7 +181,7 @@ fn run(args: Vec<String>) {
             serve();
         }
         _ => {
-            eprintln!("payload: unknown mode {mode:?}: expected serve, orphans [n], crash, crash-once, rss-probe, root-probe, dump-log, cpu-probe, integrity-probe, container-probe or throughput [MiB]");
+            eprintln!("payload: unknown mode {mode:?}: expected serve, orphans [n], crash, crash-once, rss-probe, root-probe, dump-log, dump-firmware-log, cpu-probe, integrity-probe, container-probe or throughput [MiB]");
             std::process::exit(2);
         }
     }
