@@ -180,19 +180,16 @@ impl Guest {
         }
         cmd.arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp_socket.display()));
-        match &self.uefi {
-            Some((code, vars_template)) => {
-                let vars = guest.dir.path().join("efivars.fd");
-                fs::copy(vars_template, &vars).expect("copy the UEFI variable store");
-                cmd.arg("-drive")
-                    .arg(format!(
-                        "if=pflash,format=raw,readonly=on,file={}",
-                        code.display()
-                    ))
-                    .arg("-drive")
-                    .arg(format!("if=pflash,format=raw,file={}", vars.display()));
-            }
-            None => {}
+        if let Some((code, vars_template)) = &self.uefi {
+            let vars = guest.dir.path().join("efivars.fd");
+            fs::copy(vars_template, &vars).expect("copy the UEFI variable store");
+            cmd.arg("-drive")
+                .arg(format!(
+                    "if=pflash,format=raw,readonly=on,file={}",
+                    code.display()
+                ))
+                .arg("-drive")
+                .arg(format!("if=pflash,format=raw,file={}", vars.display()));
         }
         if self.uefi.is_none() || self.kernel_through_firmware {
             cmd.arg("-kernel")
