@@ -299,20 +299,27 @@ measurements() {
   local tdx_fw="${TDX_OVMF:-/usr/share/ovmf/OVMF.fd}" mrtd_one mrtd_two
   mrtd_one=$("$measure_bin" tdx --ovmf "$tdx_fw") || die "the TDX MRTD (TDX_OVMF=$tdx_fw)"
   mrtd_two=$("$measure_bin" tdx --ovmf "$tdx_fw" --two-pass) || die "the TDX MRTD (TDX_OVMF=$tdx_fw)"
+  # RTMR 1 of this disk booted by TDVF: ReadyToBoot, the GPT, the UKI and its kernel.
+  local tdx_boot
+  tdx_boot=$("$measure_bin" tdx --ovmf "$tdx_fw" --uki "$out/cvm.efi" --disk "$out/cvm.raw" --json) \
+    || die "the TDX RTMR 1 of the UKI boot"
   # What a key broker loads (`kbs-serve --reference`): the registers when the node asks for
   # its disk key, PCR 15 included (at ready PCR 15 also holds the state disk's random LUKS2
   # UUID); beside them the image's identity and PCR 11 at ready, which nothing random enters.
   python3 - "$hash" "$(sha256sum "$out/cvm.efi" | cut -c1-64)" "$(cat "$out/cvm.cmdline")" <<PY > "$out/measurements.json"
 import json, sys
-values = json.loads("""$key_release""")
-at_ready = json.loads("""$ready""")
+values = json.loads(r"""$key_release""")
+at_ready = json.loads(r"""$ready""")
 values["image"] = {"root_hash": sys.argv[1], "uki_sha256": sys.argv[2], "cmdline": sys.argv[3]}
 values["pcr11_at_ready"] = at_ready["pcr"]["11"]
-snp = json.loads("""$snp""")
+snp = json.loads(r"""$snp""")
 values["snp_measurements"] = snp["snp_measurements"]
 values["snp_launch"] = snp["launch"]
 values["tdx_mrtds"] = ["$mrtd_one", "$mrtd_two"]
-values["not_predicted"] = "TDX RTMR 0-1 (the firmware's configuration and the kernel it loads)"
+tdx = json.loads(r"""$tdx_boot""")
+values["tdx_rtmrs"] = tdx["tdx_rtmrs"]
+values["tdx_rtmr1_events"] = tdx["rtmr1_events"]
+values["not_predicted"] = "TDX RTMR 0 (the ACPI tables of the exact QEMU and the firmware's variables)"
 print(json.dumps(values, indent=2))
 PY
   say "reference values: $out/measurements.json"

@@ -47,9 +47,19 @@ commands:
                      --ovmf-hash seeds the digest with a precomputed firmware digest, which
                      --firmware-digest prints. --mode seves: the SEV-ES digest (SHA-256).
   tdx --ovmf FILE [--two-pass] [--json]
+      [--kernel FILE --memory MIB [--initrd FILE] [--append TEXT] [--kernel-unpatched]]
+      [--uki FILE --disk RAW]
                      the TDX MRTD of a launch of that firmware (the unified OVMF.fd with TDVF
                      metadata): pages added, MR_EXTEND sections measured; --two-pass for QEMU
-                     versions that add a section's pages before extending them
+                     versions that add a section's pages before extending them. With
+                     --kernel (a direct boot) or --uki (booted from the GPT disk RAW): RTMR 1
+                     (the kernel or UKI and its kernel by Authenticode, ReadyToBoot, the
+                     separator, the GPT, ExitBootServices) and the boot's part of RTMR 2 (the
+                     EFI stub's load options and initrd; cvm-init's events follow, see
+                     predict). A direct boot's kernel is measured as QEMU patches it (OVMF up
+                     to 2025.02), whose initrd address depends on --memory;
+                     --kernel-unpatched for later OVMF. RTMR 0 (ACPI tables of the exact
+                     QEMU) is not predicted.
   verify snp-report <report> --vcek CERT [--chain PEM] [--measurement HEX]...
       [--report-data HEX] [--host-data HEX] [--min-tcb bootloader=N,tee=N,snp=N,microcode=N]
       [--allow-debug]
@@ -671,7 +681,15 @@ fn verify_tdx_quote(args: &[&str]) -> Result<(), Failure> {
 /// `cvm-measure tdx`: MRTD.
 fn tdx(args: &[&str]) -> Result<(), Failure> {
     use cvm_measure::tdx_launch::{mrtd, PageAddOrder};
-    let (o, positional) = options(args, &["--ovmf"], &["--two-pass", "--json"])?;
+    use cvm_measure::tdx_rtmr::{self, DirectBoot, KernelAsMeasured, Predicted};
+    use sha2::Sha384;
+    let (o, positional) = options(
+        args,
+        &[
+            "--ovmf", "--kernel", "--initrd", "--append", "--memory", "--uki", "--disk",
+        ],
+        &["--two-pass", "--json", "--kernel-unpatched"],
+    )?;
     if let Some(p) = positional.first() {
         return Err(usage(format!(
             "tdx takes no positional argument, got {p:?}"
@@ -688,10 +706,111 @@ fn tdx(args: &[&str]) -> Result<(), Failure> {
     };
     let digest = mrtd(&read(path, "the firmware")?, order)
         .map_err(|e| Failure(format!("{path}: {e}"), 1))?;
+    // RTMR 1 and the boot's part of RTMR 2, for a direct boot or a UKI from a disk.
+    fn in_file(file: &str) -> impl Fn(tdx_rtmr::ImageError) -> Failure + '_ {
+        move |e| Failure(format!("{file}: {e}"), 1)
+    }
+    let events: Option<(Vec<Predicted>, Vec<Predicted>)> = match (o.get("--kernel"), o.get("--uki"))
+    {
+        (Some(_), Some(_)) => return Err(usage("tdx takes --kernel or --uki, not both".into())),
+        (Some(&kernel_path), None) => {
+            let memory = o
+                .get("--memory")
+                .ok_or_else(|| {
+                    usage("tdx --kernel needs --memory MIB (QEMU places the initrd by it)".into())
+                })?
+                .parse::<u64>()
+                .ok()
+                .filter(|m| (1..=16 << 20).contains(m))
+                .ok_or_else(|| {
+                    usage(format!(
+                        "--memory {:?}: expected MiB, 1 to 16777216",
+                        o["--memory"]
+                    ))
+                })?;
+            let kernel = read(kernel_path, "the kernel")?;
+            let initrd = o
+                .get("--initrd")
+                .map(|p| read(p, "the initrd"))
+                .transpose()?;
+            let boot = DirectBoot {
+                kernel: &kernel,
+                initrd: initrd.as_deref(),
+                cmdline: o.get("--append").copied().unwrap_or(""),
+                memory_bytes: memory << 20,
+                kernel_as_measured: if o.contains_key("--kernel-unpatched") {
+                    KernelAsMeasured::Unpatched
+                } else {
+                    KernelAsMeasured::QemuPatched
+                },
+            };
+            Some((
+                boot.rtmr1_events::<Sha384>()
+                    .map_err(in_file(kernel_path))?,
+                boot.rtmr2_events::<Sha384>(),
+            ))
+        }
+        (None, Some(&uki_path)) => {
+            let disk_path = o
+                .get("--disk")
+                .copied()
+                .ok_or_else(|| usage("tdx --uki needs --disk RAW (its GPT is measured)".into()))?;
+            let uki = read(uki_path, "the UKI")?;
+            let linux = cvm_measure::predict::pe_sections(&uki)
+                .map_err(|e| Failure(format!("{uki_path}: {e}"), 1))?
+                .into_iter()
+                .find(|(name, _)| name == ".linux")
+                .map(|(_, kernel)| kernel)
+                .ok_or_else(|| Failure(format!("{uki_path}: no .linux section: not a UKI"), 1))?;
+            let gpt = tdx_rtmr::gpt_event(&read(disk_path, "the disk image")?, 512)
+                .map_err(in_file(disk_path))?;
+            Some((
+                tdx_rtmr::uki_rtmr1_events::<Sha384>(&gpt, &uki, &linux)
+                    .map_err(in_file(uki_path))?,
+                Vec::new(),
+            ))
+        }
+        (None, None) => None,
+    };
+    for flag in ["--initrd", "--append", "--memory", "--kernel-unpatched"] {
+        if o.contains_key(flag) && !o.contains_key("--kernel") {
+            return Err(usage(format!("{flag} goes with --kernel")));
+        }
+    }
+    if o.contains_key("--disk") && !o.contains_key("--uki") {
+        return Err(usage("--disk goes with --uki".into()));
+    }
+    let list = |events: &[Predicted]| -> Vec<serde_json::Value> {
+        events
+            .iter()
+            .map(|e| serde_json::json!({ "event": e.what, "digest": cvm_measure::hex(&e.digest) }))
+            .collect()
+    };
     if o.contains_key("--json") {
+        let mut out = serde_json::json!({
+            "tdx_mrtds": [cvm_measure::hex(&digest)],
+            "page_add_order": format!("{order:?}"),
+        });
+        if let Some((rtmr1, rtmr2)) = &events {
+            // RTMR 1 is whole at boot: a reference value. RTMR 2 continues with cvm-init's
+            // events (`tdx_init_rtmr2`), so only the boot's part is shown.
+            out["tdx_rtmrs"] =
+                serde_json::json!({ "1": cvm_measure::hex(&tdx_rtmr::fold::<Sha384>(rtmr1)) });
+            out["rtmr2_before_init"] =
+                serde_json::json!(cvm_measure::hex(&tdx_rtmr::fold::<Sha384>(rtmr2)));
+            out["rtmr1_events"] = serde_json::json!(list(rtmr1));
+            out["rtmr2_events"] = serde_json::json!(list(rtmr2));
+        }
+        println!("{}", serde_json::to_string_pretty(&out).unwrap());
+    } else if let Some((rtmr1, rtmr2)) = &events {
+        println!("mrtd {}", cvm_measure::hex(&digest));
         println!(
-            "{}",
-            serde_json::json!({ "tdx_mrtds": [cvm_measure::hex(&digest)], "page_add_order": format!("{order:?}") })
+            "rtmr1 {}",
+            cvm_measure::hex(&tdx_rtmr::fold::<Sha384>(rtmr1))
+        );
+        println!(
+            "rtmr2-before-init {}",
+            cvm_measure::hex(&tdx_rtmr::fold::<Sha384>(rtmr2))
         );
     } else {
         println!("{}", cvm_measure::hex(&digest));

@@ -165,3 +165,80 @@ fn replay_events_lists_the_real_ccel() {
         "{err}"
     );
 }
+
+#[test]
+fn tdx_predicts_rtmr1_for_a_direct_boot_and_refuses_bad_input() {
+    let kernel = std::env::var_os("CVM_KERNEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/kernel"))
+        .join("vmlinuz");
+    let kernel = kernel.to_str().unwrap();
+    let ovmf = "/usr/share/ovmf/OVMF.fd";
+    let dir = tempfile::tempdir().unwrap();
+    let initrd = dir.path().join("initrd");
+    std::fs::write(&initrd, b"an initrd").unwrap();
+    let initrd = initrd.to_str().unwrap();
+    let run = |memory: &str, append: &str| {
+        let (code, out, err) = measure(&[
+            "tdx", "--ovmf", ovmf, "--kernel", kernel, "--initrd", initrd, "--memory", memory,
+            "--append", append, "--json",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let base = run("2048", "console=ttyS0");
+    assert_eq!(base["rtmr1_events"].as_array().unwrap().len(), 5);
+    assert_eq!(base["rtmr2_events"].as_array().unwrap().len(), 2);
+    let rtmr1 = base["tdx_rtmrs"]["1"].as_str().unwrap();
+    assert_eq!(rtmr1.len(), 96);
+    // The broker takes the output as reference values, beside a prediction's PCRs (what
+    // `make measurements` merges).
+    let mut merged = base.clone();
+    merged["pcr"] = serde_json::json!({ "11": { "sha256": "00".repeat(32) } });
+    let reference = cvm_measure::kbs_broker::Reference::from_prediction(&merged)
+        .expect("the broker loads tdx --json output");
+    assert_eq!(reference.tdx_rtmrs.len(), 1);
+    assert_eq!(cvm_measure::hex(&reference.tdx_rtmrs[0].1), rtmr1);
+    // Memory (below 4 GiB: 1 GiB and 2 GiB differ, 2 GiB and 4 GiB do not on q35) moves the
+    // initrd address QEMU patches into the kernel, so RTMR 1; the command line moves
+    // RTMR 2's load options and (through the patched header's nothing) not RTMR 1.
+    let more_memory = run("1024", "console=ttyS0");
+    assert_ne!(more_memory["tdx_rtmrs"]["1"], base["tdx_rtmrs"]["1"]);
+    let other_cmdline = run("2048", "console=hvc0");
+    assert_eq!(other_cmdline["tdx_rtmrs"]["1"], base["tdx_rtmrs"]["1"]);
+    assert_ne!(
+        other_cmdline["rtmr2_before_init"],
+        base["rtmr2_before_init"]
+    );
+    for (args, code, says) in [
+        (
+            vec!["tdx", "--ovmf", ovmf, "--kernel", kernel],
+            2,
+            "--memory",
+        ),
+        (
+            vec!["tdx", "--ovmf", ovmf, "--initrd", initrd],
+            2,
+            "goes with --kernel",
+        ),
+        (vec!["tdx", "--ovmf", ovmf, "--uki", kernel], 2, "--disk"),
+        (
+            vec![
+                "tdx", "--ovmf", ovmf, "--kernel", initrd, "--memory", "1024",
+            ],
+            1,
+            "the kernel's setup header at byte 0 needs 4096 bytes",
+        ),
+        (
+            vec![
+                "tdx", "--ovmf", ovmf, "--kernel", kernel, "--memory", "lots",
+            ],
+            2,
+            "expected MiB",
+        ),
+    ] {
+        let (got, _, err) = measure(&args);
+        assert_eq!(got, code, "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}
