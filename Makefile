@@ -20,7 +20,7 @@ export CVM_INIT_BIN := $(CURDIR)/$(TEST_DIR)/cvm-init
 export CVM_PAYLOAD_BIN := $(CURDIR)/$(TEST_DIR)/cvm-test-payload
 export CVM_KERNEL_DIR := $(CURDIR)/$(KERNEL_DIR)
 
-.PHONY: all deps build test-artifacts check unit boot-tests test run bench clean image image-lock image-reproducible measurements image-test
+.PHONY: fuzz all deps build test-artifacts check unit boot-tests test run bench clean image image-lock image-reproducible measurements image-test
 
 all: build
 
@@ -63,6 +63,12 @@ run: build test-artifacts
 ## Size of the static init, time from kernel start to ready, PID 1's RSS at ready.
 bench: build test-artifacts
 	$(CARGO) run -q --release -p qemu-tests --bin cvm-harness -- bench $(CURDIR)/$(RELEASE_DIR)/cvm-init $(CURDIR)/$(RELEASE_DIR)/cvm-measure
+
+## Fuzz the parsers of untrusted input (firmware, SNP reports, TDX quotes, event logs, PE
+## images): FUZZ_SECONDS each, with libFuzzer (nightly and cargo-fuzz, installed if missing).
+FUZZ_SECONDS ?= 60
+fuzz: deps
+	bash scripts/fuzz.sh $(FUZZ_SECONDS) firmware snp_report tdx_quote event_log pe_image
 
 ## The node image: mkosi 25 in a Debian trixie environment that scripts/image-env.sh makes once
 ## (.cache/image-env); outputs in target/image/out. KUBELET=<kubelet binary or .deb> (else the

@@ -42,7 +42,20 @@ pub enum PeError {
         size: u64,
         len: u64,
     },
+    #[error(
+        "section {name} would be {virtual_size} bytes in memory from {raw_size} in the file: more than {MAX_ZERO_FILL} bytes of zero fill"
+    )]
+    ZeroFill {
+        name: String,
+        virtual_size: u64,
+        raw_size: u64,
+    },
 }
+
+/// How far a section's VirtualSize may exceed its raw data (zero fill, as .bss is): real UKI
+/// sections have a few pages at most; without a bound a 4 GiB VirtualSize in a hostile image
+/// would be allocated (found by `make fuzz`).
+pub const MAX_ZERO_FILL: u64 = 16 << 20;
 
 /// The sections of a PE image (a UKI), with their contents as loaded: VirtualSize bytes, the
 /// raw data zero-extended when VirtualSize exceeds it.
@@ -79,6 +92,13 @@ pub fn pe_sections(image: &[u8]) -> Result<Vec<(String, Vec<u8>)>, PeError> {
         let raw_size = u32::from_le_bytes(header[16..20].try_into().unwrap()) as u64;
         let raw_at = u32::from_le_bytes(header[20..24].try_into().unwrap()) as u64;
         let take = raw_size.min(virtual_size);
+        if virtual_size - take > MAX_ZERO_FILL {
+            return Err(PeError::ZeroFill {
+                name,
+                virtual_size,
+                raw_size,
+            });
+        }
         let len = image.len() as u64;
         if raw_at.checked_add(take).is_none_or(|end| end > len) {
             return Err(PeError::Bounds {
@@ -268,6 +288,19 @@ mod tests {
         let mut broken = image.clone();
         broken.truncate(broken.len() - 3);
         assert!(matches!(pe_sections(&broken), Err(PeError::Bounds { .. })));
+        // A hostile VirtualSize is refused, not allocated.
+        let huge = tiny_pe(&[(".linux", b"HALLO\n", u32::MAX)]);
+        let e = pe_sections(&huge).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("section .linux would be 4294967295 bytes"),
+            "{e}"
+        );
+        let fill = tiny_pe(&[(".bss", b"", MAX_ZERO_FILL as u32)]);
+        assert_eq!(
+            pe_sections(&fill).unwrap()[0].1.len(),
+            MAX_ZERO_FILL as usize
+        );
     }
 
     proptest::proptest! {

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Fuzzes cvm-measure's parsers of untrusted input with libFuzzer (cargo-fuzz, nightly):
+#   scripts/fuzz.sh SECONDS TARGET...
+# Corpora live in .cache/fuzz/<target>, seeded from the shared test data (real reports, quotes,
+# logs, firmware fixtures) and the Debian kernel; a crash stops the run with libFuzzer's report
+# and the input under measurements/fuzz/artifacts/<target>/.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+shared=${CVM_SHARED_DIR:-$root/../shared}
+seconds=${1:?usage: fuzz.sh SECONDS TARGET...}
+shift
+say() { echo "fuzz: $*"; }
+
+rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+
+seed() { # target, files...
+  local dir="$root/.cache/fuzz/$1"; shift
+  mkdir -p "$dir"
+  for f in "$@"; do [ -f "$f" ] && cp -n "$f" "$dir/seed-$(basename "$f")"; done
+  return 0
+}
+kernel_head="$root/.cache/fuzz/kernel-head"
+mkdir -p "$root/.cache/fuzz"
+[ -f "$kernel_head" ] || head -c 65536 "$root/.cache/kernel/vmlinuz" > "$kernel_head"
+seed firmware "$shared"/testdata/ovmf/*.bin
+seed snp_report "$shared"/testdata/snp/*.bin
+seed tdx_quote "$shared"/testdata/tdx/*quote*.dat "$shared"/testdata/tdx/gtg_report.dat
+seed event_log "$shared"/testdata/tdx/gtg_ccel_data.dat "$shared"/testdata/tpm/*.bin
+seed pe_image "$kernel_head"
+
+for target in "$@"; do
+  say "$target for $seconds s"
+  log="$root/.cache/fuzz/$target.log"
+  (cd "$root/measurements" && cargo +nightly fuzz run "$target" "$root/.cache/fuzz/$target" -- \
+      -max_total_time="$seconds" -max_len=300000 -timeout=10 -print_final_stats=1) > "$log" 2>&1 \
+    || { tail -40 "$log"; say "$target FAILED (input under measurements/fuzz/artifacts/$target)"; exit 1; }
+  runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo "?")
+  cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1)
+  say "$target: $runs inputs, no crash ($cov edges, corpus $(ls "$root/.cache/fuzz/$target" | wc -l) files)"
+done
