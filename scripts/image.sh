@@ -299,10 +299,13 @@ measurements() {
   local tdx_fw="${TDX_OVMF:-/usr/share/ovmf/OVMF.fd}" mrtd_one mrtd_two
   mrtd_one=$("$measure_bin" tdx --ovmf "$tdx_fw") || die "the TDX MRTD (TDX_OVMF=$tdx_fw)"
   mrtd_two=$("$measure_bin" tdx --ovmf "$tdx_fw" --two-pass) || die "the TDX MRTD (TDX_OVMF=$tdx_fw)"
-  # RTMR 1 of this disk booted by TDVF: ReadyToBoot, the GPT, the UKI and its kernel.
+  # RTMR 1 of this disk booted by TDVF: ReadyToBoot, the GPT, the UKI and its kernel; with a
+  # fresh variable store and a state disk attached OVMF first tries one other boot option and
+  # comes back (seen by `make image-test`): TDX_RETURNED_BOOT_OPTIONS.
   local tdx_boot
-  tdx_boot=$("$measure_bin" tdx --ovmf "$tdx_fw" --uki "$out/cvm.efi" --disk "$out/cvm.raw" --json) \
-    || die "the TDX RTMR 1 of the UKI boot"
+  tdx_boot=$("$measure_bin" tdx --ovmf "$tdx_fw" --uki "$out/cvm.efi" --disk "$out/cvm.raw" \
+    --returned-boot-options "${TDX_RETURNED_BOOT_OPTIONS:-1}" --json) \
+    || die "the TDX RTMR 1 of the UKI boot (TDX_RETURNED_BOOT_OPTIONS)"
   # What a key broker loads (`kbs-serve --reference`): the registers when the node asks for
   # its disk key, PCR 15 included (at ready PCR 15 also holds the state disk's random LUKS2
   # UUID); beside them the image's identity and PCR 11 at ready, which nothing random enters.

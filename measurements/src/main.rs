@@ -48,7 +48,7 @@ commands:
                      --firmware-digest prints. --mode seves: the SEV-ES digest (SHA-256).
   tdx --ovmf FILE [--two-pass] [--json]
       [--kernel FILE --memory MIB [--initrd FILE] [--append TEXT] [--kernel-unpatched]]
-      [--uki FILE --disk RAW]
+      [--uki FILE --disk RAW [--returned-boot-options N]]
                      the TDX MRTD of a launch of that firmware (the unified OVMF.fd with TDVF
                      metadata): pages added, MR_EXTEND sections measured; --two-pass for QEMU
                      versions that add a section's pages before extending them. With
@@ -58,8 +58,10 @@ commands:
                      EFI stub's load options and initrd; cvm-init's events follow, see
                      predict). A direct boot's kernel is measured as QEMU patches it (OVMF up
                      to 2025.02), whose initrd address depends on --memory;
-                     --kernel-unpatched for later OVMF. RTMR 0 (ACPI tables of the exact
-                     QEMU) is not predicted.
+                     --kernel-unpatched for later OVMF. A UKI's RTMR 2 part is its load
+                     options only (systemd-stub's initrd is not predicted); N boot options
+                     the firmware tries and returns from before the disk each add two
+                     actions. RTMR 0 (ACPI tables of the exact QEMU) is not predicted.
   verify snp-report <report> --vcek CERT [--chain PEM] [--measurement HEX]...
       [--report-data HEX] [--host-data HEX] [--min-tcb bootloader=N,tee=N,snp=N,microcode=N]
       [--allow-debug]
@@ -686,7 +688,14 @@ fn tdx(args: &[&str]) -> Result<(), Failure> {
     let (o, positional) = options(
         args,
         &[
-            "--ovmf", "--kernel", "--initrd", "--append", "--memory", "--uki", "--disk",
+            "--ovmf",
+            "--kernel",
+            "--initrd",
+            "--append",
+            "--memory",
+            "--uki",
+            "--disk",
+            "--returned-boot-options",
         ],
         &["--two-pass", "--json", "--kernel-unpatched"],
     )?;
@@ -756,18 +765,34 @@ fn tdx(args: &[&str]) -> Result<(), Failure> {
                 .copied()
                 .ok_or_else(|| usage("tdx --uki needs --disk RAW (its GPT is measured)".into()))?;
             let uki = read(uki_path, "the UKI")?;
-            let linux = cvm_measure::predict::pe_sections(&uki)
-                .map_err(|e| Failure(format!("{uki_path}: {e}"), 1))?
-                .into_iter()
-                .find(|(name, _)| name == ".linux")
-                .map(|(_, kernel)| kernel)
+            let sections = cvm_measure::predict::pe_sections(&uki)
+                .map_err(|e| Failure(format!("{uki_path}: {e}"), 1))?;
+            let section = |name: &str| {
+                sections
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, contents)| contents.as_slice())
+            };
+            let linux = section(".linux")
                 .ok_or_else(|| Failure(format!("{uki_path}: no .linux section: not a UKI"), 1))?;
             let gpt = tdx_rtmr::gpt_event(&read(disk_path, "the disk image")?, 512)
                 .map_err(in_file(disk_path))?;
+            let returned = match o.get("--returned-boot-options") {
+                None => 0,
+                Some(n) => n
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| *n <= 16)
+                    .ok_or_else(|| {
+                        usage(format!("--returned-boot-options {n:?}: expected 0 to 16"))
+                    })?,
+            };
             Some((
-                tdx_rtmr::uki_rtmr1_events::<Sha384>(&gpt, &uki, &linux)
+                tdx_rtmr::uki_rtmr1_events::<Sha384>(&gpt, &uki, linux, returned)
                     .map_err(in_file(uki_path))?,
-                Vec::new(),
+                vec![tdx_rtmr::uki_load_options::<Sha384>(
+                    section(".cmdline").unwrap_or_default(),
+                )],
             ))
         }
         (None, None) => None,
@@ -777,8 +802,10 @@ fn tdx(args: &[&str]) -> Result<(), Failure> {
             return Err(usage(format!("{flag} goes with --kernel")));
         }
     }
-    if o.contains_key("--disk") && !o.contains_key("--uki") {
-        return Err(usage("--disk goes with --uki".into()));
+    for flag in ["--disk", "--returned-boot-options"] {
+        if o.contains_key(flag) && !o.contains_key("--uki") {
+            return Err(usage(format!("{flag} goes with --uki")));
+        }
     }
     let list = |events: &[Predicted]| -> Vec<serde_json::Value> {
         events
@@ -796,8 +823,11 @@ fn tdx(args: &[&str]) -> Result<(), Failure> {
             // events (`tdx_init_rtmr2`), so only the boot's part is shown.
             out["tdx_rtmrs"] =
                 serde_json::json!({ "1": cvm_measure::hex(&tdx_rtmr::fold::<Sha384>(rtmr1)) });
-            out["rtmr2_before_init"] =
-                serde_json::json!(cvm_measure::hex(&tdx_rtmr::fold::<Sha384>(rtmr2)));
+            out["rtmr2_before_init"] = if o.contains_key("--uki") {
+                serde_json::Value::Null // systemd-stub's initrd is not predicted
+            } else {
+                serde_json::json!(cvm_measure::hex(&tdx_rtmr::fold::<Sha384>(rtmr2)))
+            };
             out["rtmr1_events"] = serde_json::json!(list(rtmr1));
             out["rtmr2_events"] = serde_json::json!(list(rtmr2));
         }
@@ -808,10 +838,14 @@ fn tdx(args: &[&str]) -> Result<(), Failure> {
             "rtmr1 {}",
             cvm_measure::hex(&tdx_rtmr::fold::<Sha384>(rtmr1))
         );
-        println!(
-            "rtmr2-before-init {}",
-            cvm_measure::hex(&tdx_rtmr::fold::<Sha384>(rtmr2))
-        );
+        if o.contains_key("--uki") {
+            println!("rtmr2-before-init not predicted (systemd-stub's initrd)");
+        } else {
+            println!(
+                "rtmr2-before-init {}",
+                cvm_measure::hex(&tdx_rtmr::fold::<Sha384>(rtmr2))
+            );
+        }
     } else {
         println!("{}", cvm_measure::hex(&digest));
     }

@@ -20,6 +20,7 @@ use sha2::Digest;
 const QEMU_ACPI_DATA_SIZE: u32 = 0x28000;
 const SEPARATOR: [u8; 4] = [0; 4];
 pub const CALLING_EFI_APPLICATION: &str = "Calling EFI Application from Boot Option";
+pub const RETURNING_FROM_EFI_APPLICATION: &str = "Returning from EFI Application from Boot Option";
 pub const EXIT_BOOT_SERVICES_INVOCATION: &str = "Exit Boot Services Invocation";
 pub const EXIT_BOOT_SERVICES_SUCCESS: &str = "Exit Boot Services Returned with Success";
 
@@ -288,17 +289,20 @@ pub struct DirectBoot<'a> {
     pub kernel_as_measured: KernelAsMeasured,
 }
 
-/// One event of a prediction: what it is, and its digest.
+/// One event of a prediction: what it is, its digest, and the PCR OVMF measures it into on a
+/// vTPM (`None` for the separator, which a TPM gets in every PCR 0–7 and an RTMR once).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Predicted {
     pub what: String,
     pub digest: Vec<u8>,
+    pub pcr: Option<u32>,
 }
 
-fn action<D: Digest>(text: &str) -> Predicted {
+fn action<D: Digest>(text: &str, pcr: u32) -> Predicted {
     Predicted {
         what: format!("EV_EFI_ACTION {text:?}"),
         digest: D::digest(text.as_bytes()).to_vec(),
+        pcr: Some(pcr),
     }
 }
 
@@ -306,7 +310,40 @@ fn separator<D: Digest>() -> Predicted {
     Predicted {
         what: "EV_SEPARATOR".into(),
         digest: D::digest(SEPARATOR).to_vec(),
+        pcr: None,
     }
+}
+
+fn image<D: Digest>(what: &str, pe: &[u8]) -> Result<Predicted, ImageError> {
+    Ok(Predicted {
+        what: format!("EV_EFI_BOOT_SERVICES_APPLICATION {what}"),
+        digest: authenticode::<D>(pe)?,
+        pcr: Some(4),
+    })
+}
+
+/// The same events as a vTPM's PCRs receive them from OVMF: each PCR the events name, from
+/// zero, with the separator in each of them where it falls. (Checking a prediction against a
+/// vTPM boot needs no TDX hardware.)
+pub fn tpm_pcrs<D: Digest>(events: &[Predicted]) -> std::collections::BTreeMap<u32, Vec<u8>> {
+    let mut pcrs: std::collections::BTreeMap<u32, Vec<Predicted>> = Default::default();
+    for e in events {
+        if let Some(pcr) = e.pcr {
+            pcrs.entry(pcr).or_default();
+        }
+    }
+    for e in events {
+        match e.pcr {
+            Some(pcr) => pcrs.get_mut(&pcr).unwrap().push(e.clone()),
+            None => pcrs
+                .iter_mut()
+                .filter(|(pcr, _)| **pcr <= 7)
+                .for_each(|(_, list)| list.push(e.clone())),
+        }
+    }
+    pcrs.into_iter()
+        .map(|(pcr, list)| (pcr, fold::<D>(&list)))
+        .collect()
 }
 
 /// The load options the EFI stub measures (EV_EVENT_TAG "LOADED_IMAGE::LoadOptions"): the
@@ -318,6 +355,16 @@ pub fn load_options<D: Digest>(cmdline: &str) -> Predicted {
     Predicted {
         what: format!("EV_EVENT_TAG LoadOptions {cmdline:?}"),
         digest: D::digest(&bytes).to_vec(),
+        pcr: Some(9),
+    }
+}
+
+/// The initrd the EFI stub loads (EV_EVENT_TAG "Linux initrd").
+pub fn initrd_event<D: Digest>(initrd: &[u8]) -> Predicted {
+    Predicted {
+        what: "EV_EVENT_TAG Linux initrd".into(),
+        digest: D::digest(initrd).to_vec(),
+        pcr: Some(9),
     }
 }
 
@@ -337,16 +384,12 @@ impl DirectBoot<'_> {
 
     /// RTMR 1's events, in order: the kernel loaded, ReadyToBoot, ExitBootServices.
     pub fn rtmr1_events<D: Digest>(&self) -> Result<Vec<Predicted>, ImageError> {
-        let kernel = authenticode::<D>(&self.measured_kernel()?)?;
         Ok(vec![
-            Predicted {
-                what: "EV_EFI_BOOT_SERVICES_APPLICATION kernel".into(),
-                digest: kernel,
-            },
-            action::<D>(CALLING_EFI_APPLICATION),
+            image::<D>("kernel", &self.measured_kernel()?)?,
+            action::<D>(CALLING_EFI_APPLICATION, 4),
             separator::<D>(),
-            action::<D>(EXIT_BOOT_SERVICES_INVOCATION),
-            action::<D>(EXIT_BOOT_SERVICES_SUCCESS),
+            action::<D>(EXIT_BOOT_SERVICES_INVOCATION, 5),
+            action::<D>(EXIT_BOOT_SERVICES_SUCCESS, 5),
         ])
     }
 
@@ -359,10 +402,7 @@ impl DirectBoot<'_> {
                     "{} initrd=initrd",
                     self.cmdline
                 )));
-                events.push(Predicted {
-                    what: "EV_EVENT_TAG Linux initrd".into(),
-                    digest: D::digest(initrd).to_vec(),
-                });
+                events.push(initrd_event::<D>(initrd));
             }
             None if !self.cmdline.is_empty() => events.push(load_options::<D>(self.cmdline)),
             None => {}
@@ -372,31 +412,42 @@ impl DirectBoot<'_> {
 }
 
 /// A UKI booted from a disk by the firmware's boot manager: RTMR 1 holds ReadyToBoot, the
-/// separator, the disk's GPT, the UKI and the kernel systemd-stub loads out of it, then
-/// ExitBootServices.
+/// separator, one "Returning" and a new ReadyToBoot for each boot option the firmware tried
+/// first and came back from (with a fresh variable store OVMF tries other devices before the
+/// node's disk: seen once with a blank state disk attached), the disk's GPT, the UKI and the
+/// kernel systemd-stub loads out of it, then ExitBootServices.
 pub fn uki_rtmr1_events<D: Digest>(
     gpt_event: &[u8],
     uki: &[u8],
     embedded_kernel: &[u8],
+    returned_boot_options: usize,
 ) -> Result<Vec<Predicted>, ImageError> {
-    Ok(vec![
-        action::<D>(CALLING_EFI_APPLICATION),
-        separator::<D>(),
+    let mut events = vec![action::<D>(CALLING_EFI_APPLICATION, 4), separator::<D>()];
+    for _ in 0..returned_boot_options {
+        events.push(action::<D>(RETURNING_FROM_EFI_APPLICATION, 4));
+        events.push(action::<D>(CALLING_EFI_APPLICATION, 4));
+    }
+    events.extend([
         Predicted {
             what: "EV_EFI_GPT_EVENT".into(),
             digest: D::digest(gpt_event).to_vec(),
+            pcr: Some(5),
         },
-        Predicted {
-            what: "EV_EFI_BOOT_SERVICES_APPLICATION UKI".into(),
-            digest: authenticode::<D>(uki)?,
-        },
-        Predicted {
-            what: "EV_EFI_BOOT_SERVICES_APPLICATION kernel (the UKI's .linux)".into(),
-            digest: authenticode::<D>(embedded_kernel)?,
-        },
-        action::<D>(EXIT_BOOT_SERVICES_INVOCATION),
-        action::<D>(EXIT_BOOT_SERVICES_SUCCESS),
-    ])
+        image::<D>("UKI", uki)?,
+        image::<D>("kernel (the UKI's .linux)", embedded_kernel)?,
+        action::<D>(EXIT_BOOT_SERVICES_INVOCATION, 5),
+        action::<D>(EXIT_BOOT_SERVICES_SUCCESS, 5),
+    ]);
+    Ok(events)
+}
+
+/// The load options systemd-stub passes the kernel from a UKI: the `.cmdline` section without
+/// trailing whitespace (the kernel's EFI stub measures them into PCR 9 / RTMR 2). The initrd it
+/// serves next is not the `.initrd` section alone (systemd 257 adds archives of its own), so it
+/// is not predicted here.
+pub fn uki_load_options<D: Digest>(cmdline_section: &[u8]) -> Predicted {
+    let text = String::from_utf8_lossy(cmdline_section);
+    load_options::<D>(text.trim_end_matches(['\0', ' ', '\n', '\t']))
 }
 
 /// The UEFI_GPT_DATA the firmware measures for a disk (EV_EFI_GPT_EVENT): the primary GPT
@@ -646,8 +697,51 @@ mod tests {
             crate::verity::parse_hex("394341b7182cd227c5c6b07ef8000cdfd86136c4292b8e576573ad7ed9ae41019f5818b4b971c9effc60e1ad9f1289f0").unwrap()
         );
         assert_eq!(
-            action::<Sha384>(CALLING_EFI_APPLICATION).digest,
+            action::<Sha384>(CALLING_EFI_APPLICATION, 4).digest,
             crate::verity::parse_hex("77a0dab2312b4e1e57a84d865a21e5b2ee8d677a21012ada819d0a98988078d3d740f6346bfe0abaa938ca20439a8d71").unwrap()
+        );
+    }
+
+    #[test]
+    fn tpm_view_puts_the_separator_in_each_pcr() {
+        let pe = tiny_pe(b"", b"");
+        let events = uki_rtmr1_events::<Sha256>(b"gpt", &pe, &pe, 0).unwrap();
+        let pcrs = tpm_pcrs::<Sha256>(&events);
+        assert_eq!(pcrs.keys().copied().collect::<Vec<_>>(), vec![4, 5]);
+        let by = |what: &str| {
+            events
+                .iter()
+                .find(|e| e.what.contains(what))
+                .unwrap()
+                .clone()
+        };
+        let four = [
+            by("Calling"),
+            separator::<Sha256>(),
+            by("UKI"),
+            by("kernel"),
+        ];
+        let five = [
+            separator::<Sha256>(),
+            by("GPT"),
+            by("Invocation"),
+            by("Success"),
+        ];
+        assert_eq!(pcrs[&4], fold::<Sha256>(&four));
+        assert_eq!(pcrs[&5], fold::<Sha256>(&five));
+        // RTMR 1 has the separator once.
+        assert_eq!(events.iter().filter(|e| e.pcr.is_none()).count(), 1);
+        // A boot option tried and returned from adds its two actions to PCR 4 only.
+        let retried = uki_rtmr1_events::<Sha256>(b"gpt", &pe, &pe, 1).unwrap();
+        assert_eq!(retried.len(), events.len() + 2);
+        assert!(retried[2].what.contains("Returning") && retried[3].what.contains("Calling"));
+        let pcrs_retried = tpm_pcrs::<Sha256>(&retried);
+        assert_ne!(pcrs_retried[&4], pcrs[&4]);
+        assert_eq!(pcrs_retried[&5], pcrs[&5]);
+        // systemd-stub's load options: the section without its trailing NUL and newline.
+        assert_eq!(
+            uki_load_options::<Sha256>(b"console=ttyS0\n\0").digest,
+            load_options::<Sha256>("console=ttyS0").digest
         );
     }
 

@@ -75,6 +75,37 @@ fn the_image_boots_through_uefi_to_ready_and_measures_what_was_predicted() {
             "PCR 11 {bank}: guest vs `make measurements`"
         );
     }
+    // The boot path as OVMF measured it into the vTPM: the events `cvm-measure tdx --uki`
+    // predicts for RTMR 1 (PCRs 4 and 5). With this fresh variable store and a blank state disk
+    // attached, OVMF tries one boot option and comes back before booting the node's disk.
+    let uki = std::fs::read(out.join("cvm.efi")).unwrap();
+    let sections = cvm_measure::predict::pe_sections(&uki).unwrap();
+    let linux = &sections.iter().find(|(n, _)| n == ".linux").unwrap().1;
+    let disk = std::fs::read(&raw).unwrap();
+    let gpt = cvm_measure::tdx_rtmr::gpt_event(&disk, 512).unwrap();
+    fn predicted<D: sha2::Digest>(gpt: &[u8], uki: &[u8], linux: &[u8]) -> Vec<(String, String)> {
+        use cvm_measure::tdx_rtmr::{tpm_pcrs, uki_rtmr1_events};
+        tpm_pcrs::<D>(&uki_rtmr1_events::<D>(gpt, uki, linux, 1).unwrap())
+            .into_iter()
+            .map(|(pcr, value)| (format!("pcr{pcr}"), cvm_measure::hex(&value)))
+            .collect()
+    }
+    for (bank, expected) in [
+        ("sha256", predicted::<sha2::Sha256>(&gpt, &uki, linux)),
+        ("sha384", predicted::<sha2::Sha384>(&gpt, &uki, linux)),
+    ] {
+        assert_eq!(expected.len(), 2, "PCRs 4 and 5");
+        for (pcr, value) in expected {
+            let seen = observed
+                .iter()
+                .find(|(r, b, _)| *r == pcr && b == bank)
+                .unwrap_or_else(|| panic!("the guest printed no {pcr} {bank}"));
+            assert_eq!(
+                seen.2, value,
+                "{pcr} {bank}: guest vs `cvm-measure tdx --uki`"
+            );
+        }
+    }
     eprintln!(
         "image boot: QEMU start to `cvm-init: ready` in {:.1} s (OVMF, TCG, 1 vCPU)",
         to_ready.as_secs_f64()

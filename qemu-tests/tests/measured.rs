@@ -244,6 +244,42 @@ fn ovmf_measures_a_direct_boot_as_the_rtmr_prediction_says() {
         assert_eq!(observed(alg, false), rtmr2, "PCR 9 (RTMR 2), bank {alg:#x}");
         checked += 1;
     }
+    // cvm-init reads the boot path's PCRs back at ready: they are those events folded, the
+    // separator in each PCR (what `tdx_rtmr::tpm_pcrs` says a vTPM holds).
+    must(guest.wait_for("cvm-init: ready", BOOT));
+    let text = guest.serial_log();
+    let printed = |register: &str, bank: &str| -> String {
+        let prefix = format!("cvm-init: register {register} {bank} ");
+        text.lines()
+            .find_map(|l| l.split(&prefix).nth(1))
+            .unwrap_or_else(|| panic!("the init printed no {register} {bank}"))
+            .trim()
+            .to_string()
+    };
+    fn pcrs<D: sha2::Digest>(boot: &DirectBoot) -> Vec<(u32, String)> {
+        let mut events = boot.rtmr1_events::<D>().unwrap();
+        events.extend(boot.rtmr2_events::<D>());
+        cvm_measure::tdx_rtmr::tpm_pcrs::<D>(&events)
+            .into_iter()
+            .map(|(pcr, value)| (pcr, cvm_measure::hex(&value)))
+            .collect()
+    }
+    for (bank, expected) in [
+        ("sha256", pcrs::<sha2::Sha256>(&boot)),
+        ("sha384", pcrs::<sha2::Sha384>(&boot)),
+    ] {
+        assert_eq!(
+            expected.iter().map(|(p, _)| *p).collect::<Vec<_>>(),
+            vec![4, 5, 9]
+        );
+        for (pcr, value) in expected {
+            assert_eq!(
+                printed(&format!("pcr{pcr}"), bank),
+                value,
+                "PCR {pcr} {bank}"
+            );
+        }
+    }
     // The kernel OVMF measured is the one QEMU patched, not the file.
     let unpatched = DirectBoot {
         kernel_as_measured: KernelAsMeasured::Unpatched,

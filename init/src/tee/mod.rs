@@ -60,21 +60,32 @@ impl Backend for TpmBackend {
     fn extend(&mut self, event: &Event) -> Result<(), TeeError> {
         Ok(self.0.extend(event.pcr(), |bank| event.digest(bank))?)
     }
+    /// The boot path's PCRs (4: the boot applications, 5: the GPT and ExitBootServices, 9: the
+    /// kernel's load options and initrd), then cvm-init's. A TPM returns at most 8 digests a
+    /// read, so a few PCRs at a time.
     fn read_back(&mut self) -> Result<Vec<RegisterValue>, TeeError> {
-        let pcrs = [
-            cvm_measure::event::PHASE_PCR,
-            cvm_measure::event::IDENTITY_PCR,
+        let groups: [&[u32]; 3] = [
+            &[4, 5],
+            &[9],
+            &[
+                cvm_measure::event::PHASE_PCR,
+                cvm_measure::event::IDENTITY_PCR,
+            ],
         ];
-        Ok(self
-            .0
-            .read(&pcrs)?
-            .into_iter()
-            .map(|(bank, pcr, value)| RegisterValue {
-                register: format!("pcr{pcr}"),
-                bank: bank.name(),
-                value,
-            })
-            .collect())
+        let mut values = Vec::new();
+        for pcrs in groups {
+            values.extend(
+                self.0
+                    .read(pcrs)?
+                    .into_iter()
+                    .map(|(bank, pcr, value)| RegisterValue {
+                        register: format!("pcr{pcr}"),
+                        bank: bank.name(),
+                        value,
+                    }),
+            );
+        }
+        Ok(values)
     }
 }
 
