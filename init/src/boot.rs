@@ -261,9 +261,9 @@ pub fn run() -> ! {
         measure(Event::ConfigFile(bytes.clone()))?;
         parse_config(bytes)
     });
-    if let Some(network) = &config_file.network {
-        phase("network", || crate::net::bring_up(network));
-    }
+    phase("network", || {
+        crate::net::bring_up(config_file.network.as_ref(), &options.net)
+    });
     // The state disk (a later issue) is measured here; without one, its absence is. Then the
     // seal barrier: nothing sealed to the values so far unseals later in this boot.
     phase("state", || {

@@ -31,6 +31,16 @@ pub const OPTIONS: &[(&str, &str)] = &[
     ),
     ("cvm.verity-corruption", "one of eio, panic, restart"),
     ("cvm.tee", "one of auto, tdx, snp, tpm, none"),
+    (
+        "cvm.hostname",
+        "a host name of DNS labels, at most 64 characters",
+    ),
+    (
+        "cvm.net.interface",
+        "an interface name (1 to 15 of [A-Za-z0-9_.-])",
+    ),
+    #[cfg(feature = "test-hooks")]
+    ("cvm.test-dhcp-lease", "seconds, 4 to 86400"),
     #[cfg(feature = "test-hooks")]
     ("cvm.test-panic", "the name of a boot phase"),
     #[cfg(feature = "test-hooks")]
@@ -92,6 +102,8 @@ pub struct BootOptions {
     pub verity_partuuid: Option<Guid>,
     pub verity_corruption: CorruptionPolicy,
     pub tee: TeeChoice,
+    /// The network's command-line part: interface, host name (and a test lease cap).
+    pub net: crate::net::NetOptions,
     /// Test builds only: panic inside this phase, to exercise the fatal path.
     #[cfg(feature = "test-hooks")]
     pub test_panic: Option<String>,
@@ -111,6 +123,7 @@ impl Default for BootOptions {
             verity_partuuid: None,
             verity_corruption: CorruptionPolicy::Eio,
             tee: TeeChoice::Auto,
+            net: crate::net::NetOptions::default(),
             #[cfg(feature = "test-hooks")]
             test_panic: None,
             #[cfg(feature = "test-hooks")]
@@ -228,6 +241,21 @@ pub fn parse_cmdline(cmdline: &[u8]) -> Result<BootOptions, CmdlineError> {
                     "restart" => CorruptionPolicy::Restart,
                     _ => return Err(malformed(v)),
                 }
+            }
+            ("cvm.hostname", Some(v)) if v.len() <= 64 && crate::net::dhcp::valid_dns_name(v) => {
+                options.net.hostname = Some(v.to_string())
+            }
+            ("cvm.net.interface", Some(v)) if crate::net::valid_name(v) => {
+                options.net.interface = Some(v.to_string())
+            }
+            #[cfg(feature = "test-hooks")]
+            ("cvm.test-dhcp-lease", Some(v)) => {
+                options.net.lease_cap = Some(
+                    v.parse()
+                        .ok()
+                        .filter(|s| (4..=86400).contains(s))
+                        .ok_or_else(|| malformed(v))?,
+                )
             }
             #[cfg(feature = "test-hooks")]
             ("cvm.test-panic", Some(v)) if is_module_name(v) => {
@@ -389,7 +417,7 @@ pub struct ConfigFile {
     /// The encrypted state disk; without it the node keeps no state.
     #[serde(default)]
     pub state: Option<StateConfig>,
-    /// A static address for the interface the key broker is reached through.
+    /// The node's network (DHCP, or a static address); without it, loopback only.
     #[serde(default)]
     pub network: Option<crate::net::NetworkConfig>,
     /// The key broker of the `kbs` key source.
@@ -901,12 +929,9 @@ pub fn parse_config_file(path: &Path, text: &str) -> Result<ConfigFile, ConfigFi
         }
     }
     if let Some(network) = &config.network {
-        if crate::net::parse_cidr(&network.address).is_err() {
-            return Err(invalid(
-                "network.address".into(),
-                &network.address,
-                "a.b.c.d/len",
-            ));
+        if let Some((field, value, expected)) = crate::net::check_config(network).into_iter().next()
+        {
+            return Err(invalid(field.into(), &value, expected));
         }
     }
     Ok(config)

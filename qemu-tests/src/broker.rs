@@ -1,6 +1,6 @@
 //! The reference key broker for test and demo guests: reference values predicted for an
 //! image, a node's attestation key read from its swtpm state before the first boot, and a
-//! broker thread on the host's loopback (which QEMU's user network shows at 10.0.2.2).
+//! broker thread on the host's loopback (which a test forwards to the guest, `Guest::forward`).
 
 use std::net::TcpListener;
 use std::path::Path;

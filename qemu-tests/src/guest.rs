@@ -31,6 +31,25 @@ pub struct Guest {
     uefi: Option<(PathBuf, PathBuf)>,
     /// With `uefi`: the firmware boots the kernel QEMU is given (fw_cfg), not a disk.
     kernel_through_firmware: bool,
+    /// Guest TCP ports at FORWARD_ADDRESS joined to ports of the host's loopback.
+    forwards: Vec<(u16, u16)>,
+    /// More options for QEMU's user network (`hostname=...`, `domainname=...`).
+    netdev_options: Vec<String>,
+    /// A NIC on this `-netdev` (id n0) instead of QEMU's user network.
+    custom_netdev: Option<String>,
+}
+
+/// Where a guest reaches the host services a test forwards to it (`Guest::forward`).
+pub const FORWARD_ADDRESS: &str = "10.0.2.100";
+
+/// The harness binary, beside the running test or harness (cargo builds it for the tests).
+fn harness_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("the running executable");
+    let dir = exe.parent().expect("a directory");
+    [dir.join("cvm-harness"), dir.join("../cvm-harness")]
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("no cvm-harness beside {}", exe.display()))
 }
 
 impl Guest {
@@ -51,6 +70,9 @@ impl Guest {
             network: false,
             uefi: None,
             kernel_through_firmware: false,
+            forwards: Vec::new(),
+            netdev_options: Vec::new(),
+            custom_netdev: None,
         }
     }
 
@@ -118,10 +140,31 @@ impl Guest {
         self
     }
 
-    /// A virtio NIC on QEMU's user network: the guest is 10.0.2.15/24 by convention and
-    /// reaches the host's loopback at 10.0.2.2.
+    /// A virtio NIC on QEMU's user network, restricted (`restrict=on`): the guest gets
+    /// 10.0.2.15/24 from its DHCP server and reaches nothing but the ports `forward` joins to
+    /// the host's loopback.
     pub fn network(mut self, on: bool) -> Self {
         self.network = on;
+        self
+    }
+
+    /// Connections of the guest to FORWARD_ADDRESS:`guest_port` reach 127.0.0.1:`host_port`
+    /// (a `cvm-harness forward` per connection).
+    pub fn forward(mut self, guest_port: u16, host_port: u16) -> Self {
+        self.network = true;
+        self.forwards.push((guest_port, host_port));
+        self
+    }
+
+    /// Another option of the user network (`hostname=node`, `domainname=example.test`).
+    pub fn netdev_option(mut self, option: &str) -> Self {
+        self.netdev_options.push(option.to_string());
+        self
+    }
+
+    /// A NIC on another network: a `-netdev` value with id n0 (`DhcpServer::netdev`).
+    pub fn netdev(mut self, netdev: &str) -> Self {
+        self.custom_netdev = Some(netdev.to_string());
         self
     }
 
@@ -163,15 +206,36 @@ impl Guest {
             "-nodefaults",
             "-no-user-config",
         ])
-        .args(["-m", &self.memory_mib.to_string()])
-        .args([
-            "-nic",
-            if self.network {
-                "user,model=virtio-net-pci"
-            } else {
-                "none"
-            },
-        ]);
+        .args(["-m", &self.memory_mib.to_string()]);
+        if let Some(netdev) = &self.custom_netdev {
+            cmd.args([
+                "-netdev",
+                netdev,
+                "-device",
+                "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56",
+            ]);
+        } else if self.network {
+            let mut netdev = String::from("user,id=n0,restrict=on");
+            for option in &self.netdev_options {
+                netdev.push(',');
+                netdev.push_str(option);
+            }
+            let harness = harness_binary();
+            for (guest_port, host_port) in &self.forwards {
+                netdev.push_str(&format!(
+                    ",guestfwd=tcp:{FORWARD_ADDRESS}:{guest_port}-cmd:{} forward 127.0.0.1:{host_port}",
+                    harness.display()
+                ));
+            }
+            cmd.args([
+                "-netdev",
+                &netdev,
+                "-device",
+                "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56",
+            ]);
+        } else {
+            cmd.args(["-nic", "none"]);
+        }
         if self.interactive {
             cmd.args(["-nographic", "-serial", "mon:stdio"]);
         } else {

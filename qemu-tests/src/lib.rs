@@ -3,6 +3,7 @@
 
 pub mod broker;
 pub mod cpio;
+pub mod dhcp_server;
 pub mod guest;
 pub mod image;
 pub mod initramfs;
@@ -106,6 +107,16 @@ impl Artifacts {
             io(
                 "write the config",
                 std::fs::write(tree.join("etc/cvm-init/config.toml"), config),
+            );
+        }
+        // The resolver files the init writes on /run, as the production image links them.
+        for name in ["resolv.conf", "hosts"] {
+            io(
+                "link the resolver files",
+                std::os::unix::fs::symlink(
+                    format!("../run/cvm-init/{name}"),
+                    tree.join("etc").join(name),
+                ),
             );
         }
         // 1 MiB of ballast, so that the verity tree has two levels, as any real root has.

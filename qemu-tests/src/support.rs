@@ -166,3 +166,11 @@ pub fn power_down(guest: &mut RunningGuest) {
         .unwrap_or_else(|e| panic!("system_powerdown: {e}"));
     guest.wait_exit(BOOT).unwrap_or_else(|e| panic!("{e}"));
 }
+
+/// A port of the host's loopback that nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port on the loopback")
+}

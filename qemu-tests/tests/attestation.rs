@@ -1,5 +1,6 @@
 //! The `kbs` key source end to end in QEMU with swtpm: the node reaches the reference key
-//! broker (running in this test, on the host's loopback, seen by the guest at 10.0.2.2),
+//! broker (running in this test, on the host's loopback, forwarded to the guest at 10.0.2.100
+//! on a restricted user network whose DHCP server configures the node),
 //! proves itself with a vTPM quote over the PCRs `predict --at key-release` computes, and
 //! opens its state disk with the released secret; another image is refused and never opens it.
 
@@ -12,12 +13,9 @@ fn config(port: u16) -> String {
     format!(
         r#"
 [network]
-interface = "eth0"
-address = "10.0.2.15/24"
-gateway = "10.0.2.2"
 
 [kbs]
-url = "http://10.0.2.2:{port}"
+url = "http://10.0.2.100:{port}"
 resource = "cvm/state-disk/key"
 plain_http = true
 
@@ -70,7 +68,7 @@ fn the_node_gets_its_disk_key_from_the_broker_and_another_image_does_not() {
     let mut guest = prepared.boot("kbs-node", "", |g| {
         g.state_disk(&disk, "cvm-state")
             .tpm_state(&tpm)
-            .network(true)
+            .forward(port, port)
     });
     must(guest.wait_for("is not one this broker trusts", BOOT));
     let (x, y) = printed_key(&guest.serial_log()).expect("the node printed its key");
@@ -94,7 +92,7 @@ fn the_node_gets_its_disk_key_from_the_broker_and_another_image_does_not() {
     let mut guest = prepared.boot("kbs-node-again", "", |g| {
         g.state_disk(&disk, "cvm-state")
             .tpm_state(&tpm)
-            .network(true)
+            .forward(port, port)
     });
     must(guest.wait_for(
         "app: payload: marker found plaintext-marker-7f3a9c21e5",
@@ -112,7 +110,7 @@ fn the_node_gets_its_disk_key_from_the_broker_and_another_image_does_not() {
     let mut guest = other.boot("kbs-other-image", "", |g| {
         g.state_disk(&disk, "cvm-state")
             .tpm_state(&tpm)
-            .network(true)
+            .forward(port, port)
     });
     must(guest.wait_for("the quoted PCR digest does not match", BOOT));
     must(guest.wait_for_count("the quoted PCR digest does not match", 2, BOOT));
@@ -143,7 +141,8 @@ fn snp_format_evidence_from_an_emulated_provider_releases_the_key() {
             "ca = \"/etc/cvm/kbs-ca.pem\"\n\n[[kbs.file]]\nresource = \"cvm/kubelet/bootstrap\"\npath = \"/run/kubelet/bootstrap-kubeconfig\"\n",
         );
     let keys = tempfile::tempdir().unwrap();
-    let (ca, tls_chain, tls_key) = broker::tls_test_pki(keys.path(), "10.0.2.2");
+    let (ca, tls_chain, tls_key) =
+        broker::tls_test_pki(keys.path(), qemu_tests::guest::FORWARD_ADDRESS);
     let chain = broker::snp_test_chain(keys.path());
     let measurement = [0x5au8; 48];
     let emulator = "/usr/lib/cvm-test/snp";
@@ -181,7 +180,7 @@ fn snp_format_evidence_from_an_emulated_provider_releases_the_key() {
     let mut guest = prepared.boot(
         "kbs-snp-emulated",
         &format!("cvm.tee=snp cvm.test-snp-emulator={emulator}"),
-        |g| g.state_disk(&disk, "cvm-state").network(true),
+        |g| g.state_disk(&disk, "cvm-state").forward(port, port),
     );
     must(guest.wait_for("is not one of the 0 allowed", BOOT));
     let log = guest.serial_log();

@@ -25,6 +25,7 @@ fn main() -> ExitCode {
         ["bench", init, measure] => bench(Path::new(init), Path::new(measure)),
         ["demo", config] => demo(Path::new(config)),
         ["bench-snp", measure] => snp_bench(Path::new(measure)),
+        ["forward", address] => forward(address),
         ["initramfs", kernel, init, out] => initramfs(Path::new(kernel), Path::new(init), Path::new(out)),
         ["bench-state", init] => {
             let mut artifacts = Artifacts::get();
@@ -36,7 +37,7 @@ fn main() -> ExitCode {
             artifacts.init = Path::new(init).to_path_buf();
             workload_bench(&artifacts)
         }
-        _ => Err("usage: cvm-harness image <dir> [config.toml] | cvm-harness bench <release cvm-init> <release cvm-measure> | cvm-harness demo <config.toml> | cvm-harness bench-state|bench-node <release cvm-init> | cvm-harness bench-snp <release cvm-measure> | cvm-harness initramfs <kernel dir> <cvm-init> <out.cpio>".to_string()),
+        _ => Err("usage: cvm-harness image <dir> [config.toml] | cvm-harness bench <release cvm-init> <release cvm-measure> | cvm-harness demo <config.toml> | cvm-harness bench-state|bench-node <release cvm-init> | cvm-harness bench-snp <release cvm-measure> | cvm-harness forward <host:port> | cvm-harness initramfs <kernel dir> <cvm-init> <out.cpio>".to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -85,7 +86,8 @@ fn image(dir: &Path, config: Option<&Path>) -> Result<(), String> {
     Ok(())
 }
 
-/// Where the demo's key broker listens (the demo configuration names it as 10.0.2.2:18080).
+/// Where the demo's key broker listens (forwarded to the guest as 10.0.2.100:18080, the
+/// address the demo configuration names).
 const DEMO_BROKER: &str = "127.0.0.1:18080";
 /// The CA the demo configuration pins for the broker (`kbs.ca`).
 const DEMO_BROKER_CA: &str = "etc/cvm/kbs-ca.pem";
@@ -108,7 +110,7 @@ fn demo(config: &Path) -> Result<(), String> {
     // The broker's TLS identity, made for this run; the image pins its CA.
     let pki = dir.join("pki");
     std::fs::create_dir_all(&pki).map_err(|e| e.to_string())?;
-    let (ca, chain, key) = broker::tls_test_pki(&pki, "10.0.2.2");
+    let (ca, chain, key) = broker::tls_test_pki(&pki, qemu_tests::guest::FORWARD_ADDRESS);
     let image = artifacts.image_with_runtime_and_files(&dir, &text, &[(DEMO_BROKER_CA, ca)]);
     let disk = dir.join("state.img");
     sparse_disk(&disk, 8)?;
@@ -130,7 +132,7 @@ fn demo(config: &Path) -> Result<(), String> {
         .disk(&image.root.disk)
         .state_disk(&disk, "cvm-state")
         .tpm_state(&tpm)
-        .network(true)
+        .forward(18080, 18080)
         .memory_mib(1024)
         .allow_reboot(true)
         .interactive(true)
@@ -403,6 +405,36 @@ fn timed(cmd: &mut Command) -> Result<(f64, String), String> {
 /// `cvm-measure snp` against sev-snp-measure on one launch (a 2 MiB AmdSev-layout firmware,
 /// 4 vCPUs, the test kernel and an initrd), the median of five runs each; sev-snp-measure is
 /// installed from PyPI into `.cache` (as the agreement test does).
+/// QEMU's `guestfwd=...-cmd:` runs this once for each connection the guest opens, on the
+/// connection's socket as stdin and stdout: it joins that to a server on the host's loopback.
+fn forward(address: &str) -> Result<(), String> {
+    let server = std::net::TcpStream::connect(address).map_err(|e| format!("{address}: {e}"))?;
+    let mut upstream = server.try_clone().map_err(|e| e.to_string())?;
+    let to_server = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut upstream);
+        let _ = upstream.shutdown(std::net::Shutdown::Write);
+    });
+    // Each chunk is flushed at once: stdout buffers by line, and TLS has no lines.
+    let mut downstream = server;
+    let mut out = std::io::stdout().lock();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match std::io::Read::read(&mut downstream, &mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if std::io::Write::write_all(&mut out, &buf[..n])
+                    .and_then(|()| std::io::Write::flush(&mut out))
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = to_server.join();
+    Ok(())
+}
+
 fn snp_bench(measure: &Path) -> Result<(), String> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let venv = root.join(".cache/sev-snp-measure-0.0.13");

@@ -128,6 +128,63 @@ fn run(args: Vec<String>) {
             }
             serve();
         }
+        "net-probe" => {
+            // What the network gave this workload: the resolver files, the host name, and an
+            // answer from a server on the host through the forward at args[1].
+            for path in ["/etc/resolv.conf", "/etc/hosts"] {
+                match std::fs::read_to_string(path) {
+                    Ok(text) => {
+                        for line in text.lines().filter(|l| !l.starts_with('#')) {
+                            println!("payload: {path}: {line}");
+                        }
+                    }
+                    Err(e) => println!("payload: {path} unreadable: {e}"),
+                }
+            }
+            let host = nix::sys::utsname::uname()
+                .map(|u| u.nodename().to_string_lossy().into_owned())
+                .unwrap_or_default();
+            println!("payload: hostname {host}");
+            if let Ok(mtu) = std::fs::read_to_string("/sys/class/net/eth0/mtu") {
+                println!("payload: mtu {}", mtu.trim());
+            }
+            let target = args.get(1).cloned().unwrap_or_default();
+            match exchange(&target, "hello from the guest") {
+                Ok(answer) => println!("payload: answer {answer}"),
+                Err(e) => println!("payload: no answer from {target}: {e}"),
+            }
+            serve();
+        }
+        "net-stream" => {
+            // One connection kept for args[2] seconds, a line each half second, each echoed.
+            let target = args.get(1).cloned().unwrap_or_default();
+            let seconds: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(10);
+            let result = (|| -> std::io::Result<u32> {
+                use std::io::{BufRead, Write};
+                let stream = std::net::TcpStream::connect(&target)?;
+                stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+                let mut reader = std::io::BufReader::new(stream.try_clone()?);
+                let mut writer = stream;
+                let end = Instant::now() + Duration::from_secs(seconds);
+                let mut echoed = 0;
+                while Instant::now() < end {
+                    writeln!(writer, "line {echoed}")?;
+                    let mut line = String::new();
+                    reader.read_line(&mut line)?;
+                    if line.trim() != format!("line {echoed}") {
+                        return Err(std::io::Error::other(format!("echo {line:?}")));
+                    }
+                    echoed += 1;
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Ok(echoed)
+            })();
+            match result {
+                Ok(n) => println!("payload: stream done, {n} lines echoed on one connection"),
+                Err(e) => println!("payload: stream broken: {e}"),
+            }
+            serve();
+        }
         "dump-firmware-log" => {
             // The firmware's TCG event log (the kernel's copy), in hex lines of 1 KiB.
             let path = "/sys/kernel/security/tpm0/binary_bios_measurements";
@@ -181,13 +238,24 @@ fn run(args: Vec<String>) {
             serve();
         }
         _ => {
-            eprintln!("payload: unknown mode {mode:?}: expected serve, orphans [n], crash, crash-once, rss-probe, root-probe, dump-log, dump-firmware-log, cpu-probe, integrity-probe, container-probe or throughput [MiB]");
+            eprintln!("payload: unknown mode {mode:?}: expected serve, orphans [n], crash, crash-once, rss-probe, root-probe, dump-log, dump-firmware-log, net-probe <addr>, net-stream <addr> <s>, cpu-probe, integrity-probe, container-probe or throughput [MiB]");
             std::process::exit(2);
         }
     }
 }
 
 /// Reports the state the init started it in, then waits for SIGTERM.
+/// Sends one line to `target` and reads one line back.
+fn exchange(target: &str, line: &str) -> std::io::Result<String> {
+    use std::io::{BufRead, Write};
+    let mut stream = std::net::TcpStream::connect(target)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    writeln!(stream, "{line}")?;
+    let mut answer = String::new();
+    std::io::BufReader::new(stream).read_line(&mut answer)?;
+    Ok(answer.trim().to_string())
+}
+
 fn serve() -> ! {
     let mask = SigSet::thread_get_mask().expect("sigprocmask");
     let blocked: Vec<&str> = Signal::iterator()
