@@ -28,6 +28,17 @@ seed snp_report "$shared"/testdata/snp/*.bin
 seed tdx_quote "$shared"/testdata/tdx/*quote*.dat "$shared"/testdata/tdx/gtg_report.dat
 seed event_log "$shared"/testdata/tdx/gtg_ccel_data.dat "$shared"/testdata/tpm/*.bin
 seed pe_image "$kernel_head"
+# A DHCP ACK as QEMU's user network sends it (what the unit tests build).
+dhcp_seed="$root/.cache/fuzz/dhcp-ack.bin"
+[ -f "$dhcp_seed" ] || python3 - "$dhcp_seed" <<'PY'
+import sys
+m = bytearray(236); m[0:3] = b"\x02\x01\x06"; m[4:8] = (7).to_bytes(4, "big")
+m[16:20] = bytes([10, 0, 2, 15]); m[28:34] = bytes([0x52, 0x54, 0, 0x12, 0x34, 0x56])
+m += bytes([99, 130, 83, 99, 53, 1, 5, 54, 4, 10, 0, 2, 2, 51, 4, 0, 1, 81, 128, 1, 4, 255, 255, 255, 0,
+            3, 4, 10, 0, 2, 2, 6, 4, 10, 0, 2, 3, 12, 4]) + b"node" + bytes([26, 2, 5, 220, 255])
+open(sys.argv[1], "wb").write(m)
+PY
+seed dhcp_reply "$dhcp_seed"
 
 for target in "$@"; do
   say "$target for $seconds s"

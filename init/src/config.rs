@@ -1177,6 +1177,67 @@ restart = "on-failure"
         assert!(e.to_string().contains("sometimes"), "{e}");
     }
 
+    #[test]
+    fn network_sections_are_checked_by_field() {
+        let p = Path::new("c.toml");
+        let dhcp = parse_config_file(p, "[network]\n")
+            .unwrap()
+            .network
+            .unwrap();
+        assert_eq!(dhcp, crate::net::NetworkConfig::default());
+        assert_eq!(dhcp.on_no_lease, crate::net::NoLease::Wait);
+        let full = parse_config_file(
+            p,
+            "[network]\ninterface = \"eth1\"\nhostname = \"node-a\"\ndns = [\"10.0.0.53\"]\nsearch = [\"lan.test\"]\nmtu = 1400\non_no_lease = \"continue\"\ndhcp_timeout_s = 5\n",
+        )
+        .unwrap()
+        .network
+        .unwrap();
+        assert_eq!(full.on_no_lease, crate::net::NoLease::Continue);
+        assert_eq!(full.mtu, Some(1400));
+        for (text, field) in [
+            ("address = \"10.0.2.15\"", "network.address"),
+            ("gateway = \"10.0.2.2\"", "network.gateway"),
+            ("interface = \"eth/0\"", "network.interface"),
+            ("hostname = \"node_a\"", "network.hostname"),
+            ("search = [\"-bad\"]", "network.search"),
+            (
+                "dns = [\"1.1.1.1\", \"1.0.0.1\", \"8.8.8.8\", \"9.9.9.9\"]",
+                "network.dns",
+            ),
+            ("mtu = 100", "network.mtu"),
+            ("dhcp_timeout_s = 0", "network.dhcp_timeout_s"),
+            ("link_timeout_s = 99999", "network.link_timeout_s"),
+        ] {
+            let e = parse_config_file(p, &format!("[network]\n{text}\n")).unwrap_err();
+            assert_eq!(invalid_field(e), field, "{text}");
+        }
+        let e = parse_config_file(p, "[network]\non_no_lease = \"panic\"\n").unwrap_err();
+        assert!(e.to_string().contains("panic"), "{e}");
+        // A static address with its gateway is fine.
+        parse_config_file(
+            p,
+            "[network]\naddress = \"10.0.2.15/24\"\ngateway = \"10.0.2.2\"\n",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn network_options_on_the_command_line() {
+        let o = parse("cvm.hostname=node-a cvm.net.interface=ens3").unwrap();
+        assert_eq!(o.net.hostname.as_deref(), Some("node-a"));
+        assert_eq!(o.net.interface.as_deref(), Some("ens3"));
+        for bad in [
+            "cvm.hostname=node_a",
+            "cvm.hostname=",
+            "cvm.net.interface=a/b",
+            "cvm.net.interface=averyveryverylongname",
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(e.to_string().contains("malformed"), "{bad}: {e}");
+        }
+    }
+
     fn state(extra: &str) -> Result<ConfigFile, ConfigFileError> {
         parse_config_file(
             Path::new("/etc/cvm-init.toml"),
