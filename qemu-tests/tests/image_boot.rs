@@ -45,12 +45,19 @@ fn the_image_boots_through_uefi_to_ready_and_measures_what_was_predicted() {
     let started = Instant::now();
     let mut guest = Guest::uefi("image", Path::new(OVMF_CODE), Path::new(OVMF_VARS), &raw)
         .state_disk(&disk, "cvm-state")
+        .network(true)
         .memory_mib(1024)
         .start();
     must(guest.wait_for("cvm-init: ready", BOOT));
     let to_ready = started.elapsed();
     let log = guest.serial_log();
-    for phase in ["verity-root", "switch-root", "config-file", "state"] {
+    for phase in [
+        "verity-root",
+        "switch-root",
+        "config-file",
+        "network",
+        "state",
+    ] {
         assert!(
             log.contains(&format!("cvm-init: phase {phase} ok")),
             "phase {phase} missing"
@@ -61,6 +68,10 @@ fn the_image_boots_through_uefi_to_ready_and_measures_what_was_predicted() {
         "the state disk was not set up"
     );
     assert!(log.contains("containerd:"), "containerd did not run");
+    assert!(
+        log.contains("network: eth0 has 10.0.2.15/24"),
+        "no DHCP lease on the image's network"
+    );
     let observed = registers(&log);
     for bank in ["sha256", "sha384"] {
         let expected = measurements["pcr11_at_ready"][bank]
