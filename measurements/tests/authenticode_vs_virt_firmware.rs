@@ -29,18 +29,13 @@ fn kernel() -> PathBuf {
 fn reference(venv: &Path, image: &Path, hash: &str) -> String {
     let script = "import sys, pefile\nfrom virt.peutils import pesign\n\
                   print(pesign.pe_authenticode_hash(pefile.PE(sys.argv[1]), sys.argv[2]).hex())";
-    let out = Command::new(venv.join("bin/python"))
-        .args(["-c", script])
-        .arg(image)
-        .arg(hash)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = common::stdout_of(
+        Command::new(venv.join("bin/python"))
+            .args(["-c", script])
+            .arg(image)
+            .arg(hash),
     );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    String::from_utf8_lossy(&out).trim().to_string()
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! `cvm-measure predict` agrees with `systemd-measure calculate` (Debian's systemd) on PCR 11
 //! for the same UKI sections and the boot phases cvm-init measures.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -37,18 +39,13 @@ fn systemd_measure(dir: &Path) -> (String, String) {
 }
 
 fn predict(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_cvm-measure"))
-        .arg("predict")
-        .args(["--root-hash", &"ab".repeat(32), "--json"])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = common::stdout_of(
+        Command::new(env!("CARGO_BIN_EXE_cvm-measure"))
+            .arg("predict")
+            .args(["--root-hash", &"ab".repeat(32), "--json"])
+            .args(args),
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    serde_json::from_slice(&out).unwrap()
 }
 
 /// A UKI with these sections (what the stub measures).

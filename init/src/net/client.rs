@@ -46,6 +46,29 @@ fn new_xid() -> u32 {
 }
 
 impl Client<'_> {
+    /// A message of this client's: (kind, transaction, seconds since it began, our address
+    /// when bound, the offered address and chosen server when selecting).
+    fn message(
+        &self,
+        kind: MessageType,
+        xid: u32,
+        secs: u16,
+        client_address: Option<Ipv4Addr>,
+        selecting: Option<(Ipv4Addr, Ipv4Addr)>,
+    ) -> Vec<u8> {
+        Request {
+            kind,
+            xid,
+            mac: self.mac,
+            secs,
+            client_address,
+            requested: selecting.map(|(address, _)| address),
+            server: selecting.map(|(_, server)| server),
+            host_name: self.host_name,
+        }
+        .encode()
+    }
+
     /// Sends `request` until a reply of one of `kinds` for `xid` arrives or `deadline` passes.
     fn exchange(
         &self,
@@ -95,19 +118,7 @@ impl Client<'_> {
         let deadline = started + within;
         loop {
             let xid = new_xid();
-            let discover = |secs| {
-                Request {
-                    kind: MessageType::Discover,
-                    xid,
-                    mac: self.mac,
-                    secs,
-                    client_address: None,
-                    requested: None,
-                    server: None,
-                    host_name: self.host_name,
-                }
-                .encode()
-            };
+            let discover = |secs| self.message(MessageType::Discover, xid, secs, None, None);
             let offer = match self.exchange(wire, &discover, None, xid, deadline, started)? {
                 None => return Err(ClientError::NoAnswer(within)),
                 Some(r) if r.kind == MessageType::Offer && r.lease.is_some() => r.lease.unwrap(),
@@ -116,19 +127,8 @@ impl Client<'_> {
                     continue;
                 }
             };
-            let request = |secs| {
-                Request {
-                    kind: MessageType::Request,
-                    xid,
-                    mac: self.mac,
-                    secs,
-                    client_address: None,
-                    requested: Some(offer.address),
-                    server: Some(offer.server),
-                    host_name: self.host_name,
-                }
-                .encode()
-            };
+            let selecting = Some((offer.address, offer.server));
+            let request = |secs| self.message(MessageType::Request, xid, secs, None, selecting);
             // The REQUEST gets a few tries; then the whole exchange starts over.
             let ack_deadline = (Instant::now() + Duration::from_secs(8)).min(deadline);
             match self.exchange(wire, &request, None, xid, ack_deadline, started)? {
@@ -159,19 +159,8 @@ impl Client<'_> {
     ) -> Result<Lease, ClientError> {
         let started = Instant::now();
         let xid = new_xid();
-        let request = |secs| {
-            Request {
-                kind: MessageType::Request,
-                xid,
-                mac: self.mac,
-                secs,
-                client_address: Some(lease.address),
-                requested: None,
-                server: None,
-                host_name: self.host_name,
-            }
-            .encode()
-        };
+        let request =
+            |secs| self.message(MessageType::Request, xid, secs, Some(lease.address), None);
         let to = if rebinding { None } else { Some(lease.server) };
         match self.exchange(wire, &request, to, xid, deadline, started)? {
             Some(r) if r.kind == MessageType::Ack && r.lease.is_some() => Ok(r.lease.unwrap()),

@@ -42,3 +42,15 @@ pub fn python_package(package: &str, version: &str) -> Option<PathBuf> {
     std::fs::write(&ready, b"").expect("mark the environment installed");
     Some(venv)
 }
+
+/// Runs a command that must succeed; its stdout (its stderr in the panic otherwise).
+pub fn stdout_of(cmd: &mut Command) -> Vec<u8> {
+    let out = cmd.output().expect("the command runs");
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        cmd,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
