@@ -338,6 +338,8 @@ fn apply_address(
 }
 
 /// The host name: the command line's, the configuration's, DHCP's, else from the MAC.
+/// The host name: the command line's, the configuration's, DHCP's, else `node-<mac>` of the
+/// interface, else (no interface at all) `node`.
 fn choose_hostname(
     options: &NetOptions,
     cfg: Option<&NetworkConfig>,
@@ -352,6 +354,9 @@ fn choose_hostname(
     }
     if let Some(name) = dhcp {
         return (name.split('.').next().unwrap_or(name).to_string(), "DHCP");
+    }
+    if mac.is_empty() {
+        return ("node".to_string(), "no interface to name it by");
     }
     let mac: String = mac.iter().map(|b| format!("{b:02x}")).collect();
     (format!("node-{mac}"), "the MAC address")
@@ -577,7 +582,14 @@ pub fn bring_up(cfg: Option<&NetworkConfig>, options: &NetOptions) -> Result<(),
         nl.set_up(lo.index, None)?;
     }
     let Some(cfg) = cfg else {
-        let (hostname, from) = choose_hostname(options, None, None, &[]);
+        // Named by the first ethernet interface's MAC when there is one, as with DHCP.
+        let mac = links
+            .iter()
+            .filter(|l| l.kind == LINK_ETHER && l.mac.len() == 6)
+            .min_by_key(|l| l.index)
+            .map(|l| l.mac.clone())
+            .unwrap_or_default();
+        let (hostname, from) = choose_hostname(options, None, None, &mac);
         files::set_hostname(&hostname)?;
         files::write(&files::Resolver::default(), &hostname, None)?;
         log::info!("network: loopback only (no [network] in the configuration); host name {hostname} (from {from})");
@@ -715,6 +727,33 @@ pub fn bring_up(cfg: Option<&NetworkConfig>, options: &NetOptions) -> Result<(),
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_names_in_order_of_precedence_and_always_valid() {
+        let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+        let cfg = NetworkConfig {
+            hostname: Some("from-config".into()),
+            ..Default::default()
+        };
+        let cmdline = NetOptions {
+            hostname: Some("from-cmdline".into()),
+            ..Default::default()
+        };
+        let none = NetOptions::default();
+        let pick = |o: &NetOptions, c: Option<&NetworkConfig>, d: Option<&str>, m: &[u8]| {
+            choose_hostname(o, c, d, m).0
+        };
+        assert_eq!(
+            pick(&cmdline, Some(&cfg), Some("dhcp"), &mac),
+            "from-cmdline"
+        );
+        assert_eq!(pick(&none, Some(&cfg), Some("dhcp"), &mac), "from-config");
+        assert_eq!(pick(&none, None, Some("dhcp.lan.test"), &mac), "dhcp");
+        assert_eq!(pick(&none, None, None, &mac), "node-525400123456");
+        // No interface (a node without network): still a valid name.
+        let name = pick(&none, None, None, &[]);
+        assert!(dhcp::valid_dns_name(&name), "{name}");
+    }
 
     #[test]
     fn cidr_parses_strictly() {
