@@ -68,6 +68,8 @@ pub enum RootError {
         "the verified root lacks the directory {0}, needed to move a pseudo file system into it"
     )]
     MissingDir(String),
+    #[error("cannot read {0} in the verified root")]
+    Unreadable(String, #[source] std::io::Error),
     #[error("cannot {step}")]
     Switch {
         step: String,
@@ -361,10 +363,14 @@ pub fn switch_root(sys: &dyn System) -> Result<Freed, RootError> {
     let new_root = Path::new(NEW_ROOT);
     for dir in MOVED {
         let target = new_root.join(dir.trim_start_matches('/'));
-        if !target.is_dir() {
-            return Err(RootError::MissingDir(
-                target.display().to_string().replacen(NEW_ROOT, "", 1),
-            ));
+        let name = || target.display().to_string().replacen(NEW_ROOT, "", 1);
+        // An I/O error (a block dm-verity refused) is reported as such, not as absence.
+        match std::fs::metadata(&target) {
+            Ok(m) if m.is_dir() => {}
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(RootError::Unreadable(name(), e))
+            }
+            _ => return Err(RootError::MissingDir(name())),
         }
     }
     let switch = |step: String| move |source| RootError::Switch { step, source };

@@ -129,12 +129,31 @@ fn c_flipped_hash_byte_stops_the_boot() {
     let config_block = (data_at - root.layout.root_offset) / 4096;
     flip_byte(&root.disk, root.digest_offset_for(data_at)).unwrap();
     let mut guest = prepared.boot("verity-hash", "", |g| g);
-    let expect = if config_block < 128 {
-        "phase mount-root failed: cannot mount the verified root /dev/dm-0 (erofs, read-only) on /newroot: EIO"
+    // The hash block covers 128 data blocks: with the superblock the mount fails; else the
+    // first of them the init reads fails (a directory the switch needs, or the config file),
+    // always as an I/O error, never as wrong or missing data.
+    let log = assert_fatal_before_workload(&mut guest, "cvm-init: fatal: phase ", RAN);
+    let fatal = log
+        .lines()
+        .find(|l| l.starts_with("cvm-init: fatal: "))
+        .unwrap()
+        .to_string();
+    let expected: &[&str] = if config_block < 128 {
+        &["phase mount-root failed: cannot mount the verified root /dev/dm-0 (erofs, read-only) on /newroot: EIO"]
     } else {
-        "phase config-file failed: cannot read /etc/cvm-init/config.toml: I/O error"
+        &[
+            "phase switch-root failed: cannot read /proc in the verified root: I/O error",
+            "phase switch-root failed: cannot read /sys in the verified root: I/O error",
+            "phase switch-root failed: cannot read /dev in the verified root: I/O error",
+            "phase switch-root failed: cannot read /run in the verified root: I/O error",
+            "phase switch-root failed: cannot read /tmp in the verified root: I/O error",
+            "phase config-file failed: cannot read /etc/cvm-init/config.toml: I/O error",
+        ]
     };
-    let log = assert_fatal_before_workload(&mut guest, expect, RAN);
+    assert!(
+        expected.iter().any(|e| fatal.contains(e)),
+        "unexpected fatal line: {fatal}"
+    );
     // The hash block itself, not a data block, is what dm-verity reports.
     assert!(
         log.contains("metadata block") && log.contains("is corrupted"),
