@@ -116,8 +116,7 @@ pub fn parse_cidr(text: &str) -> Result<(Ipv4Addr, Ipv4Addr), NetError> {
     if !(1..=32).contains(&len) {
         return Err(bad());
     }
-    let mask = u32::MAX << (32 - len);
-    Ok((address, Ipv4Addr::from(mask)))
+    Ok((address, Ipv4Addr::from(prefix_mask(len as u8))))
 }
 
 pub fn valid_name(name: &str) -> bool {
@@ -190,9 +189,12 @@ pub fn check_config(cfg: &NetworkConfig) -> Vec<(&'static str, String, &'static 
     bad
 }
 
-/// Where the configured interface ended up, for the log and the renewal thread.
-struct Interface {
-    link: Link,
+/// The first ethernet interface by index: the primary one unless another is named.
+fn first_ethernet(links: &[Link]) -> Option<&Link> {
+    links
+        .iter()
+        .filter(|l| l.kind == LINK_ETHER && l.mac.len() == 6)
+        .min_by_key(|l| l.index)
 }
 
 fn names(links: &[Link]) -> String {
@@ -202,23 +204,16 @@ fn names(links: &[Link]) -> String {
 }
 
 /// Finds the interface (by name, or the first ethernet by index), waiting for it to appear.
-fn find_interface(
-    nl: &mut Netlink,
-    name: Option<&str>,
-    wait: Duration,
-) -> Result<Interface, NetError> {
+fn find_interface(nl: &mut Netlink, name: Option<&str>, wait: Duration) -> Result<Link, NetError> {
     let deadline = Instant::now() + wait;
     loop {
-        let mut links = nl.links()?;
-        links.sort_by_key(|l| l.index);
+        let links = nl.links()?;
         let found = match name {
             Some(name) => links.iter().find(|l| l.name == name),
-            None => links
-                .iter()
-                .find(|l| l.kind == LINK_ETHER && l.mac.len() == 6),
+            None => first_ethernet(&links),
         };
         if let Some(link) = found {
-            return Ok(Interface { link: link.clone() });
+            return Ok(link.clone());
         }
         if Instant::now() >= deadline {
             return Err(match name {
@@ -308,7 +303,8 @@ impl Wire for UdpWire {
     }
 }
 
-fn prefix_mask(prefix: u8) -> u32 {
+/// The netmask of a prefix length (0 to 32).
+pub fn prefix_mask(prefix: u8) -> u32 {
     if prefix == 0 {
         0
     } else {
@@ -383,6 +379,15 @@ struct Applied {
 }
 
 impl Applied {
+    /// The DHCP client of the lease threads, named as the node now is.
+    fn client(&self) -> Client<'_> {
+        Client {
+            mac: self.mac,
+            host_name: Some(&self.hostname),
+            log_rejected: &log_rejected,
+        }
+    }
+
     fn apply(
         &self,
         nl: &mut Netlink,
@@ -473,11 +478,7 @@ fn keep_lease(mut wire: UdpWire, mut lease: Lease, applied: Applied, cap: Option
             return;
         }
     };
-    let client = Client {
-        mac: applied.mac,
-        host_name: Some(&applied.hostname),
-        log_rejected: &log_rejected,
-    };
+    let client = applied.client();
     let mut granted = Instant::now();
     loop {
         let at = |secs: u32| granted + Duration::from_secs(secs as u64);
@@ -536,11 +537,7 @@ fn keep_lease(mut wire: UdpWire, mut lease: Lease, applied: Applied, cap: Option
 
 /// Waits for a first lease in the background and applies it (`on_no_lease = "continue"`).
 fn lease_later(mut wire: UdpWire, applied: Applied, cap: Option<u32>) {
-    let client = Client {
-        mac: applied.mac,
-        host_name: Some(&applied.hostname),
-        log_rejected: &log_rejected,
-    };
+    let client = applied.client();
     loop {
         match client.acquire(&mut wire, Duration::from_secs(60)) {
             Ok(lease) => {
@@ -583,10 +580,7 @@ pub fn bring_up(cfg: Option<&NetworkConfig>, options: &NetOptions) -> Result<(),
     }
     let Some(cfg) = cfg else {
         // Named by the first ethernet interface's MAC when there is one, as with DHCP.
-        let mac = links
-            .iter()
-            .filter(|l| l.kind == LINK_ETHER && l.mac.len() == 6)
-            .min_by_key(|l| l.index)
+        let mac = first_ethernet(&links)
             .map(|l| l.mac.clone())
             .unwrap_or_default();
         let (hostname, from) = choose_hostname(options, None, None, &mac);
@@ -602,7 +596,7 @@ pub fn bring_up(cfg: Option<&NetworkConfig>, options: &NetOptions) -> Result<(),
         }
     }
     let link_wait = Duration::from_secs(cfg.link_timeout_s.unwrap_or(10));
-    let interface = find_interface(&mut nl, name, link_wait)?.link;
+    let interface = find_interface(&mut nl, name, link_wait)?;
     let mac: [u8; 6] = interface.mac.as_slice().try_into().unwrap_or([0; 6]);
     nl.set_up(interface.index, cfg.mtu.map(u32::from))?;
     let carrier = wait_for_carrier(&mut nl, interface.index, link_wait)?;

@@ -341,11 +341,7 @@ impl Netlink {
         address: Ipv4Addr,
         prefix: u8,
     ) -> Result<(), NetlinkError> {
-        let mask = if prefix == 0 {
-            0
-        } else {
-            u32::MAX << (32 - prefix)
-        };
+        let mask = super::prefix_mask(prefix);
         let broadcast = Ipv4Addr::from(u32::from(address) | !mask);
         let m = Message::new(
             RTM_NEWADDR,
