@@ -8,6 +8,8 @@ pub mod jsonseq;
 pub mod kbs;
 pub mod kbs_broker;
 pub mod kbs_client;
+pub mod mapped;
+pub mod page_sha384;
 pub mod predict;
 pub mod registers;
 pub mod snp;
@@ -55,6 +57,15 @@ pub fn sha256_file(path: &Path) -> Result<[u8; 32], DigestError> {
         hasher.update(&buf[..n]);
     }
     Ok(hasher.finalize().into())
+}
+
+/// SHA-256 of a file, mapped rather than copied (see [`mapped`]): for the command-line tools.
+pub fn sha256_file_mapped(path: &Path) -> Result<[u8; 32], DigestError> {
+    let bytes = mapped::FileBytes::open(path).map_err(|source| DigestError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Ok(Sha256::digest(&*bytes).into())
 }
 
 pub fn hex(bytes: &[u8]) -> String {

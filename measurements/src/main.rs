@@ -879,11 +879,23 @@ fn snp(args: &[&str]) -> Result<(), Failure> {
             "snp takes no positional argument, got {p:?}"
         )));
     }
+    // The kernel is the largest input, and SHA-256 is one chain: it gets a thread of its own
+    // from the start, and the firmware, then the initrd, are measured on this one meanwhile.
+    let kernel = match o.get("--kernel") {
+        Some(p) if !o.contains_key("--firmware-digest") => {
+            let path = std::path::PathBuf::from(p);
+            Some(std::thread::spawn(move || {
+                cvm_measure::sha256_file_mapped(&path)
+            }))
+        }
+        _ => None,
+    };
     let ovmf_path = o
         .get("--ovmf")
         .copied()
         .ok_or_else(|| usage("snp needs --ovmf FILE".into()))?;
-    let firmware = read(ovmf_path, "the firmware")?;
+    let firmware = cvm_measure::mapped::FileBytes::open(Path::new(ovmf_path))
+        .map_err(|e| Failure(format!("cannot read the firmware {ovmf_path}: {e}"), 1))?;
     let fail = |e: cvm_measure::snp_launch::LaunchError| Failure(format!("{ovmf_path}: {e}"), 1);
     if o.contains_key("--firmware-digest") {
         println!(
@@ -926,28 +938,20 @@ fn snp(args: &[&str]) -> Result<(), Failure> {
                 .ok_or_else(|| usage(format!("--ovmf-hash {v:?}: expected 96 hex digits")))?,
         ),
     };
-    // The kernel and the initrd are hashed while the firmware's pages are: they are the bulk.
-    let hash = |name: &str| {
-        o.get(name).map(|p| {
-            let path = std::path::PathBuf::from(p);
-            std::thread::spawn(move || cvm_measure::sha256_file(&path))
-        })
-    };
-    let (kernel, initrd) = (hash("--kernel"), hash("--initrd"));
     let seed = match firmware_seed {
         Some(seed) => seed,
         None => firmware_digest(&firmware).map_err(fail)?,
     };
-    type Hashing = std::thread::JoinHandle<Result<[u8; 32], cvm_measure::DigestError>>;
-    let join = |h: Option<Hashing>| {
-        h.map(|h| {
-            h.join()
-                .expect("the hashing thread")
-                .map_err(|e| Failure(chain(&e), 1))
-        })
-        .transpose()
+    let hashed = |digest: Result<[u8; 32], cvm_measure::DigestError>| {
+        digest.map_err(|e| Failure(chain(&e), 1))
     };
-    let (kernel, initrd) = (join(kernel)?, join(initrd)?);
+    let initrd = o
+        .get("--initrd")
+        .map(|p| hashed(cvm_measure::sha256_file_mapped(Path::new(p))))
+        .transpose()?;
+    let kernel = kernel
+        .map(|h| hashed(h.join().expect("the kernel's hashing thread")))
+        .transpose()?;
     let inputs = LaunchInputs {
         firmware: &firmware,
         firmware_digest: Some(seed),
@@ -977,7 +981,7 @@ fn snp(args: &[&str]) -> Result<(), Failure> {
             serde_json::to_string_pretty(&serde_json::json!({
                 "snp_measurements": [digest],
                 "launch": {
-                    "firmware_sha256": cvm_measure::hex(&sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(&firmware))),
+                    "firmware_sha256": cvm_measure::hex(&sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(&*firmware))),
                     "vcpus": vcpus,
                     "vcpu_signature": format!("{signature:#010x}"),
                     "vmm_type": format!("{vmm:?}"),

@@ -82,15 +82,27 @@ impl Gctx {
     }
 
     /// Firmware volumes have runs of identical pages (erased flash, free space): a page equal
-    /// to the one before it reuses its contents digest (a compare costs far less than a SHA-384).
+    /// to the one before it reuses its contents digest (a compare costs far less than a SHA-384),
+    /// and the other pages are hashed together, four at a time.
     fn normal_pages(&mut self, gpa: u64, data: &[u8]) {
-        let mut previous: Option<(&[u8], [u8; 48])> = None;
-        for (i, page) in data.chunks(PAGE).enumerate() {
-            let contents = match previous {
-                Some((before, digest)) if before == page => digest,
-                _ => Sha384::digest(page).into(),
-            };
-            previous = Some((page, contents));
+        let pages: Vec<&[u8]> = data.chunks(PAGE).collect();
+        let repeats: Vec<bool> = (0..pages.len())
+            .map(|i| i > 0 && same_bytes(pages[i], pages[i - 1]))
+            .collect();
+        let whole: Vec<&[u8; PAGE]> = (0..pages.len())
+            .filter(|&i| !repeats[i])
+            .filter_map(|i| pages[i].try_into().ok())
+            .collect();
+        let mut digests = crate::page_sha384::sha384_pages(&whole).into_iter();
+        let mut contents = [0u8; 48];
+        for (i, page) in pages.iter().enumerate() {
+            if !repeats[i] {
+                // Only the last page can be short; it is hashed on its own.
+                contents = match digests.next() {
+                    Some(digest) if page.len() == PAGE => digest,
+                    _ => Sha384::digest(page).into(),
+                };
+            }
             self.update(PageType::Normal, gpa + (i * PAGE) as u64, &contents);
         }
     }
@@ -100,6 +112,16 @@ impl Gctx {
             self.update(page_type, gpa + i * PAGE as u64, &[0; 48]);
         }
     }
+}
+
+/// `a == b` by 8-byte words (the byte slices' `==` is musl's byte-at-a-time memcmp in the static
+/// build, a fifth of the firmware's measuring time).
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    let word = |c: &[u8]| u64::from_ne_bytes(c.try_into().expect("8 bytes"));
+    let (x, y) = (a.chunks_exact(8), b.chunks_exact(8));
+    a.len() == b.len()
+        && x.remainder().iter().eq(y.remainder())
+        && x.zip(y).all(|(x, y)| word(x) == word(y))
 }
 
 /// A section of the firmware's SEV metadata.

@@ -402,9 +402,6 @@ fn timed(cmd: &mut Command) -> Result<(f64, String), String> {
     ))
 }
 
-/// `cvm-measure snp` against sev-snp-measure on one launch (a 2 MiB AmdSev-layout firmware,
-/// 4 vCPUs, the test kernel and an initrd), the median of five runs each; sev-snp-measure is
-/// installed from PyPI into `.cache` (as the agreement test does).
 /// QEMU's `guestfwd=...-cmd:` runs this once for each connection the guest opens, on the
 /// connection's socket as stdin and stdout: it joins that to a server on the host's loopback.
 fn forward(address: &str) -> Result<(), String> {
@@ -435,6 +432,9 @@ fn forward(address: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// `cvm-measure snp` against sev-snp-measure on one launch (a 2 MiB AmdSev-layout firmware,
+/// 4 vCPUs, the test kernel and an initrd), the median of five runs each; sev-snp-measure is
+/// installed from PyPI into `.cache` (as the agreement test does).
 fn snp_bench(measure: &Path) -> Result<(), String> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let venv = root.join(".cache/sev-snp-measure-0.0.13");
