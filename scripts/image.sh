@@ -322,6 +322,8 @@ values["tdx_mrtds"] = ["$mrtd_one", "$mrtd_two"]
 tdx = json.loads(r"""$tdx_boot""")
 values["tdx_rtmrs"] = tdx["tdx_rtmrs"]
 values["tdx_rtmr1_events"] = tdx["rtmr1_events"]
+values["tdx_rtmr2_before_init"] = tdx["tdx_rtmr2_before_init"]
+values["tdx_rtmr2_before_init_events"] = tdx["rtmr2_events"]
 values["not_predicted"] = "TDX RTMR 0 (the ACPI tables of the exact QEMU and the firmware's variables)"
 print(json.dumps(values, indent=2))
 PY

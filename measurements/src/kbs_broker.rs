@@ -43,6 +43,9 @@ pub struct Reference {
     /// RTMR 2 extended from zero with only cvm-init's events up to the key release
     /// (`tdx_init_rtmr2`, from `predict --at key-release`).
     pub tdx_init_rtmr2: Option<Vec<u8>>,
+    /// RTMR 2 as the boot left it for cvm-init (`tdx_rtmr2_before_init`: the load options and
+    /// the initrd the kernel's EFI stub measured), checked on the CC event log's RTMR 2 events.
+    pub tdx_rtmr2_before_init: Option<Vec<u8>>,
 }
 
 impl Reference {
@@ -110,10 +113,9 @@ impl Reference {
                 .ok_or(format!("tdx_rtmrs: {index:?} is not 0 to 3"))?;
             tdx_rtmrs.push((i, digest48("tdx_rtmrs", value)?));
         }
-        let tdx_init_rtmr2 = match json.get("tdx_init_rtmr2") {
-            Some(v) => Some(digest48("tdx_init_rtmr2", v)?),
-            None => None,
-        };
+        let optional = |name: &str| json.get(name).map(|v| digest48(name, v)).transpose();
+        let tdx_init_rtmr2 = optional("tdx_init_rtmr2")?;
+        let tdx_rtmr2_before_init = optional("tdx_rtmr2_before_init")?;
         Ok(Reference {
             pcrs,
             attestation_keys: Vec::new(),
@@ -122,6 +124,7 @@ impl Reference {
             tdx_mrtds,
             tdx_rtmrs,
             tdx_init_rtmr2,
+            tdx_rtmr2_before_init,
         })
     }
 }
@@ -581,6 +584,15 @@ impl Broker {
         let mut replayed = ccel
             .replay_ccel()
             .map_err(|e| format!("cc_eventlog: {e}"))?;
+        if let Some(expected) = &reference.tdx_rtmr2_before_init {
+            if replayed.rtmr[2][..] != expected[..] {
+                return Err(format!(
+                    "the boot's RTMR 2 events (load options and initrd) replay to {}, the reference is {}",
+                    crate::hex(&replayed.rtmr[2]),
+                    crate::hex(expected)
+                ));
+            }
+        }
         let records = crate::jsonseq::parse(&decode("cvm_measure_log", init_log)?)
             .map_err(|e| format!("cvm_measure_log: {e}"))?;
         let init_only = crate::jsonseq::replay(&records);
@@ -809,6 +821,18 @@ mod tests {
         let (other, _, _) = tdx_case();
         other.reference.lock().unwrap().tdx_rtmrs = vec![(1, vec![1; 48])];
         refused(&other, &evidence, &binding, "RTMR 1 is");
+        // The boot's RTMR 2 part (this real log holds no cvm-init events, so it is the whole of
+        // the quote's RTMR 2): the reference value passes, another is refused.
+        let (other, _, _) = tdx_case();
+        let rtmr2 =
+            crate::tdx::Quote::parse(&crate::testdata::read("tdx/gtg_cos-113-tdx-quote.dat"))
+                .unwrap()
+                .td
+                .rtmr[2];
+        other.reference.lock().unwrap().tdx_rtmr2_before_init = Some(rtmr2.to_vec());
+        other.verify_tdx(&evidence, &binding).unwrap();
+        other.reference.lock().unwrap().tdx_rtmr2_before_init = Some(vec![2; 48]);
+        refused(&other, &evidence, &binding, "the boot's RTMR 2 events");
         // cvm-init's events are not this image's.
         let (other, _, _) = tdx_case();
         other.reference.lock().unwrap().tdx_init_rtmr2 = Some(vec![1; 48]);

@@ -86,7 +86,8 @@ commands:
                      carries one of the reference's snp_measurements, or whose TDX quote
                      (signature chain to the Intel root; no collateral checks) carries one of
                      tdx_mrtds, the tdx_rtmrs values, and logs replaying to its RTMRs with
-                     cvm-init's part equal to tdx_init_rtmr2
+                     cvm-init's part equal to tdx_init_rtmr2 (and the boot's RTMR 2 part to
+                     tdx_rtmr2_before_init when given)
   --version          print the version
   --help             print this text
 ";
@@ -790,9 +791,7 @@ fn tdx(args: &[&str]) -> Result<(), Failure> {
             Some((
                 tdx_rtmr::uki_rtmr1_events::<Sha384>(&gpt, &uki, linux, returned)
                     .map_err(in_file(uki_path))?,
-                vec![tdx_rtmr::uki_load_options::<Sha384>(
-                    section(".cmdline").unwrap_or_default(),
-                )],
+                tdx_rtmr::uki_rtmr2_events::<Sha384>(&sections),
             ))
         }
         (None, None) => None,
@@ -823,11 +822,8 @@ fn tdx(args: &[&str]) -> Result<(), Failure> {
             // events (`tdx_init_rtmr2`), so only the boot's part is shown.
             out["tdx_rtmrs"] =
                 serde_json::json!({ "1": cvm_measure::hex(&tdx_rtmr::fold::<Sha384>(rtmr1)) });
-            out["rtmr2_before_init"] = if o.contains_key("--uki") {
-                serde_json::Value::Null // systemd-stub's initrd is not predicted
-            } else {
-                serde_json::json!(cvm_measure::hex(&tdx_rtmr::fold::<Sha384>(rtmr2)))
-            };
+            out["tdx_rtmr2_before_init"] =
+                serde_json::json!(cvm_measure::hex(&tdx_rtmr::fold::<Sha384>(rtmr2)));
             out["rtmr1_events"] = serde_json::json!(list(rtmr1));
             out["rtmr2_events"] = serde_json::json!(list(rtmr2));
         }
@@ -838,14 +834,10 @@ fn tdx(args: &[&str]) -> Result<(), Failure> {
             "rtmr1 {}",
             cvm_measure::hex(&tdx_rtmr::fold::<Sha384>(rtmr1))
         );
-        if o.contains_key("--uki") {
-            println!("rtmr2-before-init not predicted (systemd-stub's initrd)");
-        } else {
-            println!(
-                "rtmr2-before-init {}",
-                cvm_measure::hex(&tdx_rtmr::fold::<Sha384>(rtmr2))
-            );
-        }
+        println!(
+            "rtmr2-before-init {}",
+            cvm_measure::hex(&tdx_rtmr::fold::<Sha384>(rtmr2))
+        );
     } else {
         println!("{}", cvm_measure::hex(&digest));
     }

@@ -442,12 +442,111 @@ pub fn uki_rtmr1_events<D: Digest>(
 }
 
 /// The load options systemd-stub passes the kernel from a UKI: the `.cmdline` section without
-/// trailing whitespace (the kernel's EFI stub measures them into PCR 9 / RTMR 2). The initrd it
-/// serves next is not the `.initrd` section alone (systemd 257 adds archives of its own), so it
-/// is not predicted here.
+/// trailing whitespace (the kernel's EFI stub measures them into PCR 9 / RTMR 2).
 pub fn uki_load_options<D: Digest>(cmdline_section: &[u8]) -> Predicted {
     let text = String::from_utf8_lossy(cmdline_section);
     load_options::<D>(text.trim_end_matches(['\0', ' ', '\n', '\t']))
+}
+
+/// RTMR 2's events before cvm-init for a UKI booted by systemd-stub: its load options, then the
+/// initrd it serves (see [`systemd_stub_initrd`]).
+pub fn uki_rtmr2_events<D: Digest>(sections: &[(String, Vec<u8>)]) -> Vec<Predicted> {
+    let section = |name: &str| {
+        sections
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, contents)| contents.as_slice())
+    };
+    vec![
+        uki_load_options::<D>(section(".cmdline").unwrap_or_default()),
+        initrd_event::<D>(&systemd_stub_initrd(sections)),
+    ]
+}
+
+/// The initrd systemd-stub (257) hands the kernel from a UKI, which the kernel's EFI stub
+/// measures whole: the `.ucode` and `.initrd` sections, then archives the stub generates —
+/// `.pcrsig`, `.pcrpkey`, `.osrel` and `.profile` each as a one-file cpio under `/.extra` —
+/// every part padded to 4 bytes when there is more than one. Credentials, system and
+/// configuration extensions the stub would pick up from the ESP are not predicted: the node's
+/// ESP holds only the UKI.
+pub fn systemd_stub_initrd(sections: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let section = |name: &str| {
+        sections
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, contents)| contents.as_slice())
+    };
+    let mut parts: Vec<Vec<u8>> = [".ucode", ".initrd"]
+        .iter()
+        .filter_map(|name| section(name).map(<[u8]>::to_vec))
+        .collect();
+    for (name, file) in [
+        (".pcrsig", "tpm2-pcr-signature.json"),
+        (".pcrpkey", "tpm2-pcr-public-key.pem"),
+        (".osrel", "os-release"),
+        (".profile", "profile"),
+    ] {
+        if let Some(contents) = section(name) {
+            parts.push(stub_cpio(file, contents));
+        }
+    }
+    if parts.len() == 1 {
+        return parts.remove(0);
+    }
+    let mut initrd = Vec::new();
+    for part in parts {
+        initrd.extend_from_slice(&part);
+        initrd.resize(initrd.len().next_multiple_of(4), 0);
+    }
+    initrd
+}
+
+/// A "newc" cpio archive as systemd-stub writes one: the directory `.extra` (0555, inode 1),
+/// the file `.extra/<name>` (0444, inode 2), the trailer; owner root, mtime 0, every header and
+/// body padded to 4 bytes from the archive's start.
+fn stub_cpio(name: &str, contents: &[u8]) -> Vec<u8> {
+    fn entry(out: &mut Vec<u8>, inode: u32, mode: u32, path: &str, body: &[u8]) {
+        let words = [
+            inode,
+            mode,
+            0, // uid
+            0, // gid
+            1, // nlink
+            0, // mtime
+            body.len() as u32,
+            0,
+            0,
+            0,
+            0, // device numbers
+            path.len() as u32 + 1,
+            0, // check
+        ];
+        out.extend_from_slice(b"070701");
+        for word in words {
+            out.extend_from_slice(format!("{word:08x}").as_bytes());
+        }
+        out.extend_from_slice(path.as_bytes());
+        out.push(0);
+        out.resize(out.len().next_multiple_of(4), 0);
+        out.extend_from_slice(body);
+        out.resize(out.len().next_multiple_of(4), 0);
+    }
+    let mut out = Vec::new();
+    entry(&mut out, 1, 0o040555, ".extra", &[]);
+    entry(&mut out, 2, 0o100444, &format!(".extra/{name}"), contents);
+    // The trailer's words are all zero but nlink 1 and the name size (upper-case hex there).
+    out.extend_from_slice(b"070701");
+    for word in ["00000000"; 4]
+        .into_iter()
+        .chain(["00000001"])
+        .chain(["00000000"; 6])
+        .chain(["0000000B", "00000000"])
+    {
+        out.extend_from_slice(word.as_bytes());
+    }
+    out.extend_from_slice(b"TRAILER!!!\0");
+    out.resize(out.len().next_multiple_of(4), 0);
+    out
 }
 
 /// The UEFI_GPT_DATA the firmware measures for a disk (EV_EFI_GPT_EVENT): the primary GPT
@@ -743,6 +842,86 @@ mod tests {
             uki_load_options::<Sha256>(b"console=ttyS0\n\0").digest,
             load_options::<Sha256>("console=ttyS0").digest
         );
+    }
+
+    #[test]
+    fn the_stub_cpio_layout() {
+        let archive = stub_cpio("os-release", b"ID=x\n");
+        // Directory: 110-byte header + ".extra\0", padded to 120; the file's header + name are
+        // 128 bytes, its 5 bytes padded to 8; the trailer 124.
+        assert_eq!(archive.len(), 120 + 128 + 8 + 124);
+        assert_eq!(&archive[..6], b"070701");
+        assert_eq!(&archive[6..14], b"00000001");
+        assert_eq!(&archive[14..22], b"0000416d"); // S_IFDIR | 0555
+        assert_eq!(&archive[110..117], b".extra\0");
+        assert_eq!(&archive[120 + 14..120 + 22], b"00008124"); // S_IFREG | 0444
+        assert_eq!(&archive[120 + 54..120 + 62], b"00000005"); // size
+        assert_eq!(&archive[120 + 110..120 + 128], b".extra/os-release\0");
+        assert_eq!(&archive[248..253], b"ID=x\n");
+        assert_eq!(&archive[256 + 94..256 + 102], b"0000000B");
+        assert_eq!(&archive[256 + 110..256 + 121], b"TRAILER!!!\0");
+    }
+
+    #[test]
+    fn gnu_cpio_reads_the_stub_cpio() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = stub_cpio("os-release", b"NAME=test\n");
+        let out = std::process::Command::new("cpio")
+            .args(["-t", "-v", "--quiet"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .current_dir(dir.path())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write;
+                child.stdin.take().unwrap().write_all(&archive)?;
+                child.wait_with_output()
+            });
+        let Ok(out) = out else {
+            eprintln!("skipped: no cpio (installed by make deps)");
+            return;
+        };
+        let listing = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{listing}");
+        let lines: Vec<&str> = listing.lines().collect();
+        assert_eq!(lines.len(), 2, "{listing}");
+        assert!(lines[0].starts_with("dr-xr-xr-x") && lines[0].ends_with(" .extra"));
+        assert!(lines[1].starts_with("-r--r--r--") && lines[1].ends_with(" .extra/os-release"));
+        assert!(lines[1].contains(" 10 "), "{listing}");
+    }
+
+    #[test]
+    fn the_stub_serves_the_initrd_alone_or_padded_parts() {
+        let named = |list: &[(&str, &[u8])]| -> Vec<(String, Vec<u8>)> {
+            list.iter()
+                .map(|(n, c)| (n.to_string(), c.to_vec()))
+                .collect()
+        };
+        // Only .initrd: served as it is, not padded.
+        let alone = named(&[(".linux", b"k"), (".initrd", b"abcde")]);
+        assert_eq!(systemd_stub_initrd(&alone), b"abcde");
+        // .ucode first, .initrd, then the generated archives in the stub's order.
+        let all = named(&[
+            (".osrel", b"ID=x\n"),
+            (".initrd", b"abcde"),
+            (".pcrpkey", b"KEY"),
+            (".ucode", b"uc"),
+        ]);
+        let mut expected = b"uc\0\0abcde\0\0\0".to_vec();
+        expected.extend(stub_cpio("tpm2-pcr-public-key.pem", b"KEY"));
+        expected.extend(stub_cpio("os-release", b"ID=x\n"));
+        assert_eq!(systemd_stub_initrd(&all), expected);
+        let events = uki_rtmr2_events::<Sha256>(&named(&[
+            (".cmdline", b"console=ttyS0\n"),
+            (".initrd", b"abcde"),
+        ]));
+        assert_eq!(events.len(), 2);
+        assert_eq!(
+            events[0].digest,
+            load_options::<Sha256>("console=ttyS0").digest
+        );
+        assert_eq!(events[1].digest, Sha256::digest(b"abcde").to_vec());
+        assert!(events.iter().all(|e| e.pcr == Some(9)));
     }
 
     #[test]

@@ -199,6 +199,12 @@ fn tdx_predicts_rtmr1_for_a_direct_boot_and_refuses_bad_input() {
         .expect("the broker loads tdx --json output");
     assert_eq!(reference.tdx_rtmrs.len(), 1);
     assert_eq!(cvm_measure::hex(&reference.tdx_rtmrs[0].1), rtmr1);
+    assert_eq!(
+        reference
+            .tdx_rtmr2_before_init
+            .map(|d| cvm_measure::hex(&d)),
+        base["tdx_rtmr2_before_init"].as_str().map(str::to_string)
+    );
     // Memory (below 4 GiB: 1 GiB and 2 GiB differ, 2 GiB and 4 GiB do not on q35) moves the
     // initrd address QEMU patches into the kernel, so RTMR 1; the command line moves
     // RTMR 2's load options and (through the patched header's nothing) not RTMR 1.
@@ -207,8 +213,8 @@ fn tdx_predicts_rtmr1_for_a_direct_boot_and_refuses_bad_input() {
     let other_cmdline = run("2048", "console=hvc0");
     assert_eq!(other_cmdline["tdx_rtmrs"]["1"], base["tdx_rtmrs"]["1"]);
     assert_ne!(
-        other_cmdline["rtmr2_before_init"],
-        base["rtmr2_before_init"]
+        other_cmdline["tdx_rtmr2_before_init"],
+        base["tdx_rtmr2_before_init"]
     );
     for (args, code, says) in [
         (

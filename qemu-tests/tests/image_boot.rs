@@ -91,21 +91,30 @@ fn the_image_boots_through_uefi_to_ready_and_measures_what_was_predicted() {
     // attached, OVMF tries one boot option and comes back before booting the node's disk.
     let uki = std::fs::read(out.join("cvm.efi")).unwrap();
     let sections = cvm_measure::predict::pe_sections(&uki).unwrap();
-    let linux = &sections.iter().find(|(n, _)| n == ".linux").unwrap().1;
     let disk = std::fs::read(&raw).unwrap();
     let gpt = cvm_measure::tdx_rtmr::gpt_event(&disk, 512).unwrap();
-    fn predicted<D: sha2::Digest>(gpt: &[u8], uki: &[u8], linux: &[u8]) -> Vec<(String, String)> {
-        use cvm_measure::tdx_rtmr::{tpm_pcrs, uki_rtmr1_events};
-        tpm_pcrs::<D>(&uki_rtmr1_events::<D>(gpt, uki, linux, 1).unwrap())
+    // And RTMR 2's part before cvm-init (PCR 9): the load options and the initrd systemd-stub
+    // serves, the `.initrd` section with the `.osrel` archive it adds.
+    type Sections = [(String, Vec<u8>)];
+    fn predicted<D: sha2::Digest>(
+        gpt: &[u8],
+        uki: &[u8],
+        sections: &Sections,
+    ) -> Vec<(String, String)> {
+        use cvm_measure::tdx_rtmr::{tpm_pcrs, uki_rtmr1_events, uki_rtmr2_events};
+        let linux = &sections.iter().find(|(n, _)| n == ".linux").unwrap().1;
+        let mut events = uki_rtmr1_events::<D>(gpt, uki, linux, 1).unwrap();
+        events.extend(uki_rtmr2_events::<D>(sections));
+        tpm_pcrs::<D>(&events)
             .into_iter()
             .map(|(pcr, value)| (format!("pcr{pcr}"), cvm_measure::hex(&value)))
             .collect()
     }
     for (bank, expected) in [
-        ("sha256", predicted::<sha2::Sha256>(&gpt, &uki, linux)),
-        ("sha384", predicted::<sha2::Sha384>(&gpt, &uki, linux)),
+        ("sha256", predicted::<sha2::Sha256>(&gpt, &uki, &sections)),
+        ("sha384", predicted::<sha2::Sha384>(&gpt, &uki, &sections)),
     ] {
-        assert_eq!(expected.len(), 2, "PCRs 4 and 5");
+        assert_eq!(expected.len(), 3, "PCRs 4, 5 and 9");
         for (pcr, value) in expected {
             let seen = observed
                 .iter()
