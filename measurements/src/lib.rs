@@ -8,6 +8,7 @@ pub mod jsonseq;
 pub mod kbs;
 pub mod kbs_broker;
 pub mod kbs_client;
+pub mod launch;
 pub mod mapped;
 pub mod page_sha384;
 pub mod predict;

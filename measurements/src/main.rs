@@ -58,10 +58,22 @@ commands:
                      EFI stub's load options and initrd; cvm-init's events follow, see
                      predict). A direct boot's kernel is measured as QEMU patches it (OVMF up
                      to 2025.02), whose initrd address depends on --memory;
-                     --kernel-unpatched for later OVMF. A UKI's RTMR 2 part is its load
-                     options only (systemd-stub's initrd is not predicted); N boot options
-                     the firmware tries and returns from before the disk each add two
-                     actions. RTMR 0 (ACPI tables of the exact QEMU) is not predicted.
+                     --kernel-unpatched for later OVMF. A UKI's RTMR 2 part: its load
+                     options and the initrd systemd-stub 257 serves (.initrd with its own
+                     cpio of .osrel and the like); N boot options the firmware tries and
+                     returns from before the disk each add two actions. RTMR 0 (ACPI
+                     tables of the exact QEMU) is not predicted.
+  launch qemu <launch.toml>
+                     the QEMU arguments of a measured direct-boot launch on SEV-SNP or TDX
+                     (one per line), from the same description `predict --launch` reads
+  launch check <launch.toml>
+                     what this host lacks to run that launch (KVM, SNP or TDX in KVM, the
+                     QEMU version); exit 1 naming each missing thing
+  predict --launch <launch.toml>
+                     what the hardware will measure for that launch, as reference values
+                     (JSON): the SNP launch digest with the policy and guest features it
+                     assumes, or the TDX MRTD, RTMR 1 and RTMR 2 up to cvm-init; also in
+                     Trustee's reference-value names
   verify snp-report <report> --vcek CERT [--chain PEM] [--measurement HEX]...
       [--report-data HEX] [--host-data HEX] [--min-tcb bootloader=N,tee=N,snp=N,microcode=N]
       [--allow-debug]
@@ -141,7 +153,13 @@ fn run(args: &[String]) -> Result<(), Failure> {
         }
         ["digest"] => Err(usage("digest needs at least one file".into())),
         ["verity", "format", rest @ ..] => verity_format(rest),
+        ["predict", "--launch", file] => launch_predict(file),
         ["predict", rest @ ..] => predict(rest),
+        ["launch", "qemu", file] => launch_qemu(file),
+        ["launch", "check", file] => launch_check(file),
+        ["launch", ..] => Err(usage(
+            "launch takes qemu FILE or check FILE (a launch description)".into(),
+        )),
         ["replay", rest @ ..] => replay(rest),
         ["evidence", rest @ ..] => evidence(rest),
         ["kbs-serve", rest @ ..] => kbs_serve(rest),
@@ -150,7 +168,7 @@ fn run(args: &[String]) -> Result<(), Failure> {
         ["verify", "snp-report", rest @ ..] => verify_snp_report(rest),
         ["verify", "tdx-quote", rest @ ..] => verify_tdx_quote(rest),
         [other, ..] => Err(usage(format!(
-            "unknown command {other:?}: expected digest, verity, predict, replay, evidence, snp, tdx, verify, kbs-serve, --version or --help"
+            "unknown command {other:?}: expected digest, verity, predict, replay, evidence, snp, tdx, launch, verify, kbs-serve, --version or --help"
         ))),
         [] => Err(usage("a command is needed".into())),
     }
@@ -298,6 +316,49 @@ fn options<'a>(
 
 fn read(path: &str, what: &str) -> Result<Vec<u8>, Failure> {
     std::fs::read(path).map_err(|e| Failure(format!("cannot read {what} {path}: {e}"), 1))
+}
+
+fn launch_description(file: &str) -> Result<cvm_measure::launch::Launch, Failure> {
+    cvm_measure::launch::Launch::from_file(Path::new(file)).map_err(|e| Failure(chain(&e), 1))
+}
+
+fn launch_predict(file: &str) -> Result<(), Failure> {
+    let values = launch_description(file)?
+        .predict()
+        .map_err(|e| Failure(chain(&e), 1))?;
+    println!("{}", serde_json::to_string_pretty(&values).unwrap());
+    Ok(())
+}
+
+fn launch_qemu(file: &str) -> Result<(), Failure> {
+    for arg in launch_description(file)?.qemu_args() {
+        println!("{arg}");
+    }
+    Ok(())
+}
+
+fn launch_check(file: &str) -> Result<(), Failure> {
+    let launch = launch_description(file)?;
+    let version = std::process::Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|out| {
+            cvm_measure::launch::parse_qemu_version(&String::from_utf8_lossy(&out.stdout))
+        });
+    let missing = cvm_measure::launch::missing_on_host(launch.tee, version);
+    if missing.is_empty() {
+        println!("this host can run the {:?} launch of {file}", launch.tee);
+        return Ok(());
+    }
+    Err(Failure(
+        format!(
+            "this host cannot run the {:?} launch of {file}; missing:\n  {}",
+            launch.tee,
+            missing.join("\n  ")
+        ),
+        1,
+    ))
 }
 
 fn predict(args: &[&str]) -> Result<(), Failure> {

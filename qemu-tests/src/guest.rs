@@ -37,6 +37,9 @@ pub struct Guest {
     netdev_options: Vec<String>,
     /// A NIC on this `-netdev` (id n0) instead of QEMU's user network.
     custom_netdev: Option<String>,
+    /// A confidential launch (SNP or TDX on KVM): its firmware, vCPUs, memory and TEE settings
+    /// replace the TCG machine; its kernel, initrd and command line are this guest's.
+    confidential: Option<cvm_measure::launch::Launch>,
 }
 
 /// Where a guest reaches the host services a test forwards to it (`Guest::forward`).
@@ -73,6 +76,7 @@ impl Guest {
             forwards: Vec::new(),
             netdev_options: Vec::new(),
             custom_netdev: None,
+            confidential: None,
         }
     }
 
@@ -175,38 +179,64 @@ impl Guest {
         self
     }
 
-    pub fn start(self) -> RunningGuest {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("cvm-guest-{}-", self.name))
-            .tempdir()
-            .expect("temporary directory for the guest");
-        let serial = dir.path().join("serial.log");
-        let qmp_socket = dir.path().join("qmp.sock");
-        let mut guest = RunningGuest {
-            name: self.name.clone(),
-            serial: serial.clone(),
-            qemu: None,
-            swtpm: None,
-            qmp: None,
-            exit: None,
-            dir,
-        };
+    /// Launches on SNP or TDX hardware as `launch` describes (firmware, vCPUs, memory, TEE
+    /// settings); the kernel, initrd and command line are this guest's.
+    pub fn confidential(mut self, launch: cvm_measure::launch::Launch) -> Self {
+        self.confidential = Some(launch);
+        self
+    }
+
+    /// The confidential launch as it will run: the description with this guest's kernel,
+    /// initrd and command line — what its measurement is predicted from.
+    pub fn launch_description(&self) -> Option<cvm_measure::launch::Launch> {
+        self.confidential.clone().map(|mut launch| {
+            launch.kernel = self.kernel.clone();
+            launch.initrd = Some(self.initrd.clone());
+            launch.cmdline = self.cmdline.clone();
+            launch
+        })
+    }
+
+    /// The QEMU command line this guest runs with, its files (console log, QMP socket, swtpm
+    /// socket, variable store) in `dir`: for `DRY_RUN=1`.
+    pub fn command_line(&self, dir: &Path) -> Vec<String> {
+        let mut line = vec!["qemu-system-x86_64".to_string()];
+        line.extend(
+            self.qemu_args(dir)
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned()),
+        );
+        line
+    }
+
+    fn qemu_args(&self, dir: &Path) -> Vec<std::ffi::OsString> {
+        let serial = dir.join("serial.log");
+        let qmp_socket = dir.join("qmp.sock");
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args([
-            "-machine",
-            "q35",
-            "-accel",
-            "tcg",
-            // Every feature TCG emulates, AES-NI and SSSE3 among them, as a TEE host's CPU
-            // has them: the guest's dm-crypt then runs the code it runs in production.
-            "-cpu",
-            "max",
-            "-smp",
-            "1",
-            "-nodefaults",
-            "-no-user-config",
-        ])
-        .args(["-m", &self.memory_mib.to_string()]);
+        match self.launch_description() {
+            Some(launch) => {
+                cmd.args(launch.qemu_args())
+                    .args(["-nodefaults", "-no-user-config"]);
+            }
+            None => {
+                cmd.args([
+                    "-machine",
+                    "q35",
+                    "-accel",
+                    "tcg",
+                    // Every feature TCG emulates, AES-NI and SSSE3 among them, as a TEE host's
+                    // CPU has them: the guest's dm-crypt then runs the code it runs in
+                    // production.
+                    "-cpu",
+                    "max",
+                    "-smp",
+                    "1",
+                    "-nodefaults",
+                    "-no-user-config",
+                ])
+                .args(["-m", &self.memory_mib.to_string()]);
+            }
+        }
         if let Some(netdev) = &self.custom_netdev {
             cmd.args([
                 "-netdev",
@@ -244,9 +274,8 @@ impl Guest {
         }
         cmd.arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp_socket.display()));
-        if let Some((code, vars_template)) = &self.uefi {
-            let vars = guest.dir.path().join("efivars.fd");
-            fs::copy(vars_template, &vars).expect("copy the UEFI variable store");
+        if let Some((code, _)) = &self.uefi {
+            let vars = dir.join("efivars.fd");
             cmd.arg("-drive")
                 .arg(format!(
                     "if=pflash,format=raw,readonly=on,file={}",
@@ -255,7 +284,7 @@ impl Guest {
                 .arg("-drive")
                 .arg(format!("if=pflash,format=raw,file={}", vars.display()));
         }
-        if self.uefi.is_none() || self.kernel_through_firmware {
+        if self.confidential.is_none() && (self.uefi.is_none() || self.kernel_through_firmware) {
             cmd.arg("-kernel")
                 .arg(&self.kernel)
                 .arg("-initrd")
@@ -280,6 +309,39 @@ impl Guest {
                 .arg(format!("virtio-blk-pci,drive=state{i},serial={serial}"));
         }
         if self.tpm {
+            cmd.arg("-chardev")
+                .arg(format!(
+                    "socket,id=chrtpm,path={}",
+                    dir.join("swtpm.sock").display()
+                ))
+                .args(["-tpmdev", "emulator,id=tpm0,chardev=chrtpm"])
+                .args(["-device", "tpm-crb,tpmdev=tpm0"]);
+        }
+        cmd.get_args().map(|a| a.to_os_string()).collect()
+    }
+
+    pub fn start(self) -> RunningGuest {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("cvm-guest-{}-", self.name))
+            .tempdir()
+            .expect("temporary directory for the guest");
+        let serial = dir.path().join("serial.log");
+        let qmp_socket = dir.path().join("qmp.sock");
+        let args = self.qemu_args(dir.path());
+        let mut guest = RunningGuest {
+            name: self.name.clone(),
+            serial,
+            qemu: None,
+            swtpm: None,
+            qmp: None,
+            exit: None,
+            dir,
+        };
+        if let Some((_, vars_template)) = &self.uefi {
+            fs::copy(vars_template, guest.dir.path().join("efivars.fd"))
+                .expect("copy the UEFI variable store");
+        }
+        if self.tpm {
             let state = self
                 .tpm_state
                 .clone()
@@ -299,11 +361,9 @@ impl Guest {
                 .expect("swtpm is installed by make deps");
             guest.swtpm = Some(swtpm);
             wait_for_path(&socket, Duration::from_secs(10));
-            cmd.arg("-chardev")
-                .arg(format!("socket,id=chrtpm,path={}", socket.display()))
-                .args(["-tpmdev", "emulator,id=tpm0,chardev=chrtpm"])
-                .args(["-device", "tpm-crb,tpmdev=tpm0"]);
         }
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(args);
         if !self.interactive {
             cmd.stdin(Stdio::null())
                 .stdout(Stdio::null())
