@@ -139,6 +139,43 @@ impl Launch {
         Ok(launch)
     }
 
+    /// The description as a file `from_file` reads back (absolute paths).
+    pub fn to_toml(&self) -> String {
+        let quoted = |text: &str| serde_json::Value::from(text).to_string();
+        let path = |p: &Path| quoted(&p.display().to_string());
+        let mut out = format!(
+            "tee = {}\nvcpus = {}\nmemory_mib = {}\nfirmware = {}\nkernel = {}\n",
+            quoted(match self.tee {
+                Tee::Snp => "snp",
+                Tee::Tdx => "tdx",
+            }),
+            self.vcpus,
+            self.memory_mib,
+            path(&self.firmware),
+            path(&self.kernel),
+        );
+        if let Some(initrd) = &self.initrd {
+            out.push_str(&format!("initrd = {}\n", path(initrd)));
+        }
+        out.push_str(&format!("cmdline = {}\n", quoted(&self.cmdline)));
+        match self.tee {
+            Tee::Snp => out.push_str(&format!(
+                "\n[snp]\nvcpu_model = {}\npolicy = {:#x}\nguest_features = {:#x}\ncbitpos = {}\nreduced_phys_bits = {}\n",
+                quoted(&self.snp.vcpu_model),
+                self.snp.policy,
+                self.snp.guest_features,
+                self.snp.cbitpos,
+                self.snp.reduced_phys_bits
+            )),
+            Tee::Tdx => out.push_str(&format!(
+                "\n[tdx]\nquote_generation_vsock_port = {}\npage_add_order = {}\n",
+                self.tdx.quote_generation_vsock_port,
+                quoted(&self.tdx.page_add_order)
+            )),
+        }
+        out
+    }
+
     /// Values no launch can have, named.
     pub fn check(&self) -> Result<(), String> {
         if !(1..=512).contains(&self.vcpus) {
@@ -480,6 +517,24 @@ mod tests {
         let ok = Launch::from_file(&file).unwrap();
         assert_eq!(ok.kernel, dir.path().join("k"));
         assert_eq!(ok.snp.policy, 0x30000);
+    }
+
+    #[test]
+    fn a_written_description_reads_back_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("launch.toml");
+        for tee in [Tee::Snp, Tee::Tdx] {
+            let mut original = launch(tee);
+            original.firmware = dir.path().join("fw.fd");
+            original.kernel = dir.path().join("vm linuz");
+            original.initrd = Some(dir.path().join("initrd"));
+            original.cmdline = "console=ttyS0 quote=\"x\" back\\slash".into();
+            original.snp.policy = 0x1_0000 | 0x2_0000 | 0x10_0000;
+            std::fs::write(&file, original.to_toml()).unwrap();
+            let read = Launch::from_file(&file).unwrap();
+            assert_eq!(read.qemu_args(), original.qemu_args());
+            assert_eq!(read.to_toml(), original.to_toml());
+        }
     }
 
     #[test]

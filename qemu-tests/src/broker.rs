@@ -16,7 +16,8 @@ use crate::TestImage;
 /// The PCRs the `kbs` key source quotes.
 pub const QUOTED_PCRS: [u32; 2] = [11, 15];
 
-/// The registers a node booted from `image` with `config` has when it asks for its key.
+/// The registers a node booted from `image` with `config` has when it asks for its key (and
+/// cvm-init's own part of RTMR 2 then, for a TDX launch).
 pub fn key_release_reference(image: &TestImage, config: &str) -> Reference {
     let cmdline = format!("{BASE_CMDLINE} {}", image.roothash_option());
     let registers = predict_key_release(&Inputs {
@@ -30,6 +31,7 @@ pub fn key_release_reference(image: &TestImage, config: &str) -> Reference {
             .iter()
             .map(|&p| (p, registers.pcr(Bank::Sha256, p as usize).to_vec()))
             .collect(),
+        tdx_init_rtmr2: Some(registers.rtmr[2].clone()),
         ..Default::default()
     }
 }

@@ -1,8 +1,11 @@
 //! Command-line entry to the harness for `make run` and `make bench`:
 //!   cvm-harness image <dir> [config.toml]   build initrd.cpio and disk.raw, print the root hash
 //!   cvm-harness bench <release cvm-init> <release cvm-measure>   boot and print the figures
-//!   cvm-harness demo <config.toml>   boot a node (containerd, kubelet stand-in, a fresh
-//!                                    state disk and vTPM in target/demo) on this terminal
+//!   cvm-harness demo <config.toml> [--tee snp|tdx]   boot a node (containerd, kubelet
+//!                                    stand-in, a fresh state disk and vTPM in target/demo) on
+//!                                    this terminal; with --tee a measured direct boot on SNP
+//!                                    or TDX hardware instead (DRY_RUN=1: print the QEMU
+//!                                    command line and the predicted measurement only)
 //!   cvm-harness bench-state <release cvm-init>   only the state-disk figures
 //!   cvm-harness bench-node <release cvm-init>    only containerd + kubelet stand-in figures
 //!   cvm-harness bench-snp <release cvm-measure>  only the SNP launch digest vs sev-snp-measure
@@ -14,6 +17,7 @@ use std::path::Path;
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
+use cvm_measure::launch::{Launch, Tee};
 use qemu_tests::support::sparse_disk;
 use qemu_tests::{broker, kernel_time_of, Artifacts, Guest};
 
@@ -23,7 +27,12 @@ fn main() -> ExitCode {
         ["image", dir] => image(Path::new(dir), None),
         ["image", dir, config] => image(Path::new(dir), Some(Path::new(config))),
         ["bench", init, measure] => bench(Path::new(init), Path::new(measure)),
-        ["demo", config] => demo(Path::new(config)),
+        ["demo", config] => demo(Path::new(config), None),
+        ["demo", config, "--tee", tee] => match tee {
+            "snp" => demo(Path::new(config), Some(Tee::Snp)),
+            "tdx" => demo(Path::new(config), Some(Tee::Tdx)),
+            other => Err(format!("--tee {other:?}: expected snp or tdx")),
+        },
         ["bench-snp", measure] => snp_bench(Path::new(measure)),
         ["forward", address] => forward(address),
         ["initramfs", kernel, init, out] => initramfs(Path::new(kernel), Path::new(init), Path::new(out)),
@@ -37,7 +46,7 @@ fn main() -> ExitCode {
             artifacts.init = Path::new(init).to_path_buf();
             workload_bench(&artifacts)
         }
-        _ => Err("usage: cvm-harness image <dir> [config.toml] | cvm-harness bench <release cvm-init> <release cvm-measure> | cvm-harness demo <config.toml> | cvm-harness bench-state|bench-node <release cvm-init> | cvm-harness bench-snp <release cvm-measure> | cvm-harness forward <host:port> | cvm-harness initramfs <kernel dir> <cvm-init> <out.cpio>".to_string()),
+        _ => Err("usage: cvm-harness image <dir> [config.toml] | cvm-harness bench <release cvm-init> <release cvm-measure> | cvm-harness demo <config.toml> [--tee snp|tdx] | cvm-harness bench-state|bench-node <release cvm-init> | cvm-harness bench-snp <release cvm-measure> | cvm-harness forward <host:port> | cvm-harness initramfs <kernel dir> <cvm-init> <out.cpio>".to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -96,7 +105,7 @@ const DEMO_BROKER_CA: &str = "etc/cvm/kbs-ca.pem";
 /// last run's); the disk key comes from the reference key broker, which runs in this process
 /// with the image's predicted reference values and the vTPM's attestation key registered
 /// before the first boot. Reboots within the run keep the disk.
-fn demo(config: &Path) -> Result<(), String> {
+fn demo(config: &Path, tee: Option<Tee>) -> Result<(), String> {
     let text = std::fs::read_to_string(config)
         .map_err(|e| format!("cannot read {}: {e}", config.display()))?;
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/demo");
@@ -114,12 +123,31 @@ fn demo(config: &Path) -> Result<(), String> {
     let image = artifacts.image_with_runtime_and_files(&dir, &text, &[(DEMO_BROKER_CA, ca)]);
     let disk = dir.join("state.img");
     sparse_disk(&disk, 8)?;
+    let mut guest = Guest::new("demo", &artifacts.kernel.vmlinuz, &image.initrd)
+        .disk(&image.root.disk)
+        .state_disk(&disk, "cvm-state")
+        .forward(18080, 18080)
+        .memory_mib(1024)
+        .allow_reboot(true)
+        .interactive(true)
+        .cmdline(&image.roothash_option());
+    let mut reference = broker::key_release_reference(&image, &text);
+    match tee {
+        None => {
+            guest = guest.tpm_state(&tpm);
+            reference
+                .attestation_keys
+                .push(broker::attestation_key(&tpm)?);
+        }
+        Some(tee) => {
+            guest = guest.tpm(false).confidential(confidential_launch(tee)?);
+            if !confidential_reference(&guest, &dir, &mut reference)? {
+                return Ok(());
+            }
+        }
+    }
     let listener = std::net::TcpListener::bind(DEMO_BROKER)
         .map_err(|e| format!("cannot listen on {DEMO_BROKER} for the demo's key broker: {e}"))?;
-    let mut reference = broker::key_release_reference(&image, &text);
-    reference
-        .attestation_keys
-        .push(broker::attestation_key(&tpm)?);
     let mut secret = [0u8; 32];
     rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut secret);
     let tls = cvm_measure::tls::server_config(&chain, &key).map_err(|e| qemu_tests::chain(&e))?;
@@ -128,17 +156,118 @@ fn demo(config: &Path) -> Result<(), String> {
         "demo: root hash {}; key broker on https://{DEMO_BROKER}; console below (ctrl-a x quits, ctrl-a c then system_powerdown powers off)",
         image.root.root_hash_hex()
     );
-    let mut guest = Guest::new("demo", &artifacts.kernel.vmlinuz, &image.initrd)
-        .disk(&image.root.disk)
-        .state_disk(&disk, "cvm-state")
-        .tpm_state(&tpm)
-        .forward(18080, 18080)
-        .memory_mib(1024)
-        .allow_reboot(true)
-        .interactive(true)
-        .cmdline(&image.roothash_option())
-        .start();
+    let mut guest = guest.start();
     guest.wait_exit(Duration::from_secs(24 * 3600)).map(|_| ())
+}
+
+/// The firmware, vCPUs and memory of `make run TEE=...`; the firmware is `make ovmf`'s (or
+/// OVMF_SNP / OVMF_TDX).
+fn confidential_launch(tee: Tee) -> Result<Launch, String> {
+    let (variable, built) = match tee {
+        Tee::Snp => ("OVMF_SNP", "OVMF.amdsev.fd"),
+        Tee::Tdx => ("OVMF_TDX", "OVMF.inteltdx.fd"),
+    };
+    let firmware = std::env::var_os(variable)
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/ovmf")
+                .join(built)
+        });
+    if !firmware.exists() {
+        return Err(format!(
+            "{}: no such firmware ({variable} names another; `make ovmf` builds it)",
+            firmware.display()
+        ));
+    }
+    let launch = Launch {
+        tee,
+        vcpus: 2,
+        memory_mib: 2048,
+        firmware,
+        kernel: Default::default(),
+        initrd: None,
+        cmdline: String::new(),
+        snp: Default::default(),
+        tdx: Default::default(),
+    };
+    launch.check()?;
+    Ok(launch)
+}
+
+/// Writes the launch description and what it will measure into `dir`, loads the prediction
+/// into the broker's reference, and says whether to go on: false after a dry run; an error
+/// naming what this host lacks.
+fn confidential_reference(
+    guest: &Guest,
+    dir: &Path,
+    reference: &mut cvm_measure::kbs_broker::Reference,
+) -> Result<bool, String> {
+    let launch = guest.launch_description().expect("a confidential guest");
+    let name = match launch.tee {
+        Tee::Snp => "snp",
+        Tee::Tdx => "tdx",
+    };
+    let description = dir.join(format!("launch-{name}.toml"));
+    std::fs::write(&description, launch.to_toml()).map_err(|e| e.to_string())?;
+    let predicted = launch.predict().map_err(|e| qemu_tests::chain(&e))?;
+    let values = dir.join(format!("reference-{name}.json"));
+    std::fs::write(&values, serde_json::to_string_pretty(&predicted).unwrap())
+        .map_err(|e| e.to_string())?;
+    // The broker takes the launch's values; cvm-init's own part of RTMR 2 when it asks for
+    // the key comes from the image and its config, as the vTPM's PCRs do.
+    let mut merged = predicted.clone();
+    merged["pcr"] = serde_json::json!({});
+    let mut loaded = cvm_measure::kbs_broker::Reference::from_prediction(&merged)?;
+    loaded.tdx_init_rtmr2 = reference.tdx_init_rtmr2.take();
+    *reference = loaded;
+    let qemu = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .ok();
+    let version = qemu.and_then(|out| {
+        cvm_measure::launch::parse_qemu_version(&String::from_utf8_lossy(&out.stdout))
+    });
+    let missing = cvm_measure::launch::missing_on_host(launch.tee, version);
+    if std::env::var_os("DRY_RUN").is_some_and(|v| v == "1") {
+        let line = guest.command_line(&dir.join("run"));
+        println!("{}", shell_words(&line));
+        println!(
+            "# launch description: {}\n# predicted measurement: {}",
+            description.display(),
+            values.display()
+        );
+        println!("{}", serde_json::to_string_pretty(&predicted).unwrap());
+        for thing in &missing {
+            println!("# this host lacks: {thing}");
+        }
+        return Ok(false);
+    }
+    if !missing.is_empty() {
+        return Err(format!(
+            "this host cannot launch on {name}; missing:\n  {}\n(DRY_RUN=1 prints the command line and the predicted measurement)",
+            missing.join("\n  ")
+        ));
+    }
+    Ok(true)
+}
+
+/// A command line a POSIX shell reads back as these words.
+fn shell_words(words: &[String]) -> String {
+    words
+        .iter()
+        .map(|w| {
+            if !w.is_empty()
+                && w.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
+            {
+                w.clone()
+            } else {
+                format!("'{}'", w.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 const BENCH_CONFIG: &str = r#"
