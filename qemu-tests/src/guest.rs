@@ -40,6 +40,8 @@ pub struct Guest {
     /// A confidential launch (SNP or TDX on KVM): its firmware, vCPUs, memory and TEE settings
     /// replace the TCG machine; its kernel, initrd and command line are this guest's.
     confidential: Option<cvm_measure::launch::Launch>,
+    /// One-file firmware (`-bios`) that boots the kernel QEMU hands it.
+    bios: Option<PathBuf>,
 }
 
 /// Where a guest reaches the host services a test forwards to it (`Guest::forward`).
@@ -77,6 +79,7 @@ impl Guest {
             netdev_options: Vec::new(),
             custom_netdev: None,
             confidential: None,
+            bios: None,
         }
     }
 
@@ -93,6 +96,13 @@ impl Guest {
     pub fn direct_uefi(mut self, code: &Path, vars: &Path) -> Self {
         self.uefi = Some((code.to_path_buf(), vars.to_path_buf()));
         self.kernel_through_firmware = true;
+        self
+    }
+
+    /// A one-file firmware image (`-bios`, as the AmdSev and TDX builds are) that boots the
+    /// kernel, initrd and command line QEMU hands it.
+    pub fn bios(mut self, firmware: &Path) -> Self {
+        self.bios = Some(firmware.to_path_buf());
         self
     }
 
@@ -274,6 +284,9 @@ impl Guest {
         }
         cmd.arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp_socket.display()));
+        if let (Some(firmware), None) = (&self.bios, &self.confidential) {
+            cmd.arg("-bios").arg(firmware);
+        }
         if let Some((code, _)) = &self.uefi {
             let vars = dir.join("efivars.fd");
             cmd.arg("-drive")
