@@ -42,6 +42,8 @@ pub struct Guest {
     confidential: Option<cvm_measure::launch::Launch>,
     /// One-file firmware (`-bios`) that boots the kernel QEMU hands it.
     bios: Option<PathBuf>,
+    /// More QEMU arguments, last on the command line.
+    extra_args: Vec<String>,
 }
 
 /// Where a guest reaches the host services a test forwards to it (`Guest::forward`).
@@ -80,6 +82,7 @@ impl Guest {
             custom_netdev: None,
             confidential: None,
             bios: None,
+            extra_args: Vec::new(),
         }
     }
 
@@ -103,6 +106,12 @@ impl Guest {
     /// kernel, initrd and command line QEMU hands it.
     pub fn bios(mut self, firmware: &Path) -> Self {
         self.bios = Some(firmware.to_path_buf());
+        self
+    }
+
+    /// One more QEMU argument (a `-device loader,...` that fills guest memory, for example).
+    pub fn qemu_arg(mut self, arg: &str) -> Self {
+        self.extra_args.push(arg.to_string());
         self
     }
 
@@ -330,6 +339,7 @@ impl Guest {
                 .args(["-tpmdev", "emulator,id=tpm0,chardev=chrtpm"])
                 .args(["-device", "tpm-crb,tpmdev=tpm0"]);
         }
+        cmd.args(&self.extra_args);
         cmd.get_args().map(|a| a.to_os_string()).collect()
     }
 
