@@ -20,7 +20,7 @@ export CVM_INIT_BIN := $(CURDIR)/$(TEST_DIR)/cvm-init
 export CVM_PAYLOAD_BIN := $(CURDIR)/$(TEST_DIR)/cvm-test-payload
 export CVM_KERNEL_DIR := $(CURDIR)/$(KERNEL_DIR)
 
-.PHONY: fuzz all deps build test-artifacts check unit boot-tests test run bench clean image image-lock image-reproducible measurements image-test
+.PHONY: fuzz all deps build test-artifacts check unit boot-tests test run bench clean image image-lock image-reproducible measurements image-test ovmf ovmf-reproducible
 
 all: build
 
@@ -99,6 +99,16 @@ image-test: build test-artifacts
 	KUBELET=$${KUBELET:-$(CURDIR)/target/$(TARGET)/test-image/kubelet-standin} bash scripts/image.sh build
 	bash scripts/image.sh measurements
 	$(CARGO) test -p qemu-tests --test image_boot -- --nocapture
+
+## The confidential-guest firmware from Debian's edk2 source package (trixie, pinned in
+## scripts/ovmf.sh): target/ovmf/OVMF.amdsev.fd (SEV-SNP, kernel hashes for measured direct boot)
+## and target/ovmf/OVMF.inteltdx.fd (TDVF), with SHA256SUMS and VERSION. Cached per version.
+ovmf:
+	bash scripts/ovmf.sh build
+
+## Build the firmware twice from clean trees; any byte that differs is named and fails the target.
+ovmf-reproducible:
+	bash scripts/ovmf.sh reproducible
 
 clean:
 	$(CARGO) clean
