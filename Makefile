@@ -20,7 +20,7 @@ export CVM_INIT_BIN := $(CURDIR)/$(TEST_DIR)/cvm-init
 export CVM_PAYLOAD_BIN := $(CURDIR)/$(TEST_DIR)/cvm-test-payload
 export CVM_KERNEL_DIR := $(CURDIR)/$(KERNEL_DIR)
 
-.PHONY: fuzz all deps build test-artifacts check unit boot-tests test run bench clean image image-lock image-reproducible measurements image-test ovmf ovmf-reproducible
+.PHONY: fuzz all deps build test-artifacts check unit boot-tests test run bench clean image image-lock image-reproducible measurements image-test ovmf ovmf-reproducible ovmf-test
 
 all: build
 
@@ -56,9 +56,13 @@ boot-tests: test-artifacts
 test: deps build check unit boot-tests
 
 ## Boot the demo guest with the console attached (quit: ctrl-a x; power button: ctrl-a c, then system_powerdown).
-run: build test-artifacts
-	CVM_INIT_BIN=$(CURDIR)/$(RELEASE_DIR)/cvm-init $(CARGO) run -q -p qemu-tests --bin cvm-harness -- \
-	  demo qemu-tests/demo/config.toml
+## TEE=snp or TEE=tdx: a measured direct boot on that hardware (firmware from `make ovmf`), the
+## key broker loaded with the predicted measurement; DRY_RUN=1 prints the QEMU command line and
+## the prediction instead (on any host); without the hardware it refuses, naming what is missing.
+TEE ?=
+run: build test-artifacts $(if $(TEE),ovmf)
+	CVM_INIT_BIN=$(CURDIR)/$(RELEASE_DIR)/cvm-init DRY_RUN=$(DRY_RUN) $(CARGO) run -q -p qemu-tests --bin cvm-harness -- \
+	  demo qemu-tests/demo/config.toml $(if $(TEE),--tee $(TEE))
 
 ## Size of the static init, time from kernel start to ready, PID 1's RSS at ready.
 bench: build test-artifacts
@@ -109,6 +113,11 @@ ovmf:
 ## Build the firmware twice from clean trees; any byte that differs is named and fails the target.
 ovmf-reproducible:
 	bash scripts/ovmf.sh reproducible
+
+## The AmdSev build boots the test image to ready under TCG (with the kernel-hashes table
+## cvm-measure computes), and refuses a table with one wrong hash.
+ovmf-test: ovmf test-artifacts
+	$(CARGO) test -p qemu-tests --test ovmf_boot -- --nocapture --test-threads=2
 
 clean:
 	$(CARGO) clean
