@@ -94,7 +94,7 @@ SRC
   fi
   if ! source_versions | grep -qxF "$version"; then
     local have
-    have=$(source_versions | sort -u | tr '\n' ' ')
+    have=$(source_versions | sort -u | paste -sd " ")
     die "edk2 $version (pinned) is not in the source indexes; available: ${have:-none} (update \`version\` and the SHA-256 in $0)"
   fi
 }
