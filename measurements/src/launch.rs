@@ -26,13 +26,13 @@ pub enum LaunchError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Firmware {
         path: String,
         #[source]
         source: snp_launch::LaunchError,
     },
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Kernel {
         path: String,
         #[source]
@@ -45,6 +45,16 @@ pub enum LaunchError {
 pub enum Tee {
     Snp,
     Tdx,
+}
+
+impl Tee {
+    /// As the description writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tee::Snp => "snp",
+            Tee::Tdx => "tdx",
+        }
+    }
 }
 
 /// The launch as written: what the operator chooses.
@@ -145,10 +155,7 @@ impl Launch {
         let path = |p: &Path| quoted(&p.display().to_string());
         let mut out = format!(
             "tee = {}\nvcpus = {}\nmemory_mib = {}\nfirmware = {}\nkernel = {}\n",
-            quoted(match self.tee {
-                Tee::Snp => "snp",
-                Tee::Tdx => "tdx",
-            }),
+            quoted(self.tee.name()),
             self.vcpus,
             self.memory_mib,
             path(&self.firmware),

@@ -348,13 +348,16 @@ fn launch_check(file: &str) -> Result<(), Failure> {
         });
     let missing = cvm_measure::launch::missing_on_host(launch.tee, version);
     if missing.is_empty() {
-        println!("this host can run the {:?} launch of {file}", launch.tee);
+        println!(
+            "this host can run the {} launch of {file}",
+            launch.tee.name()
+        );
         return Ok(());
     }
     Err(Failure(
         format!(
-            "this host cannot run the {:?} launch of {file}; missing:\n  {}",
-            launch.tee,
+            "this host cannot run the {} launch of {file}; missing:\n  {}",
+            launch.tee.name(),
             missing.join("\n  ")
         ),
         1,

@@ -204,10 +204,7 @@ fn confidential_reference(
     reference: &mut cvm_measure::kbs_broker::Reference,
 ) -> Result<bool, String> {
     let launch = guest.launch_description().expect("a confidential guest");
-    let name = match launch.tee {
-        Tee::Snp => "snp",
-        Tee::Tdx => "tdx",
-    };
+    let name = launch.tee.name();
     let description = dir.join(format!("launch-{name}.toml"));
     std::fs::write(&description, launch.to_toml()).map_err(|e| e.to_string())?;
     let predicted = launch.predict().map_err(|e| qemu_tests::chain(&e))?;
