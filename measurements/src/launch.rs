@@ -55,6 +55,10 @@ impl Tee {
             Tee::Tdx => "tdx",
         }
     }
+
+    pub fn from_name(name: &str) -> Option<Tee> {
+        [Tee::Snp, Tee::Tdx].into_iter().find(|t| t.name() == name)
+    }
 }
 
 /// The launch as written: what the operator chooses.
@@ -394,7 +398,18 @@ impl Launch {
     }
 }
 
-/// What this host lacks to run the launch, each thing named (empty: it can).
+/// What this host lacks to run a launch on `tee`, with its `qemu-system-x86_64` asked for its
+/// version.
+pub fn missing_on_this_host(tee: Tee) -> Vec<String> {
+    let version = std::process::Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|out| parse_qemu_version(&String::from_utf8_lossy(&out.stdout)));
+    missing_on_host(tee, version)
+}
+
+/// What a host with this QEMU version lacks to run the launch, each thing named (empty: it can).
 pub fn missing_on_host(tee: Tee, qemu_version: Option<(u32, u32)>) -> Vec<String> {
     let mut missing = Vec::new();
     let param = |path: &str| {

@@ -339,14 +339,7 @@ fn launch_qemu(file: &str) -> Result<(), Failure> {
 
 fn launch_check(file: &str) -> Result<(), Failure> {
     let launch = launch_description(file)?;
-    let version = std::process::Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .ok()
-        .and_then(|out| {
-            cvm_measure::launch::parse_qemu_version(&String::from_utf8_lossy(&out.stdout))
-        });
-    let missing = cvm_measure::launch::missing_on_host(launch.tee, version);
+    let missing = cvm_measure::launch::missing_on_this_host(launch.tee);
     if missing.is_empty() {
         println!(
             "this host can run the {} launch of {file}",
@@ -412,7 +405,7 @@ fn predict(args: &[&str]) -> Result<(), Failure> {
         }
         let image = read(uki, "the UKI")?;
         inputs.sections = pe_sections(&image).map_err(|e| Failure(format!("{uki}: {e}"), 1))?;
-        if let Some((_, cmdline)) = inputs.sections.iter().find(|(n, _)| n == ".cmdline") {
+        if let Some(cmdline) = cvm_measure::predict::section(&inputs.sections, ".cmdline") {
             inputs.cmdline = cmdline.iter().copied().take_while(|&b| b != 0).collect();
         }
     } else if let Some(linux) = o.get("--linux") {
@@ -832,13 +825,7 @@ fn tdx(args: &[&str]) -> Result<(), Failure> {
             let uki = read(uki_path, "the UKI")?;
             let sections = cvm_measure::predict::pe_sections(&uki)
                 .map_err(|e| Failure(format!("{uki_path}: {e}"), 1))?;
-            let section = |name: &str| {
-                sections
-                    .iter()
-                    .find(|(n, _)| n == name)
-                    .map(|(_, contents)| contents.as_slice())
-            };
-            let linux = section(".linux")
+            let linux = cvm_measure::predict::section(&sections, ".linux")
                 .ok_or_else(|| Failure(format!("{uki_path}: no .linux section: not a UKI"), 1))?;
             let gpt = tdx_rtmr::gpt_event(&read(disk_path, "the disk image")?, 512)
                 .map_err(in_file(disk_path))?;

@@ -12,11 +12,19 @@ pub const UKI_SECTIONS: &[&str] = &[
     ".pcrpkey", ".profile",
 ];
 
+/// The contents of the section `name` of a PE image's `pe_sections`, if it has one.
+pub fn section<'a>(sections: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
+    sections
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, contents)| contents.as_slice())
+}
+
 /// Extends PCR 11 (both banks) with the sections as systemd-stub does: for each present,
 /// non-empty section in the fixed order, `H(name ‖ NUL)` then `H(contents)`.
 pub fn measure_sections(registers: &mut Registers, sections: &[(String, Vec<u8>)]) {
     for name in UKI_SECTIONS {
-        let Some((_, contents)) = sections.iter().find(|(n, _)| n == name) else {
+        let Some(contents) = section(sections, name) else {
             continue;
         };
         if contents.is_empty() {

@@ -451,12 +451,7 @@ pub fn uki_load_options<D: Digest>(cmdline_section: &[u8]) -> Predicted {
 /// RTMR 2's events before cvm-init for a UKI booted by systemd-stub: its load options, then the
 /// initrd it serves (see [`systemd_stub_initrd`]).
 pub fn uki_rtmr2_events<D: Digest>(sections: &[(String, Vec<u8>)]) -> Vec<Predicted> {
-    let section = |name: &str| {
-        sections
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, contents)| contents.as_slice())
-    };
+    let section = |name: &str| crate::predict::section(sections, name);
     vec![
         uki_load_options::<D>(section(".cmdline").unwrap_or_default()),
         initrd_event::<D>(&systemd_stub_initrd(sections)),
@@ -470,12 +465,7 @@ pub fn uki_rtmr2_events<D: Digest>(sections: &[(String, Vec<u8>)]) -> Vec<Predic
 /// configuration extensions the stub would pick up from the ESP are not predicted: the node's
 /// ESP holds only the UKI.
 pub fn systemd_stub_initrd(sections: &[(String, Vec<u8>)]) -> Vec<u8> {
-    let section = |name: &str| {
-        sections
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, contents)| contents.as_slice())
-    };
+    let section = |name: &str| crate::predict::section(sections, name);
     let mut parts: Vec<Vec<u8>> = [".ucode", ".initrd"]
         .iter()
         .filter_map(|name| section(name).map(<[u8]>::to_vec))

@@ -102,7 +102,7 @@ fn the_image_boots_through_uefi_to_ready_and_measures_what_was_predicted() {
         sections: &Sections,
     ) -> Vec<(String, String)> {
         use cvm_measure::tdx_rtmr::{tpm_pcrs, uki_rtmr1_events, uki_rtmr2_events};
-        let linux = &sections.iter().find(|(n, _)| n == ".linux").unwrap().1;
+        let linux = cvm_measure::predict::section(sections, ".linux").unwrap();
         let mut events = uki_rtmr1_events::<D>(gpt, uki, linux, 1).unwrap();
         events.extend(uki_rtmr2_events::<D>(sections));
         tpm_pcrs::<D>(&events)

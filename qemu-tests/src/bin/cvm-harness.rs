@@ -28,10 +28,9 @@ fn main() -> ExitCode {
         ["image", dir, config] => image(Path::new(dir), Some(Path::new(config))),
         ["bench", init, measure] => bench(Path::new(init), Path::new(measure)),
         ["demo", config] => demo(Path::new(config), None),
-        ["demo", config, "--tee", tee] => match tee {
-            "snp" => demo(Path::new(config), Some(Tee::Snp)),
-            "tdx" => demo(Path::new(config), Some(Tee::Tdx)),
-            other => Err(format!("--tee {other:?}: expected snp or tdx")),
+        ["demo", config, "--tee", tee] => match Tee::from_name(tee) {
+            Some(tee) => demo(Path::new(config), Some(tee)),
+            None => Err(format!("--tee {tee:?}: expected snp or tdx")),
         },
         ["bench-snp", measure] => snp_bench(Path::new(measure)),
         ["forward", address] => forward(address),
@@ -218,14 +217,7 @@ fn confidential_reference(
     let mut loaded = cvm_measure::kbs_broker::Reference::from_prediction(&merged)?;
     loaded.tdx_init_rtmr2 = reference.tdx_init_rtmr2.take();
     *reference = loaded;
-    let qemu = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .ok();
-    let version = qemu.and_then(|out| {
-        cvm_measure::launch::parse_qemu_version(&String::from_utf8_lossy(&out.stdout))
-    });
-    let missing = cvm_measure::launch::missing_on_host(launch.tee, version);
+    let missing = cvm_measure::launch::missing_on_this_host(launch.tee);
     if std::env::var_os("DRY_RUN").is_some_and(|v| v == "1") {
         let line = guest.command_line(&dir.join("run"));
         println!("{}", shell_words(&line));
