@@ -2,6 +2,7 @@
 //! the digest helper the other parts share; event framing, prediction and verification follow
 //! with the measured-boot and launch-measurement issues.
 
+pub mod elsewhere;
 pub mod event;
 pub mod http;
 pub mod jsonseq;

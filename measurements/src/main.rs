@@ -146,7 +146,7 @@ fn run(args: &[String]) -> Result<(), Failure> {
         ["digest", files @ ..] if !files.is_empty() => {
             for file in files {
                 let d =
-                    cvm_measure::sha256_file(Path::new(file)).map_err(|e| Failure(chain(&e), 1))?;
+                    cvm_measure::sha256_file_mapped(Path::new(file)).map_err(|e| Failure(chain(&e), 1))?;
                 println!("{}  {file}", cvm_measure::hex(&d));
             }
             Ok(())
@@ -922,12 +922,13 @@ fn snp(args: &[&str]) -> Result<(), Failure> {
             "snp takes no positional argument, got {p:?}"
         )));
     }
-    // The kernel is the largest input, and SHA-256 is one chain: it gets a thread of its own
-    // from the start, and the firmware, then the initrd, are measured on this one meanwhile.
+    // The kernel is the largest input, and SHA-256 is one chain: it gets a thread (and a CPU)
+    // of its own from the start, and the firmware, then the initrd, are measured on this one
+    // meanwhile.
     let kernel = match o.get("--kernel") {
         Some(p) if !o.contains_key("--firmware-digest") => {
             let path = std::path::PathBuf::from(p);
-            Some(std::thread::spawn(move || {
+            Some(cvm_measure::elsewhere::spawn_on_another_cpu(move || {
                 cvm_measure::sha256_file_mapped(&path)
             }))
         }
