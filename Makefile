@@ -50,7 +50,7 @@ unit:
 	$(CARGO) test -p qemu-tests --lib --bin cvm-harness
 
 boot-tests: test-artifacts
-	$(CARGO) test -p qemu-tests --test boot --test verity --test measured --test state --test workloads --test attestation --test network -- --test-threads=2
+	$(CARGO) test -p qemu-tests --test boot --test verity --test measured --test state --test workloads --test attestation --test network --test devices -- --test-threads=2
 
 ## Everything CI checks: format, lints, unit tests, the boot scenarios.
 test: deps build check unit boot-tests

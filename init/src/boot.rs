@@ -13,6 +13,7 @@ use std::rc::Rc;
 use cvm_measure::event::{Event, Phase};
 
 use crate::config::{self, BootOptions, ConfigFile};
+use crate::devices;
 use crate::disk::discover::Roots;
 use crate::fatal::{self, fatal};
 use crate::logger;
@@ -175,7 +176,10 @@ fn report_registers(measurer: &mut Measurer) {
     log::info!("{} events measured", measurer.events);
 }
 
-fn load_modules(sys: &dyn System, wanted: &[String]) -> Result<Vec<String>, ModulesPhaseError> {
+fn load_modules(
+    sys: &dyn System,
+    wanted: &[String],
+) -> Result<(Vec<String>, ModuleIndex), ModulesPhaseError> {
     let release = nix::sys::utsname::uname()
         .map_err(ModulesPhaseError::Release)?
         .release()
@@ -198,7 +202,43 @@ fn load_modules(sys: &dyn System, wanted: &[String]) -> Result<Vec<String>, Modu
             ),
         }
     }
-    Ok(loaded)
+    Ok((loaded, index))
+}
+
+/// Drivers for the disks and NICs present, then a thread for those that appear later.
+fn start_device_drivers(index: ModuleIndex, loaded: &[String]) {
+    let sys_bus = Path::new("/sys/bus");
+    // Opened before the scan, so that a device added meanwhile is not missed.
+    let events = match devices::Uevents::open() {
+        Ok(events) => Some(events),
+        Err(e) => {
+            log::warn!(
+                "device drivers: no uevent socket ({e}): only the devices present now get drivers"
+            );
+            None
+        }
+    };
+    let hardware: Vec<String> = modules::HARDWARE.iter().map(|m| m.to_string()).collect();
+    let held = devices::HeldModules::open(&index, &hardware);
+    let mut drivers = devices::Drivers::new(index, held, loaded);
+    let found = devices::coldplug(&mut drivers, sys_bus);
+    if found.is_empty() {
+        log::info!("device drivers: no device here needs one");
+    } else {
+        let list: Vec<String> = found
+            .iter()
+            .map(|(driver, device)| format!("{driver} for {device}"))
+            .collect();
+        log::info!("device drivers: {}", list.join(", "));
+    }
+    if let Some(events) = events {
+        let spawned = std::thread::Builder::new()
+            .name("device-drivers".into())
+            .spawn(move || devices::watch(drivers, events, sys_bus));
+        if let Err(e) = spawned {
+            log::warn!("device drivers: cannot start the thread for later devices: {e}");
+        }
+    }
 }
 
 /// Never returns: PID 1 ends in reboot(2).
@@ -236,8 +276,12 @@ pub fn run() -> ! {
 
     let mut wanted: Vec<String> = modules::REQUIRED.iter().map(|m| m.to_string()).collect();
     wanted.extend(options.modules.iter().cloned());
-    let loaded = phase("modules", || load_modules(&sys, &wanted));
+    let (loaded, index) = phase("modules", || load_modules(&sys, &wanted));
     log::info!("modules loaded: {}", loaded.join(" "));
+    phase("devices", || {
+        start_device_drivers(index, &loaded);
+        Ok::<(), std::convert::Infallible>(())
+    });
     phase("configfs", || mounts::mount_one(&sys, &mounts::CONFIGFS));
 
     // From here on every decision is measured before it takes effect.
@@ -293,7 +337,7 @@ pub fn run() -> ! {
     });
     if !config_file.modules.is_empty() {
         // From the verified root's /lib/modules: the initramfs is gone.
-        let loaded = phase("modules-late", || load_modules(&sys, &config_file.modules));
+        let (loaded, _) = phase("modules-late", || load_modules(&sys, &config_file.modules));
         log::info!("modules loaded: {}", loaded.join(" "));
     }
 

@@ -3,6 +3,7 @@
 
 pub mod boot;
 pub mod config;
+pub mod devices;
 pub mod disk;
 pub mod dm;
 pub mod fatal;

@@ -8,15 +8,14 @@ use std::path::{Path, PathBuf};
 use crate::sys::{ModuleLoadError, System};
 
 /// Modules the init itself always needs: the ACPI power button and the input device that
-/// delivers its key presses; configfs (configfs-tsm attestation reports live there); the
-/// virtio disk, dm-verity and erofs for the verified root; dm-crypt, dm-integrity and the
+/// delivers its key presses; configfs (configfs-tsm attestation reports live there);
+/// dm-verity and erofs for the verified root (its disk's driver is in [`HARDWARE`]); dm-crypt, dm-integrity and the
 /// ciphers they ask the crypto API for (no modprobe answers its requests), ext4 for the
 /// state disk, and overlay for containerd's snapshots (every node runs containerd).
 pub const REQUIRED: &[&str] = &[
     "button",
     "evdev",
     "configfs",
-    "virtio_blk",
     "dm_verity",
     "erofs",
     "dm_crypt",
@@ -30,14 +29,26 @@ pub const REQUIRED: &[&str] = &[
 /// Modules loaded when the machine has what they drive: the SEV-SNP and TDX guest drivers
 /// (their devices tell the measurement backend which TEE this is), and the AES-NI and SSSE3
 /// ciphers, without which dm-crypt falls back to the generic C code (the crypto API's own
-/// module requests need a modprobe this system does not have), and the virtio NIC (for a
-/// key broker).
-pub const OPTIONAL: &[&str] = &[
-    "sev_guest",
-    "tdx_guest",
-    "aesni_intel",
-    "sha256_ssse3",
+/// module requests need a modprobe this system does not have).
+pub const OPTIONAL: &[&str] = &["sev_guest", "tdx_guest", "aesni_intel", "sha256_ssse3"];
+
+/// The disk and network drivers of QEMU and of the clouds that offer confidential VMs: virtio
+/// (QEMU, GCE's N2D), NVMe (AWS, GCE's C3, Azure's v6), SCSI disks behind virtio-scsi or
+/// Hyper-V, Google's gVNIC (which GCE's confidential VMs require), Amazon's ENA, and Azure's
+/// VMBus devices and MANA NIC. The initramfs carries them all; `devices.rs` loads only those a
+/// device of this machine asks for by its modalias.
+pub const HARDWARE: &[&str] = &[
+    "virtio_blk",
     "virtio_net",
+    "virtio_scsi",
+    "nvme",
+    "sd_mod",
+    "gve",
+    "ena",
+    "hv_vmbus",
+    "hv_storvsc",
+    "hv_netvsc",
+    "mana",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +90,8 @@ pub struct ModuleIndex {
     softdeps: BTreeMap<String, (Vec<String>, Vec<String>)>,
     /// Alias → module names, for exact (non-wildcard) aliases.
     aliases: BTreeMap<String, Vec<String>>,
+    /// (pattern, module name) for aliases with wildcards: the device aliases.
+    patterns: Vec<(String, String)>,
     builtin: BTreeSet<String>,
 }
 
@@ -173,10 +186,30 @@ impl ModuleIndex {
                         .entry(alias.to_string())
                         .or_default()
                         .push(normalize(module));
+                } else {
+                    index.patterns.push((alias.to_string(), normalize(module)));
                 }
             }
         }
         index
+    }
+
+    /// The modules whose aliases match a device's modalias (`pci:v00001AF4d00001042...`), each
+    /// once, by name.
+    pub fn modules_for_modalias(&self, modalias: &str) -> Vec<String> {
+        let mut found: BTreeSet<String> = self
+            .aliases
+            .get(modalias)
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
+        for (pattern, module) in &self.patterns {
+            if glob_matches(pattern.as_bytes(), modalias.as_bytes()) {
+                found.insert(module.clone());
+            }
+        }
+        found.into_iter().collect()
     }
 
     pub fn is_builtin(&self, name: &str) -> bool {
@@ -309,6 +342,72 @@ impl ModuleIndex {
     }
 }
 
+/// Shell-style matching as modules.alias uses it: `*` any run of characters, `?` one, and
+/// `[...]` one of a set (`a-z` ranges, `!` or `^` to negate). A malformed set (no closing
+/// bracket) matches nothing. Linear backtracking on the last `*`: no exponential patterns.
+pub fn glob_matches(pattern: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        let step = match pattern.get(p) {
+            Some(b'*') => {
+                star = Some((p, t));
+                p += 1;
+                continue;
+            }
+            Some(b'?') => Some(p + 1),
+            Some(b'[') => match class_matches(&pattern[p..], text[t]) {
+                Some((true, len)) => Some(p + len),
+                Some((false, _)) => None,
+                None => return false,
+            },
+            Some(&c) if c == text[t] => Some(p + 1),
+            _ => None,
+        };
+        match (step, star) {
+            (Some(next), _) => {
+                p = next;
+                t += 1;
+            }
+            (None, Some((star_p, star_t))) => {
+                // Let the last `*` take one more character and try again from there.
+                star = Some((star_p, star_t + 1));
+                p = star_p + 1;
+                t = star_t + 1;
+            }
+            (None, None) => return false,
+        }
+    }
+    pattern[p..].iter().all(|&c| c == b'*')
+}
+
+/// Whether `c` is in the set that `pattern` starts with (`[...]`), and the set's length;
+/// `None` when the set has no closing bracket.
+fn class_matches(pattern: &[u8], c: u8) -> Option<(bool, usize)> {
+    let mut i = 1;
+    let negated = matches!(pattern.get(i), Some(b'!' | b'^'));
+    if negated {
+        i += 1;
+    }
+    let mut found = false;
+    let mut first = true;
+    loop {
+        let &start = pattern.get(i)?;
+        if start == b']' && !first {
+            return Some((found != negated, i + 1));
+        }
+        first = false;
+        if pattern.get(i + 1) == Some(&b'-') && pattern.get(i + 2).is_some_and(|&e| e != b']') {
+            let end = pattern[i + 2];
+            found |= start <= c && c <= end;
+            i += 3;
+        } else {
+            found |= start == c;
+            i += 1;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -414,6 +513,96 @@ kernel/drivers/acpi/button.ko.xz:
             ])
         );
         assert!(logger_chain(&err).contains("cannot load module erofs from /lib/modules/6.12/kernel/fs/erofs/erofs.ko.xz: the kernel refused the module"));
+    }
+
+    #[test]
+    fn globs_match_as_modules_alias_means_them() {
+        let yes = |p: &str, t: &str| assert!(glob_matches(p.as_bytes(), t.as_bytes()), "{p} {t}");
+        let no = |p: &str, t: &str| assert!(!glob_matches(p.as_bytes(), t.as_bytes()), "{p} {t}");
+        // Real lines of Debian 6.12's modules.alias against real devices.
+        let nvme = "pci:v*d*sv*sd*bc01sc08i02*";
+        yes(
+            nvme,
+            "pci:v00001B36d00000010sv00001AF4sd00001100bc01sc08i02",
+        );
+        no(
+            nvme,
+            "pci:v00001B36d00000010sv00001AF4sd00001100bc01sc06i01",
+        );
+        yes("virtio:d00000001v*", "virtio:d00000001v00001AF4");
+        no("virtio:d00000001v*", "virtio:d00000002v00001AF4");
+        yes("acpi*:VMBUS:*", "acpi:VMBUS:");
+        yes("scsi:t-0x00*", "scsi:t-0x00");
+        yes(
+            "pci:v00001AE0d00000042sv*sd*bc*sc*i*",
+            "pci:v00001AE0d00000042sv00001AE0sd00000058bc02sc00i00",
+        );
+        no(
+            "pci:v00001AE0d00000042sv*sd*bc*sc*i*",
+            "pci:v00001AE0d00000043sv00001AE0sd00000058bc02sc00i00",
+        );
+        // The other metacharacters.
+        yes("a?c", "abc");
+        no("a?c", "ac");
+        yes("x[0-9a-f]y", "x7y");
+        no("x[0-9a-f]y", "xgy");
+        yes("x[!0-9]y", "xgy");
+        no("x[^0-9]y", "x5y");
+        yes("x[]]y", "x]y");
+        no("x[0-9", "x5");
+        yes("*", "");
+        yes("**a**", "a");
+        no("*a", "");
+        no("", "a");
+        yes("a*b*c", "aXXbYYbc");
+        no("a*b*c", "aXXbYYb");
+    }
+
+    proptest::proptest! {
+        // Against a plain recursive definition, on a small alphabet so that matches happen.
+        #[test]
+        fn glob_agrees_with_a_reference(pattern in "[ab*?]{0,8}", text in "[ab]{0,10}") {
+            fn reference(p: &[u8], t: &[u8]) -> bool {
+                match (p.first(), t.first()) {
+                    (None, _) => t.is_empty(),
+                    (Some(b'*'), _) => reference(&p[1..], t) || (!t.is_empty() && reference(p, &t[1..])),
+                    (Some(_), None) => false,
+                    (Some(b'?'), Some(_)) => reference(&p[1..], &t[1..]),
+                    (Some(a), Some(b)) => a == b && reference(&p[1..], &t[1..]),
+                }
+            }
+            proptest::prop_assert_eq!(
+                glob_matches(pattern.as_bytes(), text.as_bytes()),
+                reference(pattern.as_bytes(), text.as_bytes())
+            );
+        }
+
+        #[test]
+        fn glob_never_panics(pattern in proptest::collection::vec(proptest::num::u8::ANY, 0..24), text in proptest::collection::vec(proptest::num::u8::ANY, 0..24)) {
+            let _ = glob_matches(&pattern, &text);
+        }
+    }
+
+    #[test]
+    fn device_aliases_name_their_modules() {
+        let index = ModuleIndex::parse(
+            Path::new("/lib/modules/6.12"),
+            "6.12",
+            "kernel/drivers/nvme/host/nvme.ko.xz: kernel/drivers/nvme/host/nvme-core.ko.xz\nkernel/drivers/nvme/host/nvme-core.ko.xz:\n",
+            "",
+            "",
+            "alias pci:v*d*sv*sd*bc01sc08i02* nvme\nalias pci:v0000106Bd00002001sv*sd*bc*sc*i* nvme\nalias nvme-exact nvme\nalias virtio:d00000001v* virtio_net\n",
+        );
+        let qemu_nvme = "pci:v00001B36d00000010sv00001AF4sd00001100bc01sc08i02";
+        assert_eq!(index.modules_for_modalias(qemu_nvme), names(&["nvme"]));
+        assert_eq!(index.modules_for_modalias("nvme-exact"), names(&["nvme"]));
+        assert_eq!(
+            index.modules_for_modalias("virtio:d00000001v00001AF4"),
+            names(&["virtio_net"])
+        );
+        assert!(index
+            .modules_for_modalias("pci:v00008086d00001237sv00001AF4sd00001100bc06sc00i00")
+            .is_empty());
     }
 
     fn logger_chain(e: &ModuleError) -> String {

@@ -103,17 +103,38 @@ pub enum StateError {
     },
 }
 
-/// Finds the disk whose `serial` attribute matches, waiting a little for slow devices.
+/// A disk's serial number as its driver shows it: virtio-blk's own `serial`, an NVMe
+/// controller's `device/serial`, or a SCSI disk's unit serial number page (`device/vpd_pg80`:
+/// a 4-byte header with the length, then the text).
+fn disk_serial(disk: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(disk.join("serial"))
+        .or_else(|_| std::fs::read_to_string(disk.join("device/serial")))
+        .ok()
+        .or_else(|| {
+            let page = std::fs::read(disk.join("device/vpd_pg80")).ok()?;
+            if page.get(1) != Some(&0x80) {
+                return None;
+            }
+            let len = u16::from_be_bytes([*page.get(2)?, *page.get(3)?]) as usize;
+            let serial = page.get(4..4 + len)?;
+            Some(String::from_utf8_lossy(serial).into_owned())
+        })?;
+    Some(
+        text.trim_matches(|c: char| c.is_whitespace() || c == '\0')
+            .to_string(),
+    )
+}
+
+/// Finds the disk whose serial number matches, waiting a little for slow devices.
 pub fn find_by_serial(sys_block: &Path, serial: &str) -> Result<(String, (u32, u32)), StateError> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let mut seen = Vec::new();
         for entry in std::fs::read_dir(sys_block).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Ok(found) = std::fs::read_to_string(entry.path().join("serial")) else {
+            let Some(found) = disk_serial(&entry.path()) else {
                 continue;
             };
-            let found = found.trim().to_string();
             if found == serial {
                 let dev = std::fs::read_to_string(entry.path().join("dev")).unwrap_or_default();
                 if let Some((a, b)) = dev.trim().split_once(':') {
@@ -642,4 +663,52 @@ fn mount_state(cfg: &StateConfig, sys: &dyn System, node: &str) -> Result<(), St
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serials_are_read_as_virtio_nvme_and_scsi_show_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = |name: &str, file: &str, content: &[u8], dev: &str| {
+            let d = dir.path().join(name);
+            std::fs::create_dir_all(d.join("device")).unwrap();
+            std::fs::write(d.join(file), content).unwrap();
+            std::fs::write(d.join("dev"), dev).unwrap();
+        };
+        disk("vda", "serial", b"root\n", "254:0\n");
+        disk(
+            "nvme0n1",
+            "device/serial",
+            b"cvm-state           \n",
+            "259:0\n",
+        );
+        let mut page = vec![0, 0x80, 0, 9];
+        page.extend(b"scsi-disk");
+        disk("sda", "device/vpd_pg80", &page, "8:0\n");
+        disk(
+            "sdb",
+            "device/vpd_pg80",
+            &[0, 0x83, 0, 2, b'x', b'y'],
+            "8:16\n",
+        );
+        disk("sdc", "device/vpd_pg80", &[0, 0x80, 0, 200, b'x'], "8:32\n");
+        assert_eq!(
+            disk_serial(&dir.path().join("vda")).as_deref(),
+            Some("root")
+        );
+        assert_eq!(
+            find_by_serial(dir.path(), "cvm-state").unwrap(),
+            ("nvme0n1".to_string(), (259, 0))
+        );
+        assert_eq!(
+            find_by_serial(dir.path(), "scsi-disk").unwrap(),
+            ("sda".to_string(), (8, 0))
+        );
+        // Another VPD page, or a length past the end: no serial.
+        assert_eq!(disk_serial(&dir.path().join("sdb")), None);
+        assert_eq!(disk_serial(&dir.path().join("sdc")), None);
+    }
 }

@@ -73,18 +73,24 @@ impl System for Linux {
 
     fn load_module(&self, path: &Path) -> Result<(), ModuleLoadError> {
         let file = fs::File::open(path).map_err(ModuleLoadError::Open)?;
-        let compressed = path
-            .extension()
-            .is_some_and(|e| e == "xz" || e == "zst" || e == "gz");
-        let flags = if compressed {
-            ModuleInitFlags::from_bits_retain(MODULE_INIT_COMPRESSED_FILE as _)
-        } else {
-            ModuleInitFlags::empty()
-        };
-        match finit_module(file.as_fd(), c"", flags) {
-            Ok(()) | Err(Errno::EEXIST) => Ok(()),
-            Err(e) => Err(ModuleLoadError::Kernel(e)),
-        }
+        load_module_file(&file, path)
+    }
+}
+
+/// Loads an open module file (`path` names it: its extension tells whether the kernel must
+/// decompress it). A module already loaded counts as loaded.
+pub fn load_module_file(file: &fs::File, path: &Path) -> Result<(), ModuleLoadError> {
+    let compressed = path
+        .extension()
+        .is_some_and(|e| e == "xz" || e == "zst" || e == "gz");
+    let flags = if compressed {
+        ModuleInitFlags::from_bits_retain(MODULE_INIT_COMPRESSED_FILE as _)
+    } else {
+        ModuleInitFlags::empty()
+    };
+    match finit_module(file.as_fd(), c"", flags) {
+        Ok(()) | Err(Errno::EEXIST) => Ok(()),
+        Err(e) => Err(ModuleLoadError::Kernel(e)),
     }
 }
 

@@ -44,6 +44,21 @@ pub struct Guest {
     bios: Option<PathBuf>,
     /// More QEMU arguments, last on the command line.
     extra_args: Vec<String>,
+    /// The controller every disk hangs on.
+    disk_bus: DiskBus,
+}
+
+/// How a guest's disks are attached: as the clouds attach them, so that the init's choice of
+/// drivers is exercised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DiskBus {
+    /// virtio-blk, one PCI device per disk (QEMU's usual, GCE's N2D).
+    #[default]
+    Virtio,
+    /// One NVMe controller per disk (AWS, GCE's C3): the serial is the controller's.
+    Nvme,
+    /// Disks on one virtio-scsi adapter (GCE's default for other machines).
+    Scsi,
 }
 
 /// Where a guest reaches the host services a test forwards to it (`Guest::forward`).
@@ -83,6 +98,7 @@ impl Guest {
             confidential: None,
             bios: None,
             extra_args: Vec::new(),
+            disk_bus: DiskBus::default(),
         }
     }
 
@@ -130,6 +146,12 @@ impl Guest {
     /// Attaches a raw disk image (copy-on-write: the file itself is never written).
     pub fn disk(mut self, path: &Path) -> Self {
         self.disks.push(path.to_path_buf());
+        self
+    }
+
+    /// Attaches every disk through this controller instead of virtio-blk.
+    pub fn disk_bus(mut self, bus: DiskBus) -> Self {
+        self.disk_bus = bus;
         self
     }
 
@@ -316,11 +338,29 @@ impl Guest {
         if !self.reboot {
             cmd.arg("-no-reboot");
         }
+        if self.disk_bus == DiskBus::Scsi && !(self.disks.is_empty() && self.persistent.is_empty())
+        {
+            cmd.args(["-device", "virtio-scsi-pci,id=scsi0"]);
+        }
+        let disk_device = |id: &str, serial: &str| match self.disk_bus {
+            DiskBus::Virtio => format!("virtio-blk-pci,drive={id},serial={serial}"),
+            DiskBus::Nvme => format!("nvme,drive={id},serial={serial}"),
+            DiskBus::Scsi => format!("scsi-hd,drive={id},bus=scsi0.0,serial={serial}"),
+        };
         for (i, disk) in self.disks.iter().enumerate() {
-            cmd.arg("-drive").arg(format!(
-                "if=virtio,format=raw,file={},snapshot=on,index={i}",
-                disk.display()
-            ));
+            if self.disk_bus == DiskBus::Virtio {
+                cmd.arg("-drive").arg(format!(
+                    "if=virtio,format=raw,file={},snapshot=on,index={i}",
+                    disk.display()
+                ));
+            } else {
+                cmd.arg("-drive").arg(format!(
+                    "if=none,id=disk{i},format=raw,file={},snapshot=on",
+                    disk.display()
+                ));
+                cmd.arg("-device")
+                    .arg(disk_device(&format!("disk{i}"), &format!("disk{i}")));
+            }
         }
         for (i, (disk, serial)) in self.persistent.iter().enumerate() {
             cmd.arg("-drive").arg(format!(
@@ -328,7 +368,7 @@ impl Guest {
                 disk.display()
             ));
             cmd.arg("-device")
-                .arg(format!("virtio-blk-pci,drive=state{i},serial={serial}"));
+                .arg(disk_device(&format!("state{i}"), serial));
         }
         if self.tpm {
             cmd.arg("-chardev")

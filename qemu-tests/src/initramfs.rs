@@ -7,7 +7,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use cvm_init::modules::{ModuleIndex, OPTIONAL, REQUIRED};
+use cvm_init::modules::{ModuleIndex, HARDWARE, OPTIONAL, REQUIRED};
 use cvm_init::sys::Linux;
 
 use crate::cpio::CpioWriter;
@@ -103,6 +103,7 @@ fn add_modules(
     let mut wanted: Vec<String> = REQUIRED
         .iter()
         .chain(OPTIONAL)
+        .chain(HARDWARE)
         .map(|m| m.to_string())
         .collect();
     wanted.extend(spec.extra_modules.iter().cloned());

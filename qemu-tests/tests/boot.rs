@@ -27,6 +27,7 @@ fn a_boots_to_ready_and_runs_the_workload() {
         "mounts",
         "config",
         "modules",
+        "devices",
         "configfs",
         "verity-root",
         "mount-root",
@@ -52,7 +53,6 @@ fn a_boots_to_ready_and_runs_the_workload() {
         "button",
         "evdev",
         "configfs",
-        "virtio_blk",
         "dm_mod",
         "dm_verity",
         "erofs",
@@ -60,6 +60,21 @@ fn a_boots_to_ready_and_runs_the_workload() {
         assert!(
             loaded.split_whitespace().any(|m| m == module),
             "module {module} not loaded: {loaded}"
+        );
+    }
+    // The disk's driver came because the disk asked for it, and nothing else did.
+    let drivers = lines
+        .iter()
+        .find(|l| l.starts_with("cvm-init: device drivers:"))
+        .expect("device drivers line");
+    assert!(
+        drivers.contains("virtio_blk for virtio/virtio"),
+        "no virtio_blk: {drivers}"
+    );
+    for absent in ["nvme", "virtio_scsi", "gve", "ena", "hv_", "mana"] {
+        assert!(
+            !drivers.contains(absent),
+            "{absent} for no device: {drivers}"
         );
     }
     assert!(
