@@ -20,6 +20,8 @@ pub struct Offer {
     pub router: Option<Ipv4Addr>,
     pub dns: Vec<Ipv4Addr>,
     pub domain: Option<String>,
+    /// The domain search list (option 119), names compressed as RFC 3397 allows.
+    pub search: Vec<String>,
     pub host_name: Option<String>,
     pub mtu: Option<u16>,
     /// Sent before each good OFFER: a reply the client must refuse (a non-contiguous netmask).
@@ -33,6 +35,7 @@ impl Default for Offer {
             router: Some(SERVER_IP),
             dns: vec![Ipv4Addr::new(10, 0, 3, 53), Ipv4Addr::new(10, 0, 3, 54)],
             domain: Some("lan.test".into()),
+            search: vec!["lan.test".into(), "svc.lan.test".into()],
             host_name: Some("served-node".into()),
             mtu: Some(1400),
             hostile_first: false,
@@ -93,6 +96,34 @@ fn option(out: &mut Vec<u8>, code: u8, data: &[u8]) {
     out.extend(data);
 }
 
+/// Names in DNS wire format, a name's tail that was written before replaced by a pointer to it.
+fn search_list(names: &[String]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut written: Vec<(String, usize)> = Vec::new();
+    for name in names {
+        let labels: Vec<&str> = name.split('.').collect();
+        for i in 0..=labels.len() {
+            let tail = labels[i..].join(".");
+            if let Some((_, at)) = written
+                .iter()
+                .find(|(n, _)| *n == tail)
+                .filter(|_| i < labels.len())
+            {
+                out.extend([0xc0 | (at >> 8) as u8, *at as u8]);
+                break;
+            }
+            if i == labels.len() {
+                out.push(0);
+                break;
+            }
+            written.push((tail, out.len()));
+            out.push(labels[i].len() as u8);
+            out.extend(labels[i].as_bytes());
+        }
+    }
+    out
+}
+
 /// A DHCP reply to `request` of `kind` (2 OFFER, 5 ACK), with `offer`'s options.
 fn reply(request: &[u8], kind: u8, offer: &Offer, hostile: bool) -> Vec<u8> {
     let mut m = vec![0u8; 236];
@@ -126,6 +157,9 @@ fn reply(request: &[u8], kind: u8, offer: &Offer, hostile: bool) -> Vec<u8> {
     }
     if let Some(d) = &offer.domain {
         option(&mut m, 15, d.as_bytes());
+    }
+    if !offer.search.is_empty() {
+        option(&mut m, 119, &search_list(&offer.search));
     }
     if let Some(h) = &offer.host_name {
         option(&mut m, 12, h.as_bytes());
@@ -257,5 +291,14 @@ mod tests {
             0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7,
         ];
         assert_eq!(checksum(&header), 0xb861);
+    }
+
+    #[test]
+    fn search_lists_are_compressed() {
+        let names = ["lan.test".to_string(), "svc.lan.test".to_string()];
+        assert_eq!(
+            search_list(&names),
+            b"\x03lan\x04test\x00\x03svc\xc0\x00".to_vec()
+        );
     }
 }

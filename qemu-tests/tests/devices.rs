@@ -44,6 +44,12 @@ fn boots_with_disks_on(bus: DiskBus, expected: &[&str], not_expected: &[&str]) {
         "the state disk was not set up"
     );
     let drivers = drivers_line(&log);
+    let phase = console_lines(&log)
+        .into_iter()
+        .find(|l| l.starts_with("cvm-init: phase devices ok"))
+        .unwrap_or("no devices phase line")
+        .to_string();
+    eprintln!("{bus:?}: {drivers} ({phase})");
     for driver in expected {
         assert!(drivers.contains(driver), "{driver} missing: {drivers}");
     }
@@ -112,8 +118,18 @@ fn a_disk_attached_after_boot_gets_its_driver() {
         json!({ "driver": "nvme", "drive": "volume", "serial": "volume-1", "bus": "port1", "id": "volume-nvme" }),
     )
     .unwrap();
-    must(guest.wait_for(
+    let waited = must(guest.wait_for(
         "cvm-init: device drivers: nvme_auth nvme_core nvme for /devices/",
         Duration::from_secs(60),
     ));
+    let log = guest.serial_log();
+    let line = console_lines(&log)
+        .into_iter()
+        .find(|l| l.contains("nvme for /devices/"))
+        .unwrap_or_default()
+        .to_string();
+    eprintln!(
+        "hot-added NVMe: {line} ({} ms after device_add)",
+        waited.as_millis()
+    );
 }

@@ -105,7 +105,8 @@ fn a_dhcp_server_configures_route_dns_name_and_mtu_and_renews_short_leases() {
     for line in [
         "net: payload: /etc/resolv.conf: nameserver 10.0.3.53",
         "net: payload: /etc/resolv.conf: nameserver 10.0.3.54",
-        "net: payload: /etc/resolv.conf: search lan.test",
+        // The search list (option 119, the second name compressed) wins over the domain.
+        "net: payload: /etc/resolv.conf: search lan.test svc.lan.test",
         "net: payload: /etc/hosts: 10.0.3.15\tserved-node",
         "net: payload: hostname served-node",
     ] {

@@ -34,10 +34,13 @@ const OPT_MAX_SIZE: u8 = 57;
 const OPT_RENEWAL_TIME: u8 = 58;
 const OPT_REBINDING_TIME: u8 = 59;
 const OPT_CLIENT_ID: u8 = 61;
+const OPT_DOMAIN_SEARCH: u8 = 119;
 const OPT_END: u8 = 255;
 
 /// At most this many name servers go to resolv.conf (the resolver reads three).
 pub const MAX_DNS: usize = 3;
+/// At most this many search domains go to resolv.conf (older resolvers read six).
+pub const MAX_SEARCH: usize = 6;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MessageType {
@@ -146,6 +149,7 @@ impl Request<'_> {
             OPT_DNS,
             OPT_HOST_NAME,
             OPT_DOMAIN_NAME,
+            OPT_DOMAIN_SEARCH,
             OPT_MTU,
             OPT_LEASE_TIME,
             OPT_SERVER_ID,
@@ -180,6 +184,8 @@ pub struct Lease {
     pub router: Option<Ipv4Addr>,
     pub dns: Vec<Ipv4Addr>,
     pub domain: Option<String>,
+    /// The domain search list (option 119), in the server's order.
+    pub search: Vec<String>,
     pub host_name: Option<String>,
     pub mtu: Option<u16>,
     pub server: Ipv4Addr,
@@ -196,6 +202,7 @@ fn option_name(code: u8) -> &'static str {
         OPT_DNS => "DNS servers",
         OPT_HOST_NAME => "host name",
         OPT_DOMAIN_NAME => "domain name",
+        OPT_DOMAIN_SEARCH => "domain search list",
         OPT_MTU => "interface MTU",
         OPT_LEASE_TIME => "lease time",
         OPT_MESSAGE_TYPE => "message type",
@@ -227,6 +234,82 @@ pub fn valid_dns_name(name: &str) -> bool {
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })
+}
+
+/// The names of a domain search list (option 119, RFC 3397): DNS wire-format names, where a
+/// name may end in a pointer (two bytes, top bits set) to a name earlier in the option's data.
+/// Pointers must point backwards, so a list cannot loop; every name must be of DNS labels.
+pub fn domain_search_list(data: &[u8]) -> Result<Vec<String>, String> {
+    let mut names = Vec::new();
+    let mut at = 0;
+    while at < data.len() {
+        let (name, next) = wire_name(data, at)?;
+        if !valid_dns_name(&name) {
+            return Err(format!("name at byte {at} {name:?}: not of DNS labels"));
+        }
+        names.push(name.to_ascii_lowercase());
+        at = next;
+    }
+    Ok(names)
+}
+
+/// The name at `start`, and where the next one begins.
+fn wire_name(data: &[u8], start: usize) -> Result<(String, usize), String> {
+    let mut labels: Vec<&[u8]> = Vec::new();
+    let mut at = start;
+    let mut next = None;
+    let mut length = 0;
+    let mut floor = start;
+    loop {
+        let &len = data
+            .get(at)
+            .ok_or_else(|| format!("name at byte {start}: runs past the end ({})", data.len()))?;
+        match len {
+            0 => {
+                let end = next.unwrap_or(at + 1);
+                let text: Vec<String> = labels
+                    .iter()
+                    .map(|l| String::from_utf8_lossy(l).into_owned())
+                    .collect();
+                return Ok((text.join("."), end));
+            }
+            1..=63 => {
+                let label = data.get(at + 1..at + 1 + len as usize).ok_or_else(|| {
+                    format!(
+                        "label at byte {at}: {len} bytes run past the end ({})",
+                        data.len()
+                    )
+                })?;
+                length += len as usize + 1;
+                if length > 254 {
+                    return Err(format!("name at byte {start}: longer than 253 characters"));
+                }
+                labels.push(label);
+                at += 1 + len as usize;
+            }
+            0xc0..=0xff => {
+                let low = *data
+                    .get(at + 1)
+                    .ok_or_else(|| format!("pointer at byte {at}: cut off"))?;
+                let target = ((len as usize & 0x3f) << 8) | low as usize;
+                // Each jump lands before the one before it (the first before this name), so
+                // the jumps end.
+                if target >= floor {
+                    return Err(format!(
+                        "pointer at byte {at} to byte {target}: not to an earlier name"
+                    ));
+                }
+                floor = target;
+                next.get_or_insert(at + 2);
+                at = target;
+            }
+            _ => {
+                return Err(format!(
+                    "label at byte {at}: length byte {len:#04x} is reserved"
+                ))
+            }
+        }
+    }
 }
 
 /// The options of a message, RFC 3396 concatenation for a code that appears more than once.
@@ -450,6 +533,24 @@ pub fn parse_reply(bytes: &[u8], xid: u32, mac: &[u8; 6]) -> Result<Reply, DhcpE
     // A host name becomes the kernel's (64 bytes at most); a domain goes to resolv.conf.
     let host_name = name(OPT_HOST_NAME, 64);
     let domain = name(OPT_DOMAIN_NAME, 253);
+    let mut search = Vec::new();
+    if let Some(data) = get(OPT_DOMAIN_SEARCH) {
+        match domain_search_list(data) {
+            Ok(names) => {
+                for name in names {
+                    if search.contains(&name) {
+                        continue;
+                    }
+                    if search.len() == MAX_SEARCH {
+                        ignored.push(format!("search domain {name}: more than {MAX_SEARCH}"));
+                    } else {
+                        search.push(name);
+                    }
+                }
+            }
+            Err(reason) => ignored.push(format!("domain search list: {reason}")),
+        }
+    }
     let mtu = match get(OPT_MTU).map(|d| exact::<2>(OPT_MTU, d)).transpose()? {
         Some(b) => {
             let mtu = u16::from_be_bytes(b);
@@ -488,6 +589,7 @@ pub fn parse_reply(bytes: &[u8], xid: u32, mac: &[u8; 6]) -> Result<Reply, DhcpE
             router,
             dns,
             domain,
+            search,
             host_name,
             mtu,
             server,
@@ -653,6 +755,75 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn domain_search_lists_are_read_with_their_pointers() {
+        // RFC 3397's own example: eng.apple.com and marketing.apple.com, the second ending in a
+        // pointer to "apple.com" inside the first.
+        let mut list = b"\x03eng\x05apple\x03com\x00".to_vec();
+        list.extend(b"\x09marketing\xc0\x04");
+        assert_eq!(
+            domain_search_list(&list).unwrap(),
+            ["eng.apple.com", "marketing.apple.com"]
+        );
+        // Chains of pointers, each further back.
+        let mut chain = b"\x04test\x00\x03lan\xc0\x00".to_vec();
+        chain.extend(b"\x03svc\xc0\x06");
+        assert_eq!(
+            domain_search_list(&chain).unwrap(),
+            ["test", "lan.test", "svc.lan.test"]
+        );
+        let refused = |data: &[u8]| domain_search_list(data).unwrap_err();
+        // A pointer to itself, forwards, or back into its own name would loop or read ahead.
+        assert!(refused(b"\x01a\xc0\x00").contains("not to an earlier name"));
+        assert!(refused(b"\x01a\xc0\x05\x00\x00\x00").contains("not to an earlier name"));
+        // A pointer into an earlier name whose own pointer leads back past the jump.
+        let mut sneaky = b"\x01a\x00".to_vec(); // 0..3
+        sneaky.extend(b"\x01b\xc0\x00"); // 3..7: b.a
+        sneaky.extend(b"\xc0\x05"); // 7: into "b"'s pointer at 5, which goes to 0 (< 5): ends
+        assert_eq!(domain_search_list(&sneaky).unwrap(), ["a", "b.a", "a"]);
+        let mut looping = b"\x01a\x00".to_vec(); // 0..3
+        looping.extend(b"\x01b\xc0\x03"); // 3..7: pointer at 5 to its own name: refused
+        assert!(refused(&looping).contains("pointer at byte 5 to byte 3"));
+        assert!(refused(b"\x05abc").contains("run past the end"));
+        assert!(refused(b"\x03abc").contains("runs past the end"));
+        assert!(refused(b"\x03abc\xc0").contains("cut off"));
+        assert!(refused(b"\x41abc\x00").contains("reserved"));
+        assert!(refused(b"\x03a_b\x00").contains("not of DNS labels"));
+        assert!(refused(b"\x00").contains("not of DNS labels"));
+        let long: Vec<u8> = (0..5)
+            .flat_map(|_| [&[63u8][..], &[b'a'; 63][..]].concat())
+            .chain([0])
+            .collect();
+        assert!(refused(&long).contains("longer than 253"));
+    }
+
+    #[test]
+    fn the_search_list_reaches_the_lease_trimmed() {
+        let mut options = slirp_options();
+        let mut list = Vec::new();
+        for name in [
+            "a.test", "b.test", "a.test", "c.test", "d.test", "e.test", "f.test", "g.test",
+        ] {
+            for label in name.split('.') {
+                list.push(label.len() as u8);
+                list.extend(label.as_bytes());
+            }
+            list.push(0);
+        }
+        options.push((OPT_DOMAIN_SEARCH, list));
+        let r = parse_reply(&reply(5, 7, [10, 0, 2, 15], &options), 7, &MAC).unwrap();
+        assert_eq!(
+            r.lease.unwrap().search,
+            ["a.test", "b.test", "c.test", "d.test", "e.test", "f.test"]
+        );
+        assert_eq!(r.ignored, ["search domain g.test: more than 6"]);
+        let mut bad = slirp_options();
+        bad.push((OPT_DOMAIN_SEARCH, b"\x01a\xc0\x00".to_vec()));
+        let r = parse_reply(&reply(5, 7, [10, 0, 2, 15], &bad), 7, &MAC).unwrap();
+        assert!(r.lease.unwrap().search.is_empty());
+        assert!(r.ignored[0].starts_with("domain search list: pointer at byte 2"));
+    }
+
+    #[test]
     fn dns_names() {
         for good in ["node-a", "a.b.c", "x1", "cluster.local"] {
             assert!(valid_dns_name(good), "{good}");
@@ -663,6 +834,11 @@ pub(crate) mod tests {
     }
 
     proptest! {
+        #[test]
+        fn arbitrary_search_lists_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = domain_search_list(&bytes);
+        }
+
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..700)) {
             let _ = parse_reply(&bytes, 7, &MAC);

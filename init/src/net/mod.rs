@@ -417,10 +417,13 @@ impl Applied {
         } else {
             self.cfg.dns.clone()
         };
-        let search = if self.cfg.search.is_empty() {
-            lease.domain.iter().cloned().collect()
-        } else {
+        // The configuration's list, else the server's search list, else its domain.
+        let search = if !self.cfg.search.is_empty() {
             self.cfg.search.clone()
+        } else if !lease.search.is_empty() {
+            lease.search.clone()
+        } else {
+            lease.domain.iter().cloned().collect()
         };
         files::write(
             &files::Resolver {
