@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use crate::modules::{normalize, ModuleIndex, HARDWARE};
@@ -220,19 +220,10 @@ pub struct Uevents {
 
 impl Uevents {
     pub fn open() -> std::io::Result<Uevents> {
-        // SAFETY: socket(2) with constant arguments; the descriptor is owned at once.
-        let fd = unsafe {
-            nix::libc::socket(
-                nix::libc::AF_NETLINK,
-                nix::libc::SOCK_DGRAM | nix::libc::SOCK_CLOEXEC,
-                nix::libc::NETLINK_KOBJECT_UEVENT,
-            )
-        };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `fd` was just returned by socket(2) and is owned by nothing else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let fd = crate::net::netlink::netlink_socket(
+            nix::libc::SOCK_DGRAM,
+            nix::libc::NETLINK_KOBJECT_UEVENT,
+        )?;
         // A boot's burst of events must not overflow the queue (ENOBUFS is handled, by a
         // rescan, but costs one). SO_RCVBUFFORCE: PID 1 may exceed rmem_max.
         let size: nix::libc::c_int = 4 << 20;

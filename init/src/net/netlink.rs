@@ -227,21 +227,30 @@ pub struct Netlink {
     seq: u32,
 }
 
+/// A netlink socket of `kind` (SOCK_RAW, SOCK_DGRAM) for `protocol` (NETLINK_ROUTE, ...).
+pub fn netlink_socket(
+    kind: nix::libc::c_int,
+    protocol: nix::libc::c_int,
+) -> std::io::Result<OwnedFd> {
+    // SAFETY: socket(2) with plain integer arguments; the descriptor is owned at once.
+    let fd = unsafe {
+        nix::libc::socket(
+            nix::libc::AF_NETLINK,
+            kind | nix::libc::SOCK_CLOEXEC,
+            protocol,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by socket(2) and is owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 impl Netlink {
     pub fn open() -> Result<Netlink, NetlinkError> {
-        // SAFETY: socket(2) with constant arguments; the descriptor is owned at once.
-        let fd = unsafe {
-            nix::libc::socket(
-                nix::libc::AF_NETLINK,
-                nix::libc::SOCK_RAW | nix::libc::SOCK_CLOEXEC,
-                nix::libc::NETLINK_ROUTE,
-            )
-        };
-        if fd < 0 {
-            return Err(NetlinkError::Socket(std::io::Error::last_os_error()));
-        }
-        // SAFETY: `fd` was just returned by socket(2) and is owned by nothing else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let fd = netlink_socket(nix::libc::SOCK_RAW, nix::libc::NETLINK_ROUTE)
+            .map_err(NetlinkError::Socket)?;
         Ok(Netlink { fd, seq: 1 })
     }
 
