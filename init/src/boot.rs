@@ -206,7 +206,7 @@ fn load_modules(
 }
 
 /// Drivers for the disks and NICs present, then a thread for those that appear later.
-fn start_device_drivers(index: ModuleIndex, loaded: &[String]) {
+fn start_device_drivers(index: ModuleIndex, loaded: &[String], allowed: &[String]) {
     let sys_bus = Path::new("/sys/bus");
     // Opened before the scan, so that a device added meanwhile is not missed.
     let events = match devices::Uevents::open() {
@@ -218,12 +218,11 @@ fn start_device_drivers(index: ModuleIndex, loaded: &[String]) {
             None
         }
     };
-    let hardware: Vec<String> = modules::HARDWARE.iter().map(|m| m.to_string()).collect();
-    let held = devices::HeldModules::open(&index, &hardware);
-    let mut drivers = devices::Drivers::new(index, held, loaded);
+    let held = devices::HeldModules::open(&index, allowed);
+    let mut drivers = devices::Drivers::new(index, held, loaded, allowed);
     let found = devices::coldplug(&mut drivers, sys_bus);
     if found.is_empty() {
-        log::info!("device drivers: no device here needs one");
+        log::info!("device drivers: none loaded");
     } else {
         let list: Vec<String> = found
             .iter()
@@ -279,7 +278,7 @@ pub fn run() -> ! {
     let (loaded, index) = phase("modules", || load_modules(&sys, &wanted));
     log::info!("modules loaded: {}", loaded.join(" "));
     phase("devices", || {
-        start_device_drivers(index, &loaded);
+        start_device_drivers(index, &loaded, &options.drivers);
         Ok::<(), std::convert::Infallible>(())
     });
     phase("configfs", || mounts::mount_one(&sys, &mounts::CONFIGFS));

@@ -22,6 +22,10 @@ pub const OPTIONS: &[(&str, &str)] = &[
         "a comma-separated list of module names ([A-Za-z0-9_-])",
     ),
     (
+        "cvm.drivers",
+        "a comma-separated list of device drivers, each one of virtio_blk, virtio_net, virtio_scsi, nvme, sd_mod, gve, ena, hv_vmbus, hv_storvsc, hv_netvsc, mana",
+    ),
+    (
         "cvm.root-partuuid",
         "a partition UUID (8-4-4-4-12 hex digits)",
     ),
@@ -95,6 +99,9 @@ pub struct BootOptions {
     pub log_level: LevelFilter,
     /// Modules to load in addition to those the init always needs.
     pub modules: Vec<String>,
+    /// The device drivers a device may make the init load (`cvm.drivers=`): all of
+    /// [`crate::modules::HARDWARE`] unless the measured command line narrows them.
+    pub drivers: Vec<String>,
     /// The verity root hash from `roothash=`.
     pub root_hash: Option<[u8; 32]>,
     /// Partition UUIDs that override the ones derived from the root hash.
@@ -118,6 +125,10 @@ impl Default for BootOptions {
             debug: false,
             log_level: LevelFilter::Info,
             modules: Vec::new(),
+            drivers: crate::modules::HARDWARE
+                .iter()
+                .map(|d| d.to_string())
+                .collect(),
             root_hash: None,
             root_partuuid: None,
             verity_partuuid: None,
@@ -211,6 +222,13 @@ pub fn parse_cmdline(cmdline: &[u8]) -> Result<BootOptions, CmdlineError> {
                     return Err(malformed(v));
                 }
                 options.modules = names.into_iter().map(str::to_string).collect();
+            }
+            ("cvm.drivers", Some(v)) => {
+                let names: Vec<&str> = v.split(',').collect();
+                if names.iter().any(|n| !crate::modules::HARDWARE.contains(n)) {
+                    return Err(malformed(v));
+                }
+                options.drivers = names.into_iter().map(str::to_string).collect();
             }
             ("roothash", Some(v)) => {
                 let bytes = parse_hex(v)
@@ -1026,6 +1044,27 @@ mod tests {
         let e = parse("quiet cvm.frobnicate=1").unwrap_err();
         assert_eq!(e.key(), "cvm.frobnicate");
         assert!(e.to_string().contains("cvm.frobnicate"), "{e}");
+    }
+
+    #[test]
+    fn drivers_are_narrowed_only_to_known_ones() {
+        assert_eq!(
+            parse("").unwrap().drivers.len(),
+            crate::modules::HARDWARE.len()
+        );
+        assert_eq!(
+            parse("cvm.drivers=nvme,gve").unwrap().drivers,
+            ["nvme", "gve"]
+        );
+        for bad in [
+            "cvm.drivers=nvme,e1000",
+            "cvm.drivers=",
+            "cvm.drivers=nvme,,gve",
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert_eq!(e.key(), "cvm.drivers", "{bad}");
+            assert!(e.to_string().contains("one of virtio_blk"), "{e}");
+        }
     }
 
     #[test]

@@ -83,16 +83,24 @@ impl LoadDriver for HeldModules {
 pub struct Drivers<L> {
     index: ModuleIndex,
     loader: L,
+    /// The drivers devices may have: [`HARDWARE`], or fewer (`cvm.drivers=`).
+    allowed: Vec<String>,
     /// Modules loaded (by anyone in this boot) or refused once (not tried again).
     done: BTreeSet<String>,
 }
 
 impl<L: LoadDriver> Drivers<L> {
-    /// `loaded`: the modules the boot has loaded already.
-    pub fn new(index: ModuleIndex, loader: L, loaded: &[String]) -> Self {
+    /// `loaded`: the modules the boot has loaded already; `allowed`: the drivers a device may
+    /// get (only those also in [`HARDWARE`] count).
+    pub fn new(index: ModuleIndex, loader: L, loaded: &[String], allowed: &[String]) -> Self {
         Drivers {
             index,
             loader,
+            allowed: allowed
+                .iter()
+                .map(|d| normalize(d))
+                .filter(|d| HARDWARE.contains(&d.as_str()))
+                .collect(),
             done: loaded.iter().map(|m| normalize(m)).collect(),
         }
     }
@@ -103,6 +111,11 @@ impl<L: LoadDriver> Drivers<L> {
         let mut loaded = Vec::new();
         for driver in self.index.modules_for_modalias(modalias) {
             if !HARDWARE.contains(&driver.as_str()) || self.done.contains(&driver) {
+                continue;
+            }
+            if !self.allowed.contains(&driver) {
+                log::warn!("driver {driver} for {device} not loaded: not among cvm.drivers");
+                self.done.insert(driver);
                 continue;
             }
             let mut wanted = vec![driver.clone()];
@@ -357,6 +370,20 @@ alias input:b*v*p*e*-e*k*r*a*m*l*s*f*w* evdev
 ";
     const NVME: &str = "pci:v00001B36d00000010sv00001AF4sd00001100bc01sc08i02";
 
+    fn all() -> Vec<String> {
+        HARDWARE.iter().map(|d| d.to_string()).collect()
+    }
+
+    #[test]
+    fn drivers_left_out_of_cvm_drivers_are_not_loaded() {
+        let recorder = Recorder::default();
+        let mut drivers = Drivers::new(index(), &recorder, &[], &["gve".to_string()]);
+        assert!(drivers.for_device("pci/0000:00:04.0", NVME).is_empty());
+        assert!(recorder.loads.borrow().is_empty());
+        let gvnic = "pci:v00001AE0d00000042sv00001AE0sd00000058bc02sc00i00";
+        assert_eq!(drivers.for_device("pci/0000:00:06.0", gvnic), ["gve"]);
+    }
+
     fn index() -> ModuleIndex {
         ModuleIndex::parse(Path::new("/lib/modules/6.12"), "6.12", DEP, "", "", ALIAS)
     }
@@ -364,7 +391,7 @@ alias input:b*v*p*e*-e*k*r*a*m*l*s*f*w* evdev
     #[test]
     fn a_device_gets_its_driver_after_the_dependencies_and_only_once() {
         let recorder = Recorder::default();
-        let mut drivers = Drivers::new(index(), &recorder, &[]);
+        let mut drivers = Drivers::new(index(), &recorder, &[], &all());
         assert_eq!(
             drivers.for_device("pci/0000:00:04.0", NVME),
             ["nvme_auth", "nvme_core", "nvme"].map(String::from)
@@ -377,7 +404,7 @@ alias input:b*v*p*e*-e*k*r*a*m*l*s*f*w* evdev
     #[test]
     fn a_scsi_host_brings_the_disk_driver_and_shared_dependencies_load_once() {
         let recorder = Recorder::default();
-        let mut drivers = Drivers::new(index(), &recorder, &["scsi_common".to_string()]);
+        let mut drivers = Drivers::new(index(), &recorder, &["scsi_common".to_string()], &all());
         assert_eq!(
             drivers.for_device("virtio/virtio2", "virtio:d00000008v00001AF4"),
             ["scsi_mod", "virtio_scsi", "sd_mod"].map(String::from)
@@ -388,7 +415,7 @@ alias input:b*v*p*e*-e*k*r*a*m*l*s*f*w* evdev
     #[test]
     fn only_hardware_drivers_are_loaded_by_device() {
         let recorder = Recorder::default();
-        let mut drivers = Drivers::new(index(), &recorder, &[]);
+        let mut drivers = Drivers::new(index(), &recorder, &[], &all());
         // evdev matches every input device, but it is not a disk or NIC driver: the boot
         // loads it by name, never because a device asked.
         assert!(drivers
@@ -412,7 +439,7 @@ alias input:b*v*p*e*-e*k*r*a*m*l*s*f*w* evdev
             refuse: vec!["gve"],
             ..Default::default()
         };
-        let mut drivers = Drivers::new(index(), &recorder, &[]);
+        let mut drivers = Drivers::new(index(), &recorder, &[], &all());
         let gvnic = "pci:v00001AE0d00000042sv00001AE0sd00000058bc02sc00i00";
         assert!(drivers.for_device("pci/0000:00:06.0", gvnic).is_empty());
         assert!(drivers.for_device("pci/0000:00:06.0", gvnic).is_empty());
@@ -436,7 +463,7 @@ alias input:b*v*p*e*-e*k*r*a*m*l*s*f*w* evdev
         device("virtio", "virtio1", "virtio:d00000001v00001AF4");
         std::fs::create_dir_all(dir.path().join("virtio/devices/virtio9")).unwrap(); // no modalias
         let recorder = Recorder::default();
-        let mut drivers = Drivers::new(index(), &recorder, &[]);
+        let mut drivers = Drivers::new(index(), &recorder, &[], &all());
         let found = coldplug(&mut drivers, dir.path());
         assert_eq!(
             found,

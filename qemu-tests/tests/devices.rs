@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use qemu_tests::console_lines;
 use qemu_tests::guest::DiskBus;
-use qemu_tests::support::{must, prepare, BOOT};
+use qemu_tests::support::{assert_fatal_before_workload, must, prepare, BOOT};
 use serde_json::json;
 
 const CONFIG: &str = r#"
@@ -81,6 +81,28 @@ fn root_and_state_disk_on_virtio_scsi() {
         &["virtio_scsi for virtio/", "sd_mod for virtio/"],
         &["virtio_blk", "nvme", "gve", "ena"],
     );
+}
+
+/// The measured command line narrows the drivers a device may bring: an NVMe root with
+/// `cvm.drivers=virtio_blk,virtio_net` gets no driver, and the boot stops at the root, saying why.
+#[test]
+fn a_driver_left_out_of_cvm_drivers_is_not_loaded() {
+    let prepared = prepare(Some(CONFIG));
+    let work = tempfile::tempdir().unwrap();
+    let disk = qemu_tests::support::blank_state_disk(work.path());
+    let mut guest = prepared.boot("disks-narrowed", "cvm.drivers=virtio_blk,virtio_net", |g| {
+        g.disk_bus(DiskBus::Nvme).state_disk(&disk, "cvm-state")
+    });
+    let log = assert_fatal_before_workload(
+        &mut guest,
+        "phase verity-root failed: no root partition with PARTUUID",
+        "app: payload",
+    );
+    assert!(
+        log.contains("driver nvme for pci/0000:00:01.0 not loaded: not among cvm.drivers"),
+        "the refusal is not named"
+    );
+    assert!(log.contains("cvm-init: device drivers: none loaded"));
 }
 
 /// A disk attached to the running node (as a cloud attaches a volume) gets its driver from the
