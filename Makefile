@@ -72,7 +72,7 @@ bench: build test-artifacts
 ## images): FUZZ_SECONDS each, with libFuzzer (nightly and cargo-fuzz, installed if missing).
 FUZZ_SECONDS ?= 60
 fuzz: deps
-	bash scripts/fuzz.sh $(FUZZ_SECONDS) firmware snp_report tdx_quote event_log pe_image dhcp_reply
+	bash scripts/fuzz.sh $(FUZZ_SECONDS) firmware snp_report tdx_quote event_log pe_image dhcp_reply device_events
 
 ## The node image: mkosi 25 in a Debian trixie environment that scripts/image-env.sh makes once
 ## (.cache/image-env); outputs in target/image/out. KUBELET=<kubelet binary or .deb> (else the

@@ -39,6 +39,12 @@ m += bytes([99, 130, 83, 99, 53, 1, 5, 54, 4, 10, 0, 2, 2, 51, 4, 0, 1, 81, 128,
 open(sys.argv[1], "wb").write(m)
 PY
 seed dhcp_reply "$dhcp_seed"
+# A kernel uevent for an NVMe controller, and a domain search list with a compressed name.
+events_seed="$root/.cache/fuzz/uevent-nvme.bin"
+[ -f "$events_seed" ] || printf 'add@/devices/pci0000:00/0000:00:05.0\0ACTION=add\0DEVPATH=/devices/pci0000:00/0000:00:05.0\0SUBSYSTEM=pci\0MODALIAS=pci:v00001B36d00000010sv00001AF4sd00001100bc01sc08i02\0SEQNUM=1234\0' > "$events_seed"
+search_seed="$root/.cache/fuzz/search-list.bin"
+[ -f "$search_seed" ] || printf '\003lan\004test\000\003svc\300\000' > "$search_seed"
+seed device_events "$events_seed" "$search_seed"
 
 for target in "$@"; do
   say "$target for $seconds s"
