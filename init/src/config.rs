@@ -1065,6 +1065,11 @@ mod tests {
             assert_eq!(e.key(), "cvm.drivers", "{bad}");
             assert!(e.to_string().contains("one of virtio_blk"), "{e}");
         }
+        // The form the error names is written out by hand: it must list every driver.
+        let (_, form) = OPTIONS.iter().find(|(k, _)| *k == "cvm.drivers").unwrap();
+        for driver in crate::modules::HARDWARE {
+            assert!(form.contains(driver), "{driver} missing from {form:?}");
+        }
     }
 
     #[test]

@@ -9,9 +9,10 @@ use crate::sys::{ModuleLoadError, System};
 
 /// Modules the init itself always needs: the ACPI power button and the input device that
 /// delivers its key presses; configfs (configfs-tsm attestation reports live there);
-/// dm-verity and erofs for the verified root (its disk's driver is in [`HARDWARE`]); dm-crypt, dm-integrity and the
-/// ciphers they ask the crypto API for (no modprobe answers its requests), ext4 for the
-/// state disk, and overlay for containerd's snapshots (every node runs containerd).
+/// dm-verity and erofs for the verified root (its disk's driver is in [`HARDWARE`]);
+/// dm-crypt, dm-integrity and the ciphers they ask the crypto API for (no modprobe answers
+/// its requests), ext4 for the state disk, and overlay for containerd's snapshots (every node
+/// runs containerd).
 pub const REQUIRED: &[&str] = &[
     "button",
     "evdev",
