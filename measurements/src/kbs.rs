@@ -51,8 +51,8 @@ pub struct Challenge {
 }
 
 impl Challenge {
-    /// The hash the evidence binds with (`extra-params.selected-hash-algorithm`, default
-    /// sha384 as Trustee's built-in attestation service).
+    /// The hash the challenge selects (`extra-params.selected-hash-algorithm`; Trustee sends an
+    /// empty string there, meaning sha384). The client accepts only `BINDING_HASH`.
     pub fn hash_algorithm(&self) -> &str {
         self.extra_params
             .get("selected-hash-algorithm")
@@ -186,8 +186,16 @@ fn write_canonical(value: &Value, out: &mut String) -> Result<(), KbsError> {
     Ok(())
 }
 
-/// The digest a node puts into REPORT_DATA (zero-padded to 64 bytes):
-/// HASH(JCS({"additional-evidence", "nonce", "tee-pubkey"})).
+/// The hash that binds the runtime data. Trustee's attestation service hashes the runtime data
+/// of `snp`, `tdx` and `tpm` evidence with SHA-384 whatever the challenge says (it selects
+/// another hash only for IBM SE), so a node binds with nothing else.
+pub const BINDING_HASH: &str = "sha384";
+
+/// The 64 bytes a node puts into REPORT_DATA (SNP, TDX) or the quote's qualifying data (vTPM):
+/// HASH(JCS({"additional-evidence", "nonce", "tee-pubkey"})), then zeros. With SHA-384 that is
+/// the 48-byte digest and 16 zero bytes, which is what Trustee compares: its SNP and TDX
+/// verifiers pad the expected 48 bytes to 64 with zeros at the end, its TPM verifier resizes
+/// them to 64 the same way.
 pub fn report_data(
     runtime: &RuntimeData,
     additional_evidence: &str,
@@ -255,6 +263,20 @@ fn b64(field: &str, value: &str) -> Result<Vec<u8>, KbsError> {
         .map_err(|_| KbsError::Jwe(format!("{field} is not base64url")))
 }
 
+/// The JWE protected header, byte for byte as Trustee's KBS writes it: `alg`, `enc`, then
+/// `epk` with `crv`, `kty`, `x`, `y`, no whitespace. Trustee's client does not use the received
+/// base64 as the AAD but re-serialises the header it parsed (alg and enc, then the other
+/// members in its map's order, sorted or as received), so only this exact text decrypts there.
+/// Written out rather than left to serde_json, whose map order changes with a crate feature
+/// (`preserve_order`) that any dependency may switch on. The values are base64url or fixed
+/// names: nothing to escape.
+fn protected_header(epk: &Jwk) -> String {
+    format!(
+        r#"{{"alg":"{ALG}","enc":"{ENC}","epk":{{"crv":"{}","kty":"{}","x":"{}","y":"{}"}}}}"#,
+        epk.crv, epk.kty, epk.x, epk.y
+    )
+}
+
 /// Encrypts `plaintext` to `recipient` (what the broker does with a resource).
 pub fn jwe_encrypt(recipient: &p256::PublicKey, plaintext: &[u8]) -> Jwe {
     let ephemeral = p256::ecdh::EphemeralSecret::random(&mut rand_core::OsRng);
@@ -268,9 +290,7 @@ pub fn jwe_encrypt(recipient: &p256::PublicKey, plaintext: &[u8]) -> Jwe {
     let wrapped = aes_kw::KekAes256::new(kek.as_slice().into())
         .wrap_vec(&cek)
         .expect("a 32-byte key wraps");
-    let protected = serde_json::json!({ "alg": ALG, "enc": ENC, "epk": {
-        "kty": epk.kty, "crv": epk.crv, "x": epk.x, "y": epk.y } });
-    let protected = URL_SAFE_NO_PAD.encode(protected.to_string());
+    let protected = URL_SAFE_NO_PAD.encode(protected_header(&epk));
     let cipher = aes_gcm::Aes256Gcm::new(cek.as_slice().into());
     let sealed = cipher
         .encrypt(
@@ -408,6 +428,29 @@ mod tests {
         );
     }
 
+    /// The byte layout pinned: SHA-384 (computed outside this code, `sha384sum`) of the
+    /// canonical runtime data as Trustee's KBS builds it (`tee-pubkey` as kbs-types re-serialises
+    /// an EC key: kty, crv, alg, x, y; the empty `additional-evidence`), then 16 zero bytes.
+    #[test]
+    fn report_data_is_the_sha384_of_the_canonical_runtime_data_then_zeros() {
+        let runtime = RuntimeData {
+            nonce: "Oq8VJUn8z4h0cNlpMYNRH5zhDW0nEaglQEVsQ9EHrvo=".into(),
+            tee_pubkey: Jwk {
+                kty: "EC".into(),
+                crv: "P-256".into(),
+                alg: Some(ALG.into()),
+                x: "gI0GAILBdu7T53akrFmMyGcsF3n5dO7MmwNBHKW5SV0".into(),
+                y: "SLW_xSffzlPWrHEVI30DHM_4egVwt3NQqeUD7nMFpps".into(),
+            },
+        };
+        let binding = report_data(&runtime, "", BINDING_HASH).unwrap();
+        assert_eq!(
+            crate::hex(&binding[..48]),
+            "460a98443a6e129e6b939ae2dc5f81d3f7e492e0593647a34dc7bd694c7b214f5640e7b3c52e6fd60d4c1dcdadb01eb4"
+        );
+        assert_eq!(binding[48..], [0u8; 16]);
+    }
+
     #[test]
     fn a_resource_round_trips_and_any_change_is_detected() {
         let secret = p256::SecretKey::random(&mut rand_core::OsRng);
@@ -445,6 +488,44 @@ mod tests {
             jwe_decrypt(&secret, &altered),
             Err(KbsError::Jwe(_))
         ));
+    }
+
+    /// The header's exact bytes, and the same bytes after the round trip Trustee's client makes
+    /// (parse into `alg`, `enc` and a map of the rest, serialise again) to rebuild the AAD.
+    #[test]
+    fn the_protected_header_is_written_as_trustee_writes_it() {
+        let epk = Jwk {
+            kty: "EC".into(),
+            crv: "P-256".into(),
+            alg: Some(ALG.into()),
+            x: "gI0GAILBdu7T53akrFmMyGcsF3n5dO7MmwNBHKW5SV0".into(),
+            y: "SLW_xSffzlPWrHEVI30DHM_4egVwt3NQqeUD7nMFpps".into(),
+        };
+        assert_eq!(
+            protected_header(&epk),
+            r#"{"alg":"ECDH-ES+A256KW","enc":"A256GCM","epk":{"crv":"P-256","kty":"EC","x":"gI0GAILBdu7T53akrFmMyGcsF3n5dO7MmwNBHKW5SV0","y":"SLW_xSffzlPWrHEVI30DHM_4egVwt3NQqeUD7nMFpps"}}"#
+        );
+
+        #[derive(Serialize, Deserialize)]
+        struct ClientHeader {
+            alg: String,
+            enc: String,
+            #[serde(flatten)]
+            other: serde_json::Map<String, Value>,
+        }
+        let secret = p256::SecretKey::random(&mut rand_core::OsRng);
+        let jwe = jwe_encrypt(&secret.public_key(), b"x");
+        let header = String::from_utf8(URL_SAFE_NO_PAD.decode(&jwe.protected).unwrap()).unwrap();
+        let value: Value = serde_json::from_str(&header).unwrap();
+        let (x, y) = (&value["epk"]["x"], &value["epk"]["y"]);
+        assert_eq!(
+            header,
+            format!(
+                r#"{{"alg":"ECDH-ES+A256KW","enc":"A256GCM","epk":{{"crv":"P-256","kty":"EC","x":{x},"y":{y}}}}}"#
+            )
+        );
+        let reparsed: ClientHeader = serde_json::from_str(&header).unwrap();
+        assert_eq!(serde_json::to_string(&reparsed).unwrap(), header);
     }
 
     #[test]

@@ -170,7 +170,7 @@ pub fn get_resources(
     let request = Request {
         version: kbs::PROTOCOL_VERSION.into(),
         tee: tee.into(),
-        extra_params: serde_json::json!({ "supported-hash-algorithms": ["sha384", "sha256", "sha512"] }),
+        extra_params: serde_json::json!({ "supported-hash-algorithms": [kbs::BINDING_HASH] }),
     };
     let answer = exchange(
         endpoint,
@@ -193,12 +193,25 @@ pub fn get_resources(
             step: "auth",
             detail: e.to_string(),
         })?;
+    // Trustee verifies the binding with SHA-384 whatever its challenge says; another selection
+    // (a broker that is not Trustee, or someone between) would only yield evidence that fails
+    // there for a reason nobody sees, so it is refused here by name.
+    let hash = challenge.hash_algorithm();
+    if hash != kbs::BINDING_HASH {
+        return Err(ClientError::Protocol {
+            step: "auth",
+            detail: format!(
+                "the challenge selects hash {hash:?}: the runtime data is bound with {} only",
+                kbs::BINDING_HASH
+            ),
+        });
+    }
     let secret = p256::SecretKey::random(&mut rand_core::OsRng);
     let runtime = RuntimeData {
         nonce: challenge.nonce.clone(),
         tee_pubkey: Jwk::from_public(&secret.public_key()),
     };
-    let binding = kbs::report_data(&runtime, "", challenge.hash_algorithm())?;
+    let binding = kbs::report_data(&runtime, "", kbs::BINDING_HASH)?;
     let primary = evidence(&binding).map_err(ClientError::Evidence)?;
     let attestation = Attestation {
         init_data: None,
@@ -231,4 +244,71 @@ pub fn get_resources(
         released.push(kbs::jwe_decrypt(&secret, &jwe)?);
     }
     Ok(released)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// A broker that answers `auth` with `challenge` (and a session cookie), then closes.
+    fn broker_answering(challenge: &'static str) -> Endpoint {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            read_message(&mut stream).unwrap();
+            write_message(
+                &mut stream,
+                "HTTP/1.1 200 OK",
+                &[("Set-Cookie", "kbs-session-id=s; Path=/kbs")],
+                challenge.as_bytes(),
+            )
+            .unwrap();
+        });
+        Endpoint::plain(&address)
+    }
+
+    /// Evidence is asked for, or not, and the attempt stops there.
+    fn attempt(endpoint: &Endpoint) -> (Result<Vec<u8>, ClientError>, Option<[u8; 64]>) {
+        let mut asked = None;
+        let result = get_resource(endpoint, "snp", "cvm/state-disk/key", &mut |binding| {
+            asked = Some(*binding);
+            Err("stop here".into())
+        });
+        (result, asked)
+    }
+
+    #[test]
+    fn a_challenge_selecting_another_hash_is_refused() {
+        for hash in ["sha256", "sha512", "sm3"] {
+            let challenge = Box::leak(
+                format!(r#"{{"nonce":"bm9uY2U=","extra-params":{{"selected-hash-algorithm":"{hash}"}}}}"#)
+                    .into_boxed_str(),
+            );
+            let (result, asked) = attempt(&broker_answering(challenge));
+            assert!(asked.is_none(), "{hash}: evidence was produced");
+            match result {
+                Err(ClientError::Protocol {
+                    step: "auth",
+                    detail,
+                }) => {
+                    assert!(detail.contains(hash), "{detail}")
+                }
+                other => panic!("{hash}: {other:?}"),
+            }
+        }
+    }
+
+    /// Trustee's challenge for snp, tdx and tpm: `extra-params` is an empty string.
+    #[test]
+    fn trustees_challenge_binds_sha384() {
+        let (result, asked) = attempt(&broker_answering(
+            r#"{"nonce":"bm9uY2U=","extra-params":""}"#,
+        ));
+        assert!(matches!(result, Err(ClientError::Evidence(_))));
+        let binding = asked.expect("evidence was asked for");
+        assert_eq!(binding[48..], [0u8; 16]);
+        assert!(binding[..48].iter().any(|&b| b != 0));
+    }
 }
