@@ -130,8 +130,10 @@ impl Backend for TdxBackend {
 }
 
 /// SEV-SNP without a vTPM has no registers that can be extended at run time: the event log is
-/// kept, and its digest is bound into the attestation report's REPORT_DATA when evidence is
-/// produced, so a verifier checks the log against the report instead of replaying registers.
+/// kept and its SHA-384 shown at ready, but nothing binds it to the hardware. REPORT_DATA holds
+/// the key broker's binding (its nonce and the node's ephemeral key), not the log, so an SNP
+/// report attests the launch digest only (the firmware and, in a measured direct boot, the
+/// kernel, initrd and command line with the root hash); the events of this log are not attested.
 pub struct SnpLogOnly {
     pub log: PathBuf,
 }
