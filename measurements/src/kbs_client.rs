@@ -269,6 +269,39 @@ mod tests {
         Endpoint::plain(&address)
     }
 
+    /// The same, with the challenge sent in chunks as a proxy in front of Trustee sends it.
+    fn chunking_broker_answering(challenge: &'static str) -> Endpoint {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            read_message(&mut stream).unwrap();
+            let (a, b) = challenge.split_at(challenge.len() / 2);
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\nSet-Cookie: kbs-session-id=s; Path=/kbs\r\n\
+                 Transfer-Encoding: chunked\r\n\r\n{:x}\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
+                a.len(),
+                b.len()
+            );
+            stream.write_all(reply.as_bytes()).unwrap();
+        });
+        Endpoint::plain(&address)
+    }
+
+    /// Before chunked bodies were read, this challenge read as empty and the attempt failed at
+    /// `auth` with a JSON error.
+    #[test]
+    fn a_chunked_challenge_is_read() {
+        let (result, asked) = attempt(&chunking_broker_answering(
+            r#"{"nonce":"bm9uY2U=","extra-params":""}"#,
+        ));
+        assert!(
+            matches!(result, Err(ClientError::Evidence(_))),
+            "{result:?}"
+        );
+        assert!(asked.is_some(), "evidence was not asked for");
+    }
+
     /// Evidence is asked for, or not, and the attempt stops there.
     fn attempt(endpoint: &Endpoint) -> (Result<Vec<u8>, ClientError>, Option<[u8; 64]>) {
         let mut asked = None;
