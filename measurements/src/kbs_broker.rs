@@ -33,6 +33,8 @@ pub struct Reference {
     pub attestation_keys: Vec<(Vec<u8>, Vec<u8>)>,
     /// SEV-SNP launch digests allowed (the reference JSON's `snp_measurements`).
     pub snp_measurements: Vec<Vec<u8>>,
+    /// What an SNP guest's policy and TCB must satisfy (`snp_min_tcb`, `snp_policy`).
+    pub snp_requirements: crate::snp::Requirements,
     /// ARK/ASK pairs trusted beside AMD's built-in roots (`kbs-serve --snp-chain`).
     pub snp_chains: Vec<crate::snp::TrustedChain>,
     /// TDX MRTDs allowed (the firmware; the reference JSON's `tdx_mrtds`).
@@ -46,6 +48,12 @@ pub struct Reference {
     /// RTMR 2 as the boot left it for cvm-init (`tdx_rtmr2_before_init`: the load options and
     /// the initrd the kernel's EFI stub measured), checked on the CC event log's RTMR 2 events.
     pub tdx_rtmr2_before_init: Option<Vec<u8>>,
+    /// TD attributes, XFAM and configuration registers (`tdx_td_attributes`, `tdx_xfam`,
+    /// `tdx_mrconfigid`, `tdx_mrowner`, `tdx_mrownerconfig`).
+    pub tdx_requirements: crate::tdx::TdRequirements,
+    /// The quoting enclave and the roots a quote's chain may end in (Intel's by default;
+    /// `tdx_qe_min_isvsvn`; extra roots for tests and offline stores).
+    pub tdx_trust: crate::tdx::Trust,
 }
 
 impl Reference {
@@ -116,15 +124,31 @@ impl Reference {
         let optional = |name: &str| json.get(name).map(|v| digest48(name, v)).transpose();
         let tdx_init_rtmr2 = optional("tdx_init_rtmr2")?;
         let tdx_rtmr2_before_init = optional("tdx_rtmr2_before_init")?;
+        if pcrs.is_empty() && snp_measurements.is_empty() && tdx_mrtds.is_empty() {
+            return Err("the reference values name no PCR (pcr), no SNP launch digest (snp_measurements) and no TDX MRTD (tdx_mrtds): such a reference would accept any evidence".into());
+        }
+        let snp_requirements = crate::broker_reference::snp_requirements(json)?;
+        let (tdx_requirements, qe) = crate::broker_reference::tdx_requirements(json)?;
+        if !snp_measurements.is_empty()
+            && snp_requirements.min_tcb == crate::snp::MinimumTcb::Missing
+        {
+            return Err("snp_min_tcb: the reference allows SNP launch digests but names no minimum TCB (an object with bootloader, tee, snp and microcode, or \"waived\")".into());
+        }
         Ok(Reference {
             pcrs,
             attestation_keys: Vec::new(),
             snp_measurements,
+            snp_requirements,
             snp_chains: Vec::new(),
             tdx_mrtds,
             tdx_rtmrs,
             tdx_init_rtmr2,
             tdx_rtmr2_before_init,
+            tdx_requirements,
+            tdx_trust: crate::tdx::Trust {
+                extra_roots: Vec::new(),
+                qe,
+            },
         })
     }
 }
@@ -517,8 +541,10 @@ impl Broker {
         let expected = snp::Expectations {
             measurements: reference.snp_measurements,
             report_data: binding.to_vec(),
+            requirements: reference.snp_requirements,
         };
-        snp::appraise(&report, &expected).map_err(|why| format!("SNP report refused: {why}"))
+        snp::appraise(&report, product, &expected)
+            .map_err(|why| format!("SNP report refused: {why}"))
     }
 
     /// `tdx` evidence in Trustee's shape (`quote`, `cc_eventlog`, both base64) plus cvm-init's
@@ -543,16 +569,20 @@ impl Broker {
                 .map_err(|_| format!("{name} is not base64"))
         };
         let quote = Quote::parse(&decode("quote", &evidence.quote)?).map_err(|e| e.to_string())?;
-        quote.verify_signature().map_err(|e| e.to_string())?;
+        let reference = self.reference.lock().unwrap().clone();
+        quote
+            .verify_signature_with(&reference.tdx_trust)
+            .map_err(|e| e.to_string())?;
         if quote.td.debug() {
             return Err("the TD is debuggable (its memory is readable by the host)".into());
         }
+        crate::tdx::appraise_td(&quote.td, &reference.tdx_requirements)
+            .map_err(|e| e.to_string())?;
         if quote.td.report_data != *binding {
             return Err(
                 "the quote's report data is not this session's binding (replayed evidence)".into(),
             );
         }
-        let reference = self.reference.lock().unwrap().clone();
         if reference.tdx_mrtds.is_empty() || !reference.tdx_rtmrs.iter().any(|(i, _)| *i == 1) {
             return Err(
                 "this broker has no TDX reference values (tdx_mrtds and tdx_rtmrs with RTMR 1)"
@@ -764,7 +794,7 @@ mod tests {
         let mut binding = [0u8; 64];
         binding.copy_from_slice(report.report_data());
         let why = allowed.verify_snp(&real_evidence(), &binding).unwrap_err();
-        assert!(why.contains("allows debugging"), "{why}");
+        assert!(why.contains("policy.debug"), "{why}");
         // Another image's digest.
         let why = broker(vec![vec![0; 48]])
             .verify_snp(&real_evidence(), &binding)

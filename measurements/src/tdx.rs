@@ -32,6 +32,193 @@ pub enum TdxError {
     },
     #[error("TDX quote signature: {0}")]
     Signature(String),
+    #[error("TDX {check}: expected {expected}, the quote has {found}")]
+    Refused {
+        check: &'static str,
+        expected: String,
+        found: String,
+    },
+}
+
+fn refused(check: &'static str, expected: impl ToString, found: impl ToString) -> TdxError {
+    TdxError::Refused {
+        check,
+        expected: expected.to_string(),
+        found: found.to_string(),
+    }
+}
+
+/// The quoting enclave a verifier accepts a QE report from. A host that runs its own enclave
+/// on the platform gets its attestation key certified by the real PCK too (the PCK signs any
+/// enclave's report), so the enclave's identity must be pinned. The defaults are Intel's TD
+/// quoting enclave as Intel's TD_QE identity names it (the real quotes in the test data carry
+/// the same MRSIGNER and ISVPRODID, ISVSVN 4 to 7).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QeIdentity {
+    pub mrsigner: [u8; 32],
+    pub isvprodid: u16,
+    pub min_isvsvn: u16,
+}
+
+/// MRSIGNER of Intel's TD quoting enclave.
+pub const INTEL_TD_QE_MRSIGNER: [u8; 32] = [
+    0xdc, 0x9e, 0x2a, 0x7c, 0x6f, 0x94, 0x8f, 0x17, 0x47, 0x4e, 0x34, 0xa7, 0xfc, 0x43, 0xed, 0x03,
+    0x0f, 0x7c, 0x15, 0x63, 0xf1, 0xba, 0xbd, 0xdf, 0x63, 0x40, 0xc8, 0x2e, 0x0e, 0x54, 0xa8, 0xc5,
+];
+/// ISVPRODID of Intel's TD quoting enclave (the SGX one is 1).
+pub const INTEL_TD_QE_ISVPRODID: u16 = 2;
+/// The lowest ISVSVN accepted by default (the oldest the real quotes in the test data carry);
+/// an operator raises it with `tdx_qe_min_isvsvn`.
+pub const INTEL_TD_QE_MIN_ISVSVN: u16 = 4;
+
+impl Default for QeIdentity {
+    fn default() -> QeIdentity {
+        QeIdentity {
+            mrsigner: INTEL_TD_QE_MRSIGNER,
+            isvprodid: INTEL_TD_QE_ISVPRODID,
+            min_isvsvn: INTEL_TD_QE_MIN_ISVSVN,
+        }
+    }
+}
+
+/// What the quote's own signature chain is checked against: the pinned Intel root (and, for
+/// tests or an offline store, extra roots by their DER) and the quoting enclave's identity.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Trust {
+    pub extra_roots: Vec<Vec<u8>>,
+    pub qe: QeIdentity,
+}
+
+/// The identity fields of the QE report (an SGX report body).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QeReport {
+    pub attributes_flags: u64,
+    pub mrenclave: [u8; 32],
+    pub mrsigner: [u8; 32],
+    pub isvprodid: u16,
+    pub isvsvn: u16,
+}
+
+impl QeReport {
+    fn parse(report: &[u8]) -> QeReport {
+        QeReport {
+            attributes_flags: u64_at(report, 48),
+            mrenclave: array(report, 64),
+            mrsigner: array(report, 128),
+            isvprodid: u16_at(report, 256),
+            isvsvn: u16_at(report, 258),
+        }
+    }
+
+    /// Checks the enclave against the pinned identity: MRSIGNER, ISVPRODID, not a debug
+    /// enclave (SGX attribute DEBUG, bit 1), ISVSVN at least the minimum.
+    pub fn check(&self, pinned: &QeIdentity) -> Result<(), TdxError> {
+        if self.mrsigner != pinned.mrsigner {
+            return Err(refused(
+                "qe.mrsigner",
+                crate::hex(&pinned.mrsigner),
+                crate::hex(&self.mrsigner),
+            ));
+        }
+        if self.isvprodid != pinned.isvprodid {
+            return Err(refused("qe.isvprodid", pinned.isvprodid, self.isvprodid));
+        }
+        if self.attributes_flags & 2 != 0 {
+            return Err(refused(
+                "qe.debug",
+                "a production enclave (attribute DEBUG clear)",
+                format!("attributes {:#x}", self.attributes_flags),
+            ));
+        }
+        if self.isvsvn < pinned.min_isvsvn {
+            return Err(refused(
+                "qe.isvsvn",
+                format!("at least {}", pinned.min_isvsvn),
+                self.isvsvn,
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// TD attribute bits 7:0 (TUD): any of them set means the TD is under debug.
+const TD_ATTRIBUTES_TUD: u64 = 0xff;
+/// TD attribute bit 28: EPT violations are not turned into #VE for the TD (a TD without it can
+/// be made to take #VE on pages the host removes, where a guest kernel may fall into paths it
+/// does not expect).
+pub const TD_ATTRIBUTES_SEPT_VE_DISABLE: u64 = 1 << 28;
+/// TD attribute bit 29: the TD may be migrated (by a migration TD the host chooses).
+pub const TD_ATTRIBUTES_MIGRATABLE: u64 = 1 << 29;
+
+/// What the reference requires of the TD's attributes and configuration registers beyond its
+/// measurements; `None` is not checked, except that without `td_attributes` the defaults
+/// apply: no debug bits, SEPT_VE_DISABLE set, not migratable.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TdRequirements {
+    pub td_attributes: Option<u64>,
+    pub xfam: Option<u64>,
+    pub mrconfigid: Option<[u8; 48]>,
+    pub mrowner: Option<[u8; 48]>,
+    pub mrownerconfig: Option<[u8; 48]>,
+}
+
+/// Checks the TD's attributes and the configuration registers the reference names.
+pub fn appraise_td(td: &TdMeasurements, required: &TdRequirements) -> Result<(), TdxError> {
+    let attributes = td.td_attributes;
+    if attributes & TD_ATTRIBUTES_TUD != 0 {
+        return Err(refused(
+            "td_attributes.debug",
+            "no debug bits (7:0 clear)",
+            format!("{attributes:#x}"),
+        ));
+    }
+    match required.td_attributes {
+        Some(expected) if expected != attributes => {
+            return Err(refused(
+                "td_attributes",
+                format!("{expected:#x}"),
+                format!("{attributes:#x}"),
+            ))
+        }
+        Some(_) => {}
+        None => {
+            if attributes & TD_ATTRIBUTES_SEPT_VE_DISABLE == 0 {
+                return Err(refused(
+                    "td_attributes.sept_ve_disable",
+                    "SEPT_VE_DISABLE (bit 28) set",
+                    format!("{attributes:#x}"),
+                ));
+            }
+            if attributes & TD_ATTRIBUTES_MIGRATABLE != 0 {
+                return Err(refused(
+                    "td_attributes.migratable",
+                    "not migratable (bit 29 clear)",
+                    format!("{attributes:#x}"),
+                ));
+            }
+        }
+    }
+    if let Some(expected) = required.xfam {
+        if expected != td.xfam {
+            return Err(refused(
+                "xfam",
+                format!("{expected:#x}"),
+                format!("{:#x}", td.xfam),
+            ));
+        }
+    }
+    for (check, expected, found) in [
+        ("mrconfigid", &required.mrconfigid, &td.mrconfigid),
+        ("mrowner", &required.mrowner, &td.mrowner),
+        ("mrownerconfig", &required.mrownerconfig, &td.mrownerconfig),
+    ] {
+        if let Some(expected) = expected {
+            if expected != found {
+                return Err(refused(check, crate::hex(expected), crate::hex(found)));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The measurement fields of a TD (from a quote body or a TDREPORT's TDINFO).
@@ -82,11 +269,12 @@ const INTEL_SGX_ROOT_CA_SHA256: [u8; 32] = [
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignatureChecked {
     pub pck_subject: String,
+    pub qe: QeReport,
 }
 
 impl SignatureChecked {
     /// The checks that need Intel's collateral, which an offline verifier does not have.
-    pub const NOT_CHECKED: &'static str = "TCB status (TCB info), QE identity and certificate revocation need Intel's collateral and are not checked";
+    pub const NOT_CHECKED: &'static str = "TCB status (TCB info), the QE's TCB level beyond the pinned minimum ISVSVN, and certificate revocation need Intel's collateral and are not checked";
 }
 
 fn array<const N: usize>(bytes: &[u8], at: usize) -> [u8; N] {
@@ -237,8 +425,14 @@ impl Quote {
         array(&self.signed, body_at)
     }
 
-    /// Checks the signature chain the quote carries, up to the pinned Intel SGX Root CA.
+    /// Checks the signature chain the quote carries, up to the pinned Intel SGX Root CA, and
+    /// that the QE report comes from Intel's TD quoting enclave.
     pub fn verify_signature(&self) -> Result<SignatureChecked, TdxError> {
+        self.verify_signature_with(&Trust::default())
+    }
+
+    /// The same against `trust`: its extra roots beside Intel's, its quoting enclave.
+    pub fn verify_signature_with(&self, trust: &Trust) -> Result<SignatureChecked, TdxError> {
         use p256::ecdsa::signature::Verifier;
         use p256::ecdsa::{Signature, VerifyingKey};
         let bad = |why: String| TdxError::Signature(why);
@@ -324,7 +518,9 @@ impl Quote {
             return Err(bad(format!("the PCK chain has {} certificates, expected 3 (PCK, platform or processor CA, root)", chain.len())));
         };
         let root_fingerprint: [u8; 32] = sha2::Sha256::digest(root.der()).into();
-        if root_fingerprint != INTEL_SGX_ROOT_CA_SHA256 {
+        if root_fingerprint != INTEL_SGX_ROOT_CA_SHA256
+            && !trust.extra_roots.iter().any(|r| r[..] == *root.der())
+        {
             return Err(bad(format!(
                 "the chain's root (sha256 {}) is not the Intel SGX Root CA",
                 crate::hex(&root_fingerprint)
@@ -343,8 +539,12 @@ impl Quote {
             .map_err(
                 |_| bad("the QE report's signature does not verify with the PCK key".into()),
             )?;
+        // Only now is the QE report known to be the platform's: whose enclave made it.
+        let qe = QeReport::parse(qe_report);
+        qe.check(&trust.qe)?;
         Ok(SignatureChecked {
             pck_subject: pck.subject(),
+            qe,
         })
     }
 }
