@@ -905,6 +905,40 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_tdx_quote_from_another_quoting_enclave_is_refused_by_name() {
+        let chain = crate::tdx::test_chain::TestChain::new();
+        let (broker, mut evidence, _) = tdx_case();
+        broker
+            .reference
+            .lock()
+            .unwrap()
+            .tdx_trust
+            .extra_roots
+            .push(chain.root());
+        let binding = [0x3c; 64];
+        // Intel's TD QE identity, signed by the (trusted) test chain: verifies and appraises.
+        evidence["quote"] = STANDARD.encode(chain.quote(&binding, |_| {})).into();
+        broker.verify_tdx(&evidence, &binding).unwrap();
+        // The host's own enclave, its key certified by the same platform key.
+        evidence["quote"] = STANDARD
+            .encode(chain.quote(&binding, |qe| qe[128..160].fill(0x55)))
+            .into();
+        let why = broker.verify_tdx(&evidence, &binding).unwrap_err();
+        assert!(
+            why.contains("qe.mrsigner") && why.contains(&"55".repeat(32)),
+            "{why}"
+        );
+        // The reference's TD requirements: an XFAM other than the quote's.
+        let (broker, evidence, binding) = tdx_case();
+        broker.reference.lock().unwrap().tdx_requirements.xfam = Some(0x61ae7);
+        let why = broker.verify_tdx(&evidence, &binding).unwrap_err();
+        assert!(
+            why.contains("xfam: expected 0x61ae7, the quote has 0x600e7"),
+            "{why}"
+        );
+    }
+
     proptest::proptest! {
         /// Whatever arrives (any path, cookie and body, also after a real `auth`), the broker
         /// answers with a refusal and never panics or releases anything.

@@ -572,6 +572,148 @@ pub fn parse_tdreport(bytes: &[u8]) -> Result<TdMeasurements, TdxError> {
     })
 }
 
+/// Quotes signed by a chain of the test's own keys (root, PCK CA, PCK, attestation key), laid
+/// out as real quotes are: the certificates are the real chain's with their keys replaced, so
+/// only the keys (and the root's fingerprint) differ from Intel's.
+#[cfg(test)]
+pub(crate) mod test_chain {
+    use super::*;
+    use p256::ecdsa::signature::Signer;
+    use p256::ecdsa::SigningKey;
+    use sha2::Digest;
+    use x509_cert::der::{Decode, Encode};
+
+    pub struct TestChain {
+        keys: [SigningKey; 3],
+        ders: [Vec<u8>; 3],
+    }
+
+    fn point(key: &SigningKey) -> Vec<u8> {
+        key.verifying_key()
+            .to_encoded_point(false)
+            .as_bytes()
+            .to_vec()
+    }
+
+    impl TestChain {
+        /// Root, PCK CA and PCK with fresh keys, each signed by the one above.
+        pub fn new() -> TestChain {
+            let real =
+                Quote::parse(&crate::testdata::read("tdx/gtg_cos-113-tdx-quote.dat")).unwrap();
+            let pem = split(&real).pem;
+            let text = std::str::from_utf8(&pem).unwrap();
+            let ders: Vec<Vec<u8>> = text
+                .split("-----BEGIN CERTIFICATE-----")
+                .filter_map(|b| b.split("-----END CERTIFICATE-----").next())
+                .filter(|b| !b.trim().trim_end_matches('\0').is_empty())
+                .map(|b| {
+                    let b64: String = b.chars().filter(|c| !c.is_whitespace()).collect();
+                    base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64).unwrap()
+                })
+                .collect();
+            assert_eq!(ders.len(), 3);
+            let keys = [0, 1, 2].map(|_| SigningKey::random(&mut rand_core::OsRng));
+            // The chain is PCK, CA, root: certificate i is signed by key i + 1 (the root by its own).
+            let resign = |der: &[u8], key: &SigningKey, issuer: &SigningKey| {
+                let mut cert = x509_cert::Certificate::from_der(der).unwrap();
+                cert.tbs_certificate
+                    .subject_public_key_info
+                    .subject_public_key =
+                    x509_cert::der::asn1::BitString::from_bytes(&point(key)).unwrap();
+                let tbs = cert.tbs_certificate.to_der().unwrap();
+                let signature: p256::ecdsa::Signature = issuer.sign(&tbs);
+                cert.signature =
+                    x509_cert::der::asn1::BitString::from_bytes(signature.to_der().as_bytes())
+                        .unwrap();
+                cert.to_der().unwrap()
+            };
+            let [pck, ca, root] = &keys;
+            TestChain {
+                ders: [
+                    resign(&ders[0], pck, ca),
+                    resign(&ders[1], ca, root),
+                    resign(&ders[2], root, root),
+                ],
+                keys: keys.clone(),
+            }
+        }
+
+        /// The root's DER, to trust it (`Trust::extra_roots`).
+        pub fn root(&self) -> Vec<u8> {
+            self.ders[2].clone()
+        }
+
+        /// The real quote's header and body (with `report_data`) signed by a fresh attestation
+        /// key, whose QE report (the real one's, changed by `qe`) the test PCK signs.
+        pub fn quote(&self, report_data: &[u8; 64], qe: impl Fn(&mut [u8])) -> Vec<u8> {
+            let raw = crate::testdata::read("tdx/gtg_cos-113-tdx-quote.dat");
+            let real = Quote::parse(&raw).unwrap();
+            let parts = split(&real);
+            let mut signed = real.signed.clone();
+            signed[HEADER_LEN + 520..HEADER_LEN + 584].copy_from_slice(report_data);
+            let ak = SigningKey::random(&mut rand_core::OsRng);
+            let ak_raw = point(&ak)[1..].to_vec();
+            let quote_signature: p256::ecdsa::Signature = ak.sign(&signed);
+            let mut qe_report = parts.qe_report.clone();
+            qe(&mut qe_report);
+            let binding: [u8; 32] = sha2::Sha256::new()
+                .chain_update(&ak_raw)
+                .chain_update(&parts.auth)
+                .finalize()
+                .into();
+            qe_report[QE_REPORT_DATA_AT..QE_REPORT_DATA_AT + 32].copy_from_slice(&binding);
+            qe_report[QE_REPORT_DATA_AT + 32..QE_REPORT_DATA_AT + 64].fill(0);
+            let qe_signature: p256::ecdsa::Signature = self.keys[0].sign(&qe_report);
+            let pem: String = self
+                .ders
+                .iter()
+                .map(|d| {
+                    format!(
+                        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+                        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, d)
+                    )
+                })
+                .collect();
+            let mut cert = qe_report;
+            cert.extend_from_slice(&qe_signature.to_bytes());
+            cert.extend_from_slice(&(parts.auth.len() as u16).to_le_bytes());
+            cert.extend_from_slice(&parts.auth);
+            cert.extend_from_slice(&5u16.to_le_bytes());
+            cert.extend_from_slice(&(pem.len() as u32).to_le_bytes());
+            cert.extend_from_slice(pem.as_bytes());
+            let mut data = quote_signature.to_bytes().to_vec();
+            data.extend_from_slice(&ak_raw);
+            data.extend_from_slice(&6u16.to_le_bytes());
+            data.extend_from_slice(&(cert.len() as u32).to_le_bytes());
+            data.extend_from_slice(&cert);
+            let mut quote = signed;
+            quote.extend_from_slice(&(data.len() as u32).to_le_bytes());
+            quote.extend_from_slice(&data);
+            quote
+        }
+    }
+
+    struct Parts {
+        qe_report: Vec<u8>,
+        auth: Vec<u8>,
+        pem: Vec<u8>,
+    }
+
+    fn split(quote: &Quote) -> Parts {
+        let d = &quote.signature_data;
+        let cert = &d[134..];
+        let auth_len = u16_at(cert, QE_REPORT_LEN + 64) as usize;
+        let auth = cert[QE_REPORT_LEN + 66..QE_REPORT_LEN + 66 + auth_len].to_vec();
+        let inner = QE_REPORT_LEN + 66 + auth_len;
+        let pem_len = u32_at(cert, inner + 2) as usize;
+        Parts {
+            qe_report: cert[..QE_REPORT_LEN].to_vec(),
+            auth,
+            pem: cert[inner + 6..inner + 6 + pem_len].to_vec(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -690,6 +832,148 @@ mod tests {
         let mut trailing = quote.clone();
         trailing.push(1);
         assert!(Quote::parse(&trailing).is_err());
+    }
+
+    #[test]
+    fn the_quoting_enclave_is_pinned_to_intels_td_qe() {
+        use test_chain::TestChain;
+        let chain = TestChain::new();
+        let trusting = Trust {
+            extra_roots: vec![chain.root()],
+            ..Default::default()
+        };
+        let verify =
+            |raw: &[u8], trust: &Trust| Quote::parse(raw).unwrap().verify_signature_with(trust);
+        // Intel's enclave identity (the real QE report's), signed by the trusted test chain.
+        let good = chain.quote(&[7; 64], |_| {});
+        let checked = verify(&good, &trusting).unwrap();
+        assert_eq!(checked.qe.mrsigner, INTEL_TD_QE_MRSIGNER);
+        // The same chain, not configured: only Intel's root is.
+        let why = verify(&good, &Trust::default()).unwrap_err().to_string();
+        assert!(why.contains("is not the Intel SGX Root CA"), "{why}");
+        // Another enclave, certified by the same (trusted) platform key.
+        let other_signer = chain.quote(&[7; 64], |qe| qe[128] ^= 0xff);
+        match verify(&other_signer, &trusting) {
+            Err(TdxError::Refused {
+                check,
+                expected,
+                found,
+            }) => {
+                assert_eq!(check, "qe.mrsigner");
+                assert_eq!(expected, crate::hex(&INTEL_TD_QE_MRSIGNER));
+                assert!(found.starts_with("239e2a7c"), "{found}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let refused_by = |change: &dyn Fn(&mut [u8]), trust: &Trust| match verify(
+            &chain.quote(&[7; 64], change),
+            trust,
+        ) {
+            Err(TdxError::Refused { check, .. }) => check,
+            other => panic!("{other:?}"),
+        };
+        // The SGX QE (product 1), a debug enclave, an older one.
+        assert_eq!(refused_by(&|qe| qe[256] = 1, &trusting), "qe.isvprodid");
+        assert_eq!(refused_by(&|qe| qe[48] |= 2, &trusting), "qe.debug");
+        assert_eq!(refused_by(&|qe| qe[258] = 3, &trusting), "qe.isvsvn");
+        let newer = Trust {
+            qe: QeIdentity {
+                min_isvsvn: 7,
+                ..Default::default()
+            },
+            ..trusting.clone()
+        };
+        assert_eq!(refused_by(&|_| {}, &newer), "qe.isvsvn");
+        // The real quotes come from Intel's enclave.
+        for name in [
+            "tdx/gtg_cos-113-tdx-quote.dat",
+            "tdx/gtg_quote_v5_sample.dat",
+        ] {
+            let checked = verify(&testdata(name), &Trust::default()).unwrap();
+            assert_eq!(
+                (checked.qe.mrsigner, checked.qe.isvprodid),
+                (INTEL_TD_QE_MRSIGNER, INTEL_TD_QE_ISVPRODID)
+            );
+        }
+    }
+
+    #[test]
+    fn td_attributes_and_named_registers_are_checked() {
+        let cos = Quote::parse(&testdata("tdx/gtg_cos-113-tdx-quote.dat"))
+            .unwrap()
+            .td;
+        assert_eq!(cos.td_attributes, TD_ATTRIBUTES_SEPT_VE_DISABLE);
+        appraise_td(&cos, &TdRequirements::default()).unwrap();
+        let check = |td: &TdMeasurements, required: &TdRequirements| match appraise_td(td, required)
+        {
+            Err(TdxError::Refused { check, .. }) => check,
+            other => panic!("{other:?}"),
+        };
+        let with = |attributes: u64| TdMeasurements {
+            td_attributes: attributes,
+            ..cos.clone()
+        };
+        let default = TdRequirements::default();
+        assert_eq!(check(&with(0), &default), "td_attributes.sept_ve_disable");
+        assert_eq!(
+            check(&with(1 << 28 | 1 << 29), &default),
+            "td_attributes.migratable"
+        );
+        assert_eq!(
+            check(&with(1 << 28 | 1 << 2), &default),
+            "td_attributes.debug"
+        );
+        // Named exactly: only that value passes (debug bits never do).
+        let exact = TdRequirements {
+            td_attributes: Some(1 << 28 | 1 << 30),
+            ..Default::default()
+        };
+        assert_eq!(check(&cos, &exact), "td_attributes");
+        appraise_td(&with(1 << 28 | 1 << 30), &exact).unwrap();
+        for (required, name) in [
+            (
+                TdRequirements {
+                    xfam: Some(0x61ae7),
+                    ..Default::default()
+                },
+                "xfam",
+            ),
+            (
+                TdRequirements {
+                    mrconfigid: Some([1; 48]),
+                    ..Default::default()
+                },
+                "mrconfigid",
+            ),
+            (
+                TdRequirements {
+                    mrowner: Some([1; 48]),
+                    ..Default::default()
+                },
+                "mrowner",
+            ),
+            (
+                TdRequirements {
+                    mrownerconfig: Some([1; 48]),
+                    ..Default::default()
+                },
+                "mrownerconfig",
+            ),
+        ] {
+            assert_eq!(check(&cos, &required), name);
+        }
+        let matching = TdRequirements {
+            td_attributes: Some(cos.td_attributes),
+            xfam: Some(cos.xfam),
+            mrconfigid: Some(cos.mrconfigid),
+            mrowner: Some(cos.mrowner),
+            mrownerconfig: Some(cos.mrownerconfig),
+        };
+        appraise_td(&cos, &matching).unwrap();
+        // The production sample runs without SEPT_VE_DISABLE: refused by default.
+        let prod = testdata("tdx/gtg_tdx_prod_quote_SPR_E4.dat");
+        let prod = Quote::parse(&prod[..prod.len() - 39]).unwrap().td;
+        assert_eq!(check(&prod, &default), "td_attributes.sept_ve_disable");
     }
 
     proptest! {
