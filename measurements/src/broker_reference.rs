@@ -57,7 +57,7 @@ fn flag(
 }
 
 /// `snp_min_tcb` (`{"bootloader": N, "tee": N, "snp": N, "microcode": N}` or `"waived"`) and
-/// `snp_policy` (`allow_debug`, `allow_migration_agent`, `allow_smt`, `min_abi_major`,
+/// `snp_policy_required` (`allow_debug`, `allow_migration_agent`, `allow_smt`, `min_abi_major`,
 /// `min_abi_minor`); what is not named keeps `Requirements::default()`.
 pub fn snp_requirements(json: &Value) -> Result<Requirements, String> {
     let mut required = Requirements::default();
@@ -89,8 +89,8 @@ pub fn snp_requirements(json: &Value) -> Result<Requirements, String> {
         "min_abi_major",
         "min_abi_minor",
     ];
-    if let Some(map) = object(json, "snp_policy", &known)? {
-        let owner = "snp_policy";
+    if let Some(map) = object(json, "snp_policy_required", &known)? {
+        let owner = "snp_policy_required";
         required.allow_debug = flag(map, owner, "allow_debug")?.unwrap_or(false);
         required.allow_migration_agent =
             flag(map, owner, "allow_migration_agent")?.unwrap_or(false);
@@ -161,7 +161,7 @@ mod tests {
         assert_eq!(r.min_tcb, MinimumTcb::Waived);
         let r = snp_requirements(&json!({
             "snp_min_tcb": {"bootloader": 3, "tee": 0, "snp": 8, "microcode": 115},
-            "snp_policy": {"allow_smt": false, "min_abi_major": 1, "min_abi_minor": 51},
+            "snp_policy_required": {"allow_smt": false, "min_abi_major": 1, "min_abi_minor": 51},
         }))
         .unwrap();
         assert_eq!(
@@ -182,10 +182,13 @@ mod tests {
                 "microcode",
             ),
             (
-                json!({"snp_policy": {"allow_debugging": true}}),
+                json!({"snp_policy_required": {"allow_debugging": true}}),
                 "unknown member \"allow_debugging\"",
             ),
-            (json!({"snp_policy": {"allow_debug": 1}}), "allow_debug"),
+            (
+                json!({"snp_policy_required": {"allow_debug": 1}}),
+                "allow_debug",
+            ),
         ] {
             let got = snp_requirements(&bad).unwrap_err();
             assert!(got.contains(why), "{bad}: {got}");

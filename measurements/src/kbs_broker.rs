@@ -57,7 +57,7 @@ pub struct Reference {
     pub attestation_keys: Vec<(Vec<u8>, Vec<u8>)>,
     /// SEV-SNP launch digests allowed (the reference JSON's `snp_measurements`).
     pub snp_measurements: Vec<Vec<u8>>,
-    /// What an SNP guest's policy and TCB must satisfy (`snp_min_tcb`, `snp_policy`).
+    /// What an SNP guest's policy and TCB must satisfy (`snp_min_tcb`, `snp_policy_required`).
     pub snp_requirements: crate::snp::Requirements,
     /// ARK/ASK pairs trusted beside AMD's built-in roots (`kbs-serve --snp-chain`).
     pub snp_chains: Vec<crate::snp::TrustedChain>,
@@ -1196,6 +1196,8 @@ mod tests {
         assert!(why.contains("snp_min_tcb"), "{why}");
         let mut waived = snp.clone();
         waived["snp_min_tcb"] = "waived".into();
+        // `predict --launch` writes the policy it assumed as `snp_policy`: not a requirement.
+        waived["snp_policy"] = "0x30000".into();
         Reference::from_prediction(&waived).unwrap();
         let pcrs = json!({"pcr": {"11": {"sha256": "00".repeat(32)}}});
         assert_eq!(Reference::from_prediction(&pcrs).unwrap().pcrs.len(), 1);

@@ -98,8 +98,10 @@ commands:
                      node whose vTPM quote (by a key listed in the keys FILE, 128 hex digits
                      a line) covers the PCR values of the reference FILE (`predict --at
                      key-release --json`), or whose SNP report (Trustee's evidence shape,
-                     with its VCEK/VLEK) chains to AMD's roots or to the ASK+ARK in PEM and
-                     carries one of the reference's snp_measurements, or whose TDX quote
+                     with its VCEK/VLEK) chains to AMD's roots or to the ASK+ARK in PEM,
+                     carries one of the reference's snp_measurements and passes the checks
+                     of verify snp-report (snp_min_tcb, required or waived;
+                     snp_policy_required), or whose TDX quote (from Intel's TD QE)
                      (signature chain to the Intel root; no collateral checks) carries one of
                      tdx_mrtds, the tdx_rtmrs values, and logs replaying to its RTMRs with
                      cvm-init's part equal to tdx_init_rtmr2 (and the boot's RTMR 2 part to
