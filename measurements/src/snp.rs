@@ -485,7 +485,7 @@ pub fn check_requirements(
         MinimumTcb::Missing => Err(refuse(
             "min_tcb",
             "a minimum TCB in the reference (or one waived by name)",
-            format!("none configured; the reported TCB is {reported}"),
+            format!("the reported TCB {reported} and no minimum to compare it with"),
         )),
         MinimumTcb::Waived => Ok(()),
         MinimumTcb::At(minimum) => {
