@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,29 @@ use crate::kbs::{self, Attestation, Challenge, Jwk, Request};
 const SESSION_LIFETIME: Duration = Duration::from_secs(300);
 const COOKIE: &str = "kbs-session-id";
 
+/// What the broker holds for peers it does not know yet: every `auth` creates a session and
+/// every connection a thread, so both are bounded in count and age; beyond the count a peer
+/// gets 503 with a JSON error naming the limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_sessions: usize,
+    pub session_age: Duration,
+    pub max_connections: usize,
+    /// From accept to the answer written, however slowly the peer sends.
+    pub connection_age: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_sessions: 4096,
+            session_age: SESSION_LIFETIME,
+            max_connections: 64,
+            connection_age: Duration::from_secs(30),
+        }
+    }
+}
+
 /// What the broker compares evidence with.
 #[derive(Debug, Clone, Default)]
 pub struct Reference {
@@ -33,6 +57,8 @@ pub struct Reference {
     pub attestation_keys: Vec<(Vec<u8>, Vec<u8>)>,
     /// SEV-SNP launch digests allowed (the reference JSON's `snp_measurements`).
     pub snp_measurements: Vec<Vec<u8>>,
+    /// What an SNP guest's policy and TCB must satisfy (`snp_min_tcb`, `snp_policy_required`).
+    pub snp_requirements: crate::snp::Requirements,
     /// ARK/ASK pairs trusted beside AMD's built-in roots (`kbs-serve --snp-chain`).
     pub snp_chains: Vec<crate::snp::TrustedChain>,
     /// TDX MRTDs allowed (the firmware; the reference JSON's `tdx_mrtds`).
@@ -46,6 +72,12 @@ pub struct Reference {
     /// RTMR 2 as the boot left it for cvm-init (`tdx_rtmr2_before_init`: the load options and
     /// the initrd the kernel's EFI stub measured), checked on the CC event log's RTMR 2 events.
     pub tdx_rtmr2_before_init: Option<Vec<u8>>,
+    /// TD attributes, XFAM and configuration registers (`tdx_td_attributes`, `tdx_xfam`,
+    /// `tdx_mrconfigid`, `tdx_mrowner`, `tdx_mrownerconfig`).
+    pub tdx_requirements: crate::tdx::TdRequirements,
+    /// The quoting enclave and the roots a quote's chain may end in (Intel's by default;
+    /// `tdx_qe_min_isvsvn`; extra roots for tests and offline stores).
+    pub tdx_trust: crate::tdx::Trust,
 }
 
 impl Reference {
@@ -116,15 +148,31 @@ impl Reference {
         let optional = |name: &str| json.get(name).map(|v| digest48(name, v)).transpose();
         let tdx_init_rtmr2 = optional("tdx_init_rtmr2")?;
         let tdx_rtmr2_before_init = optional("tdx_rtmr2_before_init")?;
+        if pcrs.is_empty() && snp_measurements.is_empty() && tdx_mrtds.is_empty() {
+            return Err("the reference values name no PCR (pcr), no SNP launch digest (snp_measurements) and no TDX MRTD (tdx_mrtds): such a reference would accept any evidence".into());
+        }
+        let snp_requirements = crate::broker_reference::snp_requirements(json)?;
+        let (tdx_requirements, qe) = crate::broker_reference::tdx_requirements(json)?;
+        if !snp_measurements.is_empty()
+            && snp_requirements.min_tcb == crate::snp::MinimumTcb::Missing
+        {
+            return Err("snp_min_tcb: the reference allows SNP launch digests but names no minimum TCB (an object with bootloader, tee, snp and microcode, or \"waived\")".into());
+        }
         Ok(Reference {
             pcrs,
             attestation_keys: Vec::new(),
             snp_measurements,
+            snp_requirements,
             snp_chains: Vec::new(),
             tdx_mrtds,
             tdx_rtmrs,
             tdx_init_rtmr2,
             tdx_rtmr2_before_init,
+            tdx_requirements,
+            tdx_trust: crate::tdx::Trust {
+                extra_roots: Vec::new(),
+                qe,
+            },
         })
     }
 }
@@ -145,6 +193,9 @@ pub struct Broker {
     pub resources: PathBuf,
     reference: Mutex<Reference>,
     sessions: Mutex<HashMap<String, Session>>,
+    limits: Limits,
+    connections: AtomicUsize,
+    log: crate::broker_log::Sink,
 }
 
 /// An HTTP answer.
@@ -250,7 +301,47 @@ impl Broker {
             resources,
             reference: Mutex::new(reference),
             sessions: Mutex::new(HashMap::new()),
+            limits: Limits::default(),
+            connections: AtomicUsize::new(0),
+            log: crate::broker_log::stderr(),
         }
+    }
+
+    /// The same broker with other limits.
+    pub fn with_limits(mut self, limits: Limits) -> Broker {
+        self.limits = limits;
+        self
+    }
+
+    /// The same broker logging its refusals to `sink` instead of stderr.
+    pub fn with_log(mut self, sink: crate::broker_log::Sink) -> Broker {
+        self.log = sink;
+        self
+    }
+
+    /// Answers one request from `peer`, logging a refusal (any answer but 200) with what
+    /// identifies the node: its address, its session, the evidence's values.
+    pub fn handle_from(&self, request: &Message, peer: &str) -> Answer {
+        let mut noted = Vec::new();
+        let answer = self.answer(request, &mut noted);
+        if answer.status != 200 {
+            let detail = serde_json::from_slice::<Value>(&answer.body)
+                .ok()
+                .and_then(|b| b.get("detail").and_then(Value::as_str).map(str::to_string))
+                .unwrap_or_default();
+            let status = answer.status.to_string();
+            let session = request.cookie(COOKIE).unwrap_or("-").to_string();
+            let mut fields: Vec<(&str, &str)> = vec![
+                ("peer", peer),
+                ("request", &request.start),
+                ("session", &session),
+                ("status", &status),
+            ];
+            fields.extend(noted.iter().map(|(n, v)| (*n, v.as_str())));
+            fields.push(("reason", &detail));
+            (self.log)(&crate::broker_log::refusal_line(&fields));
+        }
+        answer
     }
 
     /// Registers a node's attestation key (an operator admitting a new node).
@@ -267,17 +358,22 @@ impl Broker {
             .push(measurement);
     }
 
-    /// Answers one request.
+    /// Answers one request (from a peer whose address is not known).
     pub fn handle(&self, request: &Message) -> Answer {
+        self.handle_from(request, "-")
+    }
+
+    fn answer(&self, request: &Message, noted: &mut Vec<(&'static str, String)>) -> Answer {
         let mut parts = request.start.split_whitespace();
         let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        let age = self.limits.session_age;
         self.sessions
             .lock()
             .unwrap()
-            .retain(|_, s| s.created.elapsed() < SESSION_LIFETIME);
+            .retain(|_, s| s.created.elapsed() < age);
         match (method, path) {
             ("POST", "/kbs/v0/auth") => self.auth(request),
-            ("POST", "/kbs/v0/attest") => self.attest(request),
+            ("POST", "/kbs/v0/attest") => self.attest(request, noted),
             ("GET", p) if p.starts_with("/kbs/v0/resource/") => {
                 self.resource(request, &p["/kbs/v0/resource/".len()..])
             }
@@ -317,7 +413,19 @@ impl Broker {
             nonce: nonce.clone(),
             extra_params: json!({ "selected-hash-algorithm": "sha384" }),
         };
-        self.sessions.lock().unwrap().insert(
+        let mut sessions = self.sessions.lock().unwrap();
+        if sessions.len() >= self.limits.max_sessions {
+            return problem(
+                503,
+                "TooManySessions",
+                format!(
+                    "the broker holds its maximum of {} sessions (max_sessions; each lives {} s): retry later",
+                    self.limits.max_sessions,
+                    self.limits.session_age.as_secs()
+                ),
+            );
+        }
+        sessions.insert(
             id.clone(),
             Session {
                 tee: parsed.tee.clone(),
@@ -328,6 +436,7 @@ impl Broker {
                 spent: false,
             },
         );
+        drop(sessions);
         ok_json(
             serde_json::to_value(challenge).expect("serializable"),
             vec![(
@@ -337,7 +446,7 @@ impl Broker {
         )
     }
 
-    fn attest(&self, request: &Message) -> Answer {
+    fn attest(&self, request: &Message, noted: &mut Vec<(&'static str, String)>) -> Answer {
         let Some(id) = request.cookie(COOKIE) else {
             return problem(
                 401,
@@ -387,6 +496,8 @@ impl Broker {
             Err(e) => return problem(400, "InvalidRequest", e.to_string()),
         };
         let evidence = &attestation.tee_evidence.primary_evidence;
+        noted.push(("tee", tee.clone()));
+        noted.push(("evidence", evidence_identity(&tee, evidence)));
         let verdict = match tee.as_str() {
             "snp" => self.verify_snp(evidence, &binding),
             "tdx" => self.verify_tdx(evidence, &binding),
@@ -419,6 +530,12 @@ impl Broker {
             b64url("ak_y", &evidence.ak_y)?,
         );
         let reference = self.reference.lock().unwrap().clone();
+        if reference.pcrs.is_empty() {
+            return Err(
+                "this broker has no PCR reference values (a quote of no PCRs proves nothing)"
+                    .into(),
+            );
+        }
         if !reference
             .attestation_keys
             .iter()
@@ -517,8 +634,10 @@ impl Broker {
         let expected = snp::Expectations {
             measurements: reference.snp_measurements,
             report_data: binding.to_vec(),
+            requirements: reference.snp_requirements,
         };
-        snp::appraise(&report, &expected).map_err(|why| format!("SNP report refused: {why}"))
+        snp::appraise(&report, product, &expected)
+            .map_err(|why| format!("SNP report refused: {why}"))
     }
 
     /// `tdx` evidence in Trustee's shape (`quote`, `cc_eventlog`, both base64) plus cvm-init's
@@ -543,16 +662,20 @@ impl Broker {
                 .map_err(|_| format!("{name} is not base64"))
         };
         let quote = Quote::parse(&decode("quote", &evidence.quote)?).map_err(|e| e.to_string())?;
-        quote.verify_signature().map_err(|e| e.to_string())?;
+        let reference = self.reference.lock().unwrap().clone();
+        quote
+            .verify_signature_with(&reference.tdx_trust)
+            .map_err(|e| e.to_string())?;
         if quote.td.debug() {
             return Err("the TD is debuggable (its memory is readable by the host)".into());
         }
+        crate::tdx::appraise_td(&quote.td, &reference.tdx_requirements)
+            .map_err(|e| e.to_string())?;
         if quote.td.report_data != *binding {
             return Err(
                 "the quote's report data is not this session's binding (replayed evidence)".into(),
             );
         }
-        let reference = self.reference.lock().unwrap().clone();
         if reference.tdx_mrtds.is_empty() || !reference.tdx_rtmrs.iter().any(|(i, _)| *i == 1) {
             return Err(
                 "this broker has no TDX reference values (tdx_mrtds and tdx_rtmrs with RTMR 1)"
@@ -667,14 +790,22 @@ fn reason(status: u16) -> &'static str {
         400 => "Bad Request",
         401 => "Unauthorized",
         404 => "Not Found",
+        503 => "Service Unavailable",
         _ => "Error",
     }
 }
 
 fn serve_one(broker: &Broker, stream: TcpStream, tls: Option<&Arc<rustls::ServerConfig>>) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "-".into());
+    let stream = Deadline {
+        until: Instant::now() + broker.limits.connection_age,
+        stream,
+    };
     match tls {
-        None => answer_one(broker, stream),
+        None => answer_one(broker, stream, &peer),
         Some(config) => {
             let mut tls = match rustls::ServerConnection::new(config.clone()) {
                 Ok(connection) => rustls::StreamOwned::new(connection, stream),
@@ -683,31 +814,131 @@ fn serve_one(broker: &Broker, stream: TcpStream, tls: Option<&Arc<rustls::Server
             // A client that does not complete the handshake gets nothing, not an error page.
             while tls.conn.is_handshaking() {
                 if let Err(e) = tls.conn.complete_io(&mut tls.sock) {
-                    return eprintln!("kbs-serve: TLS handshake: {e}");
+                    return eprintln!(
+                        "kbs-serve: TLS handshake with {}: {}",
+                        crate::broker_log::escape(&peer),
+                        crate::broker_log::escape(&e.to_string())
+                    );
                 }
             }
-            answer_one(broker, tls)
+            answer_one(broker, tls, &peer)
         }
     }
 }
 
-fn answer_one(broker: &Broker, mut stream: impl std::io::Read + Write) {
+/// A connection that fails its reads and writes once its age is over (a peer sending a byte
+/// now and then would otherwise hold its thread for ever).
+struct Deadline {
+    until: Instant,
+    stream: TcpStream,
+}
+
+impl Deadline {
+    fn remaining(&self) -> std::io::Result<Duration> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the connection's age is over (connection_age)",
+            ));
+        }
+        Ok(left)
+    }
+}
+
+impl std::io::Read for Deadline {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.remaining()?;
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.read(buf)
+    }
+}
+
+impl Write for Deadline {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let left = self.remaining()?;
+        self.stream.set_write_timeout(Some(left))?;
+        self.stream.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.stream.flush()
+    }
+}
+
+fn answer_one(broker: &Broker, mut stream: impl std::io::Read + Write, peer: &str) {
     let answer = match read_message(&mut stream) {
-        Ok(request) => broker.handle(&request),
-        Err(e) => problem(400, "InvalidRequest", e.to_string()),
+        Ok(request) => broker.handle_from(&request, peer),
+        Err(e) => {
+            let detail = e.to_string();
+            (broker.log)(&crate::broker_log::refusal_line(&[
+                ("peer", peer),
+                ("status", "400"),
+                ("reason", &detail),
+            ]));
+            problem(400, "InvalidRequest", detail)
+        }
     };
+    write_answer(&mut stream, &answer);
+}
+
+fn write_answer(stream: &mut impl Write, answer: &Answer) {
     let headers: Vec<(&str, &str)> = answer
         .headers
         .iter()
         .map(|(n, v)| (n.as_str(), v.as_str()))
         .collect();
     let _ = write_message(
-        &mut stream,
+        stream,
         &format!("HTTP/1.1 {} {}", answer.status, reason(answer.status)),
         &headers,
         &answer.body,
     );
     let _ = stream.flush();
+}
+
+/// A connection slot, given back when the connection's thread ends.
+struct Slot(Arc<Broker>);
+
+impl Slot {
+    fn take(broker: &Arc<Broker>) -> Option<Slot> {
+        let max = broker.limits.max_connections;
+        broker
+            .connections
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(broker.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Turns a connection away when all slots are taken, without a thread: plain HTTP gets 503
+/// and a JSON error naming the limit; a TLS client is closed before the handshake (an answer
+/// would need one). Either way the broker logs it.
+fn refuse_connection(broker: &Broker, mut stream: TcpStream, tls: bool) {
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "-".into());
+    let detail = format!(
+        "the broker serves its maximum of {} connections (max_connections): retry later",
+        broker.limits.max_connections
+    );
+    (broker.log)(&crate::broker_log::refusal_line(&[
+        ("peer", &peer),
+        ("status", "503"),
+        ("reason", &detail),
+    ]));
+    if !tls {
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+        write_answer(&mut stream, &problem(503, "TooManyConnections", detail));
+    }
 }
 
 /// Serves until the listener fails; one thread per connection.
@@ -722,9 +953,52 @@ pub fn serve_with(
     tls: Option<Arc<rustls::ServerConfig>>,
 ) {
     for stream in listener.incoming().flatten() {
-        let broker = broker.clone();
+        let Some(slot) = Slot::take(&broker) else {
+            refuse_connection(&broker, stream, tls.is_some());
+            continue;
+        };
         let tls = tls.clone();
-        std::thread::spawn(move || serve_one(&broker, stream, tls.as_ref()));
+        std::thread::spawn(move || serve_one(&slot.0, stream, tls.as_ref()));
+    }
+}
+
+/// What identifies the node in a refusal: the evidence's own values (best effort: evidence
+/// that does not parse is named so).
+fn evidence_identity(tee: &str, evidence: &Value) -> String {
+    match tee {
+        "snp" => match crate::snp::from_trustee_evidence(evidence) {
+            Ok((r, _)) => format!(
+                "chip_id={} measurement={} reported_tcb={:#018x} policy={:#x}",
+                crate::hex(&r.chip_id()[..8]),
+                crate::hex(r.measurement()),
+                r.reported_tcb(),
+                r.policy()
+            ),
+            Err(_) => "unparseable snp evidence".into(),
+        },
+        "tdx" => {
+            let quote = evidence
+                .get("quote")
+                .and_then(Value::as_str)
+                .and_then(|q| STANDARD.decode(q).ok())
+                .and_then(|q| crate::tdx::Quote::parse(&q).ok());
+            match quote {
+                Some(q) => format!(
+                    "mrtd={} td_attributes={:#x} rtmr1={}",
+                    crate::hex(&q.td.mrtd),
+                    q.td.td_attributes,
+                    crate::hex(&q.td.rtmr[1])
+                ),
+                None => "unparseable tdx evidence".into(),
+            }
+        }
+        _ => match (
+            evidence.get("ak_x").and_then(Value::as_str),
+            evidence.get("ak_y").and_then(Value::as_str),
+        ) {
+            (Some(x), Some(y)) => format!("ak_x={x} ak_y={y}"),
+            _ => "tpm evidence without an attestation key".into(),
+        },
     }
 }
 
@@ -764,7 +1038,7 @@ mod tests {
         let mut binding = [0u8; 64];
         binding.copy_from_slice(report.report_data());
         let why = allowed.verify_snp(&real_evidence(), &binding).unwrap_err();
-        assert!(why.contains("allows debugging"), "{why}");
+        assert!(why.contains("policy.debug"), "{why}");
         // Another image's digest.
         let why = broker(vec![vec![0; 48]])
             .verify_snp(&real_evidence(), &binding)
@@ -872,6 +1146,306 @@ mod tests {
             &evidence,
             &binding,
             "no TDX reference values",
+        );
+    }
+
+    #[test]
+    fn a_tdx_quote_from_another_quoting_enclave_is_refused_by_name() {
+        let chain = crate::tdx::test_chain::TestChain::new();
+        let (broker, mut evidence, _) = tdx_case();
+        broker
+            .reference
+            .lock()
+            .unwrap()
+            .tdx_trust
+            .extra_roots
+            .push(chain.root());
+        let binding = [0x3c; 64];
+        // Intel's TD QE identity, signed by the (trusted) test chain: verifies and appraises.
+        evidence["quote"] = STANDARD.encode(chain.quote(&binding, |_| {})).into();
+        broker.verify_tdx(&evidence, &binding).unwrap();
+        // The host's own enclave, its key certified by the same platform key.
+        evidence["quote"] = STANDARD
+            .encode(chain.quote(&binding, |qe| qe[128..160].fill(0x55)))
+            .into();
+        let why = broker.verify_tdx(&evidence, &binding).unwrap_err();
+        assert!(
+            why.contains("qe.mrsigner") && why.contains(&"55".repeat(32)),
+            "{why}"
+        );
+        // The reference's TD requirements: an XFAM other than the quote's.
+        let (broker, evidence, binding) = tdx_case();
+        broker.reference.lock().unwrap().tdx_requirements.xfam = Some(0x61ae7);
+        let why = broker.verify_tdx(&evidence, &binding).unwrap_err();
+        assert!(
+            why.contains("xfam: expected 0x61ae7, the quote has 0x600e7"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn a_reference_without_values_is_refused_at_load() {
+        let why = Reference::from_prediction(&json!({"pcr": {}})).unwrap_err();
+        assert!(
+            why.contains("no PCR") && why.contains("accept any evidence"),
+            "{why}"
+        );
+        // SNP launch digests need a minimum TCB (or its waiver by name).
+        let snp = json!({"pcr": {}, "snp_measurements": ["11".repeat(48)]});
+        let why = Reference::from_prediction(&snp).unwrap_err();
+        assert!(why.contains("snp_min_tcb"), "{why}");
+        let mut waived = snp.clone();
+        waived["snp_min_tcb"] = "waived".into();
+        // `predict --launch` writes the policy it assumed as `snp_policy`: not a requirement.
+        waived["snp_policy"] = "0x30000".into();
+        Reference::from_prediction(&waived).unwrap();
+        let pcrs = json!({"pcr": {"11": {"sha256": "00".repeat(32)}}});
+        assert_eq!(Reference::from_prediction(&pcrs).unwrap().pcrs.len(), 1);
+    }
+
+    /// A TPMS_ATTEST quote of `pcrs` (sha256 bank) with `extra` and `digest`, signed by `ak`.
+    fn tpm_quote(ak: &p256::ecdsa::SigningKey, extra: &[u8], pcrs: &[u32], digest: &[u8]) -> Value {
+        use p256::ecdsa::signature::Signer;
+        let mut a = Vec::new();
+        a.extend(0xff54_4347u32.to_be_bytes());
+        a.extend(0x8018u16.to_be_bytes());
+        a.extend(0u16.to_be_bytes());
+        a.extend((extra.len() as u16).to_be_bytes());
+        a.extend(extra);
+        a.extend([0; 8 + 4 + 4 + 1 + 8]);
+        a.extend(1u32.to_be_bytes());
+        a.extend(0x000bu16.to_be_bytes());
+        let mut bitmap = [0u8; 3];
+        for p in pcrs {
+            bitmap[*p as usize / 8] |= 1 << (p % 8);
+        }
+        a.push(3);
+        a.extend(bitmap);
+        a.extend((digest.len() as u16).to_be_bytes());
+        a.extend(digest);
+        let signature: p256::ecdsa::Signature = ak.sign(&a);
+        let (r, s) = signature.split_bytes();
+        let point = ak.verifying_key().to_encoded_point(false);
+        TpmEvidence::json(
+            point.x().unwrap(),
+            point.y().unwrap(),
+            &a,
+            (&r, &s),
+            None,
+            None,
+        )
+    }
+
+    #[test]
+    fn an_empty_pcr_reference_accepts_no_tpm_quote() {
+        let ak = p256::ecdsa::SigningKey::random(&mut rand_core::OsRng);
+        let point = ak.verifying_key().to_encoded_point(false);
+        let binding = [0x44u8; 64];
+        let broker = Broker::new(
+            PathBuf::from("/nonexistent"),
+            Reference {
+                attestation_keys: vec![(point.x().unwrap().to_vec(), point.y().unwrap().to_vec())],
+                ..Default::default()
+            },
+        );
+        // A quote of no PCRs by a listed key.
+        let nothing: [u8; 32] = sha2::Sha256::digest([]).into();
+        let evidence = tpm_quote(&ak, &binding, &[], &nothing);
+        let why = broker.verify_tpm(&evidence, &binding).unwrap_err();
+        assert!(why.contains("no PCR reference values"), "{why}");
+        // With a reference, a quote of its PCRs passes.
+        let value = [0x5a; 32];
+        broker.reference.lock().unwrap().pcrs = vec![(11, value.to_vec())];
+        let digest: [u8; 32] = sha2::Sha256::digest(value).into();
+        broker
+            .verify_tpm(&tpm_quote(&ak, &binding, &[11], &digest), &binding)
+            .unwrap();
+    }
+
+    fn auth(b: &Broker, tee: &str) -> Answer {
+        b.handle(&Message {
+            start: "POST /kbs/v0/auth HTTP/1.1".into(),
+            headers: Vec::new(),
+            body: format!(r#"{{"version":"0.4.0","tee":"{tee}","extra-params":{{}}}}"#)
+                .into_bytes(),
+        })
+    }
+
+    #[test]
+    fn sessions_are_bounded_in_count_and_age() {
+        let b = broker(Vec::new()).with_limits(Limits {
+            max_sessions: 2,
+            session_age: Duration::from_millis(300),
+            ..Default::default()
+        });
+        assert_eq!(auth(&b, "snp").status, 200);
+        assert_eq!(auth(&b, "snp").status, 200);
+        let full = auth(&b, "snp");
+        assert_eq!(full.status, 503);
+        let body: Value = serde_json::from_slice(&full.body).unwrap();
+        assert!(body["type"].as_str().unwrap().ends_with("TooManySessions"));
+        assert!(
+            body["detail"]
+                .as_str()
+                .unwrap()
+                .contains("maximum of 2 sessions (max_sessions"),
+            "{body}"
+        );
+        // Once they are older than their age, they are gone and room is made.
+        std::thread::sleep(Duration::from_millis(400));
+        assert_eq!(auth(&b, "snp").status, 200);
+    }
+
+    #[test]
+    fn connections_are_bounded_in_count_and_age() {
+        use std::io::Read;
+        let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+        let capture = lines.clone();
+        let broker = Arc::new(
+            broker(Vec::new())
+                .with_limits(Limits {
+                    max_connections: 1,
+                    connection_age: Duration::from_millis(1500),
+                    ..Default::default()
+                })
+                .with_log(Arc::new(move |l: &str| {
+                    capture.lock().unwrap().push(l.into())
+                })),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let serving = broker.clone();
+        std::thread::spawn(move || serve(listener, serving));
+        // A peer that sends a byte now and then, holding the only slot.
+        let mut slow = TcpStream::connect(addr).unwrap();
+        let start = Instant::now();
+        while broker.connections.load(Ordering::SeqCst) == 0 {
+            assert!(start.elapsed() < Duration::from_secs(5));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut turned_away = String::new();
+        TcpStream::connect(addr)
+            .unwrap()
+            .read_to_string(&mut turned_away)
+            .unwrap();
+        assert!(turned_away.starts_with("HTTP/1.1 503"), "{turned_away}");
+        assert!(
+            turned_away.contains("maximum of 1 connections (max_connections)"),
+            "{turned_away}"
+        );
+        // The slow peer is cut off at its age although it keeps sending.
+        let dribble = std::thread::spawn(move || {
+            let mut answer = String::new();
+            for _ in 0..30 {
+                if slow.write_all(b"P").is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = slow.read_to_string(&mut answer);
+            answer
+        });
+        let answer = dribble.join().unwrap();
+        let took = start.elapsed();
+        assert!(
+            took < Duration::from_secs(3) + Duration::from_millis(1500),
+            "{took:?}"
+        );
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 400"),
+            "{answer}"
+        );
+        // The slot is free again.
+        let start = Instant::now();
+        while broker.connections.load(Ordering::SeqCst) != 0 {
+            assert!(start.elapsed() < Duration::from_secs(5));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut served = TcpStream::connect(addr).unwrap();
+        served
+            .write_all(b"GET /nothing HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+            .unwrap();
+        let mut answer = String::new();
+        served.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+        let lines = lines.lock().unwrap();
+        assert!(
+            lines.iter().any(|l| l.contains("max_connections")),
+            "{lines:?}"
+        );
+    }
+
+    #[test]
+    fn every_refusal_is_logged_with_the_node_the_check_and_the_values() {
+        let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+        let capture = lines.clone();
+        let report =
+            crate::snp::Report::parse(&crate::testdata::read("snp/gsg_attestation.bin")).unwrap();
+        let b = broker(vec![report.measurement().to_vec()]).with_log(Arc::new(move |l: &str| {
+            capture.lock().unwrap().push(l.into())
+        }));
+        let challenge = auth(&b, "snp");
+        let cookie = challenge
+            .headers
+            .iter()
+            .find(|(n, _)| n == "Set-Cookie")
+            .unwrap()
+            .1
+            .split(';')
+            .next()
+            .unwrap()
+            .to_string();
+        let session = cookie.split('=').nth(1).unwrap().to_string();
+        let nonce = serde_json::from_slice::<Value>(&challenge.body).unwrap()["nonce"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let key = p256::SecretKey::random(&mut rand_core::OsRng);
+        let attestation = json!({
+            "runtime-data": {"nonce": nonce, "tee-pubkey": Jwk::from_public(&key.public_key())},
+            "tee-evidence": {"primary_evidence": real_evidence(), "additional_evidence": ""},
+        });
+        let answer = b.handle_from(
+            &Message {
+                start: "POST /kbs/v0/attest HTTP/1.1".into(),
+                headers: vec![("cookie".into(), cookie)],
+                body: attestation.to_string().into_bytes(),
+            },
+            "192.0.2.7:40000",
+        );
+        assert_eq!(answer.status, 401);
+        {
+            let lines = lines.lock().unwrap();
+            assert_eq!(lines.len(), 1, "{lines:?}");
+            let line = &lines[0];
+            for part in [
+                "peer=\"192.0.2.7:40000\"",
+                &format!("session=\"{session}\""),
+                "tee=\"snp\"",
+                &format!("measurement={}", crate::hex(report.measurement())),
+                "policy=0xb0000",
+                "policy.debug: expected debugging not allowed",
+                "the report has policy 0xb0000 allowing it",
+            ] {
+                assert!(line.contains(part), "{part} not in {line}");
+            }
+        }
+        // Node-supplied text (a cookie, a path) is escaped: one line, no forged ones.
+        b.handle_from(
+            &Message {
+                start: "GET /kbs/v0/resource/a/b/c\x1b[2J HTTP/1.1".into(),
+                headers: vec![("cookie".into(), "kbs-session-id=x\ncvm-init: ready".into())],
+                body: Vec::new(),
+            },
+            "192.0.2.8:1",
+        );
+        let lines = lines.lock().unwrap();
+        assert_eq!(lines.len(), 2);
+        assert!(!lines[1].chars().any(char::is_control), "{:?}", lines[1]);
+        assert!(
+            lines[1].contains("x\\ncvm-init: ready") && lines[1].contains("\\u{1b}[2J"),
+            "{}",
+            lines[1]
         );
     }
 

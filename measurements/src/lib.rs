@@ -2,6 +2,8 @@
 //! the digest helper the other parts share; event framing, prediction and verification follow
 //! with the measured-boot and launch-measurement issues.
 
+pub mod broker_log;
+pub mod broker_reference;
 pub mod elsewhere;
 pub mod event;
 pub mod http;

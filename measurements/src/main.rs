@@ -75,12 +75,16 @@ commands:
                      assumes, or the TDX MRTD, RTMR 1 and RTMR 2 up to cvm-init; also in
                      Trustee's reference-value names
   verify snp-report <report> --vcek CERT [--chain PEM] [--measurement HEX]...
-      [--report-data HEX] [--host-data HEX] [--min-tcb bootloader=N,tee=N,snp=N,microcode=N]
-      [--allow-debug]
+      [--report-data HEX] [--host-data HEX]
+      (--min-tcb bootloader=N,tee=N,snp=N,microcode=N | --waive-min-tcb)
+      [--allow-debug] [--allow-migration-agent] [--no-smt] [--min-abi MAJOR.MINOR]
                      an SNP report (raw or hex) offline: its signature with the VCEK/VLEK,
                      the certificate up to AMD's built-in roots (or the ASK+ARK of --chain),
-                     VMPL 0, no debugging unless allowed, and what is expected; prints the
-                     claims (policy and TCB decoded) as JSON; exit 1 with the reason if not
+                     and the checks kbs-serve makes: VMPL 0, no debugging and no migration
+                     agent unless allowed, SMT and the ABI as required, the reported and
+                     launch TCB at least the minimum (required unless waived) and the
+                     reported TCB not below the committed one; prints the claims (policy
+                     and TCB decoded) as JSON; exit 1 naming the check if not
   verify tdx-quote <quote> [--mrtd HEX]... [--report-data HEX] [--ccel LOG]
                      a TDX quote (v4/v5): its signature chain as far as the quote allows (to
                      the Intel SGX Root CA; TCB status, QE identity and revocation need
@@ -94,8 +98,10 @@ commands:
                      node whose vTPM quote (by a key listed in the keys FILE, 128 hex digits
                      a line) covers the PCR values of the reference FILE (`predict --at
                      key-release --json`), or whose SNP report (Trustee's evidence shape,
-                     with its VCEK/VLEK) chains to AMD's roots or to the ASK+ARK in PEM and
-                     carries one of the reference's snp_measurements, or whose TDX quote
+                     with its VCEK/VLEK) chains to AMD's roots or to the ASK+ARK in PEM,
+                     carries one of the reference's snp_measurements and passes the checks
+                     of verify snp-report (snp_min_tcb, required or waived;
+                     snp_policy_required), or whose TDX quote (from Intel's TD QE)
                      (signature chain to the Intel root; no collateral checks) carries one of
                      tdx_mrtds, the tdx_rtmrs values, and logs replaying to its RTMRs with
                      cvm-init's part equal to tdx_init_rtmr2 (and the boot's RTMR 2 part to
@@ -518,8 +524,14 @@ fn verify_snp_report(args: &[&str]) -> Result<(), Failure> {
             "--report-data",
             "--host-data",
             "--min-tcb",
+            "--min-abi",
         ],
-        &["--allow-debug"],
+        &[
+            "--allow-debug",
+            "--allow-migration-agent",
+            "--no-smt",
+            "--waive-min-tcb",
+        ],
     )?;
     let [path] = positional[..] else {
         return Err(usage("verify snp-report takes one report file".into()));
@@ -541,17 +553,38 @@ fn verify_snp_report(args: &[&str]) -> Result<(), Failure> {
         .verify_signature(&vcek)
         .map_err(|e| Failure(format!("{path}: {e}"), 1))?;
     let refuse = |why: String| Failure(format!("{path}: {why}"), 1);
-    if report.vmpl() != 0 {
-        return Err(refuse(format!(
-            "the report comes from VMPL {}, expected 0",
-            report.vmpl()
-        )));
-    }
-    if report.debug_allowed() && !o.contains_key("--allow-debug") {
-        return Err(refuse(
-            "the guest policy allows debugging (--allow-debug to accept)".into(),
-        ));
-    }
+    let min_tcb = match (o.get("--min-tcb"), o.contains_key("--waive-min-tcb")) {
+        (Some(_), true) => {
+            return Err(usage(
+                "--min-tcb and --waive-min-tcb exclude each other".into(),
+            ))
+        }
+        (Some(min), false) => snp::MinimumTcb::At(
+            snp::Tcb::parse_minimum(min).map_err(|e| usage(format!("--min-tcb {min:?}: {e}")))?,
+        ),
+        (None, true) => snp::MinimumTcb::Waived,
+        (None, false) => snp::MinimumTcb::Missing,
+    };
+    let min_abi = match o.get("--min-abi") {
+        None => (0, 0),
+        Some(v) => v
+            .split_once('.')
+            .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+            .ok_or_else(|| usage(format!("--min-abi {v:?}: expected MAJOR.MINOR")))?,
+    };
+    let required = snp::Requirements {
+        min_tcb,
+        allow_debug: o.contains_key("--allow-debug"),
+        allow_migration_agent: o.contains_key("--allow-migration-agent"),
+        allow_smt: !o.contains_key("--no-smt"),
+        min_abi,
+    };
+    snp::check_requirements(&report, product, &required).map_err(|r| {
+        refuse(match r.check {
+            "min_tcb" => format!("{r} (--min-tcb or --waive-min-tcb)"),
+            _ => r.to_string(),
+        })
+    })?;
     let measurements: Vec<&str> = args
         .windows(2)
         .filter(|w| w[0] == "--measurement")
@@ -577,22 +610,6 @@ fn verify_snp_report(args: &[&str]) -> Result<(), Failure> {
         if data != report.host_data() {
             return Err(refuse("the host data is not the expected one".into()));
         }
-    }
-    if let Some(min) = o.get("--min-tcb") {
-        let mut wanted = serde_json::Map::new();
-        for part in min.split(',') {
-            let (k, v) = part
-                .split_once('=')
-                .and_then(|(k, v)| Some((k, v.parse::<u64>().ok()?)))
-                .ok_or_else(|| usage(format!("--min-tcb {min:?}: expected field=N,...")))?;
-            wanted.insert(k.to_string(), v.into());
-        }
-        snp::tcb_at_least(
-            report.reported_tcb(),
-            &serde_json::Value::Object(wanted),
-            product,
-        )
-        .map_err(refuse)?;
     }
     let mut claims = report.claims(product);
     claims["verified"] = serde_json::json!({

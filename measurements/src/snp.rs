@@ -173,17 +173,14 @@ pub struct Expectations {
     pub measurements: Vec<Vec<u8>>,
     /// The binding the report must carry.
     pub report_data: Vec<u8>,
+    /// Policy and TCB (`check_requirements`).
+    pub requirements: Requirements,
 }
 
-/// Checks a signed report's contents: VMPL 0, no debugging, an allowed launch digest, the
-/// binding. (The signature and the chain are checked before.)
-pub fn appraise(report: &Report, expected: &Expectations) -> Result<(), String> {
-    if report.vmpl() != 0 {
-        return Err(format!(
-            "the report comes from VMPL {}, expected 0",
-            report.vmpl()
-        ));
-    }
+/// Checks a signed report's contents: an allowed launch digest, the operator's requirements
+/// (`check_requirements`: VMPL 0, policy, TCB), the binding. (The signature and the chain
+/// are checked before; `product` is the chain's.)
+pub fn appraise(report: &Report, product: &str, expected: &Expectations) -> Result<(), String> {
     if !expected
         .measurements
         .iter()
@@ -195,11 +192,7 @@ pub fn appraise(report: &Report, expected: &Expectations) -> Result<(), String> 
             expected.measurements.len()
         ));
     }
-    if report.debug_allowed() {
-        return Err(
-            "the guest policy allows debugging (its memory is readable by the host)".into(),
-        );
-    }
+    check_requirements(report, product, &expected.requirements).map_err(|r| r.to_string())?;
     if report.report_data() != expected.report_data.as_slice() {
         return Err("the report data is not this session's binding (replayed evidence)".into());
     }
@@ -286,33 +279,229 @@ impl Report {
     }
 }
 
-/// The reported TCB is at least `minimum` in every field (both decoded for `product`).
-pub fn tcb_at_least(
-    reported: u64,
-    minimum: &serde_json::Value,
-    product: &str,
-) -> Result<(), String> {
-    let have = decode_tcb(reported, product);
-    let wanted = minimum
-        .as_object()
-        .ok_or("the minimum TCB is not an object")?;
-    for (field, value) in wanted {
-        let want = value
-            .as_u64()
-            .ok_or(format!("minimum TCB {field}: not a number"))?;
-        let got = have
-            .get(field)
-            .and_then(serde_json::Value::as_u64)
-            .ok_or(format!(
-                "minimum TCB field {field:?} is not one of {product}'s"
-            ))?;
-        if got < want {
-            return Err(format!(
-                "reported TCB {field} is {got}, below the minimum {want}"
-            ));
+/// The four TCB components an SNP verifier compares (SPL values), whatever the product line's
+/// layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Tcb {
+    pub bootloader: u8,
+    pub tee: u8,
+    pub snp: u8,
+    pub microcode: u8,
+}
+
+impl Tcb {
+    /// Decodes a TCB_VERSION for `product` (Turin moved the fields; a configured chain is read
+    /// as Milan and Genoa lay it out).
+    pub fn decode(tcb: u64, product: &str) -> Tcb {
+        let b = tcb.to_le_bytes();
+        if product == "Turin" {
+            Tcb {
+                bootloader: b[1],
+                tee: b[2],
+                snp: b[3],
+                microcode: b[7],
+            }
+        } else {
+            Tcb {
+                bootloader: b[0],
+                tee: b[1],
+                snp: b[6],
+                microcode: b[7],
+            }
         }
     }
-    Ok(())
+
+    fn components(&self) -> [(&'static str, u8); 4] {
+        [
+            ("bootloader", self.bootloader),
+            ("tee", self.tee),
+            ("snp", self.snp),
+            ("microcode", self.microcode),
+        ]
+    }
+
+    /// The first component of `self` below `minimum`'s: (name, got, minimum).
+    pub fn first_below(&self, minimum: &Tcb) -> Option<(&'static str, u8, u8)> {
+        self.components()
+            .into_iter()
+            .zip(minimum.components())
+            .find(|((_, got), (_, min))| got < min)
+            .map(|((name, got), (_, min))| (name, got, min))
+    }
+
+    /// Reads `bootloader=N,tee=N,snp=N,microcode=N` (all four: an omitted component would be
+    /// one not checked).
+    pub fn parse_minimum(text: &str) -> Result<Tcb, String> {
+        let mut fields: std::collections::BTreeMap<&str, u8> = Default::default();
+        for part in text.split(',') {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or(format!("{part:?} is not field=N"))?;
+            let v: u8 = v
+                .parse()
+                .map_err(|_| format!("{k}={v:?}: expected 0 to 255"))?;
+            if !["bootloader", "tee", "snp", "microcode"].contains(&k) {
+                return Err(format!(
+                    "{k:?} is not a TCB component (bootloader, tee, snp, microcode)"
+                ));
+            }
+            fields.insert(k, v);
+        }
+        let get = |k: &str| {
+            fields.get(k).copied().ok_or(format!(
+                "the minimum TCB names no {k} (all of bootloader, tee, snp, microcode are needed)"
+            ))
+        };
+        Ok(Tcb {
+            bootloader: get("bootloader")?,
+            tee: get("tee")?,
+            snp: get("snp")?,
+            microcode: get("microcode")?,
+        })
+    }
+}
+
+impl std::fmt::Display for Tcb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "bootloader={},tee={},snp={},microcode={}",
+            self.bootloader, self.tee, self.snp, self.microcode
+        )
+    }
+}
+
+/// The minimum TCB an operator requires: absent is refused, so a reference must name one or
+/// waive it by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MinimumTcb {
+    #[default]
+    Missing,
+    Waived,
+    At(Tcb),
+}
+
+/// What the operator requires of an SNP guest beyond its launch digest: the guest policy is
+/// the host's choice and not part of the digest, and the TCB says which firmware signed.
+/// The defaults fail closed: no debugging, no migration agent, a minimum TCB required. SMT is
+/// allowed unless refused (nearly every host runs with it), any ABI unless a minimum is named.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Requirements {
+    pub min_tcb: MinimumTcb,
+    pub allow_debug: bool,
+    pub allow_migration_agent: bool,
+    pub allow_smt: bool,
+    /// (major, minor) of the guest policy's minimum ABI.
+    pub min_abi: (u8, u8),
+}
+
+impl Default for Requirements {
+    fn default() -> Requirements {
+        Requirements {
+            min_tcb: MinimumTcb::Missing,
+            allow_debug: false,
+            allow_migration_agent: false,
+            allow_smt: true,
+            min_abi: (0, 0),
+        }
+    }
+}
+
+/// Why a report is refused: the check's name, what was expected and what the report holds.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{check}: expected {expected}, the report has {found}")]
+pub struct Refusal {
+    pub check: &'static str,
+    pub expected: String,
+    pub found: String,
+}
+
+fn refuse(check: &'static str, expected: impl ToString, found: impl ToString) -> Refusal {
+    Refusal {
+        check,
+        expected: expected.to_string(),
+        found: found.to_string(),
+    }
+}
+
+/// The checks `verify snp-report` and `kbs-serve` share, on a report whose signature and
+/// chain verified (`product` from the chain decodes the TCB): VMPL 0, the guest policy's
+/// bits, and the TCB. The minimum applies to the reported TCB (the one the VCEK certifies:
+/// firmware can derive keys for its own TCB and older only) and to the launch TCB (the
+/// firmware the guest's memory was set up under); the reported TCB must not be below the
+/// committed one (the host may lower what it reports, to keep using an older VCEK, which
+/// would hide that the platform committed to newer firmware).
+pub fn check_requirements(
+    report: &Report,
+    product: &str,
+    required: &Requirements,
+) -> Result<(), Refusal> {
+    if report.vmpl() != 0 {
+        return Err(refuse("vmpl", 0, report.vmpl()));
+    }
+    let policy = report.policy();
+    if policy & (1 << 19) != 0 && !required.allow_debug {
+        return Err(refuse(
+            "policy.debug",
+            "debugging not allowed (the host could read the guest's memory)",
+            format!("policy {policy:#x} allowing it"),
+        ));
+    }
+    if policy & (1 << 18) != 0 && !required.allow_migration_agent {
+        return Err(refuse(
+            "policy.migrate_ma",
+            "no migration agent",
+            format!("policy {policy:#x} allowing one"),
+        ));
+    }
+    if policy & (1 << 16) != 0 && !required.allow_smt {
+        return Err(refuse(
+            "policy.smt",
+            "SMT not allowed",
+            format!("policy {policy:#x} allowing it"),
+        ));
+    }
+    let abi = (((policy >> 8) & 0xff) as u8, (policy & 0xff) as u8);
+    if abi < required.min_abi {
+        return Err(refuse(
+            "policy.abi",
+            format!(
+                "a minimum ABI of at least {}.{}",
+                required.min_abi.0, required.min_abi.1
+            ),
+            format!("{}.{}", abi.0, abi.1),
+        ));
+    }
+    let reported = Tcb::decode(report.reported_tcb(), product);
+    let committed = Tcb::decode(report.committed_tcb(), product);
+    if let Some((name, got, min)) = reported.first_below(&committed) {
+        return Err(refuse(
+            "reported_tcb",
+            format!("not below the committed TCB ({name} {min}, {committed})"),
+            format!("{name} {got} ({reported})"),
+        ));
+    }
+    match required.min_tcb {
+        MinimumTcb::Missing => Err(refuse(
+            "min_tcb",
+            "a minimum TCB in the reference (or one waived by name)",
+            format!("the reported TCB {reported} and no minimum to compare it with"),
+        )),
+        MinimumTcb::Waived => Ok(()),
+        MinimumTcb::At(minimum) => {
+            let launch = Tcb::decode(report.launch_tcb(), product);
+            for (check, tcb) in [("reported_tcb", reported), ("launch_tcb", launch)] {
+                if let Some((name, got, min)) = tcb.first_below(&minimum) {
+                    return Err(refuse(
+                        check,
+                        format!("{name} at least {min} (minimum {minimum})"),
+                        format!("{name} {got} ({tcb})"),
+                    ));
+                }
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Reads an endorsement key certificate (DER or PEM).
@@ -390,7 +579,6 @@ pub fn test_report(
     report_data: &[u8; 64],
     policy: u64,
 ) -> Vec<u8> {
-    use p384::ecdsa::signature::Signer;
     let mut raw = vec![0u8; REPORT_LEN];
     raw[0] = 3;
     raw[0x8..0x10].copy_from_slice(&policy.to_le_bytes());
@@ -399,6 +587,14 @@ pub fn test_report(
     raw[0x90..0xc0].copy_from_slice(measurement);
     // CPUID family 19h, model 01h, stepping 1: a Milan processor (v3 reports name it).
     raw[0x188..0x18b].copy_from_slice(&[0x19, 0x01, 0x01]);
+    sign_test_report(key, &mut raw);
+    raw
+}
+
+/// Signs a report's first `SIGNED_LEN` bytes with `key` as the firmware does (tests change a
+/// field of `test_report`'s output and sign again).
+pub fn sign_test_report(key: &p384::ecdsa::SigningKey, raw: &mut [u8]) {
+    use p384::ecdsa::signature::Signer;
     let signature: p384::ecdsa::Signature = key.sign(&raw[..SIGNED_LEN]);
     let (r, s) = signature.split_bytes();
     for (field, component) in [(SIGNED_LEN, r), (SIGNED_LEN + COMPONENT_FIELD, s)] {
@@ -406,7 +602,6 @@ pub fn test_report(
         le.reverse();
         raw[field..field + COMPONENT_LEN].copy_from_slice(&le);
     }
-    raw
 }
 
 pub use sev::firmware::host::{CertTableEntry, CertType};
@@ -651,6 +846,25 @@ mod tests {
         Report::parse(&test_report(key, measurement, report_data, policy)).unwrap()
     }
 
+    /// A zero-TCB test report whose policy and TCB fields are set, signed again.
+    fn report_with(key: &p384::ecdsa::SigningKey, policy: u64, tcbs: &[(usize, u64)]) -> Report {
+        let mut raw = test_report(key, &[0x11; 48], &[0x22; 64], policy);
+        for (at, tcb) in tcbs {
+            raw[*at..*at + 8].copy_from_slice(&tcb.to_le_bytes());
+        }
+        sign_test_report(key, &mut raw);
+        Report::parse(&raw).unwrap()
+    }
+
+    /// A Milan TCB_VERSION: bootloader, tee, snp, microcode.
+    fn milan_tcb(bootloader: u8, tee: u8, snp: u8, microcode: u8) -> u64 {
+        u64::from_le_bytes([bootloader, tee, 0, 0, 0, 0, snp, microcode])
+    }
+
+    const REPORTED: usize = 0x180;
+    const COMMITTED: usize = 0x1e0;
+    const LAUNCH: usize = 0x1f0;
+
     #[test]
     fn appraisal_checks_digest_binding_and_policy() {
         let key = p384::ecdsa::SigningKey::random(&mut rand_core::OsRng);
@@ -659,28 +873,202 @@ mod tests {
         let expected = Expectations {
             measurements: vec![digest.to_vec()],
             report_data: binding.to_vec(),
+            requirements: Requirements {
+                min_tcb: MinimumTcb::Waived,
+                ..Default::default()
+            },
         };
         let good = signed_report(&key, &digest, &binding, 0x30000);
         good.verify_signature_with(key.verifying_key()).unwrap();
-        appraise(&good, &expected).unwrap();
+        appraise(&good, "Milan", &expected).unwrap();
         let other_image = signed_report(&key, &[0x33; 48], &binding, 0x30000);
-        assert!(appraise(&other_image, &expected)
+        assert!(appraise(&other_image, "Milan", &expected)
             .unwrap_err()
             .contains("launch digest"));
         let replayed = signed_report(&key, &digest, &[0; 64], 0x30000);
-        assert!(appraise(&replayed, &expected)
+        assert!(appraise(&replayed, "Milan", &expected)
             .unwrap_err()
             .contains("replayed"));
         let debug = signed_report(&key, &digest, &binding, 0x30000 | 1 << 19);
-        assert!(appraise(&debug, &expected)
+        assert!(appraise(&debug, "Milan", &expected)
             .unwrap_err()
-            .contains("debugging"));
+            .contains("policy.debug"));
         // Signed by another key.
         let other_key = p384::ecdsa::SigningKey::random(&mut rand_core::OsRng);
         assert_eq!(
             good.verify_signature_with(other_key.verifying_key()),
             Err(SnpError::Signature)
         );
+    }
+
+    #[test]
+    fn the_minimum_tcb_is_required_by_default_and_each_component_below_it_is_named() {
+        let key = p384::ecdsa::SigningKey::random(&mut rand_core::OsRng);
+        let at = |b, t, s, m| milan_tcb(b, t, s, m);
+        let current = at(3, 0, 8, 115);
+        let all = |tcb| [(REPORTED, tcb), (COMMITTED, tcb), (LAUNCH, tcb)];
+        let minimum = Requirements {
+            min_tcb: MinimumTcb::At(Tcb {
+                bootloader: 3,
+                tee: 0,
+                snp: 8,
+                microcode: 115,
+            }),
+            ..Default::default()
+        };
+        let good = report_with(&key, 0x30000, &all(current));
+        check_requirements(&good, "Milan", &minimum).unwrap();
+        // No minimum configured: refused by name, not waved through.
+        let why = check_requirements(&good, "Milan", &Requirements::default()).unwrap_err();
+        assert_eq!(why.check, "min_tcb", "{why}");
+        let waived = Requirements {
+            min_tcb: MinimumTcb::Waived,
+            ..Default::default()
+        };
+        check_requirements(&good, "Milan", &waived).unwrap();
+        for (tcb, component) in [
+            (at(2, 0, 8, 115), "bootloader"),
+            (at(3, 0, 7, 115), "snp"),
+            (at(3, 0, 8, 114), "microcode"),
+        ] {
+            let low = report_with(&key, 0x30000, &all(tcb));
+            let why = check_requirements(&low, "Milan", &minimum).unwrap_err();
+            assert_eq!(why.check, "reported_tcb", "{why}");
+            assert!(why.expected.starts_with(component), "{why}");
+            assert!(why.found.starts_with(component), "{why}");
+        }
+        let tee_minimum = Requirements {
+            min_tcb: MinimumTcb::At(Tcb {
+                tee: 1,
+                ..Tcb::decode(current, "Milan")
+            }),
+            ..Default::default()
+        };
+        let why = check_requirements(&good, "Milan", &tee_minimum).unwrap_err();
+        assert!(why.to_string().contains("tee at least 1"), "{why}");
+        // Launched under older firmware, updated since.
+        let old_launch = report_with(
+            &key,
+            0x30000,
+            &[
+                (REPORTED, current),
+                (COMMITTED, current),
+                (LAUNCH, at(3, 0, 7, 115)),
+            ],
+        );
+        let why = check_requirements(&old_launch, "Milan", &minimum).unwrap_err();
+        assert_eq!(why.check, "launch_tcb", "{why}");
+        // A reported TCB below the committed one, even with the minimum waived.
+        let lowered = report_with(
+            &key,
+            0x30000,
+            &[
+                (REPORTED, at(3, 0, 7, 115)),
+                (COMMITTED, current),
+                (LAUNCH, current),
+            ],
+        );
+        let why = check_requirements(&lowered, "Milan", &waived).unwrap_err();
+        assert_eq!(why.check, "reported_tcb", "{why}");
+        assert!(why.expected.contains("committed"), "{why}");
+        // Turin's layout: the same value decodes to other components.
+        let turin = Tcb::decode(u64::from_le_bytes([1, 2, 3, 4, 0, 0, 0, 5]), "Turin");
+        assert_eq!(
+            (turin.bootloader, turin.tee, turin.snp, turin.microcode),
+            (2, 3, 4, 5)
+        );
+    }
+
+    #[test]
+    fn each_forbidden_policy_bit_is_refused_by_name() {
+        let key = p384::ecdsa::SigningKey::random(&mut rand_core::OsRng);
+        let waived = Requirements {
+            min_tcb: MinimumTcb::Waived,
+            ..Default::default()
+        };
+        for (bit, check) in [(19, "policy.debug"), (18, "policy.migrate_ma")] {
+            let report = report_with(&key, 0x30000 | 1 << bit, &[]);
+            let why = check_requirements(&report, "Milan", &waived).unwrap_err();
+            assert_eq!(why.check, check, "{why}");
+        }
+        let allowed = Requirements {
+            allow_debug: true,
+            allow_migration_agent: true,
+            ..waived.clone()
+        };
+        check_requirements(&report_with(&key, 0xf0000, &[]), "Milan", &allowed).unwrap();
+        // SMT (bit 16) when the operator refuses it.
+        let no_smt = Requirements {
+            allow_smt: false,
+            ..waived.clone()
+        };
+        let why =
+            check_requirements(&report_with(&key, 0x30000, &[]), "Milan", &no_smt).unwrap_err();
+        assert_eq!(why.check, "policy.smt", "{why}");
+        check_requirements(&report_with(&key, 0x20000, &[]), "Milan", &no_smt).unwrap();
+        // The minimum ABI: 1.51 required, 1.50 and 0.255 refused, 1.51 and 2.0 pass.
+        let abi = Requirements {
+            min_abi: (1, 51),
+            ..waived
+        };
+        for (policy, ok) in [
+            (0x30132, false),
+            (0x300ff, false),
+            (0x30133, true),
+            (0x30200, true),
+        ] {
+            let verdict = check_requirements(&report_with(&key, policy, &[]), "Milan", &abi);
+            match verdict {
+                Ok(()) => assert!(ok, "{policy:#x} passed"),
+                Err(why) => {
+                    assert!(!ok, "{policy:#x}: {why}");
+                    assert_eq!(why.check, "policy.abi");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn real_reports_pass_a_reference_that_matches_them() {
+        for (raw, vcek) in real_reports() {
+            let report = Report::parse(&raw).unwrap();
+            let product = verify_chain(&vcek).unwrap();
+            let reported = Tcb::decode(report.reported_tcb(), product);
+            let matching = Requirements {
+                min_tcb: MinimumTcb::At(reported),
+                allow_debug: report.debug_allowed(),
+                ..Default::default()
+            };
+            check_requirements(&report, product, &matching).unwrap();
+            // One more than the report in any component is refused.
+            let newer = Tcb {
+                microcode: reported.microcode + 1,
+                ..reported
+            };
+            let why = check_requirements(
+                &report,
+                product,
+                &Requirements {
+                    min_tcb: MinimumTcb::At(newer),
+                    ..matching
+                },
+            )
+            .unwrap_err();
+            assert_eq!(why.check, "reported_tcb");
+        }
+        assert_eq!(
+            Tcb::parse_minimum("bootloader=2,tee=0,snp=5,microcode=68").unwrap(),
+            Tcb {
+                bootloader: 2,
+                tee: 0,
+                snp: 5,
+                microcode: 68
+            }
+        );
+        assert!(Tcb::parse_minimum("bootloader=2,snp=5,microcode=68")
+            .unwrap_err()
+            .contains("no tee"));
+        assert!(Tcb::parse_minimum("fmc=1").unwrap_err().contains("fmc"));
     }
 
     #[test]

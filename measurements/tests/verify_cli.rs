@@ -34,9 +34,30 @@ fn snp_reports_verify_and_expectations_are_enforced() {
         testdata("snp/gsg_vcek.der"),
     );
     // This real report's policy allows debugging: refused unless accepted explicitly.
-    let (code, _, err) = measure(&["verify", "snp-report", &report, "--vcek", &vcek]);
+    let (code, _, err) = measure(&[
+        "verify",
+        "snp-report",
+        &report,
+        "--vcek",
+        &vcek,
+        "--waive-min-tcb",
+    ]);
     assert_eq!(code, 1);
-    assert!(err.contains("allows debugging"), "{err}");
+    assert!(err.contains("policy.debug"), "{err}");
+    // No minimum TCB: refused by name (and how to give one or waive it).
+    let (code, _, err) = measure(&[
+        "verify",
+        "snp-report",
+        &report,
+        "--vcek",
+        &vcek,
+        "--allow-debug",
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("min_tcb") && err.contains("--waive-min-tcb"),
+        "{err}"
+    );
     let (code, out, err) = measure(&[
         "verify",
         "snp-report",
@@ -47,7 +68,7 @@ fn snp_reports_verify_and_expectations_are_enforced() {
         "--report-data",
         "0102030405",
         "--min-tcb",
-        "bootloader=2,snp=5,microcode=68",
+        "bootloader=2,tee=0,snp=5,microcode=68",
     ]);
     assert_eq!(code, 0, "{err}");
     let claims: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -59,10 +80,24 @@ fn snp_reports_verify_and_expectations_are_enforced() {
         .unwrap()
         .starts_with("Milan"));
     for (extra, why) in [
-        (vec!["--min-tcb", "snp=6"], "below the minimum"),
-        (vec!["--report-data", "ff"], "report data"),
-        (vec!["--measurement", "00"], "none of the 1 expected"),
-        (vec!["--min-tcb", "fmc=1"], "not one of Milan's"),
+        (
+            vec!["--min-tcb", "bootloader=2,tee=0,snp=6,microcode=68"],
+            "reported_tcb: expected snp at least 6",
+        ),
+        (
+            vec!["--min-tcb", "bootloader=2,tee=0,snp=5,microcode=69"],
+            "reported_tcb: expected microcode at least 69",
+        ),
+        (vec!["--waive-min-tcb", "--min-abi", "1.0"], "policy.abi"),
+        (vec!["--waive-min-tcb", "--no-smt"], "policy.smt"),
+        (
+            vec!["--waive-min-tcb", "--report-data", "ff"],
+            "report data",
+        ),
+        (
+            vec!["--waive-min-tcb", "--measurement", "00"],
+            "none of the 1 expected",
+        ),
     ] {
         let mut args = vec![
             "verify",
@@ -88,6 +123,7 @@ fn snp_reports_verify_and_expectations_are_enforced() {
         "--vcek",
         &testdata("snp/virtee_vcek_milan.der"),
         "--allow-debug",
+        "--waive-min-tcb",
     ]);
     assert_eq!(code, 1);
     assert!(err.contains("does not verify"), "{err}");

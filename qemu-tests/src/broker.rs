@@ -323,6 +323,11 @@ mod tests {
         .unwrap();
         let reference = Reference {
             snp_measurements: vec![measurement.to_vec()],
+            // Test reports carry a zero TCB.
+            snp_requirements: cvm_measure::snp::Requirements {
+                min_tcb: cvm_measure::snp::MinimumTcb::Waived,
+                ..Default::default()
+            },
             ..Default::default()
         };
         let untrusting = Broker::new(dir.path().into(), reference.clone());

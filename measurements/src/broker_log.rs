@@ -1,0 +1,70 @@
+//! The broker's own log of refusals: one line per refused request naming the node (session,
+//! peer address, the evidence's identifying values), the check and what was expected and
+//! found, so that an operator sees why a node is stuck. Everything in it may come from the
+//! node or the network, so every value is escaped: no control character (newline, escape
+//! sequence) reaches the operator's terminal or log collector raw.
+
+use std::fmt::Write;
+use std::sync::Arc;
+
+/// Where log lines go (stderr in `kbs-serve`; a capture in tests).
+pub type Sink = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// The default sink: one line on stderr.
+pub fn stderr() -> Sink {
+    Arc::new(|line: &str| eprintln!("{line}"))
+}
+
+/// `text` with every control character (C0, DEL, C1, and the Unicode line and paragraph
+/// separators) and the backslash written as escapes, so that the result is one printable line.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() || c == '\u{2028}' || c == '\u{2029}' => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// One refusal as a line: `kbs-serve: refused <field>="<escaped value>" ...`.
+pub fn refusal_line(fields: &[(&str, &str)]) -> String {
+    let mut line = String::from("kbs-serve: refused");
+    for (name, value) in fields {
+        let _ = write!(line, " {name}=\"{}\"", escape(value).replace('"', "\\\""));
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(
+            escape("a\nb\x1b[2Jc\\d\u{85}"),
+            "a\\nb\\u{1b}[2Jc\\\\d\\u{85}"
+        );
+        assert_eq!(
+            refusal_line(&[("peer", "1.2.3.4:5"), ("reason", "x\"\ncvm-init: ready")]),
+            "kbs-serve: refused peer=\"1.2.3.4:5\" reason=\"x\\\"\\ncvm-init: ready\""
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn any_text_gives_one_printable_line(text in any::<String>()) {
+            let line = refusal_line(&[("reason", &text)]);
+            prop_assert!(!line.chars().any(|c| c.is_control() || c == '\u{2028}' || c == '\u{2029}'), "{line:?}");
+        }
+    }
+}
