@@ -159,10 +159,17 @@ impl ServiceLog {
     }
 
     fn reopen(&mut self) {
-        self.file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
+        use nix::fcntl::OFlag;
+        // The log directory is on the state disk, which a workload writes too: no link is
+        // followed on the way to the file.
+        self.file = crate::nofollow::open_parent(&self.path, Some(0o755))
+            .and_then(|p| {
+                p.open(
+                    None,
+                    OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_APPEND,
+                    0o644,
+                )
+            })
             .inspect_err(|e| log::warn!("cannot open the service log {}: {e}", self.path.display()))
             .ok();
         self.size = self
@@ -176,9 +183,12 @@ impl ServiceLog {
         use std::io::Write;
         let len = line.len() as u64 + 1;
         if self.size + len > self.max {
-            let mut old = self.path.clone().into_os_string();
-            old.push(".1");
-            if let Err(e) = std::fs::rename(&self.path, &old) {
+            let rotated = crate::nofollow::open_parent(&self.path, None).and_then(|p| {
+                let mut old = p.name.clone().into_os_string();
+                old.push(".1");
+                p.rename(&p.name, Path::new(&old))
+            });
+            if let Err(e) = rotated {
                 log::warn!("cannot rotate the service log {}: {e}", self.path.display());
             }
             self.reopen();
@@ -333,7 +343,7 @@ impl<P: Processes> Supervisor<P> {
         let Some(settings) = settings else {
             return self;
         };
-        if let Err(e) = std::fs::create_dir_all(&settings.dir) {
+        if let Err(e) = crate::nofollow::open_dir(&settings.dir, Some(0o755)) {
             log::warn!(
                 "cannot create the service log directory {}: {e}; output goes to the console only",
                 settings.dir.display()
@@ -973,6 +983,33 @@ mod tests {
         sup.tick(t0 + Duration::from_millis(1000));
         assert!(sup.on_exit(Pid::from_raw(101), Exit::Code(0), t0));
         assert_eq!(sup.next_deadline(), None);
+    }
+
+    #[test]
+    fn service_logs_are_not_written_through_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("victim"), "untouched").unwrap();
+        // Final component: the log file a link (planted by a workload on the state disk).
+        let logs = dir.path().join("logs");
+        std::fs::create_dir(&logs).unwrap();
+        std::os::unix::fs::symlink(outside.join("victim"), logs.join("svc.log")).unwrap();
+        // Intermediate: the directory of the log a link.
+        std::os::unix::fs::symlink(&outside, dir.path().join("linked")).unwrap();
+        for path in [logs.join("svc.log"), dir.path().join("linked/victim")] {
+            let mut log = ServiceLog::open(path.clone(), 4096);
+            assert!(log.file.is_none(), "{} was opened", path.display());
+            log.write_line("written through a link");
+        }
+        assert_eq!(
+            std::fs::read_to_string(outside.join("victim")).unwrap(),
+            "untouched"
+        );
+        let e = crate::nofollow::open_parent(&dir.path().join("linked/victim"), None)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("linked in "), "{e}");
     }
 
     #[test]
