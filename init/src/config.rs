@@ -706,12 +706,15 @@ pub fn parse_config_file(path: &Path, text: &str) -> Result<ConfigFile, ConfigFi
             && service
                 .name
                 .bytes()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-');
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+            // Its output is forwarded as `<name>: <line>`: named cvm-init, a workload would
+            // write the init's own marker lines.
+            && service.name != crate::logger::PREFIX;
         if !valid_name {
             return Err(invalid(
                 field("name"),
                 &service.name,
-                "1 to 32 characters of [a-z0-9-]",
+                "1 to 32 characters of [a-z0-9-], other than cvm-init",
             ));
         }
         if !names.insert(service.name.as_str()) {
@@ -1207,6 +1210,9 @@ restart = "on-failure"
         .unwrap_err();
         assert!(e.to_string().contains("restrat"), "{e}");
         let e = parse_config_file(p, "[[service]]\nname=\"A b\"\npath=\"/a\"").unwrap_err();
+        assert!(e.to_string().contains("service[0].name"), "{e}");
+        // Named like the init, a workload's forwarded lines would read as the init's markers.
+        let e = parse_config_file(p, "[[service]]\nname=\"cvm-init\"\npath=\"/a\"").unwrap_err();
         assert!(e.to_string().contains("service[0].name"), "{e}");
         let e = parse_config_file(p, "[[service]]\nname=\"a\"\npath=\"rel\"").unwrap_err();
         assert!(e.to_string().contains("service[0].path"), "{e}");

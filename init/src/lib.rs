@@ -13,6 +13,7 @@ pub mod measure;
 pub mod modules;
 pub mod mounts;
 pub mod net;
+pub mod nofollow;
 pub mod power;
 pub mod root;
 pub mod runtime;

@@ -3,7 +3,16 @@
 //! Every line goes to the kernel ring buffer (so `dmesg` and a cloud's log capture have it) and
 //! is visible on the console. When the kernel itself echoes a record to the console (its level is
 //! below the console log level), the line is not written a second time.
+//!
+//! One message is one line. Messages carry text the host chose (LUKS2 header fields, a key
+//! broker's error body, DHCP values, a workload's output), so every control character, line or
+//! paragraph separator and bidirectional override is escaped here, the one place all console
+//! text passes: no input can start a line of its own (a forged `cvm-init: ready`) or move the
+//! cursor, recolour or erase what the console shows. Text the init itself means to span
+//! several lines goes through [`emit_lines`], one escaped line per element.
 
+use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd};
@@ -77,34 +86,91 @@ pub fn detach_kmsg() {
     LOGGER.console_loglevel.store(0, Ordering::Relaxed);
 }
 
-/// Writes a line to the console only (the forwarded output of services).
+/// Writes a line to the console only (the forwarded output of services), escaped.
 pub fn console_line(line: &str) {
     let mut sinks = lock();
     if let Some(console) = sinks.console.as_mut() {
-        let mut buf = Vec::with_capacity(line.len() + 1);
-        buf.extend_from_slice(line.as_bytes());
-        buf.push(b'\n');
-        let _ = console.write_all(&buf);
+        let _ = console.write_all(&render_console_line(line));
     }
 }
 
-/// Writes one line at a syslog level to kmsg and the console. Used by the logger and by the
-/// fatal path, which must not depend on `log` being initialised.
+/// Writes one line at a syslog level to kmsg and the console, every control character of
+/// `message` escaped. Used by the logger and by the fatal path, which must not depend on `log`
+/// being initialised.
 pub fn emit(syslog_level: u8, message: &str) {
     let mut sinks = lock();
     let echoed_by_kernel =
         sinks.kmsg.is_some() && syslog_level < LOGGER.console_loglevel.load(Ordering::Relaxed);
-    // The kernel takes one record per write; a message with newlines becomes several records.
-    for line in message.lines() {
-        if let Some(kmsg) = sinks.kmsg.as_mut() {
-            let _ = kmsg.write_all(format!("<{syslog_level}>{PREFIX}: {line}\n").as_bytes());
-        }
-        if !echoed_by_kernel {
-            if let Some(console) = sinks.console.as_mut() {
-                let _ = console.write_all(format!("{PREFIX}: {line}\n").as_bytes());
-            }
+    let (kmsg_record, console_record) = render(syslog_level, message);
+    if let Some(kmsg) = sinks.kmsg.as_mut() {
+        let _ = kmsg.write_all(&kmsg_record);
+    }
+    if !echoed_by_kernel {
+        if let Some(console) = sinks.console.as_mut() {
+            let _ = console.write_all(&console_record);
         }
     }
+}
+
+/// The init's own text of several lines (never host text split by the caller): one escaped
+/// record per element, so the lines stay readable and none can hold a newline of its own.
+pub fn emit_lines(syslog_level: u8, lines: &[&str]) {
+    for line in lines {
+        emit(syslog_level, line);
+    }
+}
+
+/// The kmsg record (one write is one record) and the console line for a message.
+fn render(syslog_level: u8, message: &str) -> (Vec<u8>, Vec<u8>) {
+    let line = escape(message);
+    (
+        format!("<{syslog_level}>{PREFIX}: {line}\n").into_bytes(),
+        format!("{PREFIX}: {line}\n").into_bytes(),
+    )
+}
+
+fn render_console_line(line: &str) -> Vec<u8> {
+    let mut buf = escape(line).into_owned().into_bytes();
+    buf.push(b'\n');
+    buf
+}
+
+/// Whether a character must not reach the console as itself: C0 and C1 controls and DEL
+/// (newlines, carriage returns, escape sequences — C1's CSI included), the Unicode line and
+/// paragraph separators, and the bidirectional controls that reorder what a reader sees.
+fn must_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\\' | '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' | '\u{061c}'
+        )
+        || ('\u{202a}'..='\u{202e}').contains(&c)
+        || ('\u{2066}'..='\u{2069}').contains(&c)
+}
+
+/// The text with every character of [`must_escape`] written as a visible escape (`\n`,
+/// `\x1b`, `\u{202e}`; a backslash as `\\`, so the escaping is unambiguous).
+pub fn escape(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(must_escape) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if must_escape(c) && (c as u32) < 0x100 => {
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            }
+            c if must_escape(c) => {
+                let _ = write!(out, "\\u{{{:04x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
 }
 
 fn syslog_level(level: Level) -> u8 {
@@ -186,6 +252,61 @@ mod tests {
     #[test]
     fn chain_joins_every_source() {
         assert_eq!(chain(&Outer(Inner(7))), "outer: inner 7");
+    }
+
+    /// Every byte a console line may hold: printable text and the single final newline.
+    fn assert_one_clean_line(out: &[u8], starts: &str) {
+        let text = std::str::from_utf8(out).unwrap();
+        let body = text.strip_suffix('\n').expect("ends with a newline");
+        assert!(body.starts_with(starts), "{body:?}");
+        assert!(!body.chars().any(must_escape_raw), "{body:?}");
+    }
+
+    /// The characters that must never reach the console raw (a backslash may, as an escape).
+    fn must_escape_raw(c: char) -> bool {
+        c != '\\' && must_escape(c)
+    }
+
+    #[test]
+    fn a_header_field_cannot_forge_a_marker_or_hide_the_reason() {
+        let field = "x\nready\r\x1b[2K\x1b[8mhidden\u{9b}2J\u{202e}";
+        let (kmsg, console) = render(3, &format!("fatal: the header field is {field}"));
+        assert_eq!(
+            String::from_utf8(console).unwrap(),
+            "cvm-init: fatal: the header field is x\\nready\\r\\x1b[2K\\x1b[8mhidden\\x9b2J\\u{202e}\n"
+        );
+        assert!(kmsg.starts_with(b"<3>cvm-init: fatal: the header field is x\\nready"));
+        assert_eq!(kmsg.iter().filter(|&&b| b == b'\n').count(), 1);
+        // A workload's line as the supervisor forwards it.
+        let line = render_console_line("app: ok\ncvm-init: ready\x1b[1A");
+        assert_eq!(line, b"app: ok\\ncvm-init: ready\\x1b[1A\n");
+    }
+
+    #[test]
+    fn the_inits_own_lines_stay_as_written() {
+        assert_eq!(
+            render(6, "phase mounts ok 3ms").1,
+            b"cvm-init: phase mounts ok 3ms\n"
+        );
+        assert_eq!(escape("a\\n"), "a\\\\n", "a backslash is escaped too");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn no_input_yields_a_marker_line_or_a_control_character(input in ".*", bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+            let lossy = String::from_utf8_lossy(&bytes);
+            for text in [input.as_str(), &*lossy] {
+                for level in [Level::Error, Level::Warn, Level::Info, Level::Debug] {
+                    let message = format!("{}the header field is {text}", level_tag(level));
+                    let (kmsg, console) = render(syslog_level(level), &message);
+                    let starts = format!("{PREFIX}: {}the header field is ", level_tag(level));
+                    assert_one_clean_line(&console, &starts);
+                    assert_one_clean_line(&kmsg, &format!("<{}>{starts}", syslog_level(level)));
+                }
+                let forwarded = render_console_line(&format!("app: {text}"));
+                assert_one_clean_line(&forwarded, "app: ");
+            }
+        }
     }
 
     #[test]

@@ -224,22 +224,16 @@ fn kbs_endpoint(kbs: &KbsConfig) -> Result<cvm_measure::kbs_client::Endpoint, St
 }
 
 /// Writes a released secret with its mode from the start (never readable by others, even for
-/// a moment); parents are created 0700.
+/// a moment); parents are created 0700, and no link is followed on the way (/run is writable
+/// by workloads: see [`crate::nofollow`]).
 fn write_secret_file(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use nix::fcntl::OFlag;
     use std::io::Write;
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    if let Some(parent) = path.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(parent)?;
-    }
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .custom_flags(nix::libc::O_CLOEXEC | nix::libc::O_NOFOLLOW)
-        .open(path)?;
+    let mut file = crate::nofollow::open_parent(path, Some(0o700))?.open(
+        None,
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL,
+        mode,
+    )?;
     file.write_all(bytes)?;
     file.sync_all()
 }
@@ -668,6 +662,41 @@ fn mount_state(cfg: &StateConfig, sys: &dyn System, node: &str) -> Result<(), St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn released_resources_are_not_written_through_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("victim"), "untouched").unwrap();
+        let run = dir.path().join("run");
+        std::fs::create_dir(&run).unwrap();
+        std::os::unix::fs::symlink(outside.join("victim"), run.join("secret")).unwrap();
+        std::os::unix::fs::symlink(&outside, run.join("linked")).unwrap();
+        for (path, named) in [
+            (run.join("secret"), run.join("secret")),
+            (run.join("linked/victim"), run.join("linked")),
+            (run.join("linked/new/file"), run.join("linked")),
+        ] {
+            let e = write_secret_file(&path, b"secret", 0o600).unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains(&format!("{} in {}", named.display(), path.display())),
+                "{e}"
+            );
+        }
+        assert_eq!(
+            std::fs::read_to_string(outside.join("victim")).unwrap(),
+            "untouched"
+        );
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 1);
+        // Without links: written with its mode, parents 0700.
+        use std::os::unix::fs::PermissionsExt;
+        write_secret_file(&run.join("kbs/a/key"), b"secret", 0o600).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&run.join("kbs/a/key")), 0o600);
+        assert_eq!(mode(&run.join("kbs/a")), 0o700);
+    }
 
     #[test]
     fn serials_are_read_as_virtio_nvme_and_scsi_show_them() {

@@ -159,10 +159,17 @@ impl ServiceLog {
     }
 
     fn reopen(&mut self) {
-        self.file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
+        use nix::fcntl::OFlag;
+        // The log directory is on the state disk, which a workload writes too: no link is
+        // followed on the way to the file.
+        self.file = crate::nofollow::open_parent(&self.path, Some(0o755))
+            .and_then(|p| {
+                p.open(
+                    None,
+                    OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_APPEND,
+                    0o644,
+                )
+            })
             .inspect_err(|e| log::warn!("cannot open the service log {}: {e}", self.path.display()))
             .ok();
         self.size = self
@@ -176,9 +183,12 @@ impl ServiceLog {
         use std::io::Write;
         let len = line.len() as u64 + 1;
         if self.size + len > self.max {
-            let mut old = self.path.clone().into_os_string();
-            old.push(".1");
-            if let Err(e) = std::fs::rename(&self.path, &old) {
+            let rotated = crate::nofollow::open_parent(&self.path, None).and_then(|p| {
+                let mut old = p.name.clone().into_os_string();
+                old.push(".1");
+                p.rename(&p.name, Path::new(&old))
+            });
+            if let Err(e) = rotated {
                 log::warn!("cannot rotate the service log {}: {e}", self.path.display());
             }
             self.reopen();
@@ -333,7 +343,7 @@ impl<P: Processes> Supervisor<P> {
         let Some(settings) = settings else {
             return self;
         };
-        if let Err(e) = std::fs::create_dir_all(&settings.dir) {
+        if let Err(e) = crate::nofollow::open_dir(&settings.dir, Some(0o755)) {
             log::warn!(
                 "cannot create the service log directory {}: {e}; output goes to the console only",
                 settings.dir.display()
@@ -661,6 +671,134 @@ impl<P: Processes> Supervisor<P> {
 /// The real processes: fork and exec with a clean state.
 pub struct OsProcesses;
 
+/// Why a service's binary is not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BinaryError {
+    #[error("cannot open {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} is not on the verified root (it is on device {found}, the root on {root}): a binary elsewhere can be changed after it was measured")]
+    NotOnRoot {
+        path: PathBuf,
+        found: String,
+        root: String,
+    },
+}
+
+/// Opening a service's binary for exec, and the devices that say where it lives (a trait, so
+/// the check is tested without a verity root).
+pub trait Binaries {
+    /// The file opened for exec, and the device it is on.
+    fn open(&self, path: &Path) -> io::Result<(OwnedFd, u64)>;
+    /// The device of the root file system (the dm-verity device once the root is switched).
+    fn root_device(&self) -> io::Result<u64>;
+}
+
+/// The running kernel's files.
+pub struct OsBinaries;
+
+impl Binaries for OsBinaries {
+    fn open(&self, path: &Path) -> io::Result<(OwnedFd, u64)> {
+        use nix::fcntl::OFlag;
+        let fd = nix::fcntl::open(
+            path,
+            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )?;
+        let st = nix::sys::stat::fstat(&fd)?;
+        Ok((fd, st.st_dev))
+    }
+
+    fn root_device(&self) -> io::Result<u64> {
+        Ok(nix::sys::stat::stat("/")?.st_dev)
+    }
+}
+
+/// Opens a service's binary and keeps it only if the opened file is on the root's device: the
+/// check is made on what was opened (not on the name), and the service is exec'd through this
+/// descriptor, so what was checked is what runs.
+pub fn open_binary(binaries: &dyn Binaries, path: &Path) -> Result<OwnedFd, BinaryError> {
+    let open_err = |source| BinaryError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let (fd, device) = binaries.open(path).map_err(open_err)?;
+    let root = binaries.root_device().map_err(open_err)?;
+    if device != root {
+        let show = |d: u64| format!("{}:{}", nix::sys::stat::major(d), nix::sys::stat::minor(d));
+        return Err(BinaryError::NotOnRoot {
+            path: path.to_path_buf(),
+            found: show(device),
+            root: show(root),
+        });
+    }
+    Ok(fd)
+}
+
+/// execveat(2) of an open binary, everything prepared before the fork: the child only makes
+/// the system call. The pointers point into `_args` and `_env`, moved along with them (a
+/// `CString`'s bytes do not move with it), null-terminated.
+struct ExecPlan {
+    binary: OwnedFd,
+    _args: Vec<std::ffi::CString>,
+    _env: Vec<std::ffi::CString>,
+    argv: Vec<usize>,
+    envp: Vec<usize>,
+}
+
+impl ExecPlan {
+    fn new(binary: OwnedFd, service: &ServiceConfig) -> io::Result<Self> {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        let invalid = |_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in an argument");
+        let mut args = vec![CString::new(service.path.as_os_str().as_bytes()).map_err(invalid)?];
+        for a in &service.args {
+            args.push(CString::new(a.as_str()).map_err(invalid)?);
+        }
+        let mut env = Vec::new();
+        if !service.env.contains_key("PATH") {
+            env.push(CString::new(format!("PATH={DEFAULT_PATH}")).map_err(invalid)?);
+        }
+        for (k, v) in &service.env {
+            env.push(CString::new(format!("{k}={v}")).map_err(invalid)?);
+        }
+        let pointers = |v: &[CString]| {
+            v.iter()
+                .map(|c| c.as_ptr() as usize)
+                .chain([0])
+                .collect::<Vec<_>>()
+        };
+        Ok(ExecPlan {
+            argv: pointers(&args),
+            envp: pointers(&env),
+            binary,
+            _args: args,
+            _env: env,
+        })
+    }
+
+    /// Runs in the child: returns only on failure.
+    fn exec(&self) -> io::Error {
+        // SAFETY: execveat(2) is async-signal-safe; the descriptor is open, and `argv` and
+        // `envp` are null-terminated arrays of pointers to NUL-terminated strings owned by
+        // `self`, which outlives the call.
+        unsafe {
+            nix::libc::syscall(
+                nix::libc::SYS_execveat,
+                self.binary.as_raw_fd(),
+                c"".as_ptr(),
+                self.argv.as_ptr(),
+                self.envp.as_ptr(),
+                nix::libc::AT_EMPTY_PATH,
+            );
+        }
+        io::Error::last_os_error()
+    }
+}
+
 /// The root of the cgroup v2 hierarchy; each service gets `<root>/<name>`.
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
@@ -725,11 +863,14 @@ impl Processes for OsProcesses {
             .filter_map(|(resource, limit)| Some((resource, limit?.raw())))
             .collect(),
         };
+        // Checked (on the verified root) and run through the same open file.
+        let binary = open_binary(&OsBinaries, &service.path)
+            .map_err(|e| io::Error::other(crate::logger::chain(&e)))?;
+        let plan = ExecPlan::new(binary, service)?;
+        // std sets up the pipes, the working directory and the report of a failed exec; the
+        // exec itself is the last step of `pre_exec`, through the descriptor.
         let mut cmd = Command::new(&service.path);
-        cmd.args(&service.args)
-            .env_clear()
-            .env("PATH", DEFAULT_PATH)
-            .envs(&service.env)
+        cmd.env_clear()
             .current_dir(service.workdir.as_deref().unwrap_or(Path::new("/")))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -740,7 +881,8 @@ impl Processes for OsProcesses {
         unsafe {
             cmd.pre_exec(move || {
                 clean_child_state()?;
-                apply_child_setup(&setup)
+                apply_child_setup(&setup)?;
+                Err(plan.exec())
             });
         }
         let mut child = cmd.spawn()?;
@@ -973,6 +1115,64 @@ mod tests {
         sup.tick(t0 + Duration::from_millis(1000));
         assert!(sup.on_exit(Pid::from_raw(101), Exit::Code(0), t0));
         assert_eq!(sup.next_deadline(), None);
+    }
+
+    /// Binaries by device: the root on 254:0, /run a tmpfs on 0:23.
+    struct FakeBinaries;
+
+    impl Binaries for FakeBinaries {
+        fn open(&self, path: &Path) -> io::Result<(OwnedFd, u64)> {
+            let device = if path.starts_with("/run") {
+                nix::sys::stat::makedev(0, 23)
+            } else if path.starts_with("/usr") {
+                nix::sys::stat::makedev(254, 0)
+            } else {
+                return Err(io::ErrorKind::NotFound.into());
+            };
+            Ok((File::open("/dev/null")?.into(), device))
+        }
+        fn root_device(&self) -> io::Result<u64> {
+            Ok(nix::sys::stat::makedev(254, 0))
+        }
+    }
+
+    #[test]
+    fn only_binaries_on_the_verified_root_are_run() {
+        assert!(open_binary(&FakeBinaries, Path::new("/usr/bin/kubelet")).is_ok());
+        let e = open_binary(&FakeBinaries, Path::new("/run/payload")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/run/payload is not on the verified root (it is on device 0:23, the root on 254:0): a binary elsewhere can be changed after it was measured"
+        );
+        let e = open_binary(&FakeBinaries, Path::new("/missing")).unwrap_err();
+        assert!(matches!(e, BinaryError::Open { .. }), "{e}");
+    }
+
+    #[test]
+    fn service_logs_are_not_written_through_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("victim"), "untouched").unwrap();
+        // Final component: the log file a link (planted by a workload on the state disk).
+        let logs = dir.path().join("logs");
+        std::fs::create_dir(&logs).unwrap();
+        std::os::unix::fs::symlink(outside.join("victim"), logs.join("svc.log")).unwrap();
+        // Intermediate: the directory of the log a link.
+        std::os::unix::fs::symlink(&outside, dir.path().join("linked")).unwrap();
+        for path in [logs.join("svc.log"), dir.path().join("linked/victim")] {
+            let mut log = ServiceLog::open(path.clone(), 4096);
+            assert!(log.file.is_none(), "{} was opened", path.display());
+            log.write_line("written through a link");
+        }
+        assert_eq!(
+            std::fs::read_to_string(outside.join("victim")).unwrap(),
+            "untouched"
+        );
+        let e = crate::nofollow::open_parent(&dir.path().join("linked/victim"), None)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("linked in "), "{e}");
     }
 
     #[test]

@@ -63,11 +63,20 @@ fn dhcp_configures_the_node_and_a_workload_reaches_a_forwarded_server() {
         log.contains("network: eth0 has 10.0.2.15/24, DNS none, lease 86400 s"),
         "the lease is logged"
     );
-    assert!(log.contains("host name dhcp-node (from DHCP)"));
+    // The host answers DHCP: without `hostname_from_dhcp` its name does not name the node.
+    assert!(
+        log.contains("host name node-525400123456 (from the MAC address)"),
+        "the node is not named by its MAC"
+    );
+    assert!(log.contains("DHCP offers the host name dhcp-node, not used"));
+    assert!(
+        !log.contains("payload: hostname dhcp-node"),
+        "DHCP named the node"
+    );
     for line in [
         "net: payload: /etc/resolv.conf: search cluster.test",
-        "net: payload: /etc/hosts: 10.0.2.15\tdhcp-node",
-        "net: payload: hostname dhcp-node",
+        "net: payload: /etc/hosts: 10.0.2.15\tnode-525400123456",
+        "net: payload: hostname node-525400123456",
         "net: payload: answer hello from the guest",
     ] {
         assert!(log.contains(line), "missing: {line}");
@@ -89,9 +98,17 @@ fn a_dhcp_server_configures_route_dns_name_and_mtu_and_renews_short_leases() {
         },
         true,
     );
-    let config = service("\"net-probe\", \"10.0.3.1:9\"");
+    // The configuration lets DHCP name the node; leases of 6 s stay 6 s only because the test
+    // hook lowers the 60 s floor to its cut.
+    let config = service("\"net-probe\", \"10.0.3.1:9\"").replacen(
+        "[network]\n",
+        "[network]\nhostname_from_dhcp = true\n",
+        1,
+    );
     let prepared = prepare(Some(&config));
-    let mut guest = prepared.boot("dhcp-served", "", |g| g.netdev(&server.netdev));
+    let mut guest = prepared.boot("dhcp-served", "cvm.test-dhcp-lease=6", |g| {
+        g.netdev(&server.netdev)
+    });
     must(guest.wait_for("net: payload: hostname", BOOT));
     let log = guest.serial_log();
     assert!(

@@ -145,6 +145,12 @@ fn state_persists_encrypted_and_only_for_the_same_image_and_tpm() {
 
 /// Rewrites both header copies with the data segment's cipher set to cipher_null-ecb.
 fn forge_null_cipher(path: &Path) {
+    forge_segment_encryption(path, "cipher_null-ecb");
+}
+
+/// Rewrites both header copies with the data segment's `encryption` set to `json_string` (the
+/// inside of a JSON string literal, escapes allowed), checksums recomputed.
+fn forge_segment_encryption(path: &Path, json_string: &str) {
     use std::os::unix::fs::FileExt;
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -155,19 +161,89 @@ fn forge_null_cipher(path: &Path) {
         let mut copy = vec![0u8; 16384];
         f.read_exact_at(&mut copy, offset).unwrap();
         let end = copy[4096..].iter().position(|&b| b == 0).unwrap();
-        let json = std::str::from_utf8(&copy[4096..4096 + end])
-            .unwrap()
-            .replacen(
-                "\"encryption\":\"aes-xts-plain64\",\"sector_size\"",
-                "\"encryption\":\"cipher_null-ecb\",\"sector_size\"",
-                1,
-            );
+        let original = std::str::from_utf8(&copy[4096..4096 + end]).unwrap();
+        let json = original.replacen(
+            "\"encryption\":\"aes-xts-plain64\",\"sector_size\"",
+            &format!("\"encryption\":\"{json_string}\",\"sector_size\""),
+            1,
+        );
+        assert_ne!(json, original, "no segment cipher to forge");
         copy[4096..].fill(0);
         copy[4096..4096 + json.len()].copy_from_slice(json.as_bytes());
         let sum = cvm_init::disk::luks2::checksum(&copy);
         copy[0x1c0..0x1e0].copy_from_slice(&sum);
         f.write_all_at(&copy, offset).unwrap();
     }
+}
+
+/// §3a. A header string the host chose, holding a newline, a would-be marker and ANSI escapes,
+/// reaches the console only escaped inside the refusal: no forged `cvm-init: ready` line, no
+/// escape sequence that could hide the reason, and the node powers off through the fatal path.
+#[test]
+fn a_header_field_cannot_forge_console_lines() {
+    use std::os::unix::fs::FileExt;
+    let config = CONFIG.replace("key = \"tpm\"", "key = \"ephemeral\"");
+    let prepared = prepare(Some(&config));
+    let work = tempfile::tempdir().unwrap();
+    let disk = blank_disk(work.path());
+    let mut n = 0u8;
+    let mut random = |buf: &mut [u8]| {
+        for b in buf {
+            n = n.wrapping_add(71);
+            *b = n;
+        }
+    };
+    let head = cvm_init::disk::luks2::format(cvm_init::disk::luks2::FormatInput {
+        policy: cvm_init::disk::luks2::Policy {
+            integrity: true,
+            kdf: cvm_init::disk::luks2::KdfPolicy::Pbkdf2 { iterations: 1000 },
+        },
+        uuid: "3f1c2b7a-0d4e-4c55-9a61-2b8e5f0c9d17",
+        secret: b"not the node's",
+        volume_key: &[7u8; 96],
+        label: cvm_init::disk::state::COMMITTED,
+        token: None,
+        random: &mut random,
+    })
+    .unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk)
+        .unwrap()
+        .write_all_at(&head, 0)
+        .unwrap();
+    // A newline then the marker, an erase-line and a conceal escape, a C1 CSI (clear screen).
+    forge_segment_encryption(
+        &disk,
+        "x\\ncvm-init: ready\\nready\\r\\u001b[2K\\u001b[8mhidden\\u009b2J",
+    );
+    let before = sha256(&disk);
+    let mut guest = prepared.boot("state-forged-console", "", |g| {
+        g.state_disk(&disk, "cvm-state")
+    });
+    let log = assert_fatal_before_workload(
+        &mut guest,
+        r"the header field segments.0.encryption is x\ncvm-init: ready\nready\r\x1b[2K\x1b[8mhidden\x9b2J",
+        "app: payload:",
+    );
+    drop(guest);
+    for line in qemu_tests::console_lines(&log) {
+        assert!(
+            !line.starts_with("cvm-init: ready") && !line.starts_with("ready"),
+            "a forged line: {line:?}"
+        );
+        if line.starts_with("cvm-init:") {
+            assert!(
+                !line.chars().any(|c| c.is_control()),
+                "a control character on the console: {line:?}"
+            );
+        }
+    }
+    assert!(
+        !log.contains("\u{1b}[8mhidden"),
+        "the forged escape sequence reached the console"
+    );
+    assert_eq!(sha256(&disk), before, "the disk changed");
 }
 
 /// g. Power cut (QMP quit) in the middle of first-boot setup: the next boot completes it and

@@ -177,3 +177,39 @@ args = ["serve"]
     guest.qmp().execute("system_powerdown", json!({})).unwrap();
     must(guest.wait_for("cvm-init: powering off", BOOT));
 }
+
+/// §3c. A service whose path is a copy of a good binary on /run (writable, so it could be
+/// swapped after it was measured) is refused by name at exec, by the device of the opened
+/// file; the others still run.
+#[test]
+fn a_service_binary_off_the_verified_root_is_refused() {
+    let config = r#"
+[[service]]
+name = "copier"
+path = "/bin/payload"
+args = ["copy-self", "/run/payload-copy"]
+
+[[service]]
+name = "copied"
+path = "/run/payload-copy"
+args = ["serve"]
+
+[[service]]
+name = "app"
+path = "/bin/payload"
+args = ["serve"]
+"#;
+    let prepared = prepare(Some(config));
+    let mut guest = prepared.boot("workloads-off-root", "", |g| g);
+    must(guest.wait_for("app: payload: state", BOOT));
+    must(guest.wait_for("copier: payload: copied to /run/payload-copy", BOOT));
+    must(guest.wait_for(
+        "cannot start service copied (/run/payload-copy): /run/payload-copy is not on the verified root",
+        BOOT,
+    ));
+    let log = guest.serial_log();
+    assert!(!log.contains("copied: payload:"), "the binary on /run ran");
+    assert!(log.contains("copier: payload: state"), "the copier stopped");
+    guest.qmp().execute("system_powerdown", json!({})).unwrap();
+    must(guest.wait_for("cvm-init: powering off", BOOT));
+}

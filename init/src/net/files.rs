@@ -75,26 +75,26 @@ pub fn set_hostname(name: &str) -> Result<(), FilesError> {
     nix::unistd::sethostname(name).map_err(FilesError::SetHostName)
 }
 
+/// Writes under /run, which workloads can write too: no link is followed on the way (see
+/// [`crate::nofollow`]).
 fn write_file(path: &Path, text: &str, atomically: bool) -> Result<(), FilesError> {
+    use nix::fcntl::OFlag;
     let fail = |source| FilesError::Write {
         path: path.to_path_buf(),
         source,
     };
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(fail)?;
-    }
+    let parent = crate::nofollow::open_parent(path, Some(0o755)).map_err(fail)?;
+    let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC;
     if atomically {
-        let tmp = path.with_extension("new");
-        std::fs::write(&tmp, text).map_err(fail)?;
-        std::fs::rename(&tmp, path).map_err(fail)
+        let tmp = parent.name.with_extension("new");
+        parent
+            .open(Some(&tmp), flags, 0o644)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .map_err(fail)?;
+        parent.rename(&tmp, &parent.name).map_err(fail)
     } else {
         // Bind-mounted files keep their inode: rewritten in place, in one write.
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
-            .map_err(fail)?;
+        let mut f = parent.open(None, flags, 0o644).map_err(fail)?;
         f.write_all(text.as_bytes()).map_err(fail)
     }
 }
@@ -260,6 +260,76 @@ mod tests {
         std::os::unix::fs::symlink("/usr/share/x", etc.join("odd")).unwrap();
         assert!(
             matches!(reach(root.path(), "odd"), Reach::Unreachable(w) if w.contains("not under /run"))
+        );
+    }
+
+    /// A root whose /etc links to /run/cvm-init, and a directory outside it to aim links at.
+    fn linked_root() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("victim"), "untouched").unwrap();
+        for name in ["resolv.conf", "hosts"] {
+            std::os::unix::fs::symlink(
+                format!("../run/cvm-init/{name}"),
+                root.join("etc").join(name),
+            )
+            .unwrap();
+        }
+        (dir, root, outside)
+    }
+
+    fn write_error(root: &Path) -> String {
+        let e = write_in(root, &Resolver::default(), "node-a", None).unwrap_err();
+        crate::logger::chain(&e)
+    }
+
+    #[test]
+    fn a_link_on_the_way_to_run_is_refused_by_name_and_its_target_untouched() {
+        // Intermediate: /run/cvm-init itself a link.
+        let (_d, root, outside) = linked_root();
+        std::fs::create_dir_all(root.join("run")).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("run/cvm-init")).unwrap();
+        let e = write_error(&root);
+        assert!(
+            e.contains(&format!(
+                "{} in {}",
+                root.join("run/cvm-init").display(),
+                root.join("run/cvm-init/resolv.conf").display()
+            )) && e.contains("is a symbolic link, not followed"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 1);
+        // Final: the file (or the temporary one written before the rename) a link.
+        for name in ["resolv.new", "hosts.new"] {
+            let (_d, root, outside) = linked_root();
+            let ours = root.join("run/cvm-init");
+            std::fs::create_dir_all(&ours).unwrap();
+            std::os::unix::fs::symlink(outside.join("victim"), ours.join(name)).unwrap();
+            let e = write_error(&root);
+            assert!(
+                e.contains(&format!("{} is a symbolic link", ours.join(name).display())),
+                "{e}"
+            );
+            assert_eq!(
+                std::fs::read_to_string(outside.join("victim")).unwrap(),
+                "untouched"
+            );
+        }
+        // A bind-mounted file rewritten in place.
+        let (_d, root, outside) = linked_root();
+        std::fs::remove_file(root.join("etc/hosts")).unwrap();
+        std::fs::write(root.join("etc/hosts"), "image's").unwrap();
+        let ours = root.join("run/cvm-init");
+        std::fs::create_dir_all(&ours).unwrap();
+        std::os::unix::fs::symlink(outside.join("victim"), ours.join("hosts")).unwrap();
+        let e = write_error(&root);
+        assert!(e.contains("hosts is a symbolic link"), "{e}");
+        assert_eq!(
+            std::fs::read_to_string(outside.join("victim")).unwrap(),
+            "untouched"
         );
     }
 

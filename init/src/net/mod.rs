@@ -38,9 +38,15 @@ pub struct NetworkConfig {
     /// Search domains for resolv.conf (DHCP's domain otherwise).
     #[serde(default)]
     pub search: Vec<String>,
-    /// The host name, unless `cvm.hostname=` gives one; else DHCP's, else from the MAC.
+    /// The host name, unless `cvm.hostname=` gives one; else (with `hostname_from_dhcp`)
+    /// DHCP's, else from the MAC.
     #[serde(default)]
     pub hostname: Option<String>,
+    /// Take the host name DHCP offers when neither the command line nor `hostname` names the
+    /// node. Off by default: the host answers DHCP, and the host name becomes the node's
+    /// Kubernetes identity, so the host would choose which node this one claims to be.
+    #[serde(default)]
+    pub hostname_from_dhcp: bool,
     #[serde(default)]
     pub mtu: Option<u16>,
     /// What the boot does when no DHCP server answers within `dhcp_timeout_s`.
@@ -333,8 +339,8 @@ fn apply_address(
     Ok(())
 }
 
-/// The host name: the command line's, the configuration's, DHCP's, else from the MAC.
-/// The host name: the command line's, the configuration's, DHCP's, else `node-<mac>` of the
+/// The host name: the command line's, the configuration's, DHCP's (only with
+/// `network.hostname_from_dhcp = true`: the host answers DHCP), else `node-<mac>` of the
 /// interface, else (no interface at all) `node`.
 fn choose_hostname(
     options: &NetOptions,
@@ -348,8 +354,15 @@ fn choose_hostname(
     if let Some(name) = cfg.and_then(|c| c.hostname.clone()) {
         return (name, "network.hostname");
     }
-    if let Some(name) = dhcp {
-        return (name.split('.').next().unwrap_or(name).to_string(), "DHCP");
+    let dhcp_allowed = cfg.is_some_and(|c| c.hostname_from_dhcp);
+    match dhcp {
+        Some(name) if dhcp_allowed => {
+            return (name.split('.').next().unwrap_or(name).to_string(), "DHCP");
+        }
+        Some(name) => log::info!(
+            "network: DHCP offers the host name {name}, not used (network.hostname_from_dhcp is off)"
+        ),
+        None => {}
     }
     if mac.is_empty() {
         return ("node".to_string(), "no interface to name it by");
@@ -358,13 +371,36 @@ fn choose_hostname(
     (format!("node-{mac}"), "the MAC address")
 }
 
-fn cap_lease(mut lease: Lease, cap: Option<u32>) -> Lease {
+/// The shortest lease the node keeps, in seconds. A shorter lease (or a renewal time of a few
+/// seconds) would have the node renew in a tight loop at the host's bidding; it is treated as
+/// a lease of this length, renewed at half of it.
+pub const MIN_LEASE: u32 = 60;
+
+/// Applies the floor to a lease, and the test hook's cut (`cvm.test-dhcp-lease=`), which is
+/// the only thing that lowers the floor (to the cut).
+fn bound_lease(mut lease: Lease, cap: Option<u32>) -> Lease {
+    let floor = cap.map_or(MIN_LEASE, |cap| cap.min(MIN_LEASE));
     if let Some(cap) = cap {
         if lease.lease_time > cap {
             lease.lease_time = cap;
             lease.renew_after = cap / 2;
             lease.rebind_after = cap * 7 / 8;
         }
+    }
+    if lease.lease_time < floor {
+        log::warn!(
+            "network: a DHCP lease of {} s is below the floor; kept as {floor} s",
+            lease.lease_time
+        );
+        lease.lease_time = floor;
+        lease.renew_after = floor / 2;
+        lease.rebind_after = floor * 7 / 8;
+    }
+    // A long lease with a renewal time of seconds: renew no sooner than at half the floor
+    // (still before rebinding, which stays before the lease's end).
+    if lease.renew_after < floor / 2 {
+        lease.renew_after = floor / 2;
+        lease.rebind_after = lease.rebind_after.max(floor * 7 / 8);
     }
     lease
 }
@@ -508,7 +544,7 @@ fn keep_lease(mut wire: UdpWire, mut lease: Lease, applied: Applied, cap: Option
         };
         match result {
             Ok(new) => {
-                let new = cap_lease(new, cap);
+                let new = bound_lease(new, cap);
                 match applied.apply(&mut nl, &new, Some(&lease)) {
                     Ok(()) => log::info!(
                         "network: lease renewed on {}: {}",
@@ -544,7 +580,7 @@ fn lease_later(mut wire: UdpWire, applied: Applied, cap: Option<u32>) {
     loop {
         match client.acquire(&mut wire, Duration::from_secs(60)) {
             Ok(lease) => {
-                let lease = cap_lease(lease, cap);
+                let lease = bound_lease(lease, cap);
                 match Netlink::open()
                     .map_err(NetError::from)
                     .and_then(|mut nl| applied.apply(&mut nl, &lease, None))
@@ -653,7 +689,7 @@ pub fn bring_up(cfg: Option<&NetworkConfig>, options: &NetOptions) -> Result<(),
     let dhcp_wait = Duration::from_secs(cfg.dhcp_timeout_s.unwrap_or(30));
     let lease = loop {
         match client.acquire(&mut wire, dhcp_wait) {
-            Ok(lease) => break Some(cap_lease(lease, options.lease_cap)),
+            Ok(lease) => break Some(bound_lease(lease, options.lease_cap)),
             Err(e) => match cfg.on_no_lease {
                 NoLease::Fail => {
                     return Err(NetError::NoLease { interface: interface.name.clone(), source: e })
@@ -745,11 +781,95 @@ mod tests {
             "from-cmdline"
         );
         assert_eq!(pick(&none, Some(&cfg), Some("dhcp"), &mac), "from-config");
-        assert_eq!(pick(&none, None, Some("dhcp.lan.test"), &mac), "dhcp");
         assert_eq!(pick(&none, None, None, &mac), "node-525400123456");
+        // The host answers DHCP: its name is used only when the configuration says so.
+        let plain = NetworkConfig::default();
+        let from_dhcp = NetworkConfig {
+            hostname_from_dhcp: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            pick(&none, None, Some("dhcp.lan.test"), &mac),
+            "node-525400123456"
+        );
+        assert_eq!(
+            pick(&none, Some(&plain), Some("dhcp.lan.test"), &mac),
+            "node-525400123456"
+        );
+        assert_eq!(
+            pick(&none, Some(&from_dhcp), Some("dhcp.lan.test"), &mac),
+            "dhcp"
+        );
+        // The measured names still come first.
+        let both = NetworkConfig {
+            hostname_from_dhcp: true,
+            ..cfg.clone()
+        };
+        assert_eq!(pick(&none, Some(&both), Some("dhcp"), &mac), "from-config");
         // No interface (a node without network): still a valid name.
         let name = pick(&none, None, None, &[]);
         assert!(dhcp::valid_dns_name(&name), "{name}");
+    }
+
+    fn lease(lease_time: u32, renew_after: u32, rebind_after: u32) -> Lease {
+        Lease {
+            address: Ipv4Addr::new(10, 0, 2, 15),
+            prefix: 24,
+            router: None,
+            dns: Vec::new(),
+            domain: None,
+            search: Vec::new(),
+            host_name: None,
+            mtu: None,
+            server: Ipv4Addr::new(10, 0, 2, 2),
+            lease_time,
+            renew_after,
+            rebind_after,
+        }
+    }
+
+    fn timing(l: &Lease) -> (u32, u32, u32) {
+        (l.lease_time, l.renew_after, l.rebind_after)
+    }
+
+    #[test]
+    fn short_leases_are_kept_as_the_floor() {
+        // A 1-second lease: renewed at the floor's T1 (30 s), rebinding at its T2 (52 s).
+        assert_eq!(timing(&bound_lease(lease(1, 0, 0), None)), (60, 30, 52));
+        assert_eq!(timing(&bound_lease(lease(59, 29, 51), None)), (60, 30, 52));
+        // A long lease whose renewal time is seconds: renewal no sooner than the floor's T1.
+        assert_eq!(
+            timing(&bound_lease(lease(3600, 1, 2), None)),
+            (3600, 30, 52)
+        );
+        assert_eq!(
+            timing(&bound_lease(lease(3600, 1, 3000), None)),
+            (3600, 30, 3000)
+        );
+        // Leases at or above the floor, and infinite ones, stay as granted.
+        assert_eq!(timing(&bound_lease(lease(60, 30, 52), None)), (60, 30, 52));
+        assert_eq!(
+            timing(&bound_lease(lease(86400, 43200, 75600), None)),
+            (86400, 43200, 75600)
+        );
+        assert_eq!(
+            timing(&bound_lease(
+                lease(u32::MAX, u32::MAX / 2, u32::MAX / 8 * 7),
+                None
+            ))
+            .0,
+            u32::MAX
+        );
+        // Only the test hook lowers the floor, to its cut.
+        assert_eq!(
+            timing(&bound_lease(lease(3600, 1800, 3150), Some(6))),
+            (6, 3, 5)
+        );
+        assert_eq!(timing(&bound_lease(lease(1, 0, 0), Some(6))), (6, 3, 5));
+        assert_eq!(
+            timing(&bound_lease(lease(1, 0, 0), Some(600))),
+            (60, 30, 52)
+        );
     }
 
     #[test]

@@ -45,6 +45,19 @@ fn run(args: Vec<String>) {
             orphans(count);
             serve();
         }
+        "copy-self" => {
+            // Copies this binary (from the verified root) to a writable place, for a service
+            // whose path points there.
+            let to = args
+                .get(1)
+                .map(String::as_str)
+                .unwrap_or("/run/payload-copy");
+            let tmp = format!("{to}.tmp");
+            std::fs::copy("/proc/self/exe", &tmp).expect("copy the payload");
+            std::fs::rename(&tmp, to).expect("rename the copy");
+            println!("payload: copied to {to}");
+            serve();
+        }
         "crash" => {
             println!("payload: crashing with status 3");
             std::process::exit(3);
