@@ -478,8 +478,10 @@ pub struct KbsConfig {
     pub url: String,
     /// The state-disk secret: `<repository>/<type>/<tag>`.
     pub resource: String,
-    /// Must be true for an http:// URL: the exchange is then visible to the host (the secret
-    /// itself stays encrypted to the node's ephemeral key).
+    /// Test builds only (the `test-hooks` feature): must be true for an http:// URL. A release
+    /// build refuses it by name, because over plain http anyone on the path can pose as the
+    /// broker: the node's ephemeral key travels in clear, so anyone can encrypt a disk key of
+    /// its own choosing to it (and choose the released files).
     #[serde(default)]
     pub plain_http: bool,
     /// https: the CA certificate(s) (PEM file in the verified root) the broker's certificate
@@ -572,6 +574,12 @@ pub struct StateConfig {
     /// default depends on `integrity` and `wipe` (see [`StateConfig::mkfs_command`]).
     #[serde(default)]
     pub mkfs: Option<Vec<String>>,
+    /// The operator's statement that the vTPM runs inside the TEE's trust boundary (an SVSM
+    /// or paravisor vTPM the host cannot read or drive). Without it `key = "tpm"` is refused
+    /// when measurements go to SEV-SNP or TDX: a vTPM the host emulates unseals anything.
+    /// With it cvm-init also extends its events into the vTPM's PCRs, which the seal binds to.
+    #[serde(default)]
+    pub tpm_in_tee: bool,
 }
 
 /// Whether the state disk's blocks are authenticated.
@@ -857,6 +865,16 @@ pub fn parse_config_file(path: &Path, text: &str) -> Result<ConfigFile, ConfigFi
                 "https://host:port or http://host:port",
             ));
         }
+        #[cfg(not(feature = "test-hooks"))]
+        if kbs.plain_http {
+            return Err(invalid(
+                "kbs.plain_http".into(),
+                "true",
+                "absent: a release build has no plain http, since over it anyone on the path can \
+                 pose as the key broker and choose the disk key (the node's ephemeral key travels \
+                 in clear); use an https:// url with kbs.ca or kbs.public_key_sha256",
+            ));
+        }
         if kbs.https() {
             if kbs.plain_http {
                 return Err(invalid(
@@ -891,12 +909,19 @@ pub fn parse_config_file(path: &Path, text: &str) -> Result<ConfigFile, ConfigFi
                 }
                 _ => {}
             }
+        } else if cfg!(not(feature = "test-hooks")) {
+            return Err(invalid(
+                "kbs.url".into(),
+                &kbs.url,
+                "https://host:port with kbs.ca or kbs.public_key_sha256 (a release build has no \
+                 plain http: anyone on the path could pose as the key broker)",
+            ));
         } else {
             if !kbs.plain_http {
                 return Err(invalid(
                     "kbs.plain_http".into(),
                     "false",
-                    "true for an http:// key broker (say so explicitly)",
+                    "true for an http:// key broker (say so explicitly; test builds only)",
                 ));
             }
             if kbs.ca.is_some() || kbs.public_key_sha256.is_some() {
@@ -965,6 +990,13 @@ fn validate_state(state: &StateConfig) -> Result<(), (&'static str, String, &'st
             "serial",
             state.serial.clone(),
             "1 to 20 ASCII characters (a virtio serial holds 20)",
+        ));
+    }
+    if state.tpm_in_tee && state.key != KeySourceChoice::Tpm {
+        return Err((
+            "tpm_in_tee",
+            "true".into(),
+            "false (or absent) unless key = \"tpm\": the statement concerns the vTPM the tpm key source seals with",
         ));
     }
     if state.wipe && state.integrity == IntegrityChoice::None {
@@ -1336,36 +1368,58 @@ restart = "on-failure"
             "url = \"https://10.0.0.1:8080\"\npublic_key_sha256 = \"{pin}\""
         ))
         .unwrap();
-        kbs("url = \"http://10.0.0.1:8080\"\nplain_http = true").unwrap();
+        let tls = "url = \"https://h:1\"\nca = \"/c.pem\"";
         let file = "[[kbs.file]]\nresource = \"default/kubelet/bootstrap\"";
         let ok = kbs(&format!(
-            "url = \"http://h:1\"\nplain_http = true\n{file}\npath = \"/run/kubelet/kubeconfig\""
+            "{tls}\n{file}\npath = \"/run/kubelet/kubeconfig\""
         ))
         .unwrap();
         assert_eq!(ok.kbs.unwrap().files[0].mode, 0o600);
         for (section, field) in [
             ("url = \"https://h:1\"", "kbs.ca"),
-            (&*format!("url = \"https://h:1\"\nca = \"/c.pem\"\npublic_key_sha256 = \"{pin}\""), "kbs.ca"),
+            (
+                &*format!("url = \"https://h:1\"\nca = \"/c.pem\"\npublic_key_sha256 = \"{pin}\""),
+                "kbs.ca",
+            ),
             ("url = \"https://h:1\"\nca = \"c.pem\"", "kbs.ca"),
-            ("url = \"https://h:1\"\npublic_key_sha256 = \"abc\"", "kbs.public_key_sha256"),
-            ("url = \"https://h:1\"\nca = \"/c.pem\"\nplain_http = true", "kbs.plain_http"),
-            ("url = \"http://h:1\"", "kbs.plain_http"),
-            ("url = \"http://h:1\"\nplain_http = true\nca = \"/c.pem\"", "kbs.url"),
+            (
+                "url = \"https://h:1\"\npublic_key_sha256 = \"abc\"",
+                "kbs.public_key_sha256",
+            ),
+            (
+                "url = \"https://h:1\"\nca = \"/c.pem\"\nplain_http = true",
+                "kbs.plain_http",
+            ),
             ("url = \"https://h\"\nca = \"/c.pem\"", "kbs.url"),
             ("url = \"https://user@h:1\"\nca = \"/c.pem\"", "kbs.url"),
             ("url = \"ftp://h:1\"", "kbs.url"),
-            (&*format!("url = \"http://h:1\"\nplain_http = true\n{file}\npath = \"/var/lib/k\""), "kbs.file[0].path"),
-            (&*format!("url = \"http://h:1\"\nplain_http = true\n{file}\npath = \"/run/../etc/k\""), "kbs.file[0].path"),
-            (&*format!("url = \"http://h:1\"\nplain_http = true\n{file}\npath = \"/run\""), "kbs.file[0].path"),
-            (&*format!("url = \"http://h:1\"\nplain_http = true\n{file}\npath = \"/run/k\"\nmode = 0o644"), "kbs.file[0].mode"),
-            ("url = \"http://h:1\"\nplain_http = true\n[[kbs.file]]\nresource = \"../x/y\"\npath = \"/run/k\"", "kbs.file[0].resource"),
+            (
+                &*format!("{tls}\n{file}\npath = \"/var/lib/k\""),
+                "kbs.file[0].path",
+            ),
+            (
+                &*format!("{tls}\n{file}\npath = \"/run/../etc/k\""),
+                "kbs.file[0].path",
+            ),
+            (
+                &*format!("{tls}\n{file}\npath = \"/run\""),
+                "kbs.file[0].path",
+            ),
+            (
+                &*format!("{tls}\n{file}\npath = \"/run/k\"\nmode = 0o644"),
+                "kbs.file[0].mode",
+            ),
+            (
+                &*format!("{tls}\n[[kbs.file]]\nresource = \"../x/y\"\npath = \"/run/k\""),
+                "kbs.file[0].resource",
+            ),
         ] {
             assert_eq!(invalid_field(kbs(section).unwrap_err()), field, "{section}");
         }
         // Files come only with the session that releases the disk key.
         let e = parse_config_file(
             Path::new("/c"),
-            &format!("[state]\nserial = \"s\"\nkey = \"tpm\"\n[kbs]\nurl = \"http://h:1\"\nplain_http = true\nresource = \"r/t/k\"\n{file}\npath = \"/run/k\""),
+            &format!("[state]\nserial = \"s\"\nkey = \"tpm\"\n[kbs]\n{tls}\nresource = \"r/t/k\"\n{file}\npath = \"/run/k\""),
         )
         .unwrap_err();
         assert_eq!(invalid_field(e), "kbs.file");
@@ -1376,6 +1430,45 @@ restart = "on-failure"
         )
         .unwrap();
         assert_eq!(cfg.state.unwrap().key, KeySourceChoice::SnpDerived);
+    }
+
+    /// Test builds keep plain http for the boot tests' broker, said explicitly.
+    #[cfg(feature = "test-hooks")]
+    #[test]
+    fn a_test_build_accepts_plain_http_only_when_said() {
+        kbs("url = \"http://10.0.0.1:8080\"\nplain_http = true").unwrap();
+        for (section, field) in [
+            ("url = \"http://h:1\"", "kbs.plain_http"),
+            (
+                "url = \"http://h:1\"\nplain_http = true\nca = \"/c.pem\"",
+                "kbs.url",
+            ),
+        ] {
+            assert_eq!(invalid_field(kbs(section).unwrap_err()), field, "{section}");
+        }
+    }
+
+    /// A release build has no unauthenticated broker: `plain_http` and http:// are refused by
+    /// name, saying why.
+    #[cfg(not(feature = "test-hooks"))]
+    #[test]
+    fn a_release_build_refuses_plain_http_by_name() {
+        for (section, field) in [
+            (
+                "url = \"http://10.0.0.1:8080\"\nplain_http = true",
+                "kbs.plain_http",
+            ),
+            (
+                "url = \"https://h:1\"\nca = \"/c.pem\"\nplain_http = true",
+                "kbs.plain_http",
+            ),
+            ("url = \"http://10.0.0.1:8080\"", "kbs.url"),
+        ] {
+            let e = kbs(section).unwrap_err();
+            let text = e.to_string();
+            assert!(text.contains("pose as the key broker"), "{section}: {text}");
+            assert_eq!(invalid_field(e), field, "{section}");
+        }
     }
 
     #[test]

@@ -31,6 +31,11 @@ pub enum MeasureError {
 
 pub struct Measurer {
     backend: Box<dyn Backend>,
+    /// The vTPM as well, when the configuration states that it is inside the TEE
+    /// (`state.tpm_in_tee`); see [`Measurer::also_extend`].
+    also: Option<Box<dyn Backend>>,
+    /// Every event measured so far, to replay into a backend added later.
+    history: Vec<Event>,
     log: File,
     path: PathBuf,
     pub events: usize,
@@ -55,6 +60,8 @@ impl Measurer {
             .map_err(err)?;
         Ok(Measurer {
             backend,
+            also: None,
+            history: Vec::new(),
             log,
             path: path.to_path_buf(),
             events: 0,
@@ -72,15 +79,40 @@ impl Measurer {
                 path: self.path.clone(),
                 source,
             })?;
-        self.backend
-            .extend(event)
-            .map_err(|source| MeasureError::Extend {
-                event: event.description(),
-                backend: self.backend.name(),
-                source,
-            })?;
+        for backend in std::iter::once(&mut self.backend).chain(self.also.as_mut()) {
+            backend
+                .extend(event)
+                .map_err(|source| MeasureError::Extend {
+                    event: event.description(),
+                    backend: backend.name(),
+                    source,
+                })?;
+        }
+        self.history.push(event.clone());
         self.events += 1;
         log::info!("measured {} into PCR {}", event.description(), event.pcr());
+        Ok(())
+    }
+
+    /// From now on every event goes to `backend` too, after the events measured so far are
+    /// replayed into it in order: its registers end as if it had been measured into from the
+    /// start (the configuration that asks for this is read only after the switch to the root).
+    pub fn also_extend(&mut self, mut backend: Box<dyn Backend>) -> Result<(), MeasureError> {
+        for event in &self.history {
+            backend
+                .extend(event)
+                .map_err(|source| MeasureError::Extend {
+                    event: event.description(),
+                    backend: backend.name(),
+                    source,
+                })?;
+        }
+        log::info!(
+            "{} events so far replayed into the {} registers; later events go there too",
+            self.history.len(),
+            backend.name()
+        );
+        self.also = Some(backend);
         Ok(())
     }
 
@@ -133,6 +165,21 @@ mod tests {
         fn read_back(&mut self) -> Result<Vec<RegisterValue>, TeeError> {
             Ok(Vec::new())
         }
+    }
+
+    #[test]
+    fn a_backend_added_later_gets_every_event_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+        let later = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+        let mut m =
+            Measurer::new(Box::new(Recording(first.clone())), &dir.path().join("l")).unwrap();
+        m.measure(&Event::Phase(Phase::EnterInitrd)).unwrap();
+        m.measure(&Event::RootHash([3; 32])).unwrap();
+        m.also_extend(Box::new(Recording(later.clone()))).unwrap();
+        m.measure(&Event::SealBarrier).unwrap();
+        assert_eq!(*first.borrow(), *later.borrow());
+        assert_eq!(later.borrow().len(), 3);
     }
 
     #[test]

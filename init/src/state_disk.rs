@@ -68,6 +68,13 @@ pub enum StateError {
     },
     #[error("the tpm key source needs the vTPM")]
     Tpm(#[source] TpmError),
+    #[error("state.key = \"tpm\" is refused with cvm.tee={tee} and nothing was written to any disk: {why}")]
+    TpmKeyRefused {
+        tee: &'static str,
+        why: &'static str,
+    },
+    #[error("cannot extend cvm-init's events into the vTPM (state.tpm_in_tee)")]
+    Mirror(#[source] crate::tee::TeeError),
     #[error(transparent)]
     Measure(#[from] MeasureError),
     #[error(transparent)]
@@ -101,6 +108,48 @@ pub enum StateError {
         #[source]
         source: IntegrityError,
     },
+}
+
+/// Where the `tpm` key source's PCRs get cvm-init's events from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VtpmUse {
+    /// Not the `tpm` key source: the vTPM plays no part in the disk key.
+    NotUsed,
+    /// Measurements already go to the vTPM (`cvm.tee=tpm`).
+    Registers,
+    /// Measurements go to SEV-SNP or TDX and the configuration states that the vTPM is inside
+    /// the TEE: the events go to the vTPM's PCRs as well.
+    AlsoExtend,
+}
+
+/// Decides, before any disk is touched, whether `key = "tpm"` is safe with the TEE the boot
+/// measures into (`tee` is the resolved backend, so `cvm.tee=auto` counts as what it found).
+/// On SEV-SNP and TDX cvm-init's events do not reach the vTPM's PCRs by themselves, and a vTPM
+/// the host emulates answers the host: sealing to it protects nothing unless the operator
+/// states that it is inside the TEE. With `cvm.tee=none` nothing is measured at all.
+pub fn tpm_key_decision(cfg: &StateConfig, tee: &'static str) -> Result<VtpmUse, StateError> {
+    if cfg.key != KeySourceChoice::Tpm {
+        return Ok(VtpmUse::NotUsed);
+    }
+    let refuse = |why| Err(StateError::TpmKeyRefused { tee, why });
+    match tee {
+        "tpm" => Ok(VtpmUse::Registers),
+        "snp" | "tdx" if cfg.tpm_in_tee => Ok(VtpmUse::AlsoExtend),
+        "snp" => refuse(
+            "the vTPM is outside SEV-SNP's protection unless the configuration says otherwise, and a \
+             vTPM the host emulates can unseal anything; use key = \"kbs\" or \"snp-derived\", or \
+             set state.tpm_in_tee = true only if the vTPM runs inside the TEE (an SVSM or paravisor vTPM)",
+        ),
+        "tdx" => refuse(
+            "the vTPM is outside TDX's protection unless the configuration says otherwise, and a \
+             vTPM the host emulates can unseal anything; use key = \"kbs\", or set \
+             state.tpm_in_tee = true only if the vTPM runs inside the TD (a paravisor vTPM)",
+        ),
+        _ => refuse(
+            "this boot measures nothing into the vTPM's PCRs, so the seal would bind to nothing \
+             cvm-init measured; boot with cvm.tee=tpm (or auto) or use another key source",
+        ),
+    }
 }
 
 /// A disk's serial number as its driver shows it: virtio-blk's own `serial`, an NVMe
@@ -200,8 +249,10 @@ fn kbs_source(kbs: &KbsConfig, tee: &'static str) -> Result<Kbs, StateError> {
 fn kbs_endpoint(kbs: &KbsConfig) -> Result<cvm_measure::kbs_client::Endpoint, StateError> {
     use cvm_measure::tls::{client_config, Pin};
     let address = kbs.address().expect("validated with the configuration");
+    // Test builds only: a release build refuses plain_http with the configuration.
+    #[cfg(feature = "test-hooks")]
     if !kbs.https() {
-        log::warn!("kbs: plain http to {address} (kbs.plain_http): the host sees the exchange; the secret stays encrypted to this boot's key");
+        log::warn!("kbs: plain http to {address} (kbs.plain_http, test build): anyone on the path can pose as the key broker");
         return Ok(cvm_measure::kbs_client::Endpoint::plain(address));
     }
     let pin = match (&kbs.ca, &kbs.public_key_sha256) {
@@ -307,17 +358,13 @@ pub fn set_up(
     let (uuid, volume_key, formatted) = match state {
         DiskState::Foreign(why) => return Err(StateError::Foreign { device, why }),
         DiskState::Ours(header) if !source.ephemeral() => {
-            measure(Event::StateDisk(Some(header.uuid.as_bytes().to_vec())))?;
-            let secret = source
-                .recover(header.metadata.tokens.0.get("0"))
-                .map_err(key_err(source.name()))?;
-            let key = luks2::unlock(&header, &secret, &mut |offset, buf| {
-                file.read_exact_at(buf, offset)
-            })
-            .map_err(|source| StateError::Header {
-                device: device.clone(),
-                source,
-            })?;
+            let key = open_ours(
+                &header,
+                &device,
+                source.as_mut(),
+                measure,
+                &mut |offset, buf| file.read_exact_at(buf, offset),
+            )?;
             log::info!("state disk {device}: opened LUKS2 {}", header.uuid);
             (header.uuid.clone(), key, false)
         }
@@ -335,6 +382,7 @@ pub fn set_up(
             let provisioned = source.provision().map_err(key_err(source.name()))?;
             let mut volume_key = Zeroizing::new(vec![0u8; policy.key_size()]);
             luks2::kernel_random(&mut volume_key);
+            measure(Event::VolumeKey(volume_key_identity(&volume_key)))?;
             let new_head = luks2::format(FormatInput {
                 policy,
                 uuid: &uuid,
@@ -394,6 +442,46 @@ pub fn set_up(
         formatted,
         mapped,
     })
+}
+
+/// The label of the volume key's identity (the HMAC's message).
+const VOLUME_KEY_IDENTITY: &[u8] = b"cvm-init volume key identity";
+
+/// What is measured of a volume key: HMAC-SHA256 keyed with it, so the value names the key
+/// without revealing it (the key is 64 random bytes: no guessing).
+pub fn volume_key_identity(volume_key: &[u8]) -> [u8; 32] {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(volume_key)
+        .expect("HMAC takes a key of any length");
+    mac.update(VOLUME_KEY_IDENTITY);
+    mac.finalize().into_bytes().into()
+}
+
+/// Opens a disk of ours: measures its identity, recovers the keyslot secret through the key
+/// source (the token as found on the disk), unlocks the volume key and measures its identity
+/// before anything uses it. The token is the host's to write, so a header and token made
+/// elsewhere (the predicted PCR policy, a secret of the host's choosing) open a volume key the
+/// host knows: the measured identity then differs from the node's first boot.
+fn open_ours(
+    header: &luks2::Header,
+    device: &str,
+    source: &mut dyn KeySource,
+    measure: &mut dyn FnMut(Event) -> Result<(), MeasureError>,
+    read_at: &mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<()>,
+) -> Result<Zeroizing<Vec<u8>>, StateError> {
+    measure(Event::StateDisk(Some(header.uuid.as_bytes().to_vec())))?;
+    let secret = source
+        .recover(header.metadata.tokens.0.get("0"))
+        .map_err(|e| StateError::Key {
+            source_name: source.name(),
+            source: e,
+        })?;
+    let key = luks2::unlock(header, &secret, read_at).map_err(|source| StateError::Header {
+        device: device.to_string(),
+        source,
+    })?;
+    measure(Event::VolumeKey(volume_key_identity(&key)))?;
+    Ok(key)
 }
 
 fn luks2_size(file: &File) -> std::io::Result<u64> {
@@ -662,6 +750,182 @@ fn mount_state(cfg: &StateConfig, sys: &dyn System, node: &str) -> Result<(), St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn state_config(key: &str, extra: &str) -> StateConfig {
+        crate::config::parse_config_file(
+            Path::new("/c"),
+            &format!("[state]\nserial = \"s\"\nkey = \"{key}\"\n{extra}\n[kbs]\nurl = \"https://h:1\"\nca = \"/c.pem\"\nresource = \"r/t/k\""),
+        )
+        .unwrap()
+        .state
+        .unwrap()
+    }
+
+    #[test]
+    fn the_tpm_key_is_refused_on_snp_tdx_and_none_unless_the_vtpm_is_in_the_tee() {
+        let tpm = state_config("tpm", "");
+        assert_eq!(tpm_key_decision(&tpm, "tpm").unwrap(), VtpmUse::Registers);
+        for tee in ["snp", "tdx", "none"] {
+            let err = tpm_key_decision(&tpm, tee).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!(
+                    "state.key = \"tpm\" is refused with cvm.tee={tee}"
+                )) && err.contains("nothing was written"),
+                "{err}"
+            );
+            if tee != "none" {
+                assert!(err.contains("state.tpm_in_tee = true"), "{err}");
+            }
+        }
+        let stated = state_config("tpm", "tpm_in_tee = true");
+        assert_eq!(
+            tpm_key_decision(&stated, "snp").unwrap(),
+            VtpmUse::AlsoExtend
+        );
+        assert_eq!(
+            tpm_key_decision(&stated, "tdx").unwrap(),
+            VtpmUse::AlsoExtend
+        );
+        assert_eq!(
+            tpm_key_decision(&stated, "tpm").unwrap(),
+            VtpmUse::Registers
+        );
+        assert!(tpm_key_decision(&stated, "none").is_err());
+        for key in ["kbs", "ephemeral", "snp-derived"] {
+            for tee in ["tpm", "snp", "tdx", "none"] {
+                assert_eq!(
+                    tpm_key_decision(&state_config(key, ""), tee).unwrap(),
+                    VtpmUse::NotUsed
+                );
+            }
+        }
+        // The statement belongs to the tpm key source only.
+        let e = crate::config::parse_config_file(
+            Path::new("/c"),
+            "[state]\nserial = \"s\"\nkey = \"ephemeral\"\ntpm_in_tee = true",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("state.tpm_in_tee"), "{e}");
+    }
+
+    /// The host writes its own header and `cvm-tpm2` token: a keyed-hash object sealed with
+    /// the predicted PCR policy (the same PCR values the node sees) around a secret it knows,
+    /// and a keyslot for a volume key it knows. The node opens it (the token's policy holds),
+    /// but the volume key's measured identity differs from the node's own disk's.
+    #[test]
+    fn a_substituted_token_opens_another_volume_key_and_the_measurement_shows_it() {
+        use crate::tee::tpm::{spawn_swtpm, TcpTransport};
+        use base64::Engine;
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut swtpm = spawn_swtpm(dir.path(), port).expect("swtpm (make deps installs it)");
+        let connect = || TcpTransport::connect(port).expect("swtpm listens");
+        let mut tpm = Tpm::new(connect()).unwrap();
+        tpm.extend(15, |bank| bank.hash(b"this boot's identity events"))
+            .unwrap();
+        let values = tpm
+            .read_bank(cvm_measure::registers::Bank::Sha256, &SEAL_PCRS)
+            .unwrap();
+        // swtpm serves one connection at a time.
+        drop(tpm);
+        let source = || TpmSealed {
+            transport: connect(),
+            pcrs: SEAL_PCRS.to_vec(),
+            values: values.clone(),
+        };
+        let policy = Policy {
+            integrity: true,
+            kdf: KdfPolicy::Pbkdf2 { iterations: 1000 },
+        };
+        let uuid = "2f1c7a3e-5b7d-4c61-9a0e-8d1f3b2a6c45";
+        let image = |secret: &[u8], volume_key: &[u8], token: &str| -> Vec<u8> {
+            let mut head = luks2::format(FormatInput {
+                policy,
+                uuid,
+                secret,
+                volume_key,
+                label: COMMITTED,
+                token: Some(token),
+                random: &mut luks2::kernel_random,
+            })
+            .unwrap()
+            .to_vec();
+            head.resize(DATA_OFFSET as usize, 0);
+            head
+        };
+
+        // The node's own disk.
+        let node_key = vec![0x11u8; policy.key_size()];
+        let provisioned = source().provision().unwrap();
+        let node_disk = image(
+            &provisioned.secret,
+            &node_key,
+            provisioned.token.as_deref().unwrap(),
+        );
+        // The host's: sealed outside cvm-init, to the predicted policy, around its own secret.
+        let host_secret = [0x22u8; 32];
+        let blob =
+            crate::tee::seal::seal(&mut connect(), &host_secret, &SEAL_PCRS, &values).unwrap();
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let host_token = format!(
+            "{{\"type\":\"{}\",\"keyslots\":[\"0\"],\"private\":\"{}\",\"public\":\"{}\",\"pcrs\":[11,15],\"pcr_bank\":\"sha256\"}}",
+            crate::keys::TPM_TOKEN,
+            b64.encode(&blob.private),
+            b64.encode(&blob.public)
+        );
+        let host_key = vec![0x33u8; policy.key_size()];
+        let host_disk = image(&host_secret, &host_key, &host_token);
+
+        let open = |disk: &[u8]| {
+            let header = luks2::parse(disk, MIN_FORMAT_SIZE, &policy).unwrap();
+            let mut events = Vec::new();
+            let key = open_ours(
+                &header,
+                "/dev/test",
+                &mut source(),
+                &mut |event| {
+                    events.push(event);
+                    Ok(())
+                },
+                &mut |offset, buf| {
+                    let at = offset as usize;
+                    buf.copy_from_slice(&disk[at..at + buf.len()]);
+                    Ok(())
+                },
+            )
+            .unwrap();
+            (events, key)
+        };
+        let (node_events, key) = open(&node_disk);
+        assert_eq!(*key, node_key);
+        // What remains: the substitute opens, with a volume key the host knows.
+        let (host_events, key) = open(&host_disk);
+        assert_eq!(*key, host_key);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(swtpm.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = swtpm.wait();
+
+        // The disk's identity (its UUID, copied) cannot tell them apart; the measured volume
+        // key identity does.
+        assert_eq!(node_events[0], host_events[0]);
+        assert_ne!(
+            node_events, host_events,
+            "the substitution is not visible in the measurements"
+        );
+        assert_eq!(
+            host_events.last(),
+            Some(&Event::VolumeKey(volume_key_identity(&host_key)))
+        );
+        // The measured value is a keyed digest, not the key.
+        let measured = Event::VolumeKey(volume_key_identity(&node_key)).measured_bytes();
+        assert!(!measured.windows(8).any(|w| w == &node_key[..8]));
+    }
 
     #[test]
     fn released_resources_are_not_written_through_links() {

@@ -62,6 +62,11 @@ pub enum Event {
         path: String,
         sha256: [u8; 32],
     },
+    /// The identity of the state disk's volume key, right after it is unlocked (or made):
+    /// HMAC-SHA256 keyed with the volume key over `cvm-init volume key identity`, never the
+    /// key itself. A verifier that knows a node's value from its first boot sees a header and
+    /// token the host substituted (they open another volume key).
+    VolumeKey([u8; 32]),
     /// Moves the registers on once the state-disk key has been used, so that nothing sealed to
     /// the values before it unseals later in the same boot.
     SealBarrier,
@@ -85,6 +90,7 @@ impl Event {
             Event::ConfigFile(None) => "config-file-absent",
             Event::StateDisk(Some(_)) => "state-disk",
             Event::StateDisk(None) => "state-disk-absent",
+            Event::VolumeKey(_) => "volume-key",
             Event::Workload { .. } => "workload",
             Event::SealBarrier => "seal-barrier",
         }
@@ -98,7 +104,9 @@ impl Event {
         let mut out = format!("cvm-init:{FRAMING_VERSION}:{}:", self.kind()).into_bytes();
         match self {
             Event::Phase(_) => unreachable!("handled above"),
-            Event::RootHash(h) => out.extend_from_slice(crate::hex(h).as_bytes()),
+            Event::RootHash(h) | Event::VolumeKey(h) => {
+                out.extend_from_slice(crate::hex(h).as_bytes())
+            }
             Event::BootOptions(options) => {
                 for (key, value) in options {
                     out.extend_from_slice(key.as_bytes());
@@ -138,6 +146,7 @@ impl Event {
                 format!("state-disk sha256:{}", crate::hex(&Bank::Sha256.hash(b)))
             }
             Event::StateDisk(None) => "state-disk absent".into(),
+            Event::VolumeKey(h) => format!("volume-key {}", crate::hex(h)),
             Event::Workload { name, path, sha256 } => {
                 format!("workload {name} {path} sha256:{}", crate::hex(sha256))
             }

@@ -134,6 +134,9 @@ pub struct Inputs {
     pub root_hash: [u8; 32],
     pub config_file: Option<Vec<u8>>,
     pub state_disk: Option<Vec<u8>>,
+    /// The state disk's volume-key identity (`Event::VolumeKey`), known from the node's first
+    /// boot (its log); measured right after the disk's identity.
+    pub volume_key: Option<[u8; 32]>,
     /// `(name, path, sha256 of the binary)` of each service, in configuration order.
     pub workloads: Vec<(String, String, [u8; 32])>,
 }
@@ -147,9 +150,9 @@ pub fn boot_events(inputs: &Inputs) -> Vec<Event> {
         Event::Phase(Phase::LeaveInitrd),
         Event::ConfigFile(inputs.config_file.clone()),
         Event::StateDisk(inputs.state_disk.clone()),
-        Event::SealBarrier,
-        Event::Phase(Phase::Sysinit),
     ];
+    events.extend(inputs.volume_key.map(Event::VolumeKey));
+    events.extend([Event::SealBarrier, Event::Phase(Phase::Sysinit)]);
     for (name, path, sha256) in &inputs.workloads {
         events.push(Event::Workload {
             name: name.clone(),
@@ -347,6 +350,10 @@ mod tests {
             },
             Inputs {
                 workloads: vec![("a".into(), "/a".into(), [0; 32])],
+                ..base.clone()
+            },
+            Inputs {
+                volume_key: Some([2; 32]),
                 ..base.clone()
             },
         ];

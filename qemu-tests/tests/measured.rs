@@ -58,6 +58,7 @@ fn prediction(prepared: &Prepared, config: &str, extra: &str) -> Registers {
         root_hash: prepared.image.root.tree.root_hash,
         config_file: Some(config.as_bytes().to_vec()),
         state_disk: None,
+        volume_key: None,
         workloads: vec![("dump".into(), "/bin/payload".into(), payload)],
     })
 }

@@ -472,3 +472,81 @@ fn a_power_cut_while_writing_leaves_a_readable_disk() {
         assert!(!log.contains(error), "{error} after the power cut");
     }
 }
+
+/// The emulated SNP provider's files in a test image: the test VCEK and the launch digest.
+fn snp_emulator_files(dir: &Path) -> Vec<(&'static str, Vec<u8>)> {
+    let chain = qemu_tests::broker::snp_test_chain(dir);
+    vec![
+        (
+            "usr/lib/cvm-test/snp/vcek.key",
+            cvm_measure::hex(&chain.vcek_scalar).into_bytes(),
+        ),
+        ("usr/lib/cvm-test/snp/vcek.der", chain.vcek_der.clone()),
+        (
+            "usr/lib/cvm-test/snp/measurement",
+            cvm_measure::hex(&[0x5au8; 48]).into_bytes(),
+        ),
+    ]
+}
+
+const SNP_EMULATED: &str = "cvm.tee=snp cvm.test-snp-emulator=/usr/lib/cvm-test/snp";
+
+/// `key = "tpm"` while measurements go to SEV-SNP (the emulated provider) with a vTPM
+/// (swtpm) beside it: refused by name before any disk is written. With `tpm_in_tee = true`
+/// the events also go to the vTPM's PCRs, so the seal binds to the image: another root image
+/// with the same vTPM state and disk does not open it, and nothing is written.
+#[test]
+fn the_tpm_key_on_snp_is_refused_unless_the_vtpm_is_in_the_tee_and_then_bound_to_the_image() {
+    let keys = tempfile::tempdir().unwrap();
+    let files = snp_emulator_files(keys.path());
+    let work = tempfile::tempdir().unwrap();
+    let disk = blank_disk(work.path());
+    let tpm = work.path().join("tpm");
+    std::fs::create_dir_all(&tpm).unwrap();
+
+    let refused = qemu_tests::support::prepare_with_files(CONFIG, &files);
+    let before = sha256(&disk);
+    let mut guest = refused.boot("state-tpm-on-snp", SNP_EMULATED, |g| {
+        g.state_disk(&disk, "cvm-state").tpm_state(&tpm)
+    });
+    let log = assert_fatal_before_workload(
+        &mut guest,
+        "state.key = \"tpm\" is refused with cvm.tee=snp and nothing was written to any disk",
+        "app: payload:",
+    );
+    assert!(log.contains("state.tpm_in_tee = true"), "no remedy named");
+    drop(guest);
+    assert_eq!(sha256(&disk), before, "the refused boot changed the disk");
+
+    let stated = CONFIG.replace("key = \"tpm\"", "key = \"tpm\"\ntpm_in_tee = true");
+    let prepared = qemu_tests::support::prepare_with_files(&stated, &files);
+    let mut guest = prepared.boot("state-tpm-in-tee", SNP_EMULATED, |g| {
+        g.state_disk(&disk, "cvm-state").tpm_state(&tpm)
+    });
+    must(guest.wait_for("app: payload: marker written", BOOT));
+    let log = guest.serial_log();
+    assert!(
+        log.contains("formatted on this boot"),
+        "no first-boot format"
+    );
+    assert!(
+        log.contains("replayed into the tpm registers"),
+        "the events did not go to the vTPM"
+    );
+    power_down(&mut guest);
+    drop(guest);
+
+    let before = sha256(&disk);
+    let other =
+        qemu_tests::support::prepare_with_files(&format!("{stated}# another image\n"), &files);
+    let mut guest = other.boot("state-tpm-in-tee-other-image", SNP_EMULATED, |g| {
+        g.state_disk(&disk, "cvm-state").tpm_state(&tpm)
+    });
+    assert_fatal_before_workload(
+        &mut guest,
+        "cannot get the state-disk key from the tpm key source",
+        "app: payload:",
+    );
+    drop(guest);
+    assert_eq!(sha256(&disk), before, "the other image changed the disk");
+}

@@ -89,6 +89,15 @@ impl Backend for TpmBackend {
     }
 }
 
+impl TpmBackend {
+    /// The vTPM at /dev/tpmrm0, as a second place for events (`state.tpm_in_tee`).
+    pub fn open() -> Result<Box<dyn Backend>, TeeError> {
+        Ok(Box::new(TpmBackend(tpm::Tpm::new(
+            tpm::DeviceTransport::open()?,
+        )?)))
+    }
+}
+
 /// TDX: RTMRs through the sysfs files of Linux ≥ 6.16.
 pub struct TdxBackend {
     pub dir: PathBuf,
