@@ -69,10 +69,12 @@ bench: build test-artifacts
 	$(CARGO) run -q --release -p qemu-tests --bin cvm-harness -- bench $(CURDIR)/$(RELEASE_DIR)/cvm-init $(CURDIR)/$(RELEASE_DIR)/cvm-measure
 
 ## Fuzz the parsers of untrusted input (firmware, SNP reports, TDX quotes, event logs, PE
-## images): FUZZ_SECONDS each, with libFuzzer (nightly and cargo-fuzz, installed if missing).
+## images, DHCP, uevents, LUKS2 headers, GPTs, dm-integrity and verity superblocks):
+## FUZZ_SECONDS each, with libFuzzer (nightly and cargo-fuzz, installed if missing).
 FUZZ_SECONDS ?= 60
 fuzz: deps
-	bash scripts/fuzz.sh $(FUZZ_SECONDS) firmware snp_report tdx_quote event_log pe_image dhcp_reply device_events
+	bash scripts/fuzz.sh $(FUZZ_SECONDS) firmware snp_report tdx_quote event_log pe_image dhcp_reply device_events \
+	  luks2_header gpt integrity_superblock verity_superblock
 
 ## The node image: mkosi 25 in a Debian trixie environment that scripts/image-env.sh makes once
 ## (.cache/image-env); outputs in target/image/out. KUBELET=<kubelet binary or .deb> (else the

@@ -2,8 +2,8 @@
 # Fuzzes cvm-measure's parsers of untrusted input with libFuzzer (cargo-fuzz, nightly):
 #   scripts/fuzz.sh SECONDS TARGET...
 # Corpora live in .cache/fuzz/<target>, seeded from the shared test data (real reports, quotes,
-# logs, firmware fixtures) and the Debian kernel; a crash stops the run with libFuzzer's report
-# and the input under measurements/fuzz/artifacts/<target>/.
+# logs, firmware fixtures), the Debian kernel and, for the disk formats, measurements/fuzz/seeds;
+# a crash stops the run with libFuzzer's report and the input under measurements/fuzz/artifacts/<target>/.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 shared=${CVM_SHARED_DIR:-$root/../shared}
@@ -45,6 +45,11 @@ events_seed="$root/.cache/fuzz/uevent-nvme.bin"
 search_seed="$root/.cache/fuzz/search-list.bin"
 [ -f "$search_seed" ] || printf '\003lan\004test\000\003svc\300\000' > "$search_seed"
 seed device_events "$events_seed" "$search_seed"
+# The disk formats the init reads, seeded only from files in the repository (made with
+# cryptsetup luksFormat, sfdisk, veritysetup format; measurements/fuzz/seeds/README.md).
+for target in luks2_header gpt integrity_superblock verity_superblock; do
+  seed "$target" "$root"/measurements/fuzz/seeds/"$target"/*
+done
 
 for target in "$@"; do
   say "$target for $seconds s"

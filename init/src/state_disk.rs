@@ -45,6 +45,8 @@ pub fn policy(cfg: &StateConfig) -> Policy {
 pub enum StateError {
     #[error("no disk with serial {serial:?} (seen: {seen})")]
     NotFound { serial: String, seen: String },
+    #[error("more than one disk has the serial {serial:?} ({disks}): the state disk is ambiguous, nothing was written")]
+    DuplicateSerial { serial: String, disks: String },
     #[error("cannot {what} {device}")]
     Io {
         what: &'static str,
@@ -174,11 +176,14 @@ fn disk_serial(disk: &Path) -> Option<String> {
     )
 }
 
-/// Finds the disk whose serial number matches, waiting a little for slow devices.
+/// Finds the disk whose serial number matches, waiting a little for slow devices. The host
+/// chooses serials: two disks with the configured one are refused, never resolved by directory
+/// order (a blank decoy listed first would be formatted while the real disk sat aside).
 pub fn find_by_serial(sys_block: &Path, serial: &str) -> Result<(String, (u32, u32)), StateError> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let mut seen = Vec::new();
+        let mut matches = Vec::new();
         for entry in std::fs::read_dir(sys_block).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             let Some(found) = disk_serial(&entry.path()) else {
@@ -186,13 +191,27 @@ pub fn find_by_serial(sys_block: &Path, serial: &str) -> Result<(String, (u32, u
             };
             if found == serial {
                 let dev = std::fs::read_to_string(entry.path().join("dev")).unwrap_or_default();
-                if let Some((a, b)) = dev.trim().split_once(':') {
-                    if let (Ok(a), Ok(b)) = (a.parse(), b.parse()) {
-                        return Ok((name, (a, b)));
-                    }
-                }
+                let dev = dev
+                    .trim()
+                    .split_once(':')
+                    .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)));
+                matches.push((name.clone(), dev));
             }
             seen.push(format!("{name} serial {found:?}"));
+        }
+        if matches.len() > 1 {
+            matches.sort();
+            return Err(StateError::DuplicateSerial {
+                serial: serial.to_string(),
+                disks: matches
+                    .iter()
+                    .map(|(name, _)| name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+        if let [(name, Some(dev))] = matches.as_slice() {
+            return Ok((name.clone(), *dev));
         }
         if Instant::now() >= deadline {
             seen.sort();
@@ -963,7 +982,7 @@ mod tests {
     }
 
     #[test]
-    fn serials_are_read_as_virtio_nvme_and_scsi_show_them() {
+    fn serials_are_read_as_virtio_nvme_and_scsi_show_them_and_duplicates_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let disk = |name: &str, file: &str, content: &[u8], dev: &str| {
             let d = dir.path().join(name);
@@ -1003,5 +1022,16 @@ mod tests {
         // Another VPD page, or a length past the end: no serial.
         assert_eq!(disk_serial(&dir.path().join("sdb")), None);
         assert_eq!(disk_serial(&dir.path().join("sdc")), None);
+        // A second disk with the same serial (here a SCSI one): refused, naming both.
+        let mut page = vec![0, 0x80, 0, 9];
+        page.extend(b"cvm-state");
+        disk("sdd", "device/vpd_pg80", &page, "8:48\n");
+        match find_by_serial(dir.path(), "cvm-state") {
+            Err(StateError::DuplicateSerial { serial, disks }) => {
+                assert_eq!(serial, "cvm-state");
+                assert_eq!(disks, "nvme0n1, sdd");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -330,6 +330,56 @@ fn foreign_disks_are_refused_and_untouched() {
     }
 }
 
+/// Two disks carry the configured serial (the host added a blank decoy beside the blank real
+/// one): the boot stops on the fatal path naming both, and neither disk was written.
+#[test]
+fn two_disks_with_the_state_serial_are_refused_and_untouched() {
+    use std::os::unix::fs::MetadataExt;
+    let prepared = prepare(Some(CONFIG));
+    let work = tempfile::tempdir().unwrap();
+    let disks: Vec<_> = ["real", "decoy"]
+        .iter()
+        .map(|name| {
+            let dir = work.path().join(name);
+            std::fs::create_dir_all(&dir).unwrap();
+            blank_disk(&dir)
+        })
+        .collect();
+    let blocks: Vec<u64> = disks
+        .iter()
+        .map(|d| std::fs::metadata(d).unwrap().blocks())
+        .collect();
+    let mut guest = prepared.boot("state-duplicate-serial", "", |g| {
+        g.state_disk(&disks[0], "cvm-state")
+            .state_disk(&disks[1], "cvm-state")
+    });
+    let log = assert_fatal_before_workload(
+        &mut guest,
+        "more than one disk has the serial \"cvm-state\"",
+        "app: payload:",
+    );
+    drop(guest);
+    let line = log
+        .lines()
+        .find(|l| l.contains("more than one disk has the serial"))
+        .unwrap();
+    assert!(
+        line.contains("(vdb, vdc)"),
+        "both disks are not named: {line}"
+    );
+    for (disk, before) in disks.iter().zip(blocks) {
+        let after = std::fs::metadata(disk).unwrap().blocks();
+        assert_eq!(after, before, "{} was written", disk.display());
+        let mut head = vec![0u8; 32 << 20];
+        std::io::Read::read_exact(&mut std::fs::File::open(disk).unwrap(), &mut head).unwrap();
+        assert!(
+            head.iter().all(|&b| b == 0),
+            "{} is no longer blank",
+            disk.display()
+        );
+    }
+}
+
 /// `key = "ephemeral"`: a new key and a new file system every boot, so nothing written
 /// survives a reboot — and a foreign disk is still refused.
 #[test]

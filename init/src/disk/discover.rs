@@ -215,8 +215,8 @@ pub fn find(
     let size = read_trimmed(&dir.join("size")).and_then(|s| s.parse::<u64>().ok());
     let expected_start = entry.first_lba * gpt.sector_size;
     let expected_size = entry.sectors() * gpt.sector_size;
-    if start.map(|s| s * 512) != Some(expected_start)
-        || size.map(|s| s * 512) != Some(expected_size)
+    if start.and_then(|s| s.checked_mul(512)) != Some(expected_start)
+        || size.and_then(|s| s.checked_mul(512)) != Some(expected_size)
     {
         return Err(mismatch(format!(
             "kernel start {start:?} size {size:?} (512-byte sectors), GPT start {expected_start} size {expected_size} (bytes)"
@@ -320,6 +320,54 @@ fn kernel_partition_name(roots: &Roots, disk: &str, number: u32) -> Option<Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// sysfs giving a start that overflows when counted in bytes: refused as a mismatch (it
+    /// panicked in debug builds and wrapped in release).
+    #[test]
+    fn a_kernel_start_that_overflows_is_a_mismatch() {
+        let dir = tempfile::tempdir().unwrap();
+        let roots = Roots {
+            sys_block: dir.path().join("sys"),
+            dev: dir.path().join("dev"),
+        };
+        let part = roots.sys_block.join("vda/vda1");
+        std::fs::create_dir_all(&part).unwrap();
+        for (file, text) in [
+            ("partition", "1"),
+            ("dev", "254:1"),
+            ("start", "18446744073709551615"),
+            ("size", "2048"),
+        ] {
+            std::fs::write(part.join(file), text).unwrap();
+        }
+        let uuid = Guid([7; 16]);
+        let type_guid = Guid([9; 16]);
+        let views = [DiskView {
+            name: "vda".into(),
+            gpt: Ok(Gpt {
+                sector_size: 512,
+                disk_guid: Guid([1; 16]),
+                partitions: vec![Partition {
+                    number: 1,
+                    type_guid,
+                    unique_guid: uuid,
+                    first_lba: 2048,
+                    last_lba: 4095,
+                    attributes: 0,
+                    name: "root".into(),
+                }],
+                warnings: vec![],
+                from_backup: false,
+            }),
+        }];
+        match find(&views, &roots, "root", "test", uuid, type_guid) {
+            Err(DiscoverError::KernelMismatch { name, detail }) => {
+                assert_eq!(name, "vda1");
+                assert!(detail.contains("18446744073709551615"), "{detail}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn device_numbers_parse() {

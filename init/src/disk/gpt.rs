@@ -243,8 +243,17 @@ fn read_header(
             header.entry_count
         ));
     }
+    // At most 4096 entries of at most 8 sectors each: the product fits; the sum need not.
     let entries_bytes = header.entry_count as u64 * header.entry_size as u64;
-    let entries_end = header.entries_lba + entries_bytes.div_ceil(sector);
+    let entries_end = header
+        .entries_lba
+        .checked_add(entries_bytes.div_ceil(sector))
+        .ok_or_else(|| {
+            format!(
+                "entry array at LBA {} ({entries_bytes} bytes) ends past the largest LBA",
+                header.entries_lba
+            )
+        })?;
     let inside_usable =
         header.entries_lba <= header.last_usable && entries_end > header.first_usable;
     if header.entries_lba < 2
@@ -428,6 +437,42 @@ mod tests {
         assert_eq!(Guid::parse("4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"), Some(g));
         assert_eq!(Guid::parse("4f68bce3e8cd4db196e7fbcaf984b709"), None);
         assert_eq!(Guid::parse("4f68bce3-e8cd-4db1-96e7-fbcaf984b7zz"), None);
+    }
+
+    /// A disk of `sectors` with a protective MBR and a primary header whose CRC is valid.
+    fn disk_with_header(sectors: usize, entries_lba: u64, entry_count: u32) -> Vec<u8> {
+        let mut disk = vec![0u8; sectors * 512];
+        disk[510] = 0x55;
+        disk[511] = 0xaa;
+        disk[446 + 4] = 0xee;
+        disk[446 + 8] = 1;
+        let h = &mut disk[512..604];
+        h[0..8].copy_from_slice(HEADER_SIGNATURE);
+        h[8..12].copy_from_slice(&0x0001_0000u32.to_le_bytes());
+        h[12..16].copy_from_slice(&92u32.to_le_bytes());
+        h[24..32].copy_from_slice(&1u64.to_le_bytes());
+        h[32..40].copy_from_slice(&(sectors as u64 - 1).to_le_bytes());
+        h[40..48].copy_from_slice(&34u64.to_le_bytes());
+        h[48..56].copy_from_slice(&(sectors as u64 - 34).to_le_bytes());
+        h[72..80].copy_from_slice(&entries_lba.to_le_bytes());
+        h[80..84].copy_from_slice(&entry_count.to_le_bytes());
+        h[84..88].copy_from_slice(&128u32.to_le_bytes());
+        let crc = crc32(h);
+        h[16..20].copy_from_slice(&crc.to_le_bytes());
+        disk
+    }
+
+    /// An entry array that would end past 2^64 - 1 sectors: the sum wrapped (a panic in debug
+    /// builds, a wrapped range that slipped past the bounds checks in release).
+    #[test]
+    fn an_entry_array_past_the_last_lba_is_refused() {
+        let disk = disk_with_header(100, u64::MAX - 1, 128);
+        match read_gpt(disk.as_slice(), 512) {
+            Err(GptError::BothDamaged { primary, .. }) => {
+                assert!(primary.contains("ends past the largest LBA"), "{primary}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     proptest! {

@@ -434,7 +434,9 @@ pub fn relabel(head: &mut [u8], label: &str) -> Result<(), Luks2Error> {
     }
     for offset in [HDR_SIZE as usize, 0] {
         let copy = &mut head[offset..offset + HDR_SIZE as usize];
-        let seqid = be64(copy, 0x10) + 1;
+        let seqid = be64(copy, 0x10)
+            .checked_add(1)
+            .ok_or_else(|| policy_err("seqid", u64::MAX, "below 18446744073709551615"))?;
         copy[0x10..0x18].copy_from_slice(&seqid.to_be_bytes());
         copy[0x18..0x48].fill(0);
         copy[0x18..0x18 + label.len()].copy_from_slice(label.as_bytes());
@@ -965,6 +967,20 @@ mod tests {
         assert!(serde_json::from_str::<B64>("\"AAE\"").is_err());
         let dup: Result<StrictMap<u32>, _> = serde_json::from_str("{\"0\":1,\"0\":2}");
         assert!(dup.unwrap_err().to_string().contains("duplicate key"));
+    }
+
+    /// A header whose sequence ID is already the largest cannot be relabelled: the increment
+    /// overflowed (a panic in debug builds, a wrapped sequence ID in release).
+    #[test]
+    fn relabel_refuses_the_last_sequence_id() {
+        let mut head = vec![0u8; 2 * HDR_SIZE as usize];
+        for offset in [0, HDR_SIZE as usize] {
+            head[offset + 0x10..offset + 0x18].copy_from_slice(&u64::MAX.to_be_bytes());
+        }
+        match relabel(&mut head, "cvm-state") {
+            Err(Luks2Error::Policy { field, .. }) => assert_eq!(field, "seqid"),
+            other => panic!("{other:?}"),
+        }
     }
 
     proptest! {

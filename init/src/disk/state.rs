@@ -65,7 +65,7 @@ pub fn classify(head: &[u8], device_size: u64, policy: &Policy) -> DiskState {
             // one sequence number apart. Anything else is a forgery or damage.
             match (copy_label(head, 0), copy_label(head, HDR_SIZE)) {
                 (Some((p, ps)), Some((s, ss)))
-                    if p == UNCOMMITTED && s == COMMITTED && ss == ps + 1 =>
+                    if p == UNCOMMITTED && s == COMMITTED && ps.checked_add(1) == Some(ss) =>
                 {
                     DiskState::Uncommitted
                 }
@@ -188,6 +188,28 @@ mod tests {
             classify(&reverse, SIZE, &policy()),
             DiskState::Foreign(_)
         ));
+    }
+
+    /// A primary at the largest sequence ID and a committed secondary at 0: `ps + 1` wrapped
+    /// to 0 in release (an "interrupted commit", so the disk would be formatted again) and
+    /// panicked in debug. It is a forgery: refused.
+    #[test]
+    fn a_sequence_id_that_wraps_is_not_an_interrupted_commit() {
+        let mut head = formatted(UNCOMMITTED);
+        let mut committed = head.clone();
+        luks2::relabel(&mut committed, COMMITTED).unwrap();
+        let hdr = HDR_SIZE as usize;
+        head[hdr..2 * hdr].copy_from_slice(&committed[hdr..2 * hdr]);
+        for (offset, seqid) in [(0, u64::MAX), (hdr, 0)] {
+            let copy = &mut head[offset..offset + hdr];
+            copy[0x10..0x18].copy_from_slice(&seqid.to_be_bytes());
+            let sum = luks2::checksum(copy);
+            copy[0x1c0..0x1e0].copy_from_slice(&sum);
+        }
+        let DiskState::Foreign(why) = classify(&head, SIZE, &policy()) else {
+            panic!("not foreign")
+        };
+        assert!(why.contains("two copies differ"), "{why}");
     }
 
     #[test]
