@@ -75,7 +75,8 @@ fn dhcp_configures_the_node_and_a_workload_reaches_a_forwarded_server() {
     );
     for line in [
         "net: payload: /etc/resolv.conf: search cluster.test",
-        "net: payload: /etc/hosts: 10.0.2.15\tnode-525400123456",
+        // A tab in a workload's output reaches the console escaped, like every control character.
+        "net: payload: /etc/hosts: 10.0.2.15\\tnode-525400123456",
         "net: payload: hostname node-525400123456",
         "net: payload: answer hello from the guest",
     ] {
@@ -124,7 +125,7 @@ fn a_dhcp_server_configures_route_dns_name_and_mtu_and_renews_short_leases() {
         "net: payload: /etc/resolv.conf: nameserver 10.0.3.54",
         // The search list (option 119, the second name compressed) wins over the domain.
         "net: payload: /etc/resolv.conf: search lan.test svc.lan.test",
-        "net: payload: /etc/hosts: 10.0.3.15\tserved-node",
+        "net: payload: /etc/hosts: 10.0.3.15\\tserved-node",
         "net: payload: hostname served-node",
     ] {
         assert!(log.contains(line), "missing: {line}");

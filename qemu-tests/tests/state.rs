@@ -212,10 +212,11 @@ fn a_header_field_cannot_forge_console_lines() {
         .unwrap()
         .write_all_at(&head, 0)
         .unwrap();
-    // A newline then the marker, an erase-line and a conceal escape, a C1 CSI (clear screen).
+    // Newlines before `ready` and a phase marker (the logger's prefix would complete them), an
+    // erase-line and a conceal escape, a C1 CSI (clear screen).
     forge_segment_encryption(
         &disk,
-        "x\\ncvm-init: ready\\nready\\r\\u001b[2K\\u001b[8mhidden\\u009b2J",
+        "x\\nready\\nphase state ok 1ms\\r\\u001b[2K\\u001b[8mhidden\\u009b2J",
     );
     let before = sha256(&disk);
     let mut guest = prepared.boot("state-forged-console", "", |g| {
@@ -223,13 +224,15 @@ fn a_header_field_cannot_forge_console_lines() {
     });
     let log = assert_fatal_before_workload(
         &mut guest,
-        r"the header field segments.0.encryption is x\ncvm-init: ready\nready\r\x1b[2K\x1b[8mhidden\x9b2J",
+        r"the header field segments.0.encryption is x\nready\nphase state ok 1ms\r\x1b[2K\x1b[8mhidden\x9b2J",
         "app: payload:",
     );
     drop(guest);
     for line in qemu_tests::console_lines(&log) {
         assert!(
-            !line.starts_with("cvm-init: ready") && !line.starts_with("ready"),
+            !line.starts_with("cvm-init: ready")
+                && !line.starts_with("cvm-init: phase state ok")
+                && !line.starts_with("phase state"),
             "a forged line: {line:?}"
         );
         if line.starts_with("cvm-init:") {
