@@ -370,69 +370,80 @@ fn event_logs_must_replay_to_the_quote_and_explain_a_mismatch() {
     refused(ask(other, &record), "PCR 15 is 0000");
 }
 
-/// §2 e. The host prints its own attestation key on the console and the operator lists it: the
-/// key is still refused unless it lives in the same TPM as an EK whose certificate chains to the
-/// broker's EK CA. Cases: a client that sends no endorsement; an EK certificate from a CA the
-/// broker does not trust; the certified TPM's EK certificate sent with an attestation key from
-/// a second TPM (which cannot activate the credential, so its quote lacks the secret).
-#[test]
-fn an_attestation_key_not_bound_to_a_certified_ek_is_refused() {
-    let s = setup(5);
-    let host = start_swtpm(6);
-    // The host's TPM quotes the node's PCR values (it can extend what it likes).
-    let mut host_tpm = Tpm::new(connect(host.port)).unwrap();
-    host_tpm.extend(11, |b| b.hash(b"enter-initrd")).unwrap();
-    drop(host_tpm);
-    let mut node = connect(s.port);
-    let mut other = connect(host.port);
-    let host_key = quote(&mut other, &[0; 64], &PCRS).unwrap();
-    let node_key = quote(&mut node, &[0; 64], &PCRS).unwrap();
-    // The operator listed both keys (as printed on a console the host controls).
+/// The setup's node with both its own and a host TPM's attestation key listed (as printed on
+/// a console the host controls), and a checker of refusals at `attest`.
+fn listed_keys(s: &Setup, node: &mut Tcp, host: Option<&mut Tcp>) -> Reference {
     let mut reference = s.reference.clone();
-    reference.attestation_keys = vec![
-        (host_key.ak_x.clone(), host_key.ak_y.clone()),
-        (node_key.ak_x.clone(), node_key.ak_y.clone()),
-    ];
-    let refused = |result: Result<Vec<u8>, ClientError>, why: &str| match result {
+    let q = quote(node, &[0; 64], &PCRS).unwrap();
+    reference.attestation_keys = vec![(q.ak_x, q.ak_y)];
+    if let Some(host) = host {
+        let q = quote(host, &[0; 64], &PCRS).unwrap();
+        reference.attestation_keys.push((q.ak_x, q.ak_y));
+    }
+    reference
+}
+
+fn refused_at_attest(result: Result<Vec<u8>, ClientError>, why: &str) {
+    match result {
         Err(ClientError::Refused {
             step: "attest",
             status: 401,
             detail,
         }) => assert!(detail.contains(why), "expected {why:?}: {detail}"),
         other => panic!("{why}: {other:?}"),
-    };
+    }
+}
 
-    // No endorsement at all: the key alone is not admitted.
-    let address = start_broker(s.resources.path(), reference.clone());
-    refused(
-        get_resource(
-            &Endpoint::plain(&address),
-            "tpm",
-            "cvm/state-disk/key",
-            &mut |b| tpm_evidence(&mut other, b),
-        ),
-        "the node sent no endorsement",
-    );
-
-    // The node's own EK certificate, but the broker trusts another CA.
+/// §2 e. A listed attestation key is still refused unless it lives beside an EK whose
+/// certificate chains to the broker's EK CA: the node's own EK certificate when the broker
+/// trusts another CA; no endorsement at all.
+#[test]
+fn an_attestation_key_without_a_trusted_endorsement_is_refused() {
+    let s = setup(6);
+    let mut node = connect(s.port);
+    let reference = listed_keys(&s, &mut node, None);
     let other_ca = tempfile::tempdir().unwrap();
     let scratch = tempfile::tempdir().unwrap();
     cvm_init::tee::tpm::manufacture_swtpm(scratch.path(), other_ca.path()).unwrap();
     let mut untrusting = reference.clone();
     untrusting.ek_cas = ca_certificates(other_ca.path());
     let address = start_broker(s.resources.path(), untrusting);
-    refused(
+    refused_at_attest(
         ask(&address, &mut node, "cvm/state-disk/key", None),
         "does not chain to a CA this broker is configured with",
     );
+    let address = start_broker(s.resources.path(), reference);
+    refused_at_attest(
+        get_resource(
+            &Endpoint::plain(&address),
+            "tpm",
+            "cvm/state-disk/key",
+            &mut |b| tpm_evidence(&mut node, b),
+        ),
+        "the node sent no endorsement",
+    );
+}
 
-    // The certified EK's certificate with the host TPM's attestation key: the host's TPM cannot
-    // activate the credential (its EK is another), so its best quote carries the plain binding.
-    let address = start_broker(s.resources.path(), reference.clone());
+/// §2 e. The host sends the certified EK's certificate with its own TPM's attestation key
+/// (listed by the operator): its TPM cannot activate the credential (its EK is another), so its
+/// best quote, over the node's PCR values, lacks the secret and is refused. The node itself,
+/// endorsed, is admitted by the same broker.
+#[test]
+fn an_attestation_key_from_another_tpm_is_refused() {
+    let s = setup(5);
+    let host = start_swtpm(7);
+    // The host's TPM holds the node's PCR values (it can extend what it likes).
+    let mut host_tpm = Tpm::new(connect(host.port)).unwrap();
+    host_tpm.extend(11, |b| b.hash(b"enter-initrd")).unwrap();
+    drop(host_tpm);
+    let mut node = connect(s.port);
+    let mut other = connect(host.port);
+    let reference = listed_keys(&s, &mut node, Some(&mut other));
+    let address = start_broker(s.resources.path(), reference);
     let ek_cert = cvm_init::tee::ek::certificate(&mut node).unwrap();
     let forged = endorsement_of(&ek_cert, &attestation_key_public(&mut other).unwrap());
     let mut activation_failed = false;
-    refused(
+    refused_at_attest(
         get_resources_with(
             &Endpoint::plain(&address),
             "tpm",
@@ -452,8 +463,6 @@ fn an_attestation_key_not_bound_to_a_certified_ek_is_refused() {
         "does not carry the activated credential",
     );
     assert!(activation_failed, "the host's TPM activated the credential");
-
-    // The same node, endorsed: released.
     assert_eq!(
         ask(&address, &mut node, "cvm/state-disk/key", None).unwrap(),
         s.key
