@@ -186,15 +186,28 @@ impl Kbs {
         let address = &endpoint.address;
         let mut attempt = 0;
         let resource = resources[0];
-        let mut prove = |binding: &[u8; 64]| {
+        let mut prove = |binding: &[u8; 64], challenge: &serde_json::Value| {
             evidence
-                .evidence(binding)
+                .evidence_for(binding, challenge)
                 .map_err(|e| crate::logger::chain(&e))
         };
         loop {
             attempt += 1;
             let delay = KBS_BACKOFF.delay(attempt);
-            match cvm_measure::kbs_client::get_resources(endpoint, evidence.tee(), resources, &mut prove) {
+            // A vTPM's endorsement (EK certificate, attestation key), read again each attempt.
+            let auth_extra = match evidence.auth_params() {
+                Ok(extra) => extra,
+                Err(e) => {
+                    log::error!(
+                        "kbs: attempt {attempt}: cannot read the vTPM's endorsement: {}; retrying in {}ms",
+                        crate::logger::chain(&e),
+                        delay.as_millis()
+                    );
+                    std::thread::sleep(delay);
+                    continue;
+                }
+            };
+            match cvm_measure::kbs_client::get_resources_with(endpoint, evidence.tee(), resources, auth_extra, &mut prove) {
                 Ok(mut released) if released[0].len() >= SECRET_LEN => {
                     log::info!(
                         "kbs: {} released by the key broker at {address} (attempt {attempt})",

@@ -1,36 +1,74 @@
 //! The key-broker protocol end to end on the host: the reference broker on loopback, the
-//! client with vTPM evidence from swtpm (the init's own quote code). The QEMU scenario reuses
-//! both; these cases pin the protocol's refusals.
+//! client with vTPM evidence from swtpm (the init's own quote code), the swtpm manufactured
+//! with an EK certificate from a test CA the broker is configured with. The QEMU scenario
+//! reuses both; these cases pin the protocol's refusals.
 
 mod common;
 
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 
+use base64::engine::general_purpose::STANDARD;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use common::{connect, start_swtpm, Tcp};
-use cvm_init::tee::quote::quote;
+use common::{connect, start_certified_swtpm, start_swtpm, Tcp};
+use cvm_init::tee::quote::{attestation_key_public, quote, quote_activated};
 use cvm_init::tee::tpm::Tpm;
 use cvm_measure::http::{read_message, write_message};
-use cvm_measure::kbs_broker::{serve, Broker, Reference, TpmEvidence};
-use cvm_measure::kbs_client::{get_resource, ClientError, Endpoint};
+use cvm_measure::kbs_broker::{serve, Broker, Reference, TpmEndorsement, TpmEvidence};
+use cvm_measure::kbs_client::{get_resource, get_resources_with, ClientError, Endpoint};
 use cvm_measure::registers::Bank;
 use serde_json::{json, Value};
 
 const PCRS: [u32; 2] = [11, 15];
 
+/// A quote with the plain binding (no credential activated), as before endorsement.
 fn tpm_evidence(t: &mut Tcp, binding: &[u8; 64]) -> Result<Value, String> {
-    tpm_evidence_with_log(t, binding, None)
+    let q = quote(t, binding, &PCRS).map_err(|e| e.to_string())?;
+    Ok(TpmEvidence::json(
+        &q.ak_x,
+        &q.ak_y,
+        &q.attest,
+        (&q.r, &q.s),
+        None,
+        None,
+    ))
 }
 
-/// The same, with cvm-init's measurement log.
+/// The `auth` extra-params of a node: the EK certificate and attestation key of `t`.
+fn endorsement_of(ek_cert: &[u8], ak_public: &[u8]) -> serde_json::Map<String, Value> {
+    let mut m = serde_json::Map::new();
+    m.insert("tpm".into(), TpmEndorsement::json(ek_cert, ak_public));
+    m
+}
+
+fn endorsement(t: &mut Tcp) -> serde_json::Map<String, Value> {
+    let cert = cvm_init::tee::ek::certificate(t).expect("the EK certificate");
+    endorsement_of(&cert, &attestation_key_public(t).unwrap())
+}
+
+/// The broker's credential in a challenge's extra-params.
+fn credential(extra: &Value) -> Option<(Vec<u8>, Vec<u8>)> {
+    let c = extra.get("tpm-credential")?;
+    let field = |n: &str| STANDARD.decode(c[n].as_str().unwrap()).unwrap();
+    Some((field("credential_blob"), field("encrypted_secret")))
+}
+
+/// A node's evidence: the credential activated, the quote over the mixed binding.
 fn tpm_evidence_with_log(
     t: &mut Tcp,
     binding: &[u8; 64],
+    extra: &Value,
     log: Option<&[u8]>,
 ) -> Result<Value, String> {
-    let q = quote(t, binding, &PCRS).map_err(|e| e.to_string())?;
+    let c = credential(extra);
+    let q = quote_activated(
+        t,
+        binding,
+        &PCRS,
+        c.as_ref().map(|(b, s)| (b.as_slice(), s.as_slice())),
+    )
+    .map_err(|e| e.to_string())?;
     Ok(TpmEvidence::json(
         &q.ak_x,
         &q.ak_y,
@@ -41,6 +79,25 @@ fn tpm_evidence_with_log(
     ))
 }
 
+/// A node asking for `resource` as cvm-init does: its endorsement at auth, the credential
+/// activated for the quote.
+fn ask(
+    address: &str,
+    t: &mut Tcp,
+    resource: &str,
+    log: Option<&[u8]>,
+) -> Result<Vec<u8>, ClientError> {
+    let extra = endorsement(t);
+    get_resources_with(
+        &Endpoint::plain(address),
+        "tpm",
+        &[resource],
+        Some(extra),
+        &mut |b, challenge| tpm_evidence_with_log(t, b, challenge, log),
+    )
+    .map(|mut all| all.remove(0))
+}
+
 fn start_broker(resources: &std::path::Path, reference: Reference) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let address = listener.local_addr().unwrap().to_string();
@@ -49,26 +106,38 @@ fn start_broker(resources: &std::path::Path, reference: Reference) -> String {
     address
 }
 
-/// A node's TPM, its reference values and the broker's resources.
+/// A node's TPM (with an EK certificate from the test CA `ca`), its reference values (the CA
+/// among them) and the broker's resources.
 struct Setup {
     _swtpm: common::Swtpm,
+    _ca: tempfile::TempDir,
     port: u16,
     reference: Reference,
     resources: tempfile::TempDir,
     key: Vec<u8>,
 }
 
+/// The DER certificates of a test CA's PEM.
+fn ca_certificates(ca: &std::path::Path) -> Vec<Vec<u8>> {
+    let pem = cvm_init::tee::tpm::swtpm_ca_pem(ca).unwrap();
+    cvm_measure::x509::pem_chain(&pem)
+        .unwrap()
+        .iter()
+        .map(|c| c.der().to_vec())
+        .collect()
+}
+
 fn setup(slot: u16) -> Setup {
-    let swtpm = start_swtpm(slot);
+    let ca = tempfile::tempdir().unwrap();
+    let swtpm = start_certified_swtpm(slot, ca.path());
     let mut tpm = Tpm::new(connect(swtpm.port)).unwrap();
     tpm.extend(11, |b| b.hash(b"enter-initrd")).unwrap();
     let values = tpm.read_bank(Bank::Sha256, &PCRS).unwrap();
     drop(tpm);
-    // The operator registers the node's attestation key (swtpm has no endorsement chain).
-    let q = quote(&mut connect(swtpm.port), &[0; 64], &PCRS).unwrap();
+    // The broker trusts the test CA; no allow-list: the endorsement admits the key.
     let reference = Reference {
         pcrs: PCRS.iter().copied().zip(values).collect(),
-        attestation_keys: vec![(q.ak_x, q.ak_y)],
+        ek_cas: ca_certificates(ca.path()),
         ..Default::default()
     };
     let resources = tempfile::tempdir().unwrap();
@@ -78,6 +147,7 @@ fn setup(slot: u16) -> Setup {
     Setup {
         port: swtpm.port,
         _swtpm: swtpm,
+        _ca: ca,
         reference,
         resources,
         key,
@@ -89,45 +159,41 @@ fn a_node_with_the_expected_measurements_gets_its_key() {
     let s = setup(0);
     let address = start_broker(s.resources.path(), s.reference.clone());
     let mut t = connect(s.port);
-    let got = get_resource(
-        &Endpoint::plain(&address),
-        "tpm",
-        "cvm/state-disk/key",
-        &mut |b| tpm_evidence(&mut t, b),
-    )
-    .expect("the key is released");
+    let got = ask(&address, &mut t, "cvm/state-disk/key", None).expect("the key is released");
     assert_eq!(got, s.key);
     // A resource that does not exist, and a path that tries to leave the directory.
     for (path, status) in [("cvm/state-disk/other", 404), ("cvm/../../etc", 400)] {
-        match get_resource(&Endpoint::plain(&address), "tpm", path, &mut |b| {
-            tpm_evidence(&mut t, b)
-        }) {
+        match ask(&address, &mut t, path, None) {
             Err(ClientError::Refused { status: s, .. }) => assert_eq!(s, status, "{path}"),
             other => panic!("{path}: {other:?}"),
         }
     }
 }
 
-/// c. Another image (other PCR values) or an unregistered attestation key: refused.
+/// c. Another image (other PCR values), or an endorsed attestation key the broker's allow-list
+/// does not name (the list restricts on top of the endorsement): refused. Listed: released.
 #[test]
-fn other_measurements_or_an_unknown_key_are_refused() {
+fn other_measurements_or_an_unlisted_key_are_refused() {
     let s = setup(1);
     let mut other_image = s.reference.clone();
     other_image.pcrs[0].1[0] ^= 1;
-    let mut unknown_key = s.reference.clone();
-    unknown_key.attestation_keys.clear();
+    let mut unlisted_key = s.reference.clone();
+    unlisted_key.attestation_keys = vec![(vec![1; 32], vec![2; 32])];
     let mut t = connect(s.port);
+    let q = quote(&mut t, &[0; 64], &PCRS).unwrap();
+    let mut listed = unlisted_key.clone();
+    listed.attestation_keys.push((q.ak_x, q.ak_y));
+    let address = start_broker(s.resources.path(), listed);
+    assert_eq!(
+        ask(&address, &mut t, "cvm/state-disk/key", None).unwrap(),
+        s.key
+    );
     for (reference, why) in [
         (other_image, "PCR digest does not match"),
-        (unknown_key, "is not one this broker trusts"),
+        (unlisted_key, "is not one this broker trusts"),
     ] {
         let address = start_broker(s.resources.path(), reference);
-        match get_resource(
-            &Endpoint::plain(&address),
-            "tpm",
-            "cvm/state-disk/key",
-            &mut |b| tpm_evidence(&mut t, b),
-        ) {
+        match ask(&address, &mut t, "cvm/state-disk/key", None) {
             Err(ClientError::Refused {
                 step: "attest",
                 status: 401,
@@ -183,7 +249,7 @@ fn replayed_evidence_is_refused() {
     let s = setup(2);
     let address = start_broker(s.resources.path(), s.reference.clone());
     let mut t = connect(s.port);
-    let auth = json!({"version": "0.4.0", "tee": "tpm", "extra-params": {}});
+    let auth = json!({"version": "0.4.0", "tee": "tpm", "extra-params": endorsement(&mut t)});
     let (status, challenge, cookie) = post(&address, "/kbs/v0/auth", None, &auth);
     assert_eq!(status, 200);
     let secret = p256::SecretKey::random(&mut rand_core::OsRng);
@@ -194,7 +260,7 @@ fn replayed_evidence_is_refused() {
     let binding = cvm_measure::kbs::report_data(&runtime, "", "sha384").unwrap();
     let attestation = json!({
         "runtime-data": runtime,
-        "tee-evidence": {"primary_evidence": tpm_evidence(&mut t, &binding).unwrap(), "additional_evidence": ""},
+        "tee-evidence": {"primary_evidence": tpm_evidence_with_log(&mut t, &binding, &challenge["extra-params"], None).unwrap(), "additional_evidence": ""},
     });
     let (status, _, _) = post(&address, "/kbs/v0/attest", cookie.as_deref(), &attestation);
     assert_eq!(status, 200, "the first attest");
@@ -220,7 +286,7 @@ fn replayed_evidence_is_refused() {
         problem["detail"]
             .as_str()
             .unwrap()
-            .contains("qualifying data"),
+            .contains("does not carry the activated credential"),
         "{problem}"
     );
 }
@@ -264,12 +330,7 @@ fn a_resource_altered_in_transit_is_detected() {
         }
     });
     let mut t = connect(s.port);
-    match get_resource(
-        &Endpoint::plain(&proxy_address),
-        "tpm",
-        "cvm/state-disk/key",
-        &mut |b| tpm_evidence(&mut t, b),
-    ) {
+    match ask(&proxy_address, &mut t, "cvm/state-disk/key", None) {
         Err(ClientError::Kbs(cvm_measure::kbs::KbsError::Decrypt)) => {}
         other => panic!("an altered resource was not detected: {other:?}"),
     }
@@ -290,12 +351,7 @@ fn event_logs_must_replay_to_the_quote_and_explain_a_mismatch() {
     let mut t = connect(s.port);
     let mut ask = |reference: Reference, log: &[u8]| {
         let address = start_broker(s.resources.path(), reference);
-        get_resource(
-            &Endpoint::plain(&address),
-            "tpm",
-            "cvm/state-disk/key",
-            &mut |b| tpm_evidence_with_log(&mut t, b, Some(log)),
-        )
+        ask(&address, &mut t, "cvm/state-disk/key", Some(log))
     };
     assert_eq!(ask(s.reference.clone(), &record).unwrap(), s.key);
     let refused = |result: Result<Vec<u8>, ClientError>, why: &str| match result {
@@ -312,4 +368,103 @@ fn event_logs_must_replay_to_the_quote_and_explain_a_mismatch() {
     let mut other = s.reference.clone();
     other.pcrs[1].1[0] ^= 1;
     refused(ask(other, &record), "PCR 15 is 0000");
+}
+
+/// The setup's node with both its own and a host TPM's attestation key listed (as printed on
+/// a console the host controls), and a checker of refusals at `attest`.
+fn listed_keys(s: &Setup, node: &mut Tcp, host: Option<&mut Tcp>) -> Reference {
+    let mut reference = s.reference.clone();
+    let q = quote(node, &[0; 64], &PCRS).unwrap();
+    reference.attestation_keys = vec![(q.ak_x, q.ak_y)];
+    if let Some(host) = host {
+        let q = quote(host, &[0; 64], &PCRS).unwrap();
+        reference.attestation_keys.push((q.ak_x, q.ak_y));
+    }
+    reference
+}
+
+fn refused_at_attest(result: Result<Vec<u8>, ClientError>, why: &str) {
+    match result {
+        Err(ClientError::Refused {
+            step: "attest",
+            status: 401,
+            detail,
+        }) => assert!(detail.contains(why), "expected {why:?}: {detail}"),
+        other => panic!("{why}: {other:?}"),
+    }
+}
+
+/// §2 e. A listed attestation key is still refused unless it lives beside an EK whose
+/// certificate chains to the broker's EK CA: the node's own EK certificate when the broker
+/// trusts another CA; no endorsement at all.
+#[test]
+fn an_attestation_key_without_a_trusted_endorsement_is_refused() {
+    let s = setup(6);
+    let mut node = connect(s.port);
+    let reference = listed_keys(&s, &mut node, None);
+    let other_ca = tempfile::tempdir().unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    cvm_init::tee::tpm::manufacture_swtpm(scratch.path(), other_ca.path()).unwrap();
+    let mut untrusting = reference.clone();
+    untrusting.ek_cas = ca_certificates(other_ca.path());
+    let address = start_broker(s.resources.path(), untrusting);
+    refused_at_attest(
+        ask(&address, &mut node, "cvm/state-disk/key", None),
+        "does not chain to a CA this broker is configured with",
+    );
+    let address = start_broker(s.resources.path(), reference);
+    refused_at_attest(
+        get_resource(
+            &Endpoint::plain(&address),
+            "tpm",
+            "cvm/state-disk/key",
+            &mut |b| tpm_evidence(&mut node, b),
+        ),
+        "the node sent no endorsement",
+    );
+}
+
+/// §2 e. The host sends the certified EK's certificate with its own TPM's attestation key
+/// (listed by the operator): its TPM cannot activate the credential (its EK is another), so its
+/// best quote, over the node's PCR values, lacks the secret and is refused. The node itself,
+/// endorsed, is admitted by the same broker.
+#[test]
+fn an_attestation_key_from_another_tpm_is_refused() {
+    let s = setup(5);
+    let host = start_swtpm(7);
+    // The host's TPM holds the node's PCR values (it can extend what it likes).
+    let mut host_tpm = Tpm::new(connect(host.port)).unwrap();
+    host_tpm.extend(11, |b| b.hash(b"enter-initrd")).unwrap();
+    drop(host_tpm);
+    let mut node = connect(s.port);
+    let mut other = connect(host.port);
+    let reference = listed_keys(&s, &mut node, Some(&mut other));
+    let address = start_broker(s.resources.path(), reference);
+    let ek_cert = cvm_init::tee::ek::certificate(&mut node).unwrap();
+    let forged = endorsement_of(&ek_cert, &attestation_key_public(&mut other).unwrap());
+    let mut activation_failed = false;
+    refused_at_attest(
+        get_resources_with(
+            &Endpoint::plain(&address),
+            "tpm",
+            &["cvm/state-disk/key"],
+            Some(forged),
+            &mut |b, challenge| {
+                let (blob, secret) = credential(challenge).expect("a credential");
+                let activated = quote_activated(&mut other, b, &PCRS, Some((&blob, &secret)));
+                activation_failed = matches!(
+                    activated,
+                    Err(cvm_init::tee::tpm::TpmError::Response { .. })
+                );
+                tpm_evidence(&mut other, b)
+            },
+        )
+        .map(|mut all| all.remove(0)),
+        "does not carry the activated credential",
+    );
+    assert!(activation_failed, "the host's TPM activated the credential");
+    assert_eq!(
+        ask(&address, &mut node, "cvm/state-disk/key", None).unwrap(),
+        s.key
+    );
 }

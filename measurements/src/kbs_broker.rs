@@ -1,8 +1,9 @@
 //! The reference key broker (`cvm-measure kbs-serve`): the Trustee KBS protocol (0.4.0) over
 //! HTTP, resources kept as files, released only to a session whose evidence verifies against
 //! reference values (`cvm-measure predict --json`). Evidence kinds so far: `tpm` (a vTPM quote
-//! by a pinned attestation key over the reference PCRs, bound to the session's nonce and the
-//! node's ephemeral key).
+//! over the reference PCRs by an attestation key shown to live beside a certified endorsement
+//! key, `tpm_credential`, bound to the session's nonce and the node's ephemeral key), `snp`
+//! and `tdx`.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -53,8 +54,12 @@ impl Default for Limits {
 pub struct Reference {
     /// sha256 PCR values by index.
     pub pcrs: Vec<(u32, Vec<u8>)>,
-    /// Attestation keys allowed to sign vTPM quotes, as (x, y).
+    /// When not empty, the only attestation keys allowed to sign vTPM quotes, as (x, y): a
+    /// restriction on top of the endorsement, never a proof by itself.
     pub attestation_keys: Vec<(Vec<u8>, Vec<u8>)>,
+    /// CA certificates (DER) that vTPM endorsement key certificates must chain to, up to a
+    /// self-signed one among them (`kbs-serve --ek-ca`). None: no vTPM evidence is admitted.
+    pub ek_cas: Vec<Vec<u8>>,
     /// SEV-SNP launch digests allowed (the reference JSON's `snp_measurements`).
     pub snp_measurements: Vec<Vec<u8>>,
     /// What an SNP guest's policy and TCB must satisfy (`snp_min_tcb`, `snp_policy_required`).
@@ -161,6 +166,7 @@ impl Reference {
         Ok(Reference {
             pcrs,
             attestation_keys: Vec::new(),
+            ek_cas: Vec::new(),
             snp_measurements,
             snp_requirements,
             snp_chains: Vec::new(),
@@ -186,6 +192,31 @@ struct Session {
     tee_pubkey: Option<Jwk>,
     /// The nonce is spent by the first `attest`, whatever its outcome.
     spent: bool,
+    /// For `tpm`: the credential made at `auth` to the node's EK, or why there is none.
+    tpm: Option<Result<TpmCredential, String>>,
+}
+
+/// What a `tpm` session's quote is checked against.
+#[derive(Clone)]
+struct TpmCredential {
+    ak: crate::tpm_credential::AkPublic,
+    secret: zeroize::Zeroizing<Vec<u8>>,
+}
+
+/// The `tpm` member of the node's `auth` extra-params: its EK certificate (base64 DER, from
+/// NV index 0x01c00002) and its attestation key's TPMT_PUBLIC (base64).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TpmEndorsement {
+    pub ek_cert: String,
+    pub ak_public: String,
+}
+
+impl TpmEndorsement {
+    /// The `auth` extra-params member a node sends.
+    pub fn json(ek_cert: &[u8], ak_public: &[u8]) -> Value {
+        json!({ "ek_cert": STANDARD.encode(ek_cert), "ak_public": STANDARD.encode(ak_public) })
+    }
 }
 
 /// The broker's state.
@@ -409,9 +440,22 @@ impl Broker {
         }
         let id = random_id();
         let nonce = kbs::new_nonce();
+        let mut extra_params = json!({ "selected-hash-algorithm": "sha384" });
+        // vTPM: a credential to the node's EK, bound to its attestation key; the quote at
+        // `attest` must carry the secret only that TPM recovers. Refusals wait for `attest`.
+        let tpm_credential = match (parsed.tee.as_str(), parsed.extra_params.get("tpm")) {
+            ("tpm", Some(endorsement)) => {
+                let made = self.make_credential(endorsement);
+                if let Ok((_, blob)) = &made {
+                    extra_params["tpm-credential"] = blob.clone();
+                }
+                Some(made.map(|(credential, _)| credential))
+            }
+            _ => None,
+        };
         let challenge = Challenge {
             nonce: nonce.clone(),
-            extra_params: json!({ "selected-hash-algorithm": "sha384" }),
+            extra_params,
         };
         let mut sessions = self.sessions.lock().unwrap();
         if sessions.len() >= self.limits.max_sessions {
@@ -434,6 +478,7 @@ impl Broker {
                 created: Instant::now(),
                 tee_pubkey: None,
                 spent: false,
+                tpm: tpm_credential,
             },
         );
         drop(sessions);
@@ -454,7 +499,7 @@ impl Broker {
                 "no session cookie: auth first".into(),
             );
         };
-        let (tee, nonce, hash) = {
+        let (tee, nonce, hash, tpm) = {
             let mut sessions = self.sessions.lock().unwrap();
             let Some(session) = sessions.get_mut(id) else {
                 return problem(401, "UnAuthenticated", "unknown or expired session".into());
@@ -471,6 +516,7 @@ impl Broker {
                 session.tee.clone(),
                 session.nonce.clone(),
                 session.hash.clone(),
+                session.tpm.clone(),
             )
         };
         let attestation: Attestation = match serde_json::from_slice(&request.body) {
@@ -501,7 +547,7 @@ impl Broker {
         let verdict = match tee.as_str() {
             "snp" => self.verify_snp(evidence, &binding),
             "tdx" => self.verify_tdx(evidence, &binding),
-            _ => self.verify_tpm(evidence, &binding),
+            _ => self.verify_tpm(evidence, &binding, tpm.as_ref()),
         };
         if let Err(why) = verdict {
             return problem(401, "AttestationError", why);
@@ -512,7 +558,51 @@ impl Broker {
         ok_json(json!({ "token": random_id() }), Vec::new())
     }
 
-    fn verify_tpm(&self, evidence: &Value, binding: &[u8; 64]) -> Result<(), String> {
+    /// Checks a node's endorsement (`TpmEndorsement`): its EK certificate chains to a
+    /// configured EK CA and its attestation key is a restricted signing key of a TPM; then makes
+    /// a credential to the EK bound to the key's name. Returns the session's side and the
+    /// challenge's `tpm-credential` (base64 TPM2B_ID_OBJECT and TPM2B_ENCRYPTED_SECRET
+    /// buffers).
+    fn make_credential(&self, endorsement: &Value) -> Result<(TpmCredential, Value), String> {
+        use crate::tpm_credential as tc;
+        let endorsement: TpmEndorsement = serde_json::from_value(endorsement.clone())
+            .map_err(|e| format!("auth extra-params tpm: {e}"))?;
+        let decode = |name: &str, v: &str| {
+            STANDARD
+                .decode(v)
+                .map_err(|_| format!("auth extra-params tpm.{name} is not base64"))
+        };
+        let ak = tc::parse_ak_public(&decode("ak_public", &endorsement.ak_public)?)
+            .map_err(|e| e.to_string())?;
+        let cas = self.reference.lock().unwrap().ek_cas.clone();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let ek = tc::certified_ek(&decode("ek_cert", &endorsement.ek_cert)?, &cas, now)
+            .map_err(|e| e.to_string())?;
+        let mut secret = zeroize::Zeroizing::new(vec![0u8; tc::SECRET_LEN]);
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut secret);
+        let credential = tc::make_credential(&ek, &ak.name, &secret).map_err(|e| e.to_string())?;
+        Ok((
+            TpmCredential { ak, secret },
+            json!({
+                "credential_blob": STANDARD.encode(&credential.id_object),
+                "encrypted_secret": STANDARD.encode(&credential.encrypted_secret),
+            }),
+        ))
+    }
+
+    fn verify_tpm(
+        &self,
+        evidence: &Value,
+        binding: &[u8; 64],
+        credential: Option<&Result<TpmCredential, String>>,
+    ) -> Result<(), String> {
+        let credential = match credential {
+            Some(Ok(c)) => c,
+            Some(Err(why)) => return Err(format!("vTPM attestation key not admitted: {why}")),
+            None => return Err("vTPM attestation key not admitted: the node sent no endorsement (EK certificate and attestation key) at auth".into()),
+        };
         let evidence: TpmEvidence =
             serde_json::from_value(evidence.clone()).map_err(|e| format!("tpm evidence: {e}"))?;
         let b64url = |name: &str, v: &str| {
@@ -529,6 +619,14 @@ impl Broker {
             b64url("ak_x", &evidence.ak_x)?,
             b64url("ak_y", &evidence.ak_y)?,
         );
+        if (x.as_slice(), y.as_slice()) != (credential.ak.x.as_slice(), credential.ak.y.as_slice())
+        {
+            return Err(format!(
+                "vTPM attestation key not admitted: the quote's key {}{} is not the one the credential was made for",
+                crate::hex(&x),
+                crate::hex(&y)
+            ));
+        }
         let reference = self.reference.lock().unwrap().clone();
         if reference.pcrs.is_empty() {
             return Err(
@@ -536,10 +634,11 @@ impl Broker {
                     .into(),
             );
         }
-        if !reference
-            .attestation_keys
-            .iter()
-            .any(|(ax, ay)| *ax == x && *ay == y)
+        if !reference.attestation_keys.is_empty()
+            && !reference
+                .attestation_keys
+                .iter()
+                .any(|(ax, ay)| *ax == x && *ay == y)
         {
             return Err(format!(
                 "the quote's attestation key {}{} is not one this broker trusts",
@@ -550,15 +649,19 @@ impl Broker {
         let pcrs: Vec<u32> = reference.pcrs.iter().map(|(i, _)| *i).collect();
         let values: Vec<Vec<u8>> = reference.pcrs.iter().map(|(_, v)| v.clone()).collect();
         let attest = b64("attest", &evidence.attest)?;
+        let qualifying = crate::tpm_credential::qualifying_data(binding, &credential.secret);
         let verdict = crate::tpm_quote::verify(
             &attest,
             &b64("signature_r", &evidence.signature_r)?,
             &b64("signature_s", &evidence.signature_s)?,
             (&x, &y),
-            binding,
+            &qualifying,
             &pcrs,
             &values,
         );
+        if let Err(crate::tpm_quote::QuoteError::Binding) = verdict {
+            return Err("vTPM attestation key not admitted: the quote does not carry the activated credential (the key is not in the TPM of the certified EK, or the quote is replayed)".into());
+        }
         let Some(own_log) = &evidence.cvm_measure_log else {
             return verdict
                 .map(|_| ())

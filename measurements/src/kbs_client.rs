@@ -167,10 +167,32 @@ pub fn get_resources(
     resources: &[&str],
     evidence: &mut dyn FnMut(&[u8; 64]) -> Result<Value, String>,
 ) -> Result<Vec<Vec<u8>>, ClientError> {
+    get_resources_with(endpoint, tee, resources, None, &mut |binding, _| {
+        evidence(binding)
+    })
+}
+
+/// Evidence for a binding, given the challenge's extra-params.
+pub type EvidenceFor<'a> = dyn FnMut(&[u8; 64], &Value) -> Result<Value, String> + 'a;
+
+/// The same, with members added to `auth`'s extra-params (a vTPM's endorsement:
+/// `kbs_broker::TpmEndorsement`, as `{"tpm": …}`) and evidence that also reads the challenge's
+/// extra-params (the broker's `tpm-credential`).
+pub fn get_resources_with(
+    endpoint: &Endpoint,
+    tee: &str,
+    resources: &[&str],
+    auth_extra: Option<serde_json::Map<String, Value>>,
+    evidence: &mut EvidenceFor<'_>,
+) -> Result<Vec<Vec<u8>>, ClientError> {
+    let mut extra_params = serde_json::json!({ "supported-hash-algorithms": [kbs::BINDING_HASH] });
+    for (name, value) in auth_extra.into_iter().flatten() {
+        extra_params[name] = value;
+    }
     let request = Request {
         version: kbs::PROTOCOL_VERSION.into(),
         tee: tee.into(),
-        extra_params: serde_json::json!({ "supported-hash-algorithms": [kbs::BINDING_HASH] }),
+        extra_params,
     };
     let answer = exchange(
         endpoint,
@@ -212,7 +234,7 @@ pub fn get_resources(
         tee_pubkey: Jwk::from_public(&secret.public_key()),
     };
     let binding = kbs::report_data(&runtime, "", kbs::BINDING_HASH)?;
-    let primary = evidence(&binding).map_err(ClientError::Evidence)?;
+    let primary = evidence(&binding, &challenge.extra_params).map_err(ClientError::Evidence)?;
     let attestation = Attestation {
         init_data: None,
         runtime_data: runtime,

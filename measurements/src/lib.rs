@@ -23,6 +23,7 @@ pub mod tdx;
 pub mod tdx_launch;
 pub mod tdx_rtmr;
 pub mod tls;
+pub mod tpm_credential;
 pub mod tpm_quote;
 pub mod verity;
 pub mod x509;

@@ -91,12 +91,14 @@ commands:
                      Intel's collateral and are reported as not checked), no debug TD, the
                      expectations, RTMRs against the CC event log; claims as JSON
   kbs-serve --listen ADDR:PORT --resources DIR --reference FILE
-            [--attestation-keys FILE] [--snp-chain PEM] [--tls-cert PEM --tls-key PEM]
+            [--ek-ca PEM] [--attestation-keys FILE] [--snp-chain PEM] [--tls-cert PEM --tls-key PEM]
                      the reference key broker (Trustee KBS protocol 0.4.0; HTTPS with the
                      certificate chain and key given, else plain HTTP):
                      resources are files DIR/<repository>/<type>/<tag>, released as JWE to a
-                     node whose vTPM quote (by a key listed in the keys FILE, 128 hex digits
-                     a line) covers the PCR values of the reference FILE (`predict --at
+                     node whose vTPM quote (by an attestation key in the same TPM as an EK
+                     whose certificate chains to the CAs of --ek-ca, proven by credential
+                     activation; when a keys FILE is given, also one of its keys, 128 hex
+                     digits a line) covers the PCR values of the reference FILE (`predict --at
                      key-release --json`), or whose SNP report (Trustee's evidence shape,
                      with its VCEK/VLEK) chains to AMD's roots or to the ASK+ARK in PEM,
                      carries one of the reference's snp_measurements and passes the checks
@@ -1096,6 +1098,7 @@ fn kbs_serve(args: &[&str]) -> Result<(), Failure> {
             "--resources",
             "--reference",
             "--attestation-keys",
+            "--ek-ca",
             "--snp-chain",
             "--tls-cert",
             "--tls-key",
@@ -1129,6 +1132,16 @@ fn kbs_serve(args: &[&str]) -> Result<(), Failure> {
         Reference::from_prediction(&json).map_err(|e| Failure(format!("{reference}: {e}"), 1))?;
     if let Some(path) = o.get("--snp-chain").copied() {
         reference_values.snp_chains.push(snp_chain(path)?);
+    }
+    if let Some(path) = o.get("--ek-ca").copied() {
+        let cas = cvm_measure::x509::pem_chain(&read(path, "the EK CA certificates")?)
+            .map_err(|e| Failure(format!("--ek-ca {path}: {e}"), 1))?;
+        if cas.is_empty() {
+            return Err(Failure(format!("--ek-ca {path}: no certificate"), 1));
+        }
+        reference_values
+            .ek_cas
+            .extend(cas.iter().map(|c| c.der().to_vec()));
     }
     let keys = match o.get("--attestation-keys").copied() {
         Some(path) => String::from_utf8_lossy(&read(path, "the attestation keys")?).into_owned(),
@@ -1174,9 +1187,10 @@ fn kbs_serve(args: &[&str]) -> Result<(), Failure> {
         _ => return Err(usage("--tls-cert and --tls-key go together".into())),
     };
     eprintln!(
-        "cvm-measure kbs-serve: listening on {listen} ({}); {} reference PCRs, {} attestation keys, {} SNP launch digests, resources in {resources}",
+        "cvm-measure kbs-serve: listening on {listen} ({}); {} reference PCRs, {} EK CA certificates, {} attestation keys, {} SNP launch digests, resources in {resources}",
         if tls.is_some() { "https" } else { "plain http" },
         reference_values.pcrs.len(),
+        reference_values.ek_cas.len(),
         reference_values.attestation_keys.len(),
         reference_values.snp_measurements.len()
     );

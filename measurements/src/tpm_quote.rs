@@ -2,9 +2,8 @@
 //! signature checked with the attestation key, the qualifying data compared with the expected
 //! binding, and the PCR digest compared with the expected sha256 PCR values.
 //!
-//! Whom the attestation key belongs to is a separate question: a vTPM without an endorsement
-//! certificate chain (swtpm) gives none, so the broker pins each node's key; a vTPM behind an
-//! SVSM is bound by the hardware report instead.
+//! Whom the attestation key belongs to is a separate question, answered by credential
+//! activation with the TPM's certified endorsement key (`tpm_credential`).
 
 use p256::ecdsa::signature::Verifier;
 use sha2::{Digest, Sha256};

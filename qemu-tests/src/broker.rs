@@ -1,6 +1,7 @@
 //! The reference key broker for test and demo guests: reference values predicted for an
-//! image, a node's attestation key read from its swtpm state before the first boot, and a
-//! broker thread on the host's loopback (which a test forwards to the guest, `Guest::forward`).
+//! image, a node's swtpm manufactured with an EK certificate from a test CA (which the broker
+//! is configured with), its attestation key read before the first boot, and a broker thread on
+//! the host's loopback (which a test forwards to the guest, `Guest::forward`).
 
 use std::net::TcpListener;
 use std::path::Path;
@@ -34,6 +35,22 @@ pub fn key_release_reference(image: &TestImage, config: &str) -> Reference {
         tdx_init_rtmr2: Some(registers.rtmr[2].clone()),
         ..Default::default()
     }
+}
+
+/// Manufactures the swtpm whose state is in `state` (unless it already holds a TPM) with an EK
+/// certificate from the test CA in `ca` (made on first use); returns the CA's certificates
+/// (DER, root first) for the broker's `ek_cas`.
+pub fn certified_tpm(state: &Path, ca: &Path) -> Result<Vec<Vec<u8>>, String> {
+    if !state.join("tpm2-00.permall").exists() {
+        std::fs::create_dir_all(state).map_err(|e| e.to_string())?;
+        cvm_init::tee::tpm::manufacture_swtpm(state, ca).map_err(|e| e.to_string())?;
+    }
+    let pem = cvm_init::tee::tpm::swtpm_ca_pem(ca)
+        .map_err(|e| format!("the test EK CA in {}: {e}", ca.display()))?;
+    Ok(cvm_measure::x509::pem_chain(&pem)?
+        .iter()
+        .map(|c| c.der().to_vec())
+        .collect())
 }
 
 /// Reads the attestation key of the vTPM whose state is in `dir` (creating the TPM if the

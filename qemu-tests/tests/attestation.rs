@@ -51,26 +51,28 @@ fn the_node_gets_its_disk_key_from_the_broker_and_another_image_does_not() {
     let prepared = prepare(Some(&config));
     let resources = tempfile::tempdir().unwrap();
     let secret = qemu_tests::pseudo_random_bytes(32, 0x2545f4914f6cdd1d);
-    let broker = broker::start(
-        listener,
-        resources.path(),
-        broker::key_release_reference(&prepared.image, &config),
-        &secret,
-    );
-
     let work = tempfile::tempdir().unwrap();
     let disk = blank_state_disk(work.path());
     let tpm = work.path().join("tpm");
-    std::fs::create_dir_all(&tpm).unwrap();
+    // The node's vTPM carries an EK certificate from a test CA the broker is configured with;
+    // the broker's allow-list names another key at first.
+    let mut reference = broker::key_release_reference(&prepared.image, &config);
+    reference.ek_cas = broker::certified_tpm(&tpm, &work.path().join("ek-ca")).unwrap();
+    reference.attestation_keys = vec![(vec![1; 32], vec![2; 32])];
+    let broker = broker::start(listener, resources.path(), reference, &secret);
 
-    // b. An unknown node first: refused, and it says so and retries; once the operator has
-    // registered its attestation key, the key is released and the node boots to ready.
+    // b. A node the allow-list does not name: refused (after its endorsement was checked), and
+    // it says so and retries; once the operator has listed its attestation key, the key is
+    // released and the node boots to ready.
     let mut guest = prepared.boot("kbs-node", "", |g| {
         g.state_disk(&disk, "cvm-state")
             .tpm_state(&tpm)
             .forward(port, port)
     });
     must(guest.wait_for("is not one this broker trusts", BOOT));
+    assert!(guest
+        .serial_log()
+        .contains("credential activated with the vTPM's endorsement key"));
     let (x, y) = printed_key(&guest.serial_log()).expect("the node printed its key");
     broker.allow_attestation_key(x, y);
     must(guest.wait_for("kbs: cvm/state-disk/key released", BOOT));

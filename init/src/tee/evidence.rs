@@ -35,6 +35,8 @@ pub enum EvidenceError {
     OwnLog(#[source] std::io::Error),
     #[error("{0}")]
     TdxNoQuote(String),
+    #[error("the key broker's tpm-credential is malformed: {0}")]
+    Credential(&'static str),
 }
 
 /// Where evidence comes from.
@@ -75,10 +77,57 @@ impl Source {
         }
     }
 
+    /// Members of `auth`'s extra-params: for a vTPM, its endorsement (the EK certificate and
+    /// the attestation key's public area), which the broker answers with a credential.
+    pub fn auth_params(&self) -> Result<Option<serde_json::Map<String, Value>>, EvidenceError> {
+        match self {
+            Source::Tpm => {
+                let mut transport = DeviceTransport::open()?;
+                let ek_cert = super::ek::certificate(&mut transport)?;
+                let ak_public = super::quote::attestation_key_public(&mut transport)?;
+                let mut params = serde_json::Map::new();
+                params.insert(
+                    "tpm".into(),
+                    cvm_measure::kbs_broker::TpmEndorsement::json(&ek_cert, &ak_public),
+                );
+                Ok(Some(params))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The primary evidence binding `binding`, for a challenge with `challenge_extra` as its
+    /// extra-params (a vTPM activates the broker's `tpm-credential` there).
+    pub fn evidence_for(
+        &self,
+        binding: &[u8; 64],
+        challenge_extra: &Value,
+    ) -> Result<Value, EvidenceError> {
+        match self {
+            Source::Tpm => {
+                let Some(credential) = challenge_extra.get("tpm-credential") else {
+                    return tpm(binding, None);
+                };
+                let field = |name: &str| {
+                    credential
+                        .get(name)
+                        .and_then(Value::as_str)
+                        .and_then(|v| STANDARD.decode(v).ok())
+                        .ok_or(EvidenceError::Credential(
+                            "credential_blob and encrypted_secret must be base64",
+                        ))
+                };
+                let (blob, secret) = (field("credential_blob")?, field("encrypted_secret")?);
+                tpm(binding, Some((&blob, &secret)))
+            }
+            _ => self.evidence(binding),
+        }
+    }
+
     /// The primary evidence binding `binding`.
     pub fn evidence(&self, binding: &[u8; 64]) -> Result<Value, EvidenceError> {
         match self {
-            Source::Tpm => tpm(binding),
+            Source::Tpm => tpm(binding, None),
             Source::Snp(Some(fs)) => {
                 let report = tsm::report(
                     fs.as_ref(),
@@ -116,13 +165,23 @@ impl Source {
     }
 }
 
-fn tpm(binding: &[u8; 64]) -> Result<Value, EvidenceError> {
+fn tpm(binding: &[u8; 64], credential: Option<(&[u8], &[u8])>) -> Result<Value, EvidenceError> {
     let mut transport = DeviceTransport::open()?;
-    let q = super::quote::quote(&mut transport, binding, &crate::state_disk::SEAL_PCRS)?;
+    let q = super::quote::quote_activated(
+        &mut transport,
+        binding,
+        &crate::state_disk::SEAL_PCRS,
+        credential,
+    )?;
     log::info!(
-        "kbs: this node's vTPM attestation key is {}{} (the key broker must list it)",
+        "kbs: this node's vTPM attestation key is {}{} ({}; a broker may also list it)",
         cvm_measure::hex(&q.ak_x),
-        cvm_measure::hex(&q.ak_y)
+        cvm_measure::hex(&q.ak_y),
+        if credential.is_some() {
+            "credential activated with the vTPM's endorsement key"
+        } else {
+            "the broker sent no credential for it"
+        }
     );
     // The firmware's log exists on UEFI boots only; cvm-init's own always does.
     let firmware_log = std::fs::read(FIRMWARE_LOG).ok();

@@ -1,6 +1,7 @@
 //! The TEE's measurement registers: one trait, three backends (vTPM PCRs, TDX RTMRs, and
 //! SEV-SNP, which has no runtime registers), chosen by `cvm.tee=`.
 
+pub mod ek;
 #[cfg(feature = "test-hooks")]
 pub mod emulated_snp;
 pub mod evidence;

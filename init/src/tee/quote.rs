@@ -1,7 +1,10 @@
 //! vTPM evidence: an attestation key created in the vTPM (a restricted ECDSA P-256 signing
 //! key, the same on every boot of the same TPM because it is a primary key of the endorsement
 //! hierarchy) and a TPM2_Quote over the measured PCRs with the key broker's binding as
-//! qualifying data. The verifier's side is `cvm_measure::tpm_quote`.
+//! qualifying data. The verifier's side is `cvm_measure::tpm_quote`. With a key broker's
+//! credential (`quote_activated`), the credential is first activated with the TPM's EK
+//! (`super::ek`) and the recovered secret mixed into the qualifying data, which proves that the
+//! attestation key lives in the TPM of the certified EK.
 
 use super::seal::{
     call, flush, password_auth, pcr_selection, Out, ALG_NULL, ALG_SHA256, TPM_ST_SESSIONS,
@@ -26,6 +29,8 @@ pub struct Quote {
     /// The attestation key's public point.
     pub ak_x: Vec<u8>,
     pub ak_y: Vec<u8>,
+    /// The attestation key's TPMT_PUBLIC (its TPM name is computed from it).
+    pub ak_public: Vec<u8>,
 }
 
 /// The attestation key template: ECC P-256, fixedTPM, fixedParent, sensitiveDataOrigin,
@@ -46,9 +51,19 @@ fn attestation_key_template() -> Vec<u8> {
     p.0
 }
 
-/// Creates (re-creates: it is deterministic) the attestation key; returns its handle and
-/// public point.
-fn create_attestation_key<T: Transport>(t: &mut T) -> Result<(u32, Vec<u8>, Vec<u8>), TpmError> {
+/// The attestation key's TPMT_PUBLIC (what a node sends a key broker to be endorsed).
+pub fn attestation_key_public<T: Transport>(t: &mut T) -> Result<Vec<u8>, TpmError> {
+    let (handle, _, _, public) = create_attestation_key(t)?;
+    flush(t, handle);
+    Ok(public)
+}
+
+/// Creates (re-creates: it is deterministic) the attestation key; returns its handle, public
+/// point and TPMT_PUBLIC.
+#[allow(clippy::type_complexity)]
+fn create_attestation_key<T: Transport>(
+    t: &mut T,
+) -> Result<(u32, Vec<u8>, Vec<u8>, Vec<u8>), TpmError> {
     let mut b = Out::default();
     b.u32(TPM_RH_ENDORSEMENT)
         .bytes(&password_auth())
@@ -70,13 +85,38 @@ fn create_attestation_key<T: Transport>(t: &mut T) -> Result<(u32, Vec<u8>, Vec<
     p.take(2 + 2 + 2 + 2 + 2)?;
     let x = p.tpm2b()?.to_vec();
     let y = p.tpm2b()?.to_vec();
-    Ok((handle, x, y))
+    Ok((handle, x, y, public.to_vec()))
 }
 
 /// Quotes the sha256 values of `pcrs` with `qualifying` (at most 64 bytes) as extra data.
 pub fn quote<T: Transport>(t: &mut T, qualifying: &[u8], pcrs: &[u32]) -> Result<Quote, TpmError> {
-    let (key, ak_x, ak_y) = create_attestation_key(t)?;
+    quote_activated(t, qualifying, pcrs, None)
+}
+
+/// Quotes as `quote`; with a credential (TPM2B_ID_OBJECT and TPM2B_ENCRYPTED_SECRET buffers),
+/// first activates it with this attestation key and the EK, and quotes with
+/// `cvm_measure::tpm_credential::qualifying_data(binding, secret)` instead of `binding`.
+pub fn quote_activated<T: Transport>(
+    t: &mut T,
+    binding: &[u8],
+    pcrs: &[u32],
+    credential: Option<(&[u8], &[u8])>,
+) -> Result<Quote, TpmError> {
+    let (key, ak_x, ak_y, ak_public) = create_attestation_key(t)?;
     let result = (|| {
+        let mixed;
+        let qualifying = match credential {
+            Some((id_object, encrypted_secret)) => {
+                let secret = super::ek::activate(t, key, id_object, encrypted_secret)?;
+                let binding: &[u8; 64] = binding.try_into().map_err(|_| TpmError::Malformed {
+                    command: TPM_CC_QUOTE,
+                    detail: format!("a {}-byte binding, 64 expected", binding.len()),
+                })?;
+                mixed = cvm_measure::tpm_credential::qualifying_data(binding, &secret);
+                &mixed[..]
+            }
+            None => binding,
+        };
         let mut b = Out::default();
         b.u32(key)
             .bytes(&password_auth())
@@ -105,6 +145,7 @@ pub fn quote<T: Transport>(t: &mut T, qualifying: &[u8], pcrs: &[u32]) -> Result
             s: sig_s,
             ak_x,
             ak_y,
+            ak_public,
         })
     })();
     flush(t, key);

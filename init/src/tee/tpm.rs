@@ -100,6 +100,54 @@ pub fn spawn_swtpm(state_dir: &std::path::Path, port: u16) -> std::io::Result<st
         .spawn()
 }
 
+/// Manufactures a swtpm's state in `state_dir` as a TPM maker or a cloud does: endorsement
+/// keys created and their certificates written to NV (the RSA-2048 EK's at 0x01c00002), issued
+/// by a local CA kept in `ca_dir` (made there on first use; `swtpm_ca_pem` reads it). For tests
+/// and demos: a broker trusts such a TPM only when configured with that CA.
+pub fn manufacture_swtpm(
+    state_dir: &std::path::Path,
+    ca_dir: &std::path::Path,
+) -> std::io::Result<()> {
+    std::fs::create_dir_all(ca_dir)?;
+    let ca = ca_dir.display();
+    std::fs::write(
+        ca_dir.join("swtpm-localca.conf"),
+        format!(
+            "statedir = {ca}\nsigningkey = {ca}/signkey.pem\nissuercert = {ca}/issuercert.pem\ncertserial = {ca}/certserial\n"
+        ),
+    )?;
+    std::fs::write(ca_dir.join("swtpm-localca.options"), "")?;
+    std::fs::write(
+        ca_dir.join("swtpm_setup.conf"),
+        format!(
+            "create_certs_tool = swtpm_localca\ncreate_certs_tool_config = {ca}/swtpm-localca.conf\ncreate_certs_tool_options = {ca}/swtpm-localca.options\nactive_pcr_banks = sha256\n"
+        ),
+    )?;
+    let out = std::process::Command::new("swtpm_setup")
+        .args(["--tpm2", "--create-ek-cert", "--overwrite", "--tpm-state"])
+        .arg(state_dir)
+        .arg("--config")
+        .arg(ca_dir.join("swtpm_setup.conf"))
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    if !out.status.success() {
+        return Err(std::io::Error::other(format!(
+            "swtpm_setup failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(())
+}
+
+/// The CA certificates (PEM) of a `manufacture_swtpm` CA: its self-signed root, then the CA
+/// that issues the EK certificates.
+pub fn swtpm_ca_pem(ca_dir: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    let mut pem = std::fs::read(ca_dir.join("swtpm-localca-rootca-cert.pem"))?;
+    pem.extend(std::fs::read(ca_dir.join("issuercert.pem"))?);
+    Ok(pem)
+}
+
 impl Transport for TcpTransport {
     fn transact(&mut self, command: &[u8]) -> std::io::Result<Vec<u8>> {
         self.0.write_all(command)?;

@@ -39,6 +39,26 @@ pub fn start_swtpm(slot: u16) -> Swtpm {
     }
 }
 
+/// swtpm as `start_swtpm`, manufactured first with an EK certificate from the local CA in
+/// `ca_dir` (`cvm_init::tee::tpm::manufacture_swtpm`).
+#[allow(dead_code)]
+pub fn start_certified_swtpm(slot: u16, ca_dir: &std::path::Path) -> Swtpm {
+    assert!(
+        slot < SLOTS,
+        "slot {slot}: at most {SLOTS} swtpm per test process"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    cvm_init::tee::tpm::manufacture_swtpm(dir.path(), ca_dir).expect("swtpm_setup");
+    let port = 10000 + ((std::process::id() % 1300) as u16) * SLOTS * 2 + slot * 2;
+    let child =
+        cvm_init::tee::tpm::spawn_swtpm(dir.path(), port).expect("swtpm is installed by make deps");
+    Swtpm {
+        child,
+        _dir: dir,
+        port,
+    }
+}
+
 pub type Tcp = TcpTransport;
 
 pub fn connect(port: u16) -> Tcp {

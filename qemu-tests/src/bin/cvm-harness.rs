@@ -134,6 +134,7 @@ fn demo(config: &Path, tee: Option<Tee>) -> Result<(), String> {
     match tee {
         None => {
             guest = guest.tpm_state(&tpm);
+            reference.ek_cas = broker::certified_tpm(&tpm, &dir.join("ek-ca"))?;
             reference
                 .attestation_keys
                 .push(broker::attestation_key(&tpm)?);
