@@ -1351,17 +1351,34 @@ mod tests {
                 ..Default::default()
             },
         );
-        // A quote of no PCRs by a listed key.
+        // The key is admitted (as if its credential had been activated): what is left to
+        // check is the quote against the reference.
+        let credential = Ok(TpmCredential {
+            ak: crate::tpm_credential::AkPublic {
+                x: point.x().unwrap().to_vec(),
+                y: point.y().unwrap().to_vec(),
+                name: Vec::new(),
+            },
+            secret: zeroize::Zeroizing::new(vec![0x33; 32]),
+        });
+        let qualifying = crate::tpm_credential::qualifying_data(&binding, &[0x33; 32]);
+        // A quote of no PCRs by a listed, admitted key.
         let nothing: [u8; 32] = sha2::Sha256::digest([]).into();
-        let evidence = tpm_quote(&ak, &binding, &[], &nothing);
-        let why = broker.verify_tpm(&evidence, &binding).unwrap_err();
+        let evidence = tpm_quote(&ak, &qualifying, &[], &nothing);
+        let why = broker
+            .verify_tpm(&evidence, &binding, Some(&credential))
+            .unwrap_err();
         assert!(why.contains("no PCR reference values"), "{why}");
         // With a reference, a quote of its PCRs passes.
         let value = [0x5a; 32];
         broker.reference.lock().unwrap().pcrs = vec![(11, value.to_vec())];
         let digest: [u8; 32] = sha2::Sha256::digest(value).into();
         broker
-            .verify_tpm(&tpm_quote(&ak, &binding, &[11], &digest), &binding)
+            .verify_tpm(
+                &tpm_quote(&ak, &qualifying, &[11], &digest),
+                &binding,
+                Some(&credential),
+            )
             .unwrap();
     }
 
