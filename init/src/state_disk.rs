@@ -467,7 +467,7 @@ pub fn set_up(
 const VOLUME_KEY_IDENTITY: &[u8] = b"cvm-init volume key identity";
 
 /// What is measured of a volume key: HMAC-SHA256 keyed with it, so the value names the key
-/// without revealing it (the key is 64 random bytes: no guessing).
+/// without revealing it (the key is 64 or 96 random bytes: nothing to guess).
 pub fn volume_key_identity(volume_key: &[u8]) -> [u8; 32] {
     use hmac::Mac;
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(volume_key)

@@ -272,6 +272,20 @@ mod tests {
             .concat()
         );
         assert_eq!(w.pcr(), IDENTITY_PCR);
+        let v = Event::VolumeKey([0xab; 32]);
+        assert_eq!(
+            v.measured_bytes(),
+            [
+                b"cvm-init:v1:volume-key:".as_slice(),
+                "ab".repeat(32).as_bytes()
+            ]
+            .concat()
+        );
+        assert_eq!(v.pcr(), IDENTITY_PCR);
+        assert_ne!(
+            v.digest(Bank::Sha256),
+            Event::RootHash([0xab; 32]).digest(Bank::Sha256)
+        );
     }
 
     #[test]
