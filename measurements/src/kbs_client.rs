@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
+use zeroize::Zeroizing;
 
 use crate::http::{read_message, write_message, HttpError, Message};
 use crate::kbs::{self, Attestation, Challenge, Jwe, Jwk, Request, RuntimeData, TeeEvidence};
@@ -157,16 +158,17 @@ pub fn get_resource(
     evidence: &mut dyn FnMut(&[u8; 64]) -> Result<Value, String>,
 ) -> Result<Vec<u8>, ClientError> {
     let mut all = get_resources(endpoint, tee, &[resource], evidence)?;
-    Ok(std::mem::take(&mut all[0]))
+    Ok(std::mem::take(&mut *all[0]))
 }
 
-/// Fetches several resources in one attested session, in order.
+/// Fetches several resources in one attested session, in order. Each is wiped when dropped,
+/// so that those already decrypted are not left in freed memory when a later one fails.
 pub fn get_resources(
     endpoint: &Endpoint,
     tee: &str,
     resources: &[&str],
     evidence: &mut dyn FnMut(&[u8; 64]) -> Result<Value, String>,
-) -> Result<Vec<Vec<u8>>, ClientError> {
+) -> Result<Vec<Zeroizing<Vec<u8>>>, ClientError> {
     let request = Request {
         version: kbs::PROTOCOL_VERSION.into(),
         tee: tee.into(),
@@ -228,7 +230,7 @@ pub fn get_resources(
             step: "resource",
             detail: format!("{resource}: {e}"),
         })?;
-        released.push(kbs::jwe_decrypt(&secret, &jwe)?);
+        released.push(Zeroizing::new(kbs::jwe_decrypt(&secret, &jwe)?));
     }
     Ok(released)
 }
