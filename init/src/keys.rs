@@ -213,15 +213,15 @@ impl Kbs {
                         "kbs: {} released by the key broker at {address} (attempt {attempt})",
                         resources.join(", ")
                     );
-                    let secret = Zeroizing::new(released.remove(0));
+                    let secret = released.remove(0);
                     return Kbs {
                         secret,
-                        extras: released.into_iter().map(Zeroizing::new).collect(),
+                        extras: released,
                     };
                 }
                 Ok(released) => log::error!(
                     "kbs: attempt {attempt}: {resource} holds {} bytes, at least {SECRET_LEN} needed; retrying in {}ms",
-                    released.into_iter().map(Zeroizing::new).next().map_or(0, |s| s.len()),
+                    released.first().map_or(0, |s| s.len()),
                     delay.as_millis()
                 ),
                 Err(e) => log::error!(
@@ -267,5 +267,25 @@ impl KeySource for Kbs {
     }
     fn recover(&mut self, _token: Option<&Token>) -> Result<Zeroizing<Vec<u8>>, KeyError> {
         Ok(self.secret.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Resources released in one session are handed out wiped-on-drop, so that those already
+    /// decrypted are wiped when a later one fails (the error drops them) as well as after use.
+    /// A compile-time check: it does not build while `get_resources` returns plain vectors.
+    #[test]
+    fn released_resources_are_wiped_on_drop() {
+        type Released = Result<Vec<Zeroizing<Vec<u8>>>, cvm_measure::kbs_client::ClientError>;
+        type Get = fn(
+            &cvm_measure::kbs_client::Endpoint,
+            &str,
+            &[&str],
+            &mut dyn FnMut(&[u8; 64]) -> Result<serde_json::Value, String>,
+        ) -> Released;
+        let _get: Get = cvm_measure::kbs_client::get_resources;
     }
 }

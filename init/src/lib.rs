@@ -8,6 +8,8 @@ pub mod disk;
 pub mod dm;
 pub mod fatal;
 pub mod keys;
+#[cfg(test)]
+mod leak_check;
 pub mod logger;
 pub mod measure;
 pub mod modules;

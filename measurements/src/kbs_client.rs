@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
+use zeroize::Zeroizing;
 
 use crate::http::{read_message, write_message, HttpError, Message};
 use crate::kbs::{self, Attestation, Challenge, Jwe, Jwk, Request, RuntimeData, TeeEvidence};
@@ -157,16 +158,17 @@ pub fn get_resource(
     evidence: &mut dyn FnMut(&[u8; 64]) -> Result<Value, String>,
 ) -> Result<Vec<u8>, ClientError> {
     let mut all = get_resources(endpoint, tee, &[resource], evidence)?;
-    Ok(std::mem::take(&mut all[0]))
+    Ok(std::mem::take(&mut *all[0]))
 }
 
-/// Fetches several resources in one attested session, in order.
+/// Fetches several resources in one attested session, in order. Each is wiped when dropped,
+/// so that those already decrypted are not left in freed memory when a later one fails.
 pub fn get_resources(
     endpoint: &Endpoint,
     tee: &str,
     resources: &[&str],
     evidence: &mut dyn FnMut(&[u8; 64]) -> Result<Value, String>,
-) -> Result<Vec<Vec<u8>>, ClientError> {
+) -> Result<Vec<Zeroizing<Vec<u8>>>, ClientError> {
     get_resources_with(endpoint, tee, resources, None, &mut |binding, _| {
         evidence(binding)
     })
@@ -184,7 +186,7 @@ pub fn get_resources_with(
     resources: &[&str],
     auth_extra: Option<serde_json::Map<String, Value>>,
     evidence: &mut EvidenceFor<'_>,
-) -> Result<Vec<Vec<u8>>, ClientError> {
+) -> Result<Vec<Zeroizing<Vec<u8>>>, ClientError> {
     let mut extra_params = serde_json::json!({ "supported-hash-algorithms": [kbs::BINDING_HASH] });
     for (name, value) in auth_extra.into_iter().flatten() {
         extra_params[name] = value;
@@ -263,7 +265,7 @@ pub fn get_resources_with(
             step: "resource",
             detail: format!("{resource}: {e}"),
         })?;
-        released.push(kbs::jwe_decrypt(&secret, &jwe)?);
+        released.push(Zeroizing::new(kbs::jwe_decrypt(&secret, &jwe)?));
     }
     Ok(released)
 }

@@ -367,7 +367,7 @@ fn two_disks_with_the_state_serial_are_refused_and_untouched() {
         .find(|l| l.contains("more than one disk has the serial"))
         .unwrap();
     assert!(
-        line.contains("(vdb, vdc)"),
+        line.contains("(vda, vdb)"),
         "both disks are not named: {line}"
     );
     for (disk, before) in disks.iter().zip(blocks) {

@@ -969,6 +969,16 @@ mod tests {
         assert!(dup.unwrap_err().to_string().contains("duplicate key"));
     }
 
+    /// The AES key schedule is wiped when a cipher drops (the `aes` crate's `zeroize`
+    /// feature): its first two round keys are the key itself, and the keyslot and volume keys
+    /// pass through it. A compile-time check: it does not build without the feature.
+    #[test]
+    fn aes_ciphers_wipe_their_key_schedule_on_drop() {
+        fn wiped_on_drop<T: zeroize::ZeroizeOnDrop>(_: &T) {}
+        let cipher = Aes256::new_from_slice(&[7u8; 32]).unwrap();
+        wiped_on_drop(&cipher);
+    }
+
     /// A header whose sequence ID is already the largest cannot be relabelled: the increment
     /// overflowed (a panic in debug builds, a wrapped sequence ID in release).
     #[test]

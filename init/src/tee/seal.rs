@@ -116,7 +116,9 @@ pub(crate) fn call<T: Transport>(
     code: u32,
     body: &[u8],
 ) -> Result<Vec<u8>, TpmError> {
-    let reply = tpm::send(t, code, &tpm::frame(tag, code, body))?;
+    // The frame copies the body, which may hold a secret (TPM2_Create's sensitive data).
+    let frame = Zeroizing::new(tpm::frame(tag, code, body));
+    let reply = tpm::send(t, code, &frame)?;
     tpm::response(code, &reply)?;
     Ok(reply)
 }
@@ -160,7 +162,9 @@ pub fn seal<T: Transport>(
         .tpm2b(&policy_digest(pcrs, values))
         .u16(ALG_NULL)
         .tpm2b(&[]);
-    let mut b = Out::default();
+    // Room for the whole command up front: a buffer that grew would free a copy of the
+    // secret.
+    let mut b = Out(Vec::with_capacity(64 + sensitive.0.len() + public.0.len()));
     b.u32(primary)
         .bytes(&password_auth())
         .tpm2b(&sensitive.0)
@@ -178,9 +182,9 @@ pub fn seal<T: Transport>(
             pcrs: pcrs.to_vec(),
         })
     });
-    // The sensitive data was in `sensitive`: clear it.
-    let mut s = sensitive.0;
-    zeroize::Zeroize::zeroize(&mut s);
+    // The sensitive data was in `sensitive` and in the command: clear both.
+    zeroize::Zeroize::zeroize(&mut sensitive.0);
+    zeroize::Zeroize::zeroize(&mut b.0);
     flush(t, primary);
     result
 }
@@ -219,8 +223,10 @@ pub fn unseal<T: Transport>(t: &mut T, blob: &SealedBlob) -> Result<Zeroizing<Ve
         // The policy session authorizes the unseal; continueSession off ends it.
         let mut u = Out::default();
         u.u32(object).u32(9).u32(session).u16(0).u8(0).u16(0);
-        let reply =
-            call(t, TPM_ST_SESSIONS, TPM_CC_UNSEAL, &u.0).inspect_err(|_| flush(t, session))?;
+        // The reply holds the secret: wiped when dropped.
+        let reply = Zeroizing::new(
+            call(t, TPM_ST_SESSIONS, TPM_CC_UNSEAL, &u.0).inspect_err(|_| flush(t, session))?,
+        );
         let mut r = tpm::response(TPM_CC_UNSEAL, &reply)?;
         let _parameter_size = r.u32()?;
         Ok(Zeroizing::new(r.tpm2b()?.to_vec()))
@@ -232,6 +238,66 @@ pub fn unseal<T: Transport>(t: &mut T, blob: &SealedBlob) -> Result<Zeroizing<Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::leak_check::{self, MARKER};
+
+    /// A TPM that accepts every command: handles for CreatePrimary, Load and
+    /// StartAuthSession, a blob for Create, and [`MARKER`] as the unsealed data.
+    struct FakeTpm;
+
+    impl Transport for FakeTpm {
+        fn transact(&mut self, command: &[u8]) -> std::io::Result<Vec<u8>> {
+            let code = u32::from_be_bytes(command[6..10].try_into().unwrap());
+            let body: &[u8] = match code {
+                TPM_CC_CREATE_PRIMARY | TPM_CC_LOAD | TPM_CC_START_AUTH_SESSION => &[0x80, 0, 0, 1],
+                // parameterSize, outPrivate (2 bytes), outPublic (2 bytes)
+                TPM_CC_CREATE => &[0, 0, 0, 8, 0, 2, 0xaa, 0xbb, 0, 2, 0xcc, 0xdd],
+                TPM_CC_UNSEAL => &[],
+                _ => &[],
+            };
+            let mut reply = Vec::with_capacity(10 + 6 + MARKER.len() + body.len());
+            let size = if code == TPM_CC_UNSEAL {
+                10 + 6 + MARKER.len()
+            } else {
+                10 + body.len()
+            };
+            reply.extend_from_slice(&0x8001u16.to_be_bytes());
+            reply.extend_from_slice(&(size as u32).to_be_bytes());
+            reply.extend_from_slice(&0u32.to_be_bytes());
+            if code == TPM_CC_UNSEAL {
+                reply.extend_from_slice(&(2 + MARKER.len() as u32).to_be_bytes());
+                reply.extend_from_slice(&(MARKER.len() as u16).to_be_bytes());
+                reply.extend_from_slice(&MARKER);
+            } else {
+                reply.extend_from_slice(body);
+            }
+            Ok(reply)
+        }
+    }
+
+    /// Sealing and unsealing leave no copy of the secret in freed memory: the Create command
+    /// (its body and its frame) and the Unseal reply are wiped before they are released.
+    #[test]
+    fn seal_and_unseal_leave_no_freed_copy_of_the_secret() {
+        let watch = leak_check::watch();
+        {
+            let secret = Zeroizing::new(MARKER.to_vec());
+            let blob = seal(
+                &mut FakeTpm,
+                &secret,
+                &[11, 15],
+                &[vec![0; 32], vec![0; 32]],
+            )
+            .unwrap();
+            assert_eq!(blob.private, [0xaa, 0xbb]);
+            let unsealed = unseal(&mut FakeTpm, &blob).unwrap();
+            assert_eq!(&unsealed[..], &MARKER);
+        }
+        assert_eq!(
+            watch.freed_copies(),
+            0,
+            "copies of the secret were freed unwiped"
+        );
+    }
 
     #[test]
     fn policy_digest_of_pcr23_reset() {
