@@ -95,7 +95,7 @@ fn ask(
         Some(extra),
         &mut |b, challenge| tpm_evidence_with_log(t, b, challenge, log),
     )
-    .map(|mut all| all.remove(0))
+    .map(|mut all| std::mem::take(&mut *all.remove(0)))
 }
 
 fn start_broker(resources: &std::path::Path, reference: Reference) -> String {
@@ -459,7 +459,7 @@ fn an_attestation_key_from_another_tpm_is_refused() {
                 tpm_evidence(&mut other, b)
             },
         )
-        .map(|mut all| all.remove(0)),
+        .map(|mut all| std::mem::take(&mut *all.remove(0))),
         "does not carry the activated credential",
     );
     assert!(activation_failed, "the host's TPM activated the credential");
