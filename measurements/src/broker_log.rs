@@ -15,23 +15,10 @@ pub fn stderr() -> Sink {
     Arc::new(|line: &str| eprintln!("{line}"))
 }
 
-/// `text` with every control character (C0, DEL, C1, and the Unicode line and paragraph
-/// separators) and the backslash written as escapes, so that the result is one printable line.
+/// `text` with every character that could break the line or hide text written as an escape
+/// (`crate::text::escape`), so that the result is one printable line.
 pub fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if c.is_control() || c == '\u{2028}' || c == '\u{2029}' => {
-                let _ = write!(out, "\\u{{{:x}}}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out
+    crate::text::escape(text).into_owned()
 }
 
 /// One refusal as a line: `kbs-serve: refused <field>="<escaped value>" ...`.
@@ -50,10 +37,7 @@ mod tests {
 
     #[test]
     fn control_characters_are_escaped() {
-        assert_eq!(
-            escape("a\nb\x1b[2Jc\\d\u{85}"),
-            "a\\nb\\u{1b}[2Jc\\\\d\\u{85}"
-        );
+        assert_eq!(escape("a\nb\x1b[2Jc\\d\u{85}"), "a\\nb\\x1b[2Jc\\\\d\\x85");
         assert_eq!(
             refusal_line(&[("peer", "1.2.3.4:5"), ("reason", "x\"\ncvm-init: ready")]),
             "kbs-serve: refused peer=\"1.2.3.4:5\" reason=\"x\\\"\\ncvm-init: ready\""

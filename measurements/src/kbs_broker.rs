@@ -1563,7 +1563,7 @@ mod tests {
         assert_eq!(lines.len(), 2);
         assert!(!lines[1].chars().any(char::is_control), "{:?}", lines[1]);
         assert!(
-            lines[1].contains("x\\ncvm-init: ready") && lines[1].contains("\\u{1b}[2J"),
+            lines[1].contains("x\\ncvm-init: ready") && lines[1].contains("\\x1b[2J"),
             "{}",
             lines[1]
         );

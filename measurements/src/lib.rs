@@ -22,6 +22,7 @@ pub mod tcglog;
 pub mod tdx;
 pub mod tdx_launch;
 pub mod tdx_rtmr;
+pub mod text;
 pub mod tls;
 pub mod tpm_credential;
 pub mod tpm_quote;

@@ -7,7 +7,8 @@
 use zeroize::Zeroizing;
 
 use super::seal::{
-    call, flush, password_auth, Out, ALG_NULL, ALG_SHA256, TPM_ST_NO_SESSIONS, TPM_ST_SESSIONS,
+    call, create_primary_in, flush, password_auth, start_policy_session, Out, ALG_NULL, ALG_SHA256,
+    TPM_ST_NO_SESSIONS, TPM_ST_SESSIONS,
 };
 use super::tpm::{self, TpmError, Transport};
 
@@ -16,9 +17,7 @@ const TPM_CC_NV_READ: u32 = 0x14e;
 const TPM_CC_NV_READ_PUBLIC: u32 = 0x169;
 const TPM_CC_POLICY_SECRET: u32 = 0x151;
 const TPM_CC_ACTIVATE_CREDENTIAL: u32 = 0x147;
-const TPM_CC_START_AUTH_SESSION: u32 = 0x176;
 const TPM_RH_OWNER: u32 = 0x4000_0001;
-const TPM_RH_NULL: u32 = 0x4000_0007;
 const TPM_RH_ENDORSEMENT: u32 = 0x4000_000b;
 const TPM_RS_PW: u32 = 0x4000_0009;
 /// Bytes read from NV per command (below every TPM's MAX_NV_BUFFER_SIZE).
@@ -51,16 +50,7 @@ fn ek_template() -> Vec<u8> {
 }
 
 fn create_ek<T: Transport>(t: &mut T) -> Result<u32, TpmError> {
-    let mut b = Out::default();
-    b.u32(TPM_RH_ENDORSEMENT)
-        .bytes(&password_auth())
-        .u16(4)
-        .u16(0)
-        .u16(0)
-        .tpm2b(&ek_template())
-        .tpm2b(&[])
-        .u32(0);
-    let reply = call(t, TPM_ST_SESSIONS, TPM_CC_CREATE_PRIMARY, &b.0)?;
+    let reply = create_primary_in(t, TPM_RH_ENDORSEMENT, &ek_template())?;
     tpm::response(TPM_CC_CREATE_PRIMARY, &reply)?.u32()
 }
 
@@ -121,18 +111,7 @@ pub fn activate<T: Transport>(
 ) -> Result<Zeroizing<Vec<u8>>, TpmError> {
     let ek = create_ek(t)?;
     let result = (|| {
-        let mut nonce = [0u8; 16];
-        crate::disk::luks2::kernel_random(&mut nonce);
-        let mut s = Out::default();
-        s.u32(TPM_RH_NULL)
-            .u32(TPM_RH_NULL)
-            .tpm2b(&nonce)
-            .tpm2b(&[])
-            .u8(0x01) // TPM_SE_POLICY
-            .u16(ALG_NULL)
-            .u16(ALG_SHA256);
-        let reply = call(t, TPM_ST_NO_SESSIONS, TPM_CC_START_AUTH_SESSION, &s.0)?;
-        let session = tpm::response(TPM_CC_START_AUTH_SESSION, &reply)?.u32()?;
+        let session = start_policy_session(t)?;
         let mut p = Out::default();
         p.u32(TPM_RH_ENDORSEMENT)
             .u32(session)

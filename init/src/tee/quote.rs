@@ -7,7 +7,8 @@
 //! attestation key lives in the TPM of the certified EK.
 
 use super::seal::{
-    call, flush, password_auth, pcr_selection, Out, ALG_NULL, ALG_SHA256, TPM_ST_SESSIONS,
+    call, create_primary_in, flush, password_auth, pcr_selection, Out, ALG_NULL, ALG_SHA256,
+    TPM_ST_SESSIONS,
 };
 use super::tpm::{self, TpmError, Transport};
 
@@ -64,16 +65,7 @@ pub fn attestation_key_public<T: Transport>(t: &mut T) -> Result<Vec<u8>, TpmErr
 fn create_attestation_key<T: Transport>(
     t: &mut T,
 ) -> Result<(u32, Vec<u8>, Vec<u8>, Vec<u8>), TpmError> {
-    let mut b = Out::default();
-    b.u32(TPM_RH_ENDORSEMENT)
-        .bytes(&password_auth())
-        .u16(4)
-        .u16(0)
-        .u16(0)
-        .tpm2b(&attestation_key_template())
-        .tpm2b(&[])
-        .u32(0);
-    let reply = call(t, TPM_ST_SESSIONS, TPM_CC_CREATE_PRIMARY, &b.0)?;
+    let reply = create_primary_in(t, TPM_RH_ENDORSEMENT, &attestation_key_template())?;
     let mut r = tpm::response(TPM_CC_CREATE_PRIMARY, &reply)?;
     let handle = r.u32()?;
     let _parameter_size = r.u32()?;

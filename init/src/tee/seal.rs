@@ -124,17 +124,45 @@ pub(crate) fn call<T: Transport>(
 }
 
 fn create_primary<T: Transport>(t: &mut T) -> Result<u32, TpmError> {
+    let reply = create_primary_in(t, TPM_RH_OWNER, &storage_template())?;
+    tpm::response(TPM_CC_CREATE_PRIMARY, &reply)?.u32()
+}
+
+/// TPM2_CreatePrimary of `template` in `hierarchy` (password authorization, empty auth value
+/// and data, no outside info or creation PCRs). Returns the whole reply, handle first, for the
+/// caller to read what it needs of the public area.
+pub(crate) fn create_primary_in<T: Transport>(
+    t: &mut T,
+    hierarchy: u32,
+    template: &[u8],
+) -> Result<Vec<u8>, TpmError> {
     let mut b = Out::default();
-    b.u32(TPM_RH_OWNER)
+    b.u32(hierarchy)
         .bytes(&password_auth())
         .u16(4)
         .u16(0)
         .u16(0) // inSensitive: empty auth, empty data
-        .tpm2b(&storage_template())
+        .tpm2b(template)
         .tpm2b(&[]) // outsideInfo
         .u32(0); // creationPCR: none
-    let reply = call(t, TPM_ST_SESSIONS, TPM_CC_CREATE_PRIMARY, &b.0)?;
-    tpm::response(TPM_CC_CREATE_PRIMARY, &reply)?.u32()
+    call(t, TPM_ST_SESSIONS, TPM_CC_CREATE_PRIMARY, &b.0)
+}
+
+/// TPM2_StartAuthSession of an unbound, unsalted SHA-256 policy session with a fresh nonce;
+/// returns its handle (the caller flushes it).
+pub(crate) fn start_policy_session<T: Transport>(t: &mut T) -> Result<u32, TpmError> {
+    let mut nonce = [0u8; 16];
+    crate::disk::luks2::kernel_random(&mut nonce);
+    let mut s = Out::default();
+    s.u32(TPM_RH_NULL)
+        .u32(TPM_RH_NULL)
+        .tpm2b(&nonce)
+        .tpm2b(&[])
+        .u8(0x01) // TPM_SE_POLICY
+        .u16(ALG_NULL)
+        .u16(ALG_SHA256);
+    let reply = call(t, TPM_ST_NO_SESSIONS, TPM_CC_START_AUTH_SESSION, &s.0)?;
+    tpm::response(TPM_CC_START_AUTH_SESSION, &reply)?.u32()
 }
 
 pub(crate) fn flush<T: Transport>(t: &mut T, handle: u32) {
@@ -202,18 +230,7 @@ pub fn unseal<T: Transport>(t: &mut T, blob: &SealedBlob) -> Result<Zeroizing<Ve
     flush(t, primary);
     let object = loaded?;
     let result = (|| {
-        let mut nonce = [0u8; 16];
-        crate::disk::luks2::kernel_random(&mut nonce);
-        let mut s = Out::default();
-        s.u32(TPM_RH_NULL)
-            .u32(TPM_RH_NULL)
-            .tpm2b(&nonce)
-            .tpm2b(&[])
-            .u8(0x01) // TPM_SE_POLICY
-            .u16(ALG_NULL)
-            .u16(ALG_SHA256);
-        let reply = call(t, TPM_ST_NO_SESSIONS, TPM_CC_START_AUTH_SESSION, &s.0)?;
-        let session = tpm::response(TPM_CC_START_AUTH_SESSION, &reply)?.u32()?;
+        let session = start_policy_session(t)?;
         let mut p = Out::default();
         p.u32(session).tpm2b(&[]).bytes(&pcr_selection(&blob.pcrs));
         if let Err(e) = call(t, TPM_ST_NO_SESSIONS, TPM_CC_POLICY_PCR, &p.0) {
