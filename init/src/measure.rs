@@ -80,13 +80,7 @@ impl Measurer {
                 source,
             })?;
         for backend in std::iter::once(&mut self.backend).chain(self.also.as_mut()) {
-            backend
-                .extend(event)
-                .map_err(|source| MeasureError::Extend {
-                    event: event.description(),
-                    backend: backend.name(),
-                    source,
-                })?;
+            extend_into(backend.as_mut(), event)?;
         }
         self.history.push(event.clone());
         self.events += 1;
@@ -99,13 +93,7 @@ impl Measurer {
     /// start (the configuration that asks for this is read only after the switch to the root).
     pub fn also_extend(&mut self, mut backend: Box<dyn Backend>) -> Result<(), MeasureError> {
         for event in &self.history {
-            backend
-                .extend(event)
-                .map_err(|source| MeasureError::Extend {
-                    event: event.description(),
-                    backend: backend.name(),
-                    source,
-                })?;
+            extend_into(backend.as_mut(), event)?;
         }
         log::info!(
             "{} events so far replayed into the {} registers; later events go there too",
@@ -145,6 +133,17 @@ impl Measurer {
     pub fn read_back(&mut self) -> Result<Vec<RegisterValue>, TeeError> {
         self.backend.read_back()
     }
+}
+
+/// Extends one event into one backend, naming both when it fails.
+fn extend_into(backend: &mut dyn Backend, event: &Event) -> Result<(), MeasureError> {
+    backend
+        .extend(event)
+        .map_err(|source| MeasureError::Extend {
+            event: event.description(),
+            backend: backend.name(),
+            source,
+        })
 }
 
 #[cfg(test)]
