@@ -186,6 +186,11 @@ pub fn find_by_serial(sys_block: &Path, serial: &str) -> Result<(String, (u32, u
         let mut matches = Vec::new();
         for entry in std::fs::read_dir(sys_block).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
+            // The kernel hides the per-path devices of an NVMe multipath namespace
+            // (`nvme1c1n1` beside `nvme1n1`): same serial, no device node, not a second disk.
+            if hidden(&entry.path()) {
+                continue;
+            }
             let Some(found) = disk_serial(&entry.path()) else {
                 continue;
             };
@@ -226,6 +231,11 @@ pub fn find_by_serial(sys_block: &Path, serial: &str) -> Result<(String, (u32, u
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Whether the kernel marks the block device hidden (`/sys/class/block/<name>/hidden`).
+fn hidden(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("hidden")).is_ok_and(|v| v.trim() == "1")
 }
 
 fn random_uuid() -> String {
@@ -1022,6 +1032,19 @@ mod tests {
         // Another VPD page, or a length past the end: no serial.
         assert_eq!(disk_serial(&dir.path().join("sdb")), None);
         assert_eq!(disk_serial(&dir.path().join("sdc")), None);
+        // An NVMe multipath namespace's hidden per-path device is not a second disk.
+        disk(
+            "nvme0c0n1",
+            "device/serial",
+            b"cvm-state           \n",
+            "259:1\n",
+        );
+        std::fs::write(dir.path().join("nvme0c0n1/hidden"), "1\n").unwrap();
+        std::fs::write(dir.path().join("nvme0n1/hidden"), "0\n").unwrap();
+        assert_eq!(
+            find_by_serial(dir.path(), "cvm-state").unwrap(),
+            ("nvme0n1".to_string(), (259, 0))
+        );
         // A second disk with the same serial (here a SCSI one): refused, naming both.
         let mut page = vec![0, 0x80, 0, 9];
         page.extend(b"cvm-state");
