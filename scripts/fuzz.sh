@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Fuzzes cvm-measure's parsers of untrusted input with libFuzzer (cargo-fuzz, nightly):
 #   scripts/fuzz.sh SECONDS TARGET...
-# Corpora live in .cache/fuzz/<target>, seeded from the shared test data (real reports, quotes,
+# Corpora live in .cache/fuzz/<target>, seeded from the repository's testdata/ (real reports, quotes,
 # logs, firmware fixtures), the Debian kernel and, for the disk formats, measurements/fuzz/seeds;
 # a crash stops the run with libFuzzer's report and the input under measurements/fuzz/artifacts/<target>/.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-shared=${CVM_SHARED_DIR:-$root/../shared}
+testdata=$root/testdata
 seconds=${1:?usage: fuzz.sh SECONDS TARGET...}
 shift
 say() { echo "fuzz: $*"; }
@@ -23,10 +23,10 @@ seed() { # target, files...
 kernel_head="$root/.cache/fuzz/kernel-head"
 mkdir -p "$root/.cache/fuzz"
 [ -f "$kernel_head" ] || head -c 65536 "$root/.cache/kernel/vmlinuz" > "$kernel_head"
-seed firmware "$shared"/testdata/ovmf/*.bin
-seed snp_report "$shared"/testdata/snp/*.bin
-seed tdx_quote "$shared"/testdata/tdx/*quote*.dat "$shared"/testdata/tdx/gtg_report.dat
-seed event_log "$shared"/testdata/tdx/gtg_ccel_data.dat "$shared"/testdata/tpm/*.bin
+seed firmware "$testdata"/ovmf/*.bin
+seed snp_report "$testdata"/snp/*.bin
+seed tdx_quote "$testdata"/tdx/*quote*.dat "$testdata"/tdx/gtg_report.dat
+seed event_log "$testdata"/tdx/gtg_ccel_data.dat "$testdata"/tpm/*.bin
 seed pe_image "$kernel_head"
 # A DHCP ACK as QEMU's user network sends it (what the unit tests build).
 dhcp_seed="$root/.cache/fuzz/dhcp-ack.bin"

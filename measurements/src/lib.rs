@@ -98,17 +98,11 @@ mod tests {
     }
 }
 
-/// The real hardware outputs in `shared/testdata` (beside the checkout, as on CI, or where
-/// CVM_SHARED_DIR points).
+/// The real hardware outputs in the repository's `testdata/` (see its PROVENANCE.md).
 #[cfg(test)]
 pub(crate) mod testdata {
     pub fn read(path: &str) -> Vec<u8> {
-        let shared = std::env::var_os("CVM_SHARED_DIR")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| {
-                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared")
-            });
-        let root = shared.join("testdata");
-        std::fs::read(root.join(path)).unwrap_or_else(|e| panic!("shared/testdata/{path}: {e}"))
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata");
+        std::fs::read(root.join(path)).unwrap_or_else(|e| panic!("testdata/{path}: {e}"))
     }
 }

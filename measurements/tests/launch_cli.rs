@@ -10,7 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{shared, stdout_of};
+use common::{stdout_of, testdata};
 
 const OURS: &str = env!("CARGO_BIN_EXE_cvm-measure");
 
@@ -26,7 +26,7 @@ fn snp_description(dir: &Path, name: &str, launch: &Snp, kernel: &Path) -> PathB
     let text = format!(
         "tee = \"snp\"\nvcpus = {}\nmemory_mib = 2048\nfirmware = {:?}\nkernel = {:?}\ninitrd = {:?}\ncmdline = {:?}\n[snp]\nvcpu_model = {:?}\n",
         launch.vcpus,
-        shared("ovmf/ovmf_AmdSev_suffix.bin"),
+        testdata("ovmf/ovmf_AmdSev_suffix.bin"),
         kernel,
         launch.initrd,
         launch.cmdline,
@@ -98,7 +98,7 @@ fn each_snp_input_moves_the_digest_and_sev_snp_measure_agrees() {
             let theirs = stdout_of(
                 Command::new(tool)
                     .args(["--mode", "snp", "--output-format", "hex", "--ovmf"])
-                    .arg(shared("ovmf/ovmf_AmdSev_suffix.bin"))
+                    .arg(testdata("ovmf/ovmf_AmdSev_suffix.bin"))
                     .args([
                         "--vcpus",
                         &launch.vcpus.to_string(),

@@ -9,7 +9,7 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
-use common::shared;
+use common::testdata;
 
 const VERSION: &str = "0.0.13";
 
@@ -49,8 +49,8 @@ fn both_calculators_agree() {
     )
     .unwrap();
     std::fs::write(&initrd, b"an initrd ".repeat(5000)).unwrap();
-    let amdsev = shared("ovmf/ovmf_AmdSev_suffix.bin");
-    let x64 = shared("ovmf/ovmf_OvmfX64_suffix.bin");
+    let amdsev = testdata("ovmf/ovmf_AmdSev_suffix.bin");
+    let x64 = testdata("ovmf/ovmf_OvmfX64_suffix.bin");
     let debian = PathBuf::from("/usr/share/ovmf/OVMF.fd");
     let mut firmware = vec![(amdsev.clone(), true), (x64, false)];
     if debian.exists() {

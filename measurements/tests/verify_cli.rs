@@ -1,14 +1,12 @@
-//! `cvm-measure verify` on the real reports and quotes of the shared test data: claims as JSON
+//! `cvm-measure verify` on the real reports and quotes of the repository's test data: claims as JSON
 //! on success, a refusal naming the file and the reason (exit 1) otherwise.
 
 use std::path::PathBuf;
 use std::process::Command;
 
 fn testdata(path: &str) -> String {
-    std::env::var_os("CVM_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"))
-        .join("testdata")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../testdata")
         .join(path)
         .display()
         .to_string()

@@ -11,12 +11,9 @@ pub fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
-pub fn shared(path: &str) -> PathBuf {
-    std::env::var_os("CVM_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("../shared"))
-        .join("testdata")
-        .join(path)
+/// A file of the repository's `testdata/` (real hardware outputs; see its PROVENANCE.md).
+pub fn testdata(path: &str) -> PathBuf {
+    workspace().join("testdata").join(path)
 }
 
 /// A virtual environment under .cache with `package==version` installed once; None (and a

@@ -577,10 +577,7 @@ fn snp_bench(measure: &Path) -> Result<(), String> {
     // metadata are addressed from the end, so this is a valid firmware image with a
     // kernel-hashes section, and its other pages are real firmware (not erased flash, whose
     // identical pages cost almost nothing to measure).
-    let shared = std::env::var_os("CVM_SHARED_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| root.join("../shared"));
-    let suffix = std::fs::read(shared.join("testdata/ovmf/ovmf_AmdSev_suffix.bin"))
+    let suffix = std::fs::read(root.join("testdata/ovmf/ovmf_AmdSev_suffix.bin"))
         .map_err(|e| format!("the AmdSev fixture: {e}"))?;
     let mut firmware = std::fs::read("/usr/share/ovmf/OVMF.fd")
         .map_err(|e| format!("/usr/share/ovmf/OVMF.fd (package ovmf): {e}"))?;
