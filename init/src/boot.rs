@@ -314,7 +314,10 @@ pub fn run() -> ! {
             None => measure(Event::StateDisk(None))?,
             Some(cfg) => {
                 let tee = measurer.borrow().backend_name();
-                if state_disk::tpm_key_decision(cfg, tee)? == state_disk::VtpmUse::AlsoExtend {
+                let hardware = tee::hardware(&tee::Probe::default());
+                if state_disk::tpm_key_decision(cfg, tee, hardware)?
+                    == state_disk::VtpmUse::AlsoExtend
+                {
                     let vtpm = tee::TpmBackend::open().map_err(state_disk::StateError::Mirror)?;
                     measurer.borrow_mut().also_extend(vtpm)?;
                 }

@@ -75,6 +75,8 @@ pub enum StateError {
         tee: &'static str,
         why: &'static str,
     },
+    #[error("state.key = \"tpm\" is refused with cvm.tee=tpm on a {under} guest and nothing was written to any disk: a vTPM outside the TEE is the host's and can unseal anything; use key = \"kbs\", or set state.tpm_in_tee = true only if the vTPM runs inside the TEE (an SVSM or paravisor vTPM)")]
+    TpmKeyUnderTee { under: &'static str },
     #[error("cannot extend cvm-init's events into the vTPM (state.tpm_in_tee)")]
     Mirror(#[source] crate::tee::TeeError),
     #[error(transparent)]
@@ -129,13 +131,24 @@ pub enum VtpmUse {
 /// On SEV-SNP and TDX cvm-init's events do not reach the vTPM's PCRs by themselves, and a vTPM
 /// the host emulates answers the host: sealing to it protects nothing unless the operator
 /// states that it is inside the TEE. With `cvm.tee=none` nothing is measured at all.
-pub fn tpm_key_decision(cfg: &StateConfig, tee: &'static str) -> Result<VtpmUse, StateError> {
+///
+/// `hardware` is the TEE the guest runs under whatever `cvm.tee` chose (see
+/// [`crate::tee::hardware`]): `cvm.tee=tpm` on an SNP or TDX guest measures into the vTPM only,
+/// and that vTPM is as much the host's as on `cvm.tee=snp`, so it needs the same statement.
+pub fn tpm_key_decision(
+    cfg: &StateConfig,
+    tee: &'static str,
+    hardware: Option<&'static str>,
+) -> Result<VtpmUse, StateError> {
     if cfg.key != KeySourceChoice::Tpm {
         return Ok(VtpmUse::NotUsed);
     }
     let refuse = |why| Err(StateError::TpmKeyRefused { tee, why });
     match tee {
-        "tpm" => Ok(VtpmUse::Registers),
+        "tpm" => match hardware {
+            Some(under) if !cfg.tpm_in_tee => Err(StateError::TpmKeyUnderTee { under }),
+            _ => Ok(VtpmUse::Registers),
+        },
         "snp" | "tdx" if cfg.tpm_in_tee => Ok(VtpmUse::AlsoExtend),
         "snp" => refuse(
             "the vTPM is outside SEV-SNP's protection unless the configuration says otherwise, and a \
@@ -793,9 +806,12 @@ mod tests {
     #[test]
     fn the_tpm_key_is_refused_on_snp_tdx_and_none_unless_the_vtpm_is_in_the_tee() {
         let tpm = state_config("tpm", "");
-        assert_eq!(tpm_key_decision(&tpm, "tpm").unwrap(), VtpmUse::Registers);
+        assert_eq!(
+            tpm_key_decision(&tpm, "tpm", None).unwrap(),
+            VtpmUse::Registers
+        );
         for tee in ["snp", "tdx", "none"] {
-            let err = tpm_key_decision(&tpm, tee).unwrap_err().to_string();
+            let err = tpm_key_decision(&tpm, tee, None).unwrap_err().to_string();
             assert!(
                 err.contains(&format!(
                     "state.key = \"tpm\" is refused with cvm.tee={tee}"
@@ -808,22 +824,38 @@ mod tests {
         }
         let stated = state_config("tpm", "tpm_in_tee = true");
         assert_eq!(
-            tpm_key_decision(&stated, "snp").unwrap(),
+            tpm_key_decision(&stated, "snp", None).unwrap(),
             VtpmUse::AlsoExtend
         );
         assert_eq!(
-            tpm_key_decision(&stated, "tdx").unwrap(),
+            tpm_key_decision(&stated, "tdx", None).unwrap(),
             VtpmUse::AlsoExtend
         );
         assert_eq!(
-            tpm_key_decision(&stated, "tpm").unwrap(),
+            tpm_key_decision(&stated, "tpm", None).unwrap(),
             VtpmUse::Registers
         );
-        assert!(tpm_key_decision(&stated, "none").is_err());
+        assert!(tpm_key_decision(&stated, "none", None).is_err());
+        // cvm.tee=tpm on an SNP or TDX guest: the vTPM is still the host's unless stated.
+        for under in ["snp", "tdx"] {
+            let err = tpm_key_decision(&tpm, "tpm", Some(under))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!("cvm.tee=tpm on a {under} guest"))
+                    && err.contains("nothing was written")
+                    && err.contains("state.tpm_in_tee = true"),
+                "{err}"
+            );
+            assert_eq!(
+                tpm_key_decision(&stated, "tpm", Some(under)).unwrap(),
+                VtpmUse::Registers
+            );
+        }
         for key in ["kbs", "ephemeral", "snp-derived"] {
             for tee in ["tpm", "snp", "tdx", "none"] {
                 assert_eq!(
-                    tpm_key_decision(&state_config(key, ""), tee).unwrap(),
+                    tpm_key_decision(&state_config(key, ""), tee, None).unwrap(),
                     VtpmUse::NotUsed
                 );
             }

@@ -213,6 +213,16 @@ pub fn detect(probe: &Probe) -> Option<TeeChoice> {
     }
 }
 
+/// The TEE this guest runs under, whatever `cvm.tee` chose: the key-source checks ask it, since
+/// `cvm.tee=tpm` does not make an SNP or TDX guest's vTPM any less the host's.
+pub fn hardware(probe: &Probe) -> Option<&'static str> {
+    match detect(probe)? {
+        TeeChoice::Tdx => Some("tdx"),
+        TeeChoice::Snp => Some("snp"),
+        _ => None,
+    }
+}
+
 /// Opens the backend for a choice.
 pub fn open(choice: TeeChoice, probe: &Probe, log: &Path) -> Result<Box<dyn Backend>, TeeError> {
     let resolved = match choice {
@@ -252,10 +262,13 @@ mod tests {
         assert_eq!(detect(&p), None);
         std::fs::write(&p.tpm, b"").unwrap();
         assert_eq!(detect(&p), Some(TeeChoice::Tpm));
+        assert_eq!(hardware(&p), None);
         std::fs::write(&p.sev_guest, b"").unwrap();
         assert_eq!(detect(&p), Some(TeeChoice::Snp));
+        assert_eq!(hardware(&p), Some("snp"));
         std::fs::write(&p.tdx_device, b"").unwrap();
         assert_eq!(detect(&p), Some(TeeChoice::Tdx));
+        assert_eq!(hardware(&p), Some("tdx"));
         let err = open(
             TeeChoice::Auto,
             &probe(&dir.path().join("nothing")),
