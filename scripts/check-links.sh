@@ -4,18 +4,22 @@
 # a heading anchor (`page.md#some-heading`, `#some-heading`) must be a heading of that page, as
 # GitHub names them. Web links (http:, https:, mailto:) are not fetched. Exits 1 naming every
 # broken link as FILE:LINE: TARGET: why.
-#   scripts/check-links.sh [FILE.md...]   (default: README.md, SECURITY.md, CHANGELOG.md,
+#   scripts/check-links.sh [FILE.md...]   (default: every Markdown file git knows of, tracked or
+#                                          new; outside git README.md, SECURITY.md, CHANGELOG.md,
 #                                          docs/*.md, testdata/PROVENANCE.md)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+in_git=no
+git rev-parse --is-inside-work-tree >/dev/null 2>&1 && in_git=yes
 if [ $# -gt 0 ]; then
   files=("$@")
+elif [ "$in_git" = yes ]; then
+  # Every Markdown file of the repository, tracked or new (not ignored ones).
+  mapfile -t files < <(git ls-files --cached --others --exclude-standard -- '*.md' | sort -u)
 else
   files=(README.md SECURITY.md CHANGELOG.md docs/*.md testdata/PROVENANCE.md)
 fi
-in_git=no
-git rev-parse --is-inside-work-tree >/dev/null 2>&1 && in_git=yes
 
 # The lines of a Markdown file outside fenced code blocks, as "LINE<TAB>TEXT".
 prose() {
