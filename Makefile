@@ -39,7 +39,9 @@ test-artifacts: deps
 	$(STATIC_FLAGS) $(CARGO) build --profile test-image --target $(TARGET) -p cvm-init -p qemu-tests \
 	  --bin cvm-init --bin cvm-test-payload --bin kubelet-standin --features cvm-init/test-hooks
 
+## Format, lints, and every relative link of the Markdown documents (scripts/check-links.sh).
 check:
+	bash scripts/check-links.sh
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy -p cvm-init --all-targets --features test-hooks -- -D warnings
