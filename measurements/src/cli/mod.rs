@@ -162,12 +162,21 @@ fn clap_error(e: clap::Error) -> ExitCode {
     }
     let text = e.render().to_string();
     let mut lines = text.lines();
-    let first = lines
+    let mut first = lines
         .next()
         .unwrap_or_default()
         .trim_start_matches("error: ")
         .to_string();
     let rest: Vec<&str> = lines.collect();
+    // "the following required arguments were not provided:" lists them on the next lines.
+    if first.ends_with(':') {
+        let listed: Vec<&str> = rest
+            .iter()
+            .take_while(|l| !l.trim().is_empty())
+            .map(|l| l.trim())
+            .collect();
+        first = format!("{} {}", first, listed.join(", "));
+    }
     let tip = rest
         .iter()
         .find_map(|l| l.trim().strip_prefix("tip: "))
