@@ -20,7 +20,7 @@ export CVM_INIT_BIN := $(CURDIR)/$(TEST_DIR)/cvm-init
 export CVM_PAYLOAD_BIN := $(CURDIR)/$(TEST_DIR)/cvm-test-payload
 export CVM_KERNEL_DIR := $(CURDIR)/$(KERNEL_DIR)
 
-.PHONY: fuzz all deps build test-artifacts check unit boot-tests test run bench clean image image-lock image-reproducible measurements image-test ovmf ovmf-reproducible ovmf-test
+.PHONY: fuzz all deps build install test-artifacts check unit boot-tests test run bench clean image image-lock image-reproducible measurements image-test ovmf ovmf-reproducible ovmf-test
 
 all: build
 
@@ -33,6 +33,22 @@ build: deps
 	$(STATIC_FLAGS) $(CARGO) build --release --target $(TARGET) -p cvm-init -p cvm-measure
 	@file $(RELEASE_DIR)/cvm-init | grep -q 'static' || { echo "cvm-init is not static"; exit 1; }
 	@ls -l $(RELEASE_DIR)/cvm-init
+
+## Install cvm-init (sbin), cvm-measure (bin), their man pages and cvm-measure's bash, zsh and
+## fish completions under PREFIX (DESTDIR honoured). Pages and completions are generated from
+## cvm-measure's own command-line definition (its hidden generate-assets command).
+PREFIX ?= /usr/local
+install: build
+	rm -rf target/assets
+	$(RELEASE_DIR)/cvm-measure generate-assets --out target/assets
+	install -Dm755 $(RELEASE_DIR)/cvm-init $(DESTDIR)$(PREFIX)/sbin/cvm-init
+	install -Dm755 $(RELEASE_DIR)/cvm-measure $(DESTDIR)$(PREFIX)/bin/cvm-measure
+	install -d $(DESTDIR)$(PREFIX)/share/man/man1 $(DESTDIR)$(PREFIX)/share/man/man8
+	install -m644 target/assets/man/*.1 $(DESTDIR)$(PREFIX)/share/man/man1/
+	install -m644 target/assets/man/*.8 $(DESTDIR)$(PREFIX)/share/man/man8/
+	install -Dm644 target/assets/completions/cvm-measure.bash $(DESTDIR)$(PREFIX)/share/bash-completion/completions/cvm-measure
+	install -Dm644 target/assets/completions/_cvm-measure $(DESTDIR)$(PREFIX)/share/zsh/site-functions/_cvm-measure
+	install -Dm644 target/assets/completions/cvm-measure.fish $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/cvm-measure.fish
 
 ## The init with test hooks and the static test payload, for boot tests.
 test-artifacts: deps

@@ -13,7 +13,7 @@
 //!                                    cvm-init as /init and the modules it loads, taken from
 //!                                    an unpacked kernel (vmlinuz, modules/, ready)
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
@@ -21,31 +21,76 @@ use cvm_measure::launch::{Launch, Tee};
 use qemu_tests::support::sparse_disk;
 use qemu_tests::{broker, kernel_time_of, Artifacts, Guest};
 
+/// The QEMU harness's command line, for `make run` and `make bench`
+#[derive(Debug, clap::Parser)]
+#[command(name = "cvm-harness", version, arg_required_else_help = false)]
+struct Cli {
+    #[command(subcommand)]
+    command: Harness,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Harness {
+    /// Build initrd.cpio and disk.raw in DIR, print the root hash
+    Image {
+        dir: PathBuf,
+        /// The node's configuration (default: the tests')
+        config: Option<PathBuf>,
+    },
+    /// Boot the release binaries and print the figures (size, time to ready, RSS, digests)
+    Bench { init: PathBuf, measure: PathBuf },
+    /// Boot a node (containerd, kubelet stand-in, a fresh state disk and vTPM in target/demo)
+    /// on this terminal; with --tee a measured direct boot on SNP or TDX hardware instead
+    /// (DRY_RUN=1: print the QEMU command line and the predicted measurement only)
+    Demo {
+        config: PathBuf,
+        /// snp or tdx
+        #[arg(long, value_name = "TEE")]
+        tee: Option<String>,
+    },
+    /// Only the state-disk figures
+    BenchState { init: PathBuf },
+    /// Only the containerd + kubelet stand-in figures
+    BenchNode { init: PathBuf },
+    /// Only the SNP launch digest against sev-snp-measure
+    BenchSnp { measure: PathBuf },
+    /// Join stdin/stdout to HOST:PORT (QEMU's guestfwd runs this per connection)
+    Forward { address: String },
+    /// The production initramfs: cvm-init as /init and the modules it loads, taken from an
+    /// unpacked kernel (vmlinuz, modules/, ready)
+    Initramfs {
+        kernel: PathBuf,
+        init: PathBuf,
+        out: PathBuf,
+    },
+}
+
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
-        ["image", dir] => image(Path::new(dir), None),
-        ["image", dir, config] => image(Path::new(dir), Some(Path::new(config))),
-        ["bench", init, measure] => bench(Path::new(init), Path::new(measure)),
-        ["demo", config] => demo(Path::new(config), None),
-        ["demo", config, "--tee", tee] => match Tee::from_name(tee) {
-            Some(tee) => demo(Path::new(config), Some(tee)),
+    let cli = <Cli as clap::Parser>::parse();
+    let result = match cli.command {
+        Harness::Image { dir, config } => image(&dir, config.as_deref()),
+        Harness::Bench { init, measure } => bench(&init, &measure),
+        Harness::Demo { config, tee: None } => demo(&config, None),
+        Harness::Demo {
+            config,
+            tee: Some(tee),
+        } => match Tee::from_name(&tee) {
+            Some(tee) => demo(&config, Some(tee)),
             None => Err(format!("--tee {tee:?}: expected snp or tdx")),
         },
-        ["bench-snp", measure] => snp_bench(Path::new(measure)),
-        ["forward", address] => forward(address),
-        ["initramfs", kernel, init, out] => initramfs(Path::new(kernel), Path::new(init), Path::new(out)),
-        ["bench-state", init] => {
+        Harness::BenchSnp { measure } => snp_bench(&measure),
+        Harness::Forward { address } => forward(&address),
+        Harness::Initramfs { kernel, init, out } => initramfs(&kernel, &init, &out),
+        Harness::BenchState { init } => {
             let mut artifacts = Artifacts::get();
-            artifacts.init = Path::new(init).to_path_buf();
+            artifacts.init = init;
             state_disk_bench(&artifacts)
         }
-        ["bench-node", init] => {
+        Harness::BenchNode { init } => {
             let mut artifacts = Artifacts::get();
-            artifacts.init = Path::new(init).to_path_buf();
+            artifacts.init = init;
             workload_bench(&artifacts)
         }
-        _ => Err("usage: cvm-harness image <dir> [config.toml] | cvm-harness bench <release cvm-init> <release cvm-measure> | cvm-harness demo <config.toml> [--tee snp|tdx] | cvm-harness bench-state|bench-node <release cvm-init> | cvm-harness bench-snp <release cvm-measure> | cvm-harness forward <host:port> | cvm-harness initramfs <kernel dir> <cvm-init> <out.cpio>".to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
