@@ -1,9 +1,9 @@
 //! Sealing to PCRs against a real TPM 2.0 implementation: swtpm (installed by `make deps`)
 //! on loopback TCP, driven by the init's own TPM code.
 
+use cvm_formats::registers::Bank;
 use cvm_init::tee::seal::{seal, unseal};
 use cvm_init::tee::tpm::{Tpm, TpmError};
-use cvm_measure::registers::Bank;
 
 mod common;
 use common::{connect, start_swtpm};

@@ -3,6 +3,8 @@
 use std::path::Path;
 use std::process::ExitCode;
 
+use cvm_measure::snp::VerifyReport;
+use cvm_measure::tdx::VerifyQuote;
 use cvm_measure::verity::{self, VerityParams};
 
 const USAGE: &str = "\

@@ -107,7 +107,7 @@ fn the_image_boots_through_uefi_to_ready_and_measures_what_was_predicted() {
         events.extend(uki_rtmr2_events::<D>(sections));
         tpm_pcrs::<D>(&events)
             .into_iter()
-            .map(|(pcr, value)| (format!("pcr{pcr}"), cvm_measure::hex(&value)))
+            .map(|(pcr, value)| (format!("pcr{pcr}"), cvm_formats::hex(&value)))
             .collect()
     }
     for (bank, expected) in [

@@ -56,7 +56,7 @@ fn create_ek<T: Transport>(t: &mut T) -> Result<u32, TpmError> {
 
 /// The DER certificate of the RSA-2048 EK, read from its NV index.
 pub fn certificate<T: Transport>(t: &mut T) -> Result<Vec<u8>, TpmError> {
-    let index = cvm_measure::tpm_credential::EK_RSA_CERT_INDEX;
+    let index = cvm_formats::tpm::EK_RSA_CERT_INDEX;
     let mut b = Out::default();
     b.u32(index);
     let reply = call(t, TPM_ST_NO_SESSIONS, TPM_CC_NV_READ_PUBLIC, &b.0)?;

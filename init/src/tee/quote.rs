@@ -87,7 +87,7 @@ pub fn quote<T: Transport>(t: &mut T, qualifying: &[u8], pcrs: &[u32]) -> Result
 
 /// Quotes as `quote`; with a credential (TPM2B_ID_OBJECT and TPM2B_ENCRYPTED_SECRET buffers),
 /// first activates it with this attestation key and the EK, and quotes with
-/// `cvm_measure::tpm_credential::qualifying_data(binding, secret)` instead of `binding`.
+/// `cvm_formats::tpm::qualifying_data(binding, secret)` instead of `binding`.
 pub fn quote_activated<T: Transport>(
     t: &mut T,
     binding: &[u8],
@@ -104,7 +104,7 @@ pub fn quote_activated<T: Transport>(
                     command: TPM_CC_QUOTE,
                     detail: format!("a {}-byte binding, 64 expected", binding.len()),
                 })?;
-                mixed = cvm_measure::tpm_credential::qualifying_data(binding, &secret);
+                mixed = cvm_formats::tpm::qualifying_data(binding, &secret);
                 &mixed[..]
             }
             None => binding,

@@ -150,7 +150,7 @@ fn demo(config: &Path, tee: Option<Tee>) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {DEMO_BROKER} for the demo's key broker: {e}"))?;
     let mut secret = [0u8; 32];
     rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut secret);
-    let tls = cvm_measure::tls::server_config(&chain, &key).map_err(|e| qemu_tests::chain(&e))?;
+    let tls = cvm_kbs::tls::server_config(&chain, &key).map_err(|e| qemu_tests::chain(&e))?;
     broker::start_with(listener, &dir.join("kbs"), reference, &secret, Some(tls));
     println!(
         "demo: root hash {}; key broker on https://{DEMO_BROKER}; console below (ctrl-a x quits, ctrl-a c then system_powerdown powers off)",

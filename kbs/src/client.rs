@@ -11,7 +11,9 @@ use serde_json::Value;
 use zeroize::Zeroizing;
 
 use crate::http::{read_message, write_message, HttpError, Message};
-use crate::kbs::{self, Attestation, Challenge, Jwe, Jwk, Request, RuntimeData, TeeEvidence};
+use crate::protocol::{
+    self as kbs, Attestation, Challenge, Jwe, Jwk, Request, RuntimeData, TeeEvidence,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
