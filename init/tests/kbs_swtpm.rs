@@ -17,7 +17,7 @@ use cvm_init::tee::quote::{attestation_key_public, quote, quote_activated};
 use cvm_init::tee::tpm::Tpm;
 use cvm_kbs::client::{get_resource, get_resources_with, ClientError, Endpoint};
 use cvm_kbs::http::{read_message, write_message};
-use cvm_measure::kbs_broker::{serve, Broker, Reference, TpmEndorsement, TpmEvidence};
+use cvm_measure::broker::{serve, Broker, Reference, TpmEndorsement, TpmEvidence};
 use serde_json::{json, Value};
 
 const PCRS: [u32; 2] = [11, 15];

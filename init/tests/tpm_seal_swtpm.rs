@@ -104,7 +104,7 @@ fn tpm_key_source_round_trip_through_a_luks2_header() {
 #[test]
 fn a_quote_binds_its_nonce_and_pcr_values() {
     use cvm_init::tee::quote::quote;
-    use cvm_measure::tpm_quote::{verify, QuoteError};
+    use cvm_measure::tpm::quote::{verify, QuoteError};
 
     let swtpm = start_swtpm(2);
     let mut tpm = Tpm::new(connect(swtpm.port)).unwrap();

@@ -1,31 +1,18 @@
-//! cvm-measure: predicts and verifies what a correct cvm-init node measures. For now it holds
-//! the digest helper the other parts share; event framing, prediction and verification follow
-//! with the measured-boot and launch-measurement issues.
+//! cvm-measure: predicts and verifies what a correct cvm-init node measures: prediction
+//! (`predict`, `launch`), report and quote verification by TEE (`snp`, `tdx`, `tpm`), the
+//! firmware's formats (`uefi`), and the reference key broker (`broker`). The formats it shares
+//! with the node are `cvm_formats`'s, the key-broker protocol `cvm_kbs`'s.
 
-pub mod broker_log;
-pub mod broker_reference;
+pub mod broker;
 pub mod elsewhere;
-pub mod kbs_broker;
 pub mod launch;
 pub mod mapped;
-pub mod page_sha384;
 pub mod predict;
 pub mod snp;
-pub mod snp_launch;
-pub mod tcglog;
 pub mod tdx;
-pub mod tdx_launch;
-pub mod tdx_rtmr;
-pub mod tpm_credential;
-pub mod tpm_quote;
+pub mod tpm;
+pub mod uefi;
 pub mod x509;
-
-// The formats and the protocol the verifier shares with the node, at the paths the verifier's
-// modules name them by.
-pub use cvm_formats::{
-    event, evidence, hex, jsonseq, registers, sha256_file, text, verity, DigestError,
-};
-pub use cvm_kbs::{client as kbs_client, http, protocol as kbs, tls};
 
 use std::path::Path;
 
@@ -34,8 +21,8 @@ use sha2::{Digest, Sha256};
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// SHA-256 of a file, mapped rather than copied (see [`mapped`]): for the command-line tools.
-pub fn sha256_file_mapped(path: &Path) -> Result<[u8; 32], DigestError> {
-    let bytes = mapped::FileBytes::open(path).map_err(|source| DigestError::Read {
+pub fn sha256_file_mapped(path: &Path) -> Result<[u8; 32], cvm_formats::DigestError> {
+    let bytes = mapped::FileBytes::open(path).map_err(|source| cvm_formats::DigestError::Read {
         path: path.display().to_string(),
         source,
     })?;

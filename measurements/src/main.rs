@@ -3,9 +3,9 @@
 use std::path::Path;
 use std::process::ExitCode;
 
+use cvm_formats::verity::{self, VerityParams};
 use cvm_measure::snp::VerifyReport;
 use cvm_measure::tdx::VerifyQuote;
-use cvm_measure::verity::{self, VerityParams};
 
 const USAGE: &str = "\
 usage: cvm-measure <command>
@@ -157,7 +157,7 @@ fn run(args: &[String]) -> Result<(), Failure> {
             for file in files {
                 let d =
                     cvm_measure::sha256_file_mapped(Path::new(file)).map_err(|e| Failure(chain(&e), 1))?;
-                println!("{}  {file}", cvm_measure::hex(&d));
+                println!("{}  {file}", cvm_formats::hex(&d));
             }
             Ok(())
         }
@@ -270,13 +270,13 @@ fn verity_format(args: &[&str]) -> Result<(), Failure> {
     };
     let tree = verity::format(Path::new(data), Path::new(hash_out), &params)
         .map_err(|e| Failure(chain(&e), 1))?;
-    let root = cvm_measure::hex(&tree.root_hash);
+    let root = cvm_formats::hex(&tree.root_hash);
     if json {
         let value = serde_json::json!({
             "root_hash": root,
             "hash_algorithm": "sha256",
             "format": 1,
-            "salt": cvm_measure::hex(&tree.params.salt),
+            "salt": cvm_formats::hex(&tree.params.salt),
             "uuid": verity::format_uuid(&tree.params.uuid),
             "data_block_size": tree.params.data_block_size,
             "hash_block_size": tree.params.hash_block_size,
@@ -463,7 +463,7 @@ fn predict(args: &[&str]) -> Result<(), Failure> {
         }
         for (name, path) in services {
             let on_host = Path::new(o["--root-tree"]).join(path.trim_start_matches('/'));
-            let digest = cvm_measure::sha256_file(&on_host).map_err(|e| Failure(chain(&e), 1))?;
+            let digest = cvm_formats::sha256_file(&on_host).map_err(|e| Failure(chain(&e), 1))?;
             inputs.workloads.push((name, path, digest));
         }
         inputs.config_file = Some(bytes);
@@ -471,7 +471,7 @@ fn predict(args: &[&str]) -> Result<(), Failure> {
     let (regs, extra) = if at_key_release {
         let regs = cvm_measure::predict::predict_key_release(&inputs);
         // The RTMRs predicted are cvm-init's part alone (the firmware's is in the CC log).
-        let init_rtmr2 = cvm_measure::hex(&regs.rtmr[2]);
+        let init_rtmr2 = cvm_formats::hex(&regs.rtmr[2]);
         (regs, vec![("tdx_init_rtmr2", init_rtmr2)])
     } else {
         (predict(&inputs), Vec::new())
@@ -601,7 +601,7 @@ fn verify_snp_report(args: &[&str]) -> Result<(), Failure> {
     {
         return Err(refuse(format!(
             "measurement {} is none of the {} expected",
-            cvm_measure::hex(report.measurement()),
+            cvm_formats::hex(report.measurement()),
             measurements.len()
         )));
     }
@@ -625,8 +625,8 @@ fn verify_snp_report(args: &[&str]) -> Result<(), Failure> {
 }
 
 /// `replay --events`: one line (or JSON object) per event, in log order.
-fn print_events(log: &cvm_measure::tcglog::EventLog, ccel: bool, json: bool) {
-    use cvm_measure::tcglog::event_type_name;
+fn print_events(log: &cvm_measure::uefi::tcglog::EventLog, ccel: bool, json: bool) {
+    use cvm_measure::uefi::tcglog::event_type_name;
     let register = |index: u32| match (ccel, index) {
         (true, 0) => "MRTD".to_string(),
         (true, 1..=4) => format!("RTMR{}", index - 1),
@@ -652,7 +652,7 @@ fn print_events(log: &cvm_measure::tcglog::EventLog, ccel: bool, json: bool) {
         let digests: serde_json::Map<String, serde_json::Value> = e
             .digests
             .iter()
-            .map(|(id, d)| (format!("{id:#06x}"), serde_json::json!(cvm_measure::hex(d))))
+            .map(|(id, d)| (format!("{id:#06x}"), serde_json::json!(cvm_formats::hex(d))))
             .collect();
         if json {
             rows.push(serde_json::json!({
@@ -660,13 +660,13 @@ fn print_events(log: &cvm_measure::tcglog::EventLog, ccel: bool, json: bool) {
                 "type": event_type_name(e.event_type),
                 "type_value": e.event_type,
                 "digests": digests,
-                "data": cvm_measure::hex(&e.data),
+                "data": cvm_formats::hex(&e.data),
             }));
         } else {
             let first = e
                 .digests
                 .first()
-                .map(|(_, d)| cvm_measure::hex(d))
+                .map(|(_, d)| cvm_formats::hex(d))
                 .unwrap_or_default();
             println!(
                 "{:<6} {:<34} {} {:?}",
@@ -709,7 +709,7 @@ fn verify_tdx_quote(args: &[&str]) -> Result<(), Failure> {
     {
         return Err(refuse(format!(
             "MRTD {} is none of the {} expected",
-            cvm_measure::hex(&quote.td.mrtd),
+            cvm_formats::hex(&quote.td.mrtd),
             mrtds.len()
         )));
     }
@@ -721,7 +721,7 @@ fn verify_tdx_quote(args: &[&str]) -> Result<(), Failure> {
     let ccel = match o.get("--ccel") {
         None => serde_json::Value::Null,
         Some(log_path) => {
-            let log = cvm_measure::tcglog::parse(&read(log_path, "the CC event log")?)
+            let log = cvm_measure::uefi::tcglog::parse(&read(log_path, "the CC event log")?)
                 .map_err(|e| Failure(format!("{log_path}: {e}"), 1))?;
             let replayed = log
                 .replay_ccel()
@@ -740,15 +740,15 @@ fn verify_tdx_quote(args: &[&str]) -> Result<(), Failure> {
     let claims = serde_json::json!({
         "version": quote.version,
         "body": if quote.body_type == 3 { "TD 1.5" } else { "TD 1.0" },
-        "mrtd": cvm_measure::hex(&td.mrtd),
-        "rtmr": td.rtmr.iter().map(|r| cvm_measure::hex(r)).collect::<Vec<_>>(),
-        "mrconfigid": cvm_measure::hex(&td.mrconfigid),
-        "mrowner": cvm_measure::hex(&td.mrowner),
-        "mrownerconfig": cvm_measure::hex(&td.mrownerconfig),
-        "report_data": cvm_measure::hex(&td.report_data),
+        "mrtd": cvm_formats::hex(&td.mrtd),
+        "rtmr": td.rtmr.iter().map(|r| cvm_formats::hex(r)).collect::<Vec<_>>(),
+        "mrconfigid": cvm_formats::hex(&td.mrconfigid),
+        "mrowner": cvm_formats::hex(&td.mrowner),
+        "mrownerconfig": cvm_formats::hex(&td.mrownerconfig),
+        "report_data": cvm_formats::hex(&td.report_data),
         "td_attributes": format!("{:#x}", td.td_attributes),
         "xfam": format!("{:#x}", td.xfam),
-        "tee_tcb_svn": cvm_measure::hex(&quote.tee_tcb_svn()),
+        "tee_tcb_svn": cvm_formats::hex(&quote.tee_tcb_svn()),
         "verified": {
             "signature_chain": format!("attestation key, QE report, PCK certificate ({}), Intel SGX Root CA", checked.pck_subject),
             "not_checked": SignatureChecked::NOT_CHECKED,
@@ -761,8 +761,8 @@ fn verify_tdx_quote(args: &[&str]) -> Result<(), Failure> {
 
 /// `cvm-measure tdx`: MRTD.
 fn tdx(args: &[&str]) -> Result<(), Failure> {
-    use cvm_measure::tdx_launch::{mrtd, PageAddOrder};
-    use cvm_measure::tdx_rtmr::{self, DirectBoot, KernelAsMeasured, Predicted};
+    use cvm_measure::tdx::launch::{mrtd, PageAddOrder};
+    use cvm_measure::tdx::rtmr::{self as tdx_rtmr, DirectBoot, KernelAsMeasured, Predicted};
     use sha2::Sha384;
     let (o, positional) = options(
         args,
@@ -881,44 +881,44 @@ fn tdx(args: &[&str]) -> Result<(), Failure> {
     let list = |events: &[Predicted]| -> Vec<serde_json::Value> {
         events
             .iter()
-            .map(|e| serde_json::json!({ "event": e.what, "digest": cvm_measure::hex(&e.digest) }))
+            .map(|e| serde_json::json!({ "event": e.what, "digest": cvm_formats::hex(&e.digest) }))
             .collect()
     };
     if o.contains_key("--json") {
         let mut out = serde_json::json!({
-            "tdx_mrtds": [cvm_measure::hex(&digest)],
+            "tdx_mrtds": [cvm_formats::hex(&digest)],
             "page_add_order": format!("{order:?}"),
         });
         if let Some((rtmr1, rtmr2)) = &events {
             // RTMR 1 is whole at boot: a reference value. RTMR 2 continues with cvm-init's
             // events (`tdx_init_rtmr2`), so only the boot's part is shown.
             out["tdx_rtmrs"] =
-                serde_json::json!({ "1": cvm_measure::hex(&tdx_rtmr::fold::<Sha384>(rtmr1)) });
+                serde_json::json!({ "1": cvm_formats::hex(&tdx_rtmr::fold::<Sha384>(rtmr1)) });
             out["tdx_rtmr2_before_init"] =
-                serde_json::json!(cvm_measure::hex(&tdx_rtmr::fold::<Sha384>(rtmr2)));
+                serde_json::json!(cvm_formats::hex(&tdx_rtmr::fold::<Sha384>(rtmr2)));
             out["rtmr1_events"] = serde_json::json!(list(rtmr1));
             out["rtmr2_events"] = serde_json::json!(list(rtmr2));
         }
         println!("{}", serde_json::to_string_pretty(&out).unwrap());
     } else if let Some((rtmr1, rtmr2)) = &events {
-        println!("mrtd {}", cvm_measure::hex(&digest));
+        println!("mrtd {}", cvm_formats::hex(&digest));
         println!(
             "rtmr1 {}",
-            cvm_measure::hex(&tdx_rtmr::fold::<Sha384>(rtmr1))
+            cvm_formats::hex(&tdx_rtmr::fold::<Sha384>(rtmr1))
         );
         println!(
             "rtmr2-before-init {}",
-            cvm_measure::hex(&tdx_rtmr::fold::<Sha384>(rtmr2))
+            cvm_formats::hex(&tdx_rtmr::fold::<Sha384>(rtmr2))
         );
     } else {
-        println!("{}", cvm_measure::hex(&digest));
+        println!("{}", cvm_formats::hex(&digest));
     }
     Ok(())
 }
 
 /// `cvm-measure snp`: the SEV-SNP launch digest.
 fn snp(args: &[&str]) -> Result<(), Failure> {
-    use cvm_measure::snp_launch::{
+    use cvm_measure::snp::launch::{
         firmware_digest, launch_digest, vcpu_signature, LaunchInputs, Vmm,
     };
     let (o, positional) = options(
@@ -961,11 +961,11 @@ fn snp(args: &[&str]) -> Result<(), Failure> {
         .ok_or_else(|| usage("snp needs --ovmf FILE".into()))?;
     let firmware = cvm_measure::mapped::FileBytes::open(Path::new(ovmf_path))
         .map_err(|e| Failure(format!("cannot read the firmware {ovmf_path}: {e}"), 1))?;
-    let fail = |e: cvm_measure::snp_launch::LaunchError| Failure(format!("{ovmf_path}: {e}"), 1);
+    let fail = |e: cvm_measure::snp::launch::LaunchError| Failure(format!("{ovmf_path}: {e}"), 1);
     if o.contains_key("--firmware-digest") {
         println!(
             "{}",
-            cvm_measure::hex(&firmware_digest(&firmware).map_err(fail)?)
+            cvm_formats::hex(&firmware_digest(&firmware).map_err(fail)?)
         );
         return Ok(());
     }
@@ -1007,7 +1007,7 @@ fn snp(args: &[&str]) -> Result<(), Failure> {
         Some(seed) => seed,
         None => firmware_digest(&firmware).map_err(fail)?,
     };
-    let hashed = |digest: Result<[u8; 32], cvm_measure::DigestError>| {
+    let hashed = |digest: Result<[u8; 32], cvm_formats::DigestError>| {
         digest.map_err(|e| Failure(chain(&e), 1))
     };
     let initrd = o
@@ -1029,14 +1029,14 @@ fn snp(args: &[&str]) -> Result<(), Failure> {
         append: o.get("--append").copied(),
     };
     let digest = match o.get("--mode").copied() {
-        None | Some("snp") => cvm_measure::hex(&launch_digest(&inputs).map_err(fail)?),
+        None | Some("snp") => cvm_formats::hex(&launch_digest(&inputs).map_err(fail)?),
         Some("seves") => {
             if o.contains_key("--ovmf-hash") || o.contains_key("--guest-features") {
                 return Err(usage(
                     "--mode seves takes neither --ovmf-hash nor --guest-features".into(),
                 ));
             }
-            cvm_measure::hex(&cvm_measure::snp_launch::seves_launch_digest(&inputs).map_err(fail)?)
+            cvm_formats::hex(&cvm_measure::snp::launch::seves_launch_digest(&inputs).map_err(fail)?)
         }
         Some(other) => return Err(usage(format!("--mode {other:?}: expected snp or seves"))),
     };
@@ -1046,13 +1046,13 @@ fn snp(args: &[&str]) -> Result<(), Failure> {
             serde_json::to_string_pretty(&serde_json::json!({
                 "snp_measurements": [digest],
                 "launch": {
-                    "firmware_sha256": cvm_measure::hex(&sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(&*firmware))),
+                    "firmware_sha256": cvm_formats::hex(&sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(&*firmware))),
                     "vcpus": vcpus,
                     "vcpu_signature": format!("{signature:#010x}"),
                     "vmm_type": format!("{vmm:?}"),
                     "guest_features": format!("{guest_features:#x}"),
-                    "kernel_sha256": kernel.as_ref().map(|k| cvm_measure::hex(k)),
-                    "initrd_sha256": initrd.as_ref().map(|k| cvm_measure::hex(k)),
+                    "kernel_sha256": kernel.as_ref().map(|k| cvm_formats::hex(k)),
+                    "initrd_sha256": initrd.as_ref().map(|k| cvm_formats::hex(k)),
                 },
             }))
             .unwrap()
@@ -1092,7 +1092,7 @@ fn snp_chain(path: &str) -> Result<cvm_measure::snp::TrustedChain, Failure> {
 
 /// The reference key broker.
 fn kbs_serve(args: &[&str]) -> Result<(), Failure> {
-    use cvm_measure::kbs_broker::{serve_with, Broker, Reference};
+    use cvm_measure::broker::{serve_with, Broker, Reference};
     let (o, positional) = options(
         args,
         &[
@@ -1175,7 +1175,7 @@ fn kbs_serve(args: &[&str]) -> Result<(), Failure> {
     let tls = match (o.get("--tls-cert").copied(), o.get("--tls-key").copied()) {
         (None, None) => None,
         (Some(cert), Some(key)) => Some(
-            cvm_measure::tls::server_config(
+            cvm_kbs::tls::server_config(
                 &read(cert, "the TLS certificate chain")?,
                 &read(key, "the TLS private key")?,
             )
@@ -1205,7 +1205,7 @@ fn kbs_serve(args: &[&str]) -> Result<(), Failure> {
 }
 
 fn print_registers(
-    regs: &cvm_measure::registers::Registers,
+    regs: &cvm_formats::registers::Registers,
     pcrs: &[usize],
     json: bool,
     rtmrs: bool,
@@ -1215,14 +1215,14 @@ fn print_registers(
 
 /// The same, with extra named values (JSON fields, or `name value` lines).
 fn print_registers_with(
-    regs: &cvm_measure::registers::Registers,
+    regs: &cvm_formats::registers::Registers,
     pcrs: &[usize],
     json: bool,
     rtmrs: bool,
     extra: &[(&str, String)],
 ) {
-    use cvm_measure::hex;
-    use cvm_measure::registers::Bank;
+    use cvm_formats::hex;
+    use cvm_formats::registers::Bank;
     if json {
         let mut pcr_map = serde_json::Map::new();
         for &p in pcrs {
@@ -1274,36 +1274,36 @@ fn replay(args: &[&str]) -> Result<(), Failure> {
                 "replay --events lists the events of a TCG binary log or a CCEL".into(),
             ));
         }
-        let log =
-            cvm_measure::tcglog::parse(&bytes).map_err(|e| Failure(format!("{path}: {e}"), 1))?;
+        let log = cvm_measure::uefi::tcglog::parse(&bytes)
+            .map_err(|e| Failure(format!("{path}: {e}"), 1))?;
         print_events(&log, o.contains_key("--ccel"), json);
         return Ok(());
     }
     if o.contains_key("--ccel") {
-        let log =
-            cvm_measure::tcglog::parse(&bytes).map_err(|e| Failure(format!("{path}: {e}"), 1))?;
+        let log = cvm_measure::uefi::tcglog::parse(&bytes)
+            .map_err(|e| Failure(format!("{path}: {e}"), 1))?;
         let regs = log
             .replay_ccel()
             .map_err(|e| Failure(format!("{path}: {e}"), 1))?;
         print_registers(&regs, &[], json, true);
     } else if bytes.first() == Some(&0x1e) {
         let records =
-            cvm_measure::jsonseq::parse(&bytes).map_err(|e| Failure(format!("{path}: {e}"), 1))?;
-        let regs = cvm_measure::jsonseq::replay(&records);
+            cvm_formats::jsonseq::parse(&bytes).map_err(|e| Failure(format!("{path}: {e}"), 1))?;
+        let regs = cvm_formats::jsonseq::replay(&records);
         let mut pcrs: Vec<usize> = records.iter().map(|r| r.pcr as usize).collect();
         pcrs.sort();
         pcrs.dedup();
         print_registers(&regs, &pcrs, json, true);
     } else {
-        let log =
-            cvm_measure::tcglog::parse(&bytes).map_err(|e| Failure(format!("{path}: {e}"), 1))?;
+        let log = cvm_measure::uefi::tcglog::parse(&bytes)
+            .map_err(|e| Failure(format!("{path}: {e}"), 1))?;
         let regs = log
             .replay_tpm()
             .map_err(|e| Failure(format!("{path}: {e}"), 1))?;
         let mut pcrs: Vec<usize> = log
             .events
             .iter()
-            .filter(|e| e.event_type != cvm_measure::tcglog::EV_NO_ACTION)
+            .filter(|e| e.event_type != cvm_measure::uefi::tcglog::EV_NO_ACTION)
             .map(|e| e.index as usize)
             .collect();
         pcrs.sort();
@@ -1338,12 +1338,12 @@ fn evidence(args: &[&str]) -> Result<(), Failure> {
     };
     let bytes = raw_or_hex(read(path, "the evidence")?);
     let fail = |e: &dyn std::error::Error| Failure(format!("{path}: {}", chain(e)), 1);
-    if bytes.len() == cvm_measure::snp::REPORT_LEN {
-        let report = cvm_measure::snp::Report::parse(&bytes).map_err(|e| fail(&e))?;
+    if bytes.len() == cvm_formats::snp::REPORT_LEN {
+        let report = cvm_formats::snp::Report::parse(&bytes).map_err(|e| fail(&e))?;
         println!("SEV-SNP report version {}", report.version());
-        println!("measurement  {}", cvm_measure::hex(report.measurement()));
-        println!("report_data  {}", cvm_measure::hex(report.report_data()));
-        println!("host_data    {}", cvm_measure::hex(report.host_data()));
+        println!("measurement  {}", cvm_formats::hex(report.measurement()));
+        println!("report_data  {}", cvm_formats::hex(report.report_data()));
+        println!("host_data    {}", cvm_formats::hex(report.host_data()));
         println!(
             "policy       {:#x}{}",
             report.policy(),
@@ -1355,7 +1355,7 @@ fn evidence(args: &[&str]) -> Result<(), Failure> {
         );
         println!("vmpl         {}", report.vmpl());
         println!("reported_tcb {:#018x}", report.reported_tcb());
-        println!("chip_id      {}", cvm_measure::hex(report.chip_id()));
+        println!("chip_id      {}", cvm_formats::hex(report.chip_id()));
         if let Some(cert) = o.get("--vcek") {
             let cert = cvm_measure::snp::certificate(&read(cert, "the certificate")?)
                 .map_err(|e| fail(&e))?;
@@ -1370,7 +1370,7 @@ fn evidence(args: &[&str]) -> Result<(), Failure> {
     if o.contains_key("--vcek") {
         return Err(usage(format!(
             "--vcek is for SEV-SNP reports ({} bytes); {path} is {} bytes",
-            cvm_measure::snp::REPORT_LEN,
+            cvm_formats::snp::REPORT_LEN,
             bytes.len()
         )));
     }
@@ -1380,11 +1380,11 @@ fn evidence(args: &[&str]) -> Result<(), Failure> {
         quote.version,
         if quote.body_type == 3 { "1.5" } else { "1.0" }
     );
-    println!("mrtd         {}", cvm_measure::hex(&quote.td.mrtd));
+    println!("mrtd         {}", cvm_formats::hex(&quote.td.mrtd));
     for (i, rtmr) in quote.td.rtmr.iter().enumerate() {
-        println!("rtmr{i}        {}", cvm_measure::hex(rtmr));
+        println!("rtmr{i}        {}", cvm_formats::hex(rtmr));
     }
-    println!("report_data  {}", cvm_measure::hex(&quote.td.report_data));
+    println!("report_data  {}", cvm_formats::hex(&quote.td.report_data));
     println!(
         "td_attributes {:#018x}{}",
         quote.td.td_attributes,
@@ -1392,7 +1392,7 @@ fn evidence(args: &[&str]) -> Result<(), Failure> {
     );
     println!("signature    not checked (needs Intel's PCK collateral)");
     if let Some(ccel) = o.get("--ccel") {
-        let log = cvm_measure::tcglog::parse(&read(ccel, "the CC event log")?)
+        let log = cvm_measure::uefi::tcglog::parse(&read(ccel, "the CC event log")?)
             .map_err(|e| Failure(format!("{ccel}: {e}"), 1))?;
         let regs = log
             .replay_ccel()
@@ -1402,8 +1402,8 @@ fn evidence(args: &[&str]) -> Result<(), Failure> {
                 return Err(Failure(
                     format!(
                         "RTMR{i} of the quote is {} but the replay of {ccel} gives {}",
-                        cvm_measure::hex(&quote.td.rtmr[i]),
-                        cvm_measure::hex(&regs.rtmr[i])
+                        cvm_formats::hex(&quote.td.rtmr[i]),
+                        cvm_formats::hex(&regs.rtmr[i])
                     ),
                     1,
                 ));

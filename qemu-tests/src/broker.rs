@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use cvm_formats::registers::Bank;
-use cvm_measure::kbs_broker::{serve_with, Broker, Reference};
+use cvm_measure::broker::{serve_with, Broker, Reference};
 use cvm_measure::predict::{predict_key_release, Inputs};
 
 use crate::guest::BASE_CMDLINE;

@@ -170,7 +170,7 @@ fn snp_format_evidence_from_an_emulated_provider_releases_the_key() {
     let broker = broker::start_with(
         listener,
         resources.path(),
-        cvm_measure::kbs_broker::Reference {
+        cvm_measure::broker::Reference {
             snp_chains: vec![chain.trusted()],
             // The emulated provider's reports carry a zero TCB: no minimum to compare.
             snp_requirements: cvm_measure::snp::Requirements {

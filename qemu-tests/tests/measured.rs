@@ -163,7 +163,7 @@ const FIRMWARE_DUMP: &str =
 /// order and load options, in both banks.
 #[test]
 fn ovmf_measures_a_direct_boot_as_the_rtmr_prediction_says() {
-    use cvm_measure::tdx_rtmr::{DirectBoot, KernelAsMeasured, Predicted};
+    use cvm_measure::tdx::rtmr::{DirectBoot, KernelAsMeasured, Predicted};
     let prepared = prepare(Some(FIRMWARE_DUMP));
     // Above 896 MiB, so that the kernel's XLF_CAN_BE_LOADED_ABOVE_4G (not initrd_addr_max) bounds
     // where QEMU puts the initrd.
@@ -181,7 +181,7 @@ fn ovmf_measures_a_direct_boot_as_the_rtmr_prediction_says() {
             bytes.extend(cvm_formats::verity::parse_hex(hex.trim()).expect("hex"));
         }
     }
-    let log = cvm_measure::tcglog::parse(&bytes).expect("the firmware's log parses");
+    let log = cvm_measure::uefi::tcglog::parse(&bytes).expect("the firmware's log parses");
     let kernel = std::fs::read(&prepared.artifacts.kernel.vmlinuz).unwrap();
     let initrd = std::fs::read(&prepared.image.initrd).unwrap();
     let boot = DirectBoot {
@@ -203,7 +203,7 @@ fn ovmf_measures_a_direct_boot_as_the_rtmr_prediction_says() {
                     e.index == 9
                 }
             })
-            .filter(|e| e.event_type != cvm_measure::tcglog::EV_NO_ACTION)
+            .filter(|e| e.event_type != cvm_measure::uefi::tcglog::EV_NO_ACTION)
             .filter(|e| {
                 let separator = e.event_type == 0x4;
                 let keep = !(separator && seen_separator);
@@ -260,7 +260,7 @@ fn ovmf_measures_a_direct_boot_as_the_rtmr_prediction_says() {
     fn pcrs<D: sha2::Digest>(boot: &DirectBoot) -> Vec<(u32, String)> {
         let mut events = boot.rtmr1_events::<D>().unwrap();
         events.extend(boot.rtmr2_events::<D>());
-        cvm_measure::tdx_rtmr::tpm_pcrs::<D>(&events)
+        cvm_measure::tdx::rtmr::tpm_pcrs::<D>(&events)
             .into_iter()
             .map(|(pcr, value)| (pcr, cvm_formats::hex(&value)))
             .collect()

@@ -14,7 +14,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use cvm_measure::snp_launch::{kernel_hashes_table, Ovmf};
+use cvm_measure::snp::launch::{kernel_hashes_table, Ovmf};
 use qemu_tests::support::{must, power_down, prepare, Prepared, BOOT};
 use qemu_tests::Guest;
 use sha2::{Digest, Sha256};

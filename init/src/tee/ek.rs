@@ -2,7 +2,7 @@
 //! clouds and swtpm put the RSA-2048 EK's) and TPM2_ActivateCredential, which recovers a key
 //! broker's credential secret only when the attestation key it is bound to is loaded in the
 //! same TPM as the certified EK. Marshalled by hand like the rest of the TPM layer (the
-//! static PID 1's size); the broker's side is `cvm_measure::tpm_credential`.
+//! static PID 1's size); the broker's side is `cvm_measure::tpm::credential`.
 
 use zeroize::Zeroizing;
 

@@ -1,7 +1,7 @@
 //! vTPM evidence: an attestation key created in the vTPM (a restricted ECDSA P-256 signing
 //! key, the same on every boot of the same TPM because it is a primary key of the endorsement
 //! hierarchy) and a TPM2_Quote over the measured PCRs with the key broker's binding as
-//! qualifying data. The verifier's side is `cvm_measure::tpm_quote`. With a key broker's
+//! qualifying data. The verifier's side is `cvm_measure::tpm::quote`. With a key broker's
 //! credential (`quote_activated`), the credential is first activated with the TPM's EK
 //! (`super::ek`) and the recovered secret mixed into the qualifying data, which proves that the
 //! attestation key lives in the TPM of the certified EK.

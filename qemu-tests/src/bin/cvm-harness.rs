@@ -201,7 +201,7 @@ fn confidential_launch(tee: Tee) -> Result<Launch, String> {
 fn confidential_reference(
     guest: &Guest,
     dir: &Path,
-    reference: &mut cvm_measure::kbs_broker::Reference,
+    reference: &mut cvm_measure::broker::Reference,
 ) -> Result<bool, String> {
     let launch = guest.launch_description().expect("a confidential guest");
     let name = launch.tee.name();
@@ -220,7 +220,7 @@ fn confidential_reference(
     if merged.get("snp_measurements").is_some() && merged.get("snp_min_tcb").is_none() {
         merged["snp_min_tcb"] = serde_json::json!("waived");
     }
-    let mut loaded = cvm_measure::kbs_broker::Reference::from_prediction(&merged)?;
+    let mut loaded = cvm_measure::broker::Reference::from_prediction(&merged)?;
     loaded.tdx_init_rtmr2 = reference.tdx_init_rtmr2.take();
     *reference = loaded;
     let missing = cvm_measure::launch::missing_on_this_host(launch.tee);

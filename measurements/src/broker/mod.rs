@@ -2,7 +2,7 @@
 //! HTTP, resources kept as files, released only to a session whose evidence verifies against
 //! reference values (`cvm-measure predict --json`). Evidence kinds so far: `tpm` (a vTPM quote
 //! over the reference PCRs by an attestation key shown to live beside a certified endorsement
-//! key, `tpm_credential`, bound to the session's nonce and the node's ephemeral key), `snp`
+//! key, `tpm::credential`, bound to the session's nonce and the node's ephemeral key), `snp`
 //! and `tdx`.
 
 use std::collections::HashMap;
@@ -19,12 +19,15 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::Digest;
 
+pub mod log;
+pub mod reference;
+
 pub use cvm_formats::evidence::{TpmEndorsement, TpmEvidence};
 
-use crate::http::{read_message, write_message, Message};
-use crate::kbs::{self, Attestation, Challenge, Jwk, Request};
 use crate::snp::VerifyReport;
 use crate::tdx::VerifyQuote;
+use cvm_kbs::http::{read_message, write_message, Message};
+use cvm_kbs::protocol::{self as kbs, Attestation, Challenge, Jwk, Request};
 
 /// How long a session lives between `auth` and the last resource.
 const SESSION_LIFETIME: Duration = Duration::from_secs(300);
@@ -107,7 +110,7 @@ impl Reference {
                 .ok_or(format!("PCR {index} has no sha256 value"))?;
             pcrs.push((
                 index,
-                crate::verity::parse_hex(hex).ok_or(format!("PCR {index}: bad hex"))?,
+                cvm_formats::verity::parse_hex(hex).ok_or(format!("PCR {index}: bad hex"))?,
             ));
         }
         pcrs.sort();
@@ -120,14 +123,14 @@ impl Reference {
         {
             let hex = m.as_str().ok_or("snp_measurements holds a non-string")?;
             snp_measurements.push(
-                crate::verity::parse_hex(hex)
+                cvm_formats::verity::parse_hex(hex)
                     .filter(|d| d.len() == 48)
                     .ok_or(format!("snp measurement {hex:?} is not 96 hex digits"))?,
             );
         }
         let digest48 = |name: &str, v: &Value| -> Result<Vec<u8>, String> {
             v.as_str()
-                .and_then(crate::verity::parse_hex)
+                .and_then(cvm_formats::verity::parse_hex)
                 .filter(|d| d.len() == 48)
                 .ok_or(format!("{name}: expected 96 hex digits"))
         };
@@ -160,8 +163,8 @@ impl Reference {
         if pcrs.is_empty() && snp_measurements.is_empty() && tdx_mrtds.is_empty() {
             return Err("the reference values name no PCR (pcr), no SNP launch digest (snp_measurements) and no TDX MRTD (tdx_mrtds): such a reference would accept any evidence".into());
         }
-        let snp_requirements = crate::broker_reference::snp_requirements(json)?;
-        let (tdx_requirements, qe) = crate::broker_reference::tdx_requirements(json)?;
+        let snp_requirements = crate::broker::reference::snp_requirements(json)?;
+        let (tdx_requirements, qe) = crate::broker::reference::tdx_requirements(json)?;
         if !snp_measurements.is_empty()
             && snp_requirements.min_tcb == crate::snp::MinimumTcb::Missing
         {
@@ -203,7 +206,7 @@ struct Session {
 /// What a `tpm` session's quote is checked against.
 #[derive(Clone)]
 struct TpmCredential {
-    ak: crate::tpm_credential::AkPublic,
+    ak: crate::tpm::credential::AkPublic,
     secret: zeroize::Zeroizing<Vec<u8>>,
 }
 
@@ -214,7 +217,7 @@ pub struct Broker {
     sessions: Mutex<HashMap<String, Session>>,
     limits: Limits,
     connections: AtomicUsize,
-    log: crate::broker_log::Sink,
+    log: crate::broker::log::Sink,
 }
 
 /// An HTTP answer.
@@ -249,22 +252,25 @@ fn ok_json(body: Value, headers: Vec<(String, String)>) -> Answer {
 fn random_id() -> String {
     let mut bytes = [0u8; 16];
     rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
-    crate::hex(&bytes)
+    cvm_formats::hex(&bytes)
 }
 
 /// The sha256 PCR values the logs replay to: the firmware's TCG log, then cvm-init's.
-fn replay_logs(firmware: Option<&[u8]>, own: &[u8]) -> Result<crate::registers::Registers, String> {
+fn replay_logs(
+    firmware: Option<&[u8]>,
+    own: &[u8],
+) -> Result<cvm_formats::registers::Registers, String> {
     let mut registers = match firmware {
-        Some(log) => crate::tcglog::parse(log)
+        Some(log) => crate::uefi::tcglog::parse(log)
             .and_then(|l| l.replay_tpm())
             .map_err(|e| format!("eventlog: {e}"))?,
-        None => crate::registers::Registers::default(),
+        None => cvm_formats::registers::Registers::default(),
     };
-    let records = crate::jsonseq::parse(own).map_err(|e| format!("cvm_measure_log: {e}"))?;
+    let records = cvm_formats::jsonseq::parse(own).map_err(|e| format!("cvm_measure_log: {e}"))?;
     for record in &records {
         for (bank, digest) in &record.digests {
-            if *bank == crate::registers::Bank::Sha256
-                && (record.pcr as usize) < crate::registers::PCRS
+            if *bank == cvm_formats::registers::Bank::Sha256
+                && (record.pcr as usize) < cvm_formats::registers::PCRS
             {
                 registers.extend_pcr(*bank, record.pcr as usize, digest);
             }
@@ -281,7 +287,7 @@ impl Broker {
             sessions: Mutex::new(HashMap::new()),
             limits: Limits::default(),
             connections: AtomicUsize::new(0),
-            log: crate::broker_log::stderr(),
+            log: crate::broker::log::stderr(),
         }
     }
 
@@ -292,7 +298,7 @@ impl Broker {
     }
 
     /// The same broker logging its refusals to `sink` instead of stderr.
-    pub fn with_log(mut self, sink: crate::broker_log::Sink) -> Broker {
+    pub fn with_log(mut self, sink: crate::broker::log::Sink) -> Broker {
         self.log = sink;
         self
     }
@@ -317,7 +323,7 @@ impl Broker {
             ];
             fields.extend(noted.iter().map(|(n, v)| (*n, v.as_str())));
             fields.push(("reason", &detail));
-            (self.log)(&crate::broker_log::refusal_line(&fields));
+            (self.log)(&crate::broker::log::refusal_line(&fields));
         }
         answer
     }
@@ -511,7 +517,7 @@ impl Broker {
     /// challenge's `tpm-credential` (base64 TPM2B_ID_OBJECT and TPM2B_ENCRYPTED_SECRET
     /// buffers).
     fn make_credential(&self, endorsement: &Value) -> Result<(TpmCredential, Value), String> {
-        use crate::tpm_credential as tc;
+        use crate::tpm::credential as tc;
         let endorsement: TpmEndorsement = serde_json::from_value(endorsement.clone())
             .map_err(|e| format!("auth extra-params tpm: {e}"))?;
         let decode = |name: &str, v: &str| {
@@ -570,8 +576,8 @@ impl Broker {
         {
             return Err(format!(
                 "vTPM attestation key not admitted: the quote's key {}{} is not the one the credential was made for",
-                crate::hex(&x),
-                crate::hex(&y)
+                cvm_formats::hex(&x),
+                cvm_formats::hex(&y)
             ));
         }
         let reference = self.reference.lock().unwrap().clone();
@@ -589,15 +595,15 @@ impl Broker {
         {
             return Err(format!(
                 "the quote's attestation key {}{} is not one this broker trusts",
-                crate::hex(&x),
-                crate::hex(&y)
+                cvm_formats::hex(&x),
+                cvm_formats::hex(&y)
             ));
         }
         let pcrs: Vec<u32> = reference.pcrs.iter().map(|(i, _)| *i).collect();
         let values: Vec<Vec<u8>> = reference.pcrs.iter().map(|(_, v)| v.clone()).collect();
         let attest = b64("attest", &evidence.attest)?;
-        let qualifying = crate::tpm_credential::qualifying_data(binding, &credential.secret);
-        let verdict = crate::tpm_quote::verify(
+        let qualifying = crate::tpm::credential::qualifying_data(binding, &credential.secret);
+        let verdict = crate::tpm::quote::verify(
             &attest,
             &b64("signature_r", &evidence.signature_r)?,
             &b64("signature_s", &evidence.signature_s)?,
@@ -606,7 +612,7 @@ impl Broker {
             &pcrs,
             &values,
         );
-        if let Err(crate::tpm_quote::QuoteError::Binding) = verdict {
+        if let Err(crate::tpm::quote::QuoteError::Binding) = verdict {
             return Err("vTPM attestation key not admitted: the quote does not carry the activated credential (the key is not in the TPM of the certified EK, or the quote is replayed)".into());
         }
         let Some(own_log) = &evidence.cvm_measure_log else {
@@ -621,30 +627,33 @@ impl Broker {
             None => None,
         };
         let replayed = replay_logs(firmware_log.as_deref(), &b64("cvm_measure_log", own_log)?)?;
-        let quoted = match crate::tpm_quote::parse_attest(&attest) {
+        let quoted = match crate::tpm::quote::parse_attest(&attest) {
             Ok(q) => q,
             Err(e) => return Err(format!("vTPM quote refused: {e}")),
         };
         let mut digest = sha2::Sha256::new();
         for &p in &quoted.pcrs {
-            digest.update(replayed.pcr(crate::registers::Bank::Sha256, p as usize));
+            digest.update(replayed.pcr(cvm_formats::registers::Bank::Sha256, p as usize));
         }
         let consistent = digest.finalize().as_slice() == quoted.pcr_digest;
         match verdict {
             Ok(_) if consistent => Ok(()),
             Ok(_) => Err("the event logs do not replay to the quoted PCRs".into()),
-            Err(crate::tpm_quote::QuoteError::PcrDigest) if consistent => {
+            Err(crate::tpm::quote::QuoteError::PcrDigest) if consistent => {
                 let differing: Vec<String> = reference
                     .pcrs
                     .iter()
                     .filter(|(p, v)| {
-                        replayed.pcr(crate::registers::Bank::Sha256, *p as usize) != v.as_slice()
+                        replayed.pcr(cvm_formats::registers::Bank::Sha256, *p as usize)
+                            != v.as_slice()
                     })
                     .map(|(p, v)| {
                         format!(
                             "PCR {p} is {}, the reference is {}",
-                            crate::hex(replayed.pcr(crate::registers::Bank::Sha256, *p as usize)),
-                            crate::hex(v)
+                            cvm_formats::hex(
+                                replayed.pcr(cvm_formats::registers::Bank::Sha256, *p as usize)
+                            ),
+                            cvm_formats::hex(v)
                         )
                     })
                     .collect();
@@ -735,7 +744,7 @@ impl Broker {
         if !reference.tdx_mrtds.iter().any(|m| m[..] == quote.td.mrtd) {
             return Err(format!(
                 "MRTD {} is not one of the {} allowed",
-                crate::hex(&quote.td.mrtd),
+                cvm_formats::hex(&quote.td.mrtd),
                 reference.tdx_mrtds.len()
             ));
         }
@@ -743,8 +752,8 @@ impl Broker {
             if value[..] != quote.td.rtmr[*i] {
                 return Err(format!(
                     "RTMR {i} is {}, the reference is {}",
-                    crate::hex(&quote.td.rtmr[*i]),
-                    crate::hex(value)
+                    cvm_formats::hex(&quote.td.rtmr[*i]),
+                    cvm_formats::hex(value)
                 ));
             }
         }
@@ -752,7 +761,7 @@ impl Broker {
         else {
             return Err("the evidence lacks the CC event log or cvm-init's measurement log".into());
         };
-        let ccel = crate::tcglog::parse(&decode("cc_eventlog", ccel)?)
+        let ccel = crate::uefi::tcglog::parse(&decode("cc_eventlog", ccel)?)
             .map_err(|e| format!("cc_eventlog: {e}"))?;
         let mut replayed = ccel
             .replay_ccel()
@@ -761,18 +770,18 @@ impl Broker {
             if replayed.rtmr[2][..] != expected[..] {
                 return Err(format!(
                     "the boot's RTMR 2 events (load options and initrd) replay to {}, the reference is {}",
-                    crate::hex(&replayed.rtmr[2]),
-                    crate::hex(expected)
+                    cvm_formats::hex(&replayed.rtmr[2]),
+                    cvm_formats::hex(expected)
                 ));
             }
         }
-        let records = crate::jsonseq::parse(&decode("cvm_measure_log", init_log)?)
+        let records = cvm_formats::jsonseq::parse(&decode("cvm_measure_log", init_log)?)
             .map_err(|e| format!("cvm_measure_log: {e}"))?;
-        let init_only = crate::jsonseq::replay(&records);
+        let init_only = cvm_formats::jsonseq::replay(&records);
         for record in &records {
             for (bank, digest) in &record.digests {
-                if *bank == crate::registers::Bank::Sha384 {
-                    if let Some(rtmr) = crate::registers::rtmr_for_pcr(record.pcr) {
+                if *bank == cvm_formats::registers::Bank::Sha384 {
+                    if let Some(rtmr) = cvm_formats::registers::rtmr_for_pcr(record.pcr) {
                         replayed.extend_rtmr(rtmr, digest);
                     }
                 }
@@ -866,8 +875,8 @@ fn serve_one(broker: &Broker, stream: TcpStream, tls: Option<&Arc<rustls::Server
                 if let Err(e) = tls.conn.complete_io(&mut tls.sock) {
                     return eprintln!(
                         "kbs-serve: TLS handshake with {}: {}",
-                        crate::broker_log::escape(&peer),
-                        crate::broker_log::escape(&e.to_string())
+                        crate::broker::log::escape(&peer),
+                        crate::broker::log::escape(&e.to_string())
                     );
                 }
             }
@@ -920,7 +929,7 @@ fn answer_one(broker: &Broker, mut stream: impl std::io::Read + Write, peer: &st
         Ok(request) => broker.handle_from(&request, peer),
         Err(e) => {
             let detail = e.to_string();
-            (broker.log)(&crate::broker_log::refusal_line(&[
+            (broker.log)(&crate::broker::log::refusal_line(&[
                 ("peer", peer),
                 ("status", "400"),
                 ("reason", &detail),
@@ -980,7 +989,7 @@ fn refuse_connection(broker: &Broker, mut stream: TcpStream, tls: bool) {
         "the broker serves its maximum of {} connections (max_connections): retry later",
         broker.limits.max_connections
     );
-    (broker.log)(&crate::broker_log::refusal_line(&[
+    (broker.log)(&crate::broker::log::refusal_line(&[
         ("peer", &peer),
         ("status", "503"),
         ("reason", &detail),
@@ -1019,8 +1028,8 @@ fn evidence_identity(tee: &str, evidence: &Value) -> String {
         "snp" => match crate::snp::from_trustee_evidence(evidence) {
             Ok((r, _)) => format!(
                 "chip_id={} measurement={} reported_tcb={:#018x} policy={:#x}",
-                crate::hex(&r.chip_id()[..8]),
-                crate::hex(r.measurement()),
+                cvm_formats::hex(&r.chip_id()[..8]),
+                cvm_formats::hex(r.measurement()),
                 r.reported_tcb(),
                 r.policy()
             ),
@@ -1035,9 +1044,9 @@ fn evidence_identity(tee: &str, evidence: &Value) -> String {
             match quote {
                 Some(q) => format!(
                     "mrtd={} td_attributes={:#x} rtmr1={}",
-                    crate::hex(&q.td.mrtd),
+                    cvm_formats::hex(&q.td.mrtd),
                     q.td.td_attributes,
-                    crate::hex(&q.td.rtmr[1])
+                    cvm_formats::hex(&q.td.rtmr[1])
                 ),
                 None => "unparseable tdx evidence".into(),
             }
@@ -1163,18 +1172,18 @@ mod tests {
         refused(&other, &evidence, &binding, "not this image's");
         // A log that does not replay to the quote: one more event, or a changed digest.
         let mut extra = evidence.clone();
-        let record = crate::jsonseq::record(&crate::event::Event::Phase(
-            crate::event::Phase::EnterInitrd,
+        let record = cvm_formats::jsonseq::record(&cvm_formats::event::Event::Phase(
+            cvm_formats::event::Phase::EnterInitrd,
         ));
         extra["cvm_measure_log"] = STANDARD.encode(record).into();
         refused(&broker, &extra, &binding, "do not replay");
         let mut ccel = crate::testdata::read("tdx/gtg_ccel_data.dat");
-        let log = crate::tcglog::parse(&ccel).unwrap();
+        let log = crate::uefi::tcglog::parse(&ccel).unwrap();
         let first = log.replay_ccel().unwrap();
         // Flip bytes until the replay changes (a digest byte), keeping the log parseable.
         let changed = (100..ccel.len()).find(|&at| {
             ccel[at] ^= 1;
-            let replays_otherwise = crate::tcglog::parse(&ccel)
+            let replays_otherwise = crate::uefi::tcglog::parse(&ccel)
                 .ok()
                 .and_then(|l| l.replay_ccel().ok())
                 .is_some_and(|r| r.rtmr != first.rtmr);
@@ -1301,14 +1310,14 @@ mod tests {
         // The key is admitted (as if its credential had been activated): what is left to
         // check is the quote against the reference.
         let credential = Ok(TpmCredential {
-            ak: crate::tpm_credential::AkPublic {
+            ak: crate::tpm::credential::AkPublic {
                 x: point.x().unwrap().to_vec(),
                 y: point.y().unwrap().to_vec(),
                 name: Vec::new(),
             },
             secret: zeroize::Zeroizing::new(vec![0x33; 32]),
         });
-        let qualifying = crate::tpm_credential::qualifying_data(&binding, &[0x33; 32]);
+        let qualifying = crate::tpm::credential::qualifying_data(&binding, &[0x33; 32]);
         // A quote of no PCRs by a listed, admitted key.
         let nothing: [u8; 32] = sha2::Sha256::digest([]).into();
         let evidence = tpm_quote(&ak, &qualifying, &[], &nothing);
@@ -1489,7 +1498,7 @@ mod tests {
                 "peer=\"192.0.2.7:40000\"",
                 &format!("session=\"{session}\""),
                 "tee=\"snp\"",
-                &format!("measurement={}", crate::hex(report.measurement())),
+                &format!("measurement={}", cvm_formats::hex(report.measurement())),
                 "policy=0xb0000",
                 "policy.debug: expected debugging not allowed",
                 "the report has policy 0xb0000 allowing it",

@@ -7,6 +7,9 @@
 
 pub use cvm_formats::tdx::*;
 
+pub mod launch;
+pub mod rtmr;
+
 fn refused(check: &'static str, expected: impl ToString, found: impl ToString) -> TdxError {
     TdxError::Refused {
         check,
@@ -83,8 +86,8 @@ impl QeReport {
         if self.mrsigner != pinned.mrsigner {
             return Err(refused(
                 "qe.mrsigner",
-                crate::hex(&pinned.mrsigner),
-                crate::hex(&self.mrsigner),
+                cvm_formats::hex(&pinned.mrsigner),
+                cvm_formats::hex(&self.mrsigner),
             ));
         }
         if self.isvprodid != pinned.isvprodid {
@@ -181,7 +184,11 @@ pub fn appraise_td(td: &TdMeasurements, required: &TdRequirements) -> Result<(),
     ] {
         if let Some(expected) = expected {
             if expected != found {
-                return Err(refused(check, crate::hex(expected), crate::hex(found)));
+                return Err(refused(
+                    check,
+                    cvm_formats::hex(expected),
+                    cvm_formats::hex(found),
+                ));
             }
         }
     }
@@ -316,7 +323,7 @@ impl VerifyQuote for Quote {
         {
             return Err(bad(format!(
                 "the chain's root (sha256 {}) is not the Intel SGX Root CA",
-                crate::hex(&root_fingerprint)
+                cvm_formats::hex(&root_fingerprint)
             )));
         }
         root.verify_issued_by(root)
@@ -496,9 +503,9 @@ mod tests {
     fn real_quotes_parse() {
         let cos = Quote::parse(&testdata("tdx/gtg_cos-113-tdx-quote.dat")).unwrap();
         assert_eq!((cos.version, cos.body_type), (4, 2));
-        assert!(crate::hex(&cos.td.rtmr[0]).starts_with("3fa2f61f"));
-        assert!(crate::hex(&cos.td.rtmr[1]).starts_with("f62dbc07"));
-        assert!(crate::hex(&cos.td.rtmr[2]).starts_with("4969684d"));
+        assert!(cvm_formats::hex(&cos.td.rtmr[0]).starts_with("3fa2f61f"));
+        assert!(cvm_formats::hex(&cos.td.rtmr[1]).starts_with("f62dbc07"));
+        assert!(cvm_formats::hex(&cos.td.rtmr[2]).starts_with("4969684d"));
         // The report data used for that quote.
         assert_eq!(cos.td.report_data.to_vec(), testdata("tdx/gtg_nonce.dat"));
         assert!(!cos.td.debug());
@@ -555,7 +562,7 @@ mod tests {
 
     #[test]
     fn rtmrs_equal_the_ccel_replay() {
-        let log = crate::tcglog::parse(&testdata("tdx/gtg_ccel_data.dat")).unwrap();
+        let log = crate::uefi::tcglog::parse(&testdata("tdx/gtg_ccel_data.dat")).unwrap();
         let replayed = log.replay_ccel().unwrap();
         let quote = Quote::parse(&testdata("tdx/gtg_cos-113-tdx-quote.dat")).unwrap();
         for i in 0..3 {
@@ -629,7 +636,7 @@ mod tests {
                 found,
             }) => {
                 assert_eq!(check, "qe.mrsigner");
-                assert_eq!(expected, crate::hex(&INTEL_TD_QE_MRSIGNER));
+                assert_eq!(expected, cvm_formats::hex(&INTEL_TD_QE_MRSIGNER));
                 assert!(found.starts_with("239e2a7c"), "{found}");
             }
             other => panic!("{other:?}"),

@@ -12,6 +12,9 @@ use sev::certs::snp::{builtin, ca, Certificate, Chain, Verifiable};
 
 pub use cvm_formats::snp::*;
 
+pub mod launch;
+pub mod page_sha384;
+
 /// The report signature check, beside the layout (`cvm_formats::snp::Report`) it reads.
 pub trait VerifyReport {
     /// Checks the ECDSA P-384 signature over the signed bytes with the endorsement key (VCEK
@@ -73,7 +76,7 @@ pub fn appraise(report: &Report, product: &str, expected: &Expectations) -> Resu
     {
         return Err(format!(
             "launch digest {} is not one of the {} allowed",
-            crate::hex(report.measurement()),
+            cvm_formats::hex(report.measurement()),
             expected.measurements.len()
         ));
     }
@@ -386,7 +389,7 @@ mod tests {
     fn hex_file(path: &str) -> Vec<u8> {
         let text = String::from_utf8(testdata(path)).unwrap();
         let digits: String = text.chars().filter(|c| c.is_ascii_hexdigit()).collect();
-        crate::verity::parse_hex(&digits).unwrap()
+        cvm_formats::verity::parse_hex(&digits).unwrap()
     }
 
     /// (report, its VCEK) from real Milan machines.
@@ -416,7 +419,7 @@ mod tests {
         assert_eq!(gsg.policy(), 0xb0000);
         assert!(gsg.debug_allowed());
         assert_eq!(&gsg.report_data()[..5], &[1, 2, 3, 4, 5]);
-        assert!(crate::hex(gsg.measurement()).starts_with("b07af962"));
+        assert!(cvm_formats::hex(gsg.measurement()).starts_with("b07af962"));
     }
 
     #[test]
@@ -749,7 +752,10 @@ mod tests {
         let table = encode_cert_table(&entries);
         assert_eq!(parse_cert_table(&table).unwrap(), entries);
         // The VCEK GUID as go-sev-guest and the kernel lay it out.
-        assert_eq!(crate::hex(&table[..16]), "63da758de6644564adc5f4b93be8accd");
+        assert_eq!(
+            cvm_formats::hex(&table[..16]),
+            "63da758de6644564adc5f4b93be8accd"
+        );
         let err = |t: &[u8]| parse_cert_table(t).unwrap_err().to_string();
         let mut unterminated = vec![1u8; 16];
         unterminated.extend([0u8; 8]);
