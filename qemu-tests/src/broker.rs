@@ -348,7 +348,10 @@ mod tests {
             ..Default::default()
         };
         let untrusting = Broker::new(dir.path().into(), reference.clone());
-        let why = untrusting.verify_snp(&evidence, &binding).unwrap_err();
+        let why = untrusting
+            .verify_snp(&evidence, &binding)
+            .unwrap_err()
+            .to_string();
         assert!(why.contains("does not chain"), "{why}");
         let trusting = Broker::new(
             dir.path().into(),
@@ -358,7 +361,10 @@ mod tests {
             },
         );
         trusting.verify_snp(&evidence, &binding).unwrap();
-        let why = trusting.verify_snp(&evidence, &[0; 64]).unwrap_err();
+        let why = trusting
+            .verify_snp(&evidence, &[0; 64])
+            .unwrap_err()
+            .to_string();
         assert!(why.contains("replayed"), "{why}");
     }
 }

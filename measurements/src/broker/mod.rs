@@ -21,6 +21,9 @@ use sha2::Digest;
 
 pub mod log;
 pub mod reference;
+pub mod refusal;
+
+pub use refusal::Refusal;
 
 pub use cvm_formats::evidence::{TpmEndorsement, TpmEvidence};
 
@@ -259,14 +262,20 @@ fn random_id() -> String {
 fn replay_logs(
     firmware: Option<&[u8]>,
     own: &[u8],
-) -> Result<cvm_formats::registers::Registers, String> {
+) -> Result<cvm_formats::registers::Registers, Refusal> {
     let mut registers = match firmware {
         Some(log) => crate::uefi::tcglog::parse(log)
             .and_then(|l| l.replay_tpm())
-            .map_err(|e| format!("eventlog: {e}"))?,
+            .map_err(|e| Refusal::Log {
+                log: "eventlog",
+                why: e.to_string(),
+            })?,
         None => cvm_formats::registers::Registers::default(),
     };
-    let records = cvm_formats::jsonseq::parse(own).map_err(|e| format!("cvm_measure_log: {e}"))?;
+    let records = cvm_formats::jsonseq::parse(own).map_err(|e| Refusal::Log {
+        log: "cvm_measure_log",
+        why: e.to_string(),
+    })?;
     for record in &records {
         for (bank, digest) in &record.digests {
             if *bank == cvm_formats::registers::Bank::Sha256
@@ -503,7 +512,7 @@ impl Broker {
             _ => self.verify_tpm(evidence, &binding, tpm.as_ref()),
         };
         if let Err(why) = verdict {
-            return problem(401, "AttestationError", why);
+            return problem(401, "AttestationError", why.to_string());
         }
         if let Some(session) = self.sessions.lock().unwrap().get_mut(id) {
             session.tee_pubkey = Some(attestation.runtime_data.tee_pubkey.clone());
@@ -550,42 +559,44 @@ impl Broker {
         evidence: &Value,
         binding: &[u8; 64],
         credential: Option<&Result<TpmCredential, String>>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Refusal> {
         let credential = match credential {
             Some(Ok(c)) => c,
-            Some(Err(why)) => return Err(format!("vTPM attestation key not admitted: {why}")),
-            None => return Err("vTPM attestation key not admitted: the node sent no endorsement (EK certificate and attestation key) at auth".into()),
+            Some(Err(why)) => return Err(Refusal::KeyNotAdmitted(why.clone())),
+            None => {
+                return Err(Refusal::KeyNotAdmitted(
+                    "the node sent no endorsement (EK certificate and attestation key) at auth"
+                        .into(),
+                ))
+            }
         };
         let evidence: TpmEvidence =
-            serde_json::from_value(evidence.clone()).map_err(|e| format!("tpm evidence: {e}"))?;
-        let b64url = |name: &str, v: &str| {
+            serde_json::from_value(evidence.clone()).map_err(|source| Refusal::EvidenceShape {
+                kind: "tpm",
+                source,
+            })?;
+        let b64url = |name: &'static str, v: &str| {
             URL_SAFE_NO_PAD
                 .decode(v)
-                .map_err(|_| format!("{name} is not base64url"))
+                .map_err(|_| Refusal::NotBase64Url(name))
         };
-        let b64 = |name: &str, v: &str| {
-            STANDARD
-                .decode(v)
-                .map_err(|_| format!("{name} is not base64"))
-        };
+        let b64 =
+            |name: &'static str, v: &str| STANDARD.decode(v).map_err(|_| Refusal::NotBase64(name));
         let (x, y) = (
             b64url("ak_x", &evidence.ak_x)?,
             b64url("ak_y", &evidence.ak_y)?,
         );
         if (x.as_slice(), y.as_slice()) != (credential.ak.x.as_slice(), credential.ak.y.as_slice())
         {
-            return Err(format!(
-                "vTPM attestation key not admitted: the quote's key {}{} is not the one the credential was made for",
+            return Err(Refusal::KeyNotAdmitted(format!(
+                "the quote's key {}{} is not the one the credential was made for",
                 cvm_formats::hex(&x),
                 cvm_formats::hex(&y)
-            ));
+            )));
         }
         let reference = self.reference.lock().unwrap().clone();
         if reference.pcrs.is_empty() {
-            return Err(
-                "this broker has no PCR reference values (a quote of no PCRs proves nothing)"
-                    .into(),
-            );
+            return Err(Refusal::NoPcrReference);
         }
         if !reference.attestation_keys.is_empty()
             && !reference
@@ -593,11 +604,11 @@ impl Broker {
                 .iter()
                 .any(|(ax, ay)| *ax == x && *ay == y)
         {
-            return Err(format!(
-                "the quote's attestation key {}{} is not one this broker trusts",
+            return Err(Refusal::UntrustedKey(format!(
+                "{}{}",
                 cvm_formats::hex(&x),
                 cvm_formats::hex(&y)
-            ));
+            )));
         }
         let pcrs: Vec<u32> = reference.pcrs.iter().map(|(i, _)| *i).collect();
         let values: Vec<Vec<u8>> = reference.pcrs.iter().map(|(_, v)| v.clone()).collect();
@@ -613,12 +624,10 @@ impl Broker {
             &values,
         );
         if let Err(crate::tpm::quote::QuoteError::Binding) = verdict {
-            return Err("vTPM attestation key not admitted: the quote does not carry the activated credential (the key is not in the TPM of the certified EK, or the quote is replayed)".into());
+            return Err(Refusal::KeyNotAdmitted("the quote does not carry the activated credential (the key is not in the TPM of the certified EK, or the quote is replayed)".into()));
         }
         let Some(own_log) = &evidence.cvm_measure_log else {
-            return verdict
-                .map(|_| ())
-                .map_err(|e| format!("vTPM quote refused: {e}"));
+            return verdict.map(|_| ()).map_err(Refusal::TpmQuote);
         };
         // With the logs: they must replay to the quoted PCRs (a log that does not is refused
         // even when the quote matches), and a mismatch is named PCR by PCR.
@@ -629,7 +638,7 @@ impl Broker {
         let replayed = replay_logs(firmware_log.as_deref(), &b64("cvm_measure_log", own_log)?)?;
         let quoted = match crate::tpm::quote::parse_attest(&attest) {
             Ok(q) => q,
-            Err(e) => return Err(format!("vTPM quote refused: {e}")),
+            Err(e) => return Err(Refusal::TpmQuote(e)),
         };
         let mut digest = sha2::Sha256::new();
         for &p in &quoted.pcrs {
@@ -638,7 +647,7 @@ impl Broker {
         let consistent = digest.finalize().as_slice() == quoted.pcr_digest;
         match verdict {
             Ok(_) if consistent => Ok(()),
-            Ok(_) => Err("the event logs do not replay to the quoted PCRs".into()),
+            Ok(_) => Err(Refusal::LogsDoNotReplayPcrs),
             Err(crate::tpm::quote::QuoteError::PcrDigest) if consistent => {
                 let differing: Vec<String> = reference
                     .pcrs
@@ -657,9 +666,9 @@ impl Broker {
                         )
                     })
                     .collect();
-                Err(format!("vTPM quote refused: the quoted PCR digest does not match the reference values ({})", differing.join("; ")))
+                Err(Refusal::PcrsDiffer(differing.join("; ")))
             }
-            Err(e) => Err(format!("vTPM quote refused: {e}")),
+            Err(e) => Err(Refusal::TpmQuote(e)),
         }
     }
 
@@ -668,35 +677,30 @@ impl Broker {
     /// with it and carry an allowed launch digest, VMPL 0, no debugging, and this session's
     /// binding. This broker is offline: evidence without its endorsement certificate is refused
     /// (Trustee would fetch it from AMD's key server).
-    pub fn verify_snp(&self, evidence: &Value, binding: &[u8; 64]) -> Result<(), String> {
+    pub fn verify_snp(&self, evidence: &Value, binding: &[u8; 64]) -> Result<(), Refusal> {
         use crate::snp::{self, CertType};
-        let (report, certs) = snp::from_trustee_evidence(evidence).map_err(|e| e.to_string())?;
+        let (report, certs) = snp::from_trustee_evidence(evidence)?;
         let (wanted, name) = match report.signing_key() {
             0 => (CertType::VCEK, "VCEK"),
             1 => (CertType::VLEK, "VLEK"),
-            other => {
-                return Err(format!(
-                    "the report is signed by key {other}, expected a VCEK (0) or a VLEK (1)"
-                ))
-            }
+            other => return Err(Refusal::SigningKey(other)),
         };
-        let der = certs.iter().find(|c| c.cert_type == wanted).ok_or(format!(
-            "the evidence carries no {name} certificate (this broker does not fetch one)"
-        ))?;
-        let endorsement = snp::certificate(&der.data).map_err(|e| e.to_string())?;
+        let der = certs
+            .iter()
+            .find(|c| c.cert_type == wanted)
+            .ok_or(Refusal::NoEndorsement(name))?;
+        let endorsement = snp::certificate(&der.data)?;
         let reference = self.reference.lock().unwrap().clone();
-        let product = snp::verify_chain_with(&endorsement, &reference.snp_chains)
-            .map_err(|e| e.to_string())?;
+        let product = snp::verify_chain_with(&endorsement, &reference.snp_chains)?;
         report
             .verify_signature(&endorsement)
-            .map_err(|e| format!("{e} ({product} chain)"))?;
+            .map_err(|source| Refusal::SnpSignature { source, product })?;
         let expected = snp::Expectations {
             measurements: reference.snp_measurements,
             report_data: binding.to_vec(),
             requirements: reference.snp_requirements,
         };
-        snp::appraise(&report, product, &expected)
-            .map_err(|why| format!("SNP report refused: {why}"))
+        snp::appraise(&report, product, &expected).map_err(Refusal::SnpAppraisal)
     }
 
     /// `tdx` evidence in Trustee's shape (`quote`, `cc_eventlog`, both base64) plus cvm-init's
@@ -705,7 +709,7 @@ impl Broker {
     /// `SignatureChecked::NOT_CHECKED`), no debugging, this session's binding, an allowed MRTD,
     /// the reference RTMRs, the CC event log and then cvm-init's log replaying to all four
     /// RTMRs, and cvm-init's own events being this image's (`tdx_init_rtmr2`).
-    pub fn verify_tdx(&self, evidence: &Value, binding: &[u8; 64]) -> Result<(), String> {
+    pub fn verify_tdx(&self, evidence: &Value, binding: &[u8; 64]) -> Result<(), Refusal> {
         use crate::tdx::Quote;
         #[derive(Deserialize)]
         struct TdxEvidence {
@@ -714,69 +718,69 @@ impl Broker {
             cvm_measure_log: Option<String>,
         }
         let evidence: TdxEvidence =
-            serde_json::from_value(evidence.clone()).map_err(|e| format!("tdx evidence: {e}"))?;
-        let decode = |name: &str, v: &str| {
-            STANDARD
-                .decode(v)
-                .map_err(|_| format!("{name} is not base64"))
-        };
-        let quote = Quote::parse(&decode("quote", &evidence.quote)?).map_err(|e| e.to_string())?;
+            serde_json::from_value(evidence.clone()).map_err(|source| Refusal::EvidenceShape {
+                kind: "tdx",
+                source,
+            })?;
+        let decode =
+            |name: &'static str, v: &str| STANDARD.decode(v).map_err(|_| Refusal::NotBase64(name));
+        let quote = Quote::parse(&decode("quote", &evidence.quote)?)?;
         let reference = self.reference.lock().unwrap().clone();
-        quote
-            .verify_signature_with(&reference.tdx_trust)
-            .map_err(|e| e.to_string())?;
+        quote.verify_signature_with(&reference.tdx_trust)?;
         if quote.td.debug() {
-            return Err("the TD is debuggable (its memory is readable by the host)".into());
+            return Err(Refusal::TdDebug);
         }
-        crate::tdx::appraise_td(&quote.td, &reference.tdx_requirements)
-            .map_err(|e| e.to_string())?;
+        crate::tdx::appraise_td(&quote.td, &reference.tdx_requirements)?;
         if quote.td.report_data != *binding {
-            return Err(
-                "the quote's report data is not this session's binding (replayed evidence)".into(),
-            );
+            return Err(Refusal::Replayed);
         }
         if reference.tdx_mrtds.is_empty() || !reference.tdx_rtmrs.iter().any(|(i, _)| *i == 1) {
-            return Err(
-                "this broker has no TDX reference values (tdx_mrtds and tdx_rtmrs with RTMR 1)"
-                    .into(),
-            );
+            return Err(Refusal::NoTdxReference);
         }
         if !reference.tdx_mrtds.iter().any(|m| m[..] == quote.td.mrtd) {
-            return Err(format!(
-                "MRTD {} is not one of the {} allowed",
-                cvm_formats::hex(&quote.td.mrtd),
-                reference.tdx_mrtds.len()
-            ));
+            return Err(Refusal::Mrtd {
+                mrtd: cvm_formats::hex(&quote.td.mrtd),
+                allowed: reference.tdx_mrtds.len(),
+            });
         }
         for (i, value) in &reference.tdx_rtmrs {
             if value[..] != quote.td.rtmr[*i] {
-                return Err(format!(
-                    "RTMR {i} is {}, the reference is {}",
-                    cvm_formats::hex(&quote.td.rtmr[*i]),
-                    cvm_formats::hex(value)
-                ));
+                return Err(Refusal::Rtmr {
+                    index: *i,
+                    found: cvm_formats::hex(&quote.td.rtmr[*i]),
+                    reference: cvm_formats::hex(value),
+                });
             }
         }
         let (Some(ccel), Some(init_log)) = (&evidence.cc_eventlog, &evidence.cvm_measure_log)
         else {
-            return Err("the evidence lacks the CC event log or cvm-init's measurement log".into());
+            return Err(Refusal::NoLogs);
         };
-        let ccel = crate::uefi::tcglog::parse(&decode("cc_eventlog", ccel)?)
-            .map_err(|e| format!("cc_eventlog: {e}"))?;
-        let mut replayed = ccel
-            .replay_ccel()
-            .map_err(|e| format!("cc_eventlog: {e}"))?;
+        let ccel = crate::uefi::tcglog::parse(&decode("cc_eventlog", ccel)?).map_err(|e| {
+            Refusal::Log {
+                log: "cc_eventlog",
+                why: e.to_string(),
+            }
+        })?;
+        let mut replayed = ccel.replay_ccel().map_err(|e| Refusal::Log {
+            log: "cc_eventlog",
+            why: e.to_string(),
+        })?;
         if let Some(expected) = &reference.tdx_rtmr2_before_init {
             if replayed.rtmr[2][..] != expected[..] {
-                return Err(format!(
-                    "the boot's RTMR 2 events (load options and initrd) replay to {}, the reference is {}",
-                    cvm_formats::hex(&replayed.rtmr[2]),
-                    cvm_formats::hex(expected)
-                ));
+                return Err(Refusal::BootRtmr2 {
+                    found: cvm_formats::hex(&replayed.rtmr[2]),
+                    reference: cvm_formats::hex(expected),
+                });
             }
         }
-        let records = cvm_formats::jsonseq::parse(&decode("cvm_measure_log", init_log)?)
-            .map_err(|e| format!("cvm_measure_log: {e}"))?;
+        let records =
+            cvm_formats::jsonseq::parse(&decode("cvm_measure_log", init_log)?).map_err(|e| {
+                Refusal::Log {
+                    log: "cvm_measure_log",
+                    why: e.to_string(),
+                }
+            })?;
         let init_only = cvm_formats::jsonseq::replay(&records);
         for record in &records {
             for (bank, digest) in &record.digests {
@@ -789,17 +793,13 @@ impl Broker {
         }
         for i in 0..4 {
             if replayed.rtmr[i][..] != quote.td.rtmr[i] {
-                return Err(format!(
-                    "the event logs do not replay to the quote's RTMR {i}"
-                ));
+                return Err(Refusal::LogsDoNotReplayRtmr(i));
             }
         }
         match &reference.tdx_init_rtmr2 {
             Some(expected) if *expected == init_only.rtmr[2] => Ok(()),
-            Some(_) => {
-                Err("cvm-init's measurements are not this image's (tdx_init_rtmr2 differs)".into())
-            }
-            None => Err("this broker has no tdx_init_rtmr2 reference value".into()),
+            Some(_) => Err(Refusal::InitRtmr2),
+            None => Err(Refusal::NoInitRtmr2Reference),
         }
     }
 
@@ -1096,24 +1096,29 @@ mod tests {
         let allowed = broker(vec![report.measurement().to_vec()]);
         let mut binding = [0u8; 64];
         binding.copy_from_slice(report.report_data());
-        let why = allowed.verify_snp(&real_evidence(), &binding).unwrap_err();
+        let why = allowed
+            .verify_snp(&real_evidence(), &binding)
+            .unwrap_err()
+            .to_string();
         assert!(why.contains("policy.debug"), "{why}");
         // Another image's digest.
         let why = broker(vec![vec![0; 48]])
             .verify_snp(&real_evidence(), &binding)
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(why.contains("launch digest"), "{why}");
         // A changed byte in the signed part.
         let mut raw = crate::testdata::read("snp/gsg_attestation.bin");
         raw[0x95] ^= 1;
         let why = allowed
             .verify_snp(&evidence_of(&raw), &binding)
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(why.contains("does not verify"), "{why}");
         // No certificate.
         let mut bare = real_evidence();
         bare["cert_chain"] = Value::Null;
-        let why = allowed.verify_snp(&bare, &binding).unwrap_err();
+        let why = allowed.verify_snp(&bare, &binding).unwrap_err().to_string();
         assert!(why.contains("no VCEK certificate"), "{why}");
     }
 
@@ -1143,7 +1148,10 @@ mod tests {
         let (broker, evidence, binding) = tdx_case();
         broker.verify_tdx(&evidence, &binding).unwrap();
         let refused = |broker: &Broker, evidence: &Value, binding: &[u8; 64], why: &str| {
-            let got = broker.verify_tdx(evidence, binding).unwrap_err();
+            let got = broker
+                .verify_tdx(evidence, binding)
+                .unwrap_err()
+                .to_string();
             assert!(got.contains(why), "{got}");
         };
         refused(&broker, &evidence, &[0x5a; 64], "replayed");
@@ -1227,7 +1235,10 @@ mod tests {
         evidence["quote"] = STANDARD
             .encode(chain.quote(&binding, |qe| qe[128..160].fill(0x55)))
             .into();
-        let why = broker.verify_tdx(&evidence, &binding).unwrap_err();
+        let why = broker
+            .verify_tdx(&evidence, &binding)
+            .unwrap_err()
+            .to_string();
         assert!(
             why.contains("qe.mrsigner") && why.contains(&"55".repeat(32)),
             "{why}"
@@ -1235,7 +1246,10 @@ mod tests {
         // The reference's TD requirements: an XFAM other than the quote's.
         let (broker, evidence, binding) = tdx_case();
         broker.reference.lock().unwrap().tdx_requirements.xfam = Some(0x61ae7);
-        let why = broker.verify_tdx(&evidence, &binding).unwrap_err();
+        let why = broker
+            .verify_tdx(&evidence, &binding)
+            .unwrap_err()
+            .to_string();
         assert!(
             why.contains("xfam: expected 0x61ae7, the quote has 0x600e7"),
             "{why}"
@@ -1323,7 +1337,8 @@ mod tests {
         let evidence = tpm_quote(&ak, &qualifying, &[], &nothing);
         let why = broker
             .verify_tpm(&evidence, &binding, Some(&credential))
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(why.contains("no PCR reference values"), "{why}");
         // With a reference, a quote of its PCRs passes.
         let value = [0x5a; 32];
