@@ -180,7 +180,7 @@ pub fn get_resources(
 pub type EvidenceFor<'a> = dyn FnMut(&[u8; 64], &Value) -> Result<Value, String> + 'a;
 
 /// The same, with members added to `auth`'s extra-params (a vTPM's endorsement:
-/// `kbs_broker::TpmEndorsement`, as `{"tpm": …}`) and evidence that also reads the challenge's
+/// `cvm_formats::evidence::TpmEndorsement`, as `{"tpm": …}`) and evidence that also reads the challenge's
 /// extra-params (the broker's `tpm-credential`).
 pub fn get_resources_with(
     endpoint: &Endpoint,

@@ -159,7 +159,7 @@ const FIRMWARE_DUMP: &str =
 /// needed to check: OVMF measures the same kernel image, actions, load options and initrd
 /// into a vTPM's PCRs 2–6 and 9 that TDVF measures into RTMR 1 and 2 (PCR → RTMR mapping of
 /// UEFI 2.10 §38.4.1; a TPM gets a separator per PCR where an RTMR gets one). So the real
-/// OVMF and QEMU here, with swtpm, check `tdx_rtmr`'s kernel patching, Authenticode, event
+/// OVMF and QEMU here, with swtpm, check `tdx::rtmr`'s kernel patching, Authenticode, event
 /// order and load options, in both banks.
 #[test]
 fn ovmf_measures_a_direct_boot_as_the_rtmr_prediction_says() {
@@ -246,7 +246,7 @@ fn ovmf_measures_a_direct_boot_as_the_rtmr_prediction_says() {
         checked += 1;
     }
     // cvm-init reads the boot path's PCRs back at ready: they are those events folded, the
-    // separator in each PCR (what `tdx_rtmr::tpm_pcrs` says a vTPM holds).
+    // separator in each PCR (what `tdx::rtmr::tpm_pcrs` says a vTPM holds).
     must(guest.wait_for("cvm-init: ready", BOOT));
     let text = guest.serial_log();
     let printed = |register: &str, bank: &str| -> String {
