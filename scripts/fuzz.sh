@@ -2,8 +2,8 @@
 # Fuzzes cvm-measure's parsers of untrusted input with libFuzzer (cargo-fuzz, nightly):
 #   scripts/fuzz.sh SECONDS TARGET...
 # Corpora live in .cache/fuzz/<target>, seeded from the repository's testdata/ (real reports, quotes,
-# logs, firmware fixtures), the Debian kernel and, for the disk formats, measurements/fuzz/seeds;
-# a crash stops the run with libFuzzer's report and the input under measurements/fuzz/artifacts/<target>/.
+# logs, firmware fixtures), the Debian kernel and, for the disk formats, fuzz/seeds;
+# a crash stops the run with libFuzzer's report and the input under fuzz/artifacts/<target>/.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 testdata=$root/testdata
@@ -46,17 +46,17 @@ search_seed="$root/.cache/fuzz/search-list.bin"
 [ -f "$search_seed" ] || printf '\003lan\004test\000\003svc\300\000' > "$search_seed"
 seed device_events "$events_seed" "$search_seed"
 # The disk formats the init reads, seeded only from files in the repository (made with
-# cryptsetup luksFormat, sfdisk, veritysetup format; measurements/fuzz/seeds/README.md).
+# cryptsetup luksFormat, sfdisk, veritysetup format; fuzz/seeds/README.md).
 for target in luks2_header gpt integrity_superblock verity_superblock; do
-  seed "$target" "$root"/measurements/fuzz/seeds/"$target"/*
+  seed "$target" "$root"/fuzz/seeds/"$target"/*
 done
 
 for target in "$@"; do
   say "$target for $seconds s"
   log="$root/.cache/fuzz/$target.log"
-  (cd "$root/measurements" && cargo +nightly fuzz run "$target" "$root/.cache/fuzz/$target" -- \
+  (cd "$root" && cargo +nightly fuzz run "$target" "$root/.cache/fuzz/$target" -- \
       -max_total_time="$seconds" -max_len=300000 -timeout=10 -print_final_stats=1) > "$log" 2>&1 \
-    || { tail -40 "$log"; say "$target FAILED (input under measurements/fuzz/artifacts/$target)"; exit 1; }
+    || { tail -40 "$log"; say "$target FAILED (input under fuzz/artifacts/$target)"; exit 1; }
   runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo "?")
   cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1)
   say "$target: $runs inputs, no crash ($cov edges, corpus $(ls "$root/.cache/fuzz/$target" | wc -l) files)"

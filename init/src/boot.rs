@@ -10,7 +10,7 @@ use log::LevelFilter;
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use cvm_measure::event::{Event, Phase};
+use cvm_formats::event::{Event, Phase};
 
 use crate::config::{self, BootOptions, ConfigFile};
 use crate::devices;
@@ -144,7 +144,7 @@ pub enum MeasureStartError {
 /// Opens the TEE backend and the log, and measures the start of the boot and its options.
 fn start_measuring(options: &BootOptions) -> Result<Measurer, MeasureStartError> {
     let cmdline = std::fs::read("/proc/cmdline").map_err(MeasureStartError::Cmdline)?;
-    let log = Path::new(cvm_measure::jsonseq::LOG_PATH);
+    let log = Path::new(cvm_formats::jsonseq::LOG_PATH);
     let backend = tee::open(options.tee, &tee::Probe::default(), log)?;
     if backend.name() == "none" {
         log::warn!("cvm.tee=none: this boot is not measured");
@@ -156,7 +156,7 @@ fn start_measuring(options: &BootOptions) -> Result<Measurer, MeasureStartError>
         log.display()
     );
     measurer.measure(&Event::Phase(Phase::EnterInitrd))?;
-    measurer.measure(&Event::BootOptions(cvm_measure::event::cvm_options(
+    measurer.measure(&Event::BootOptions(cvm_formats::event::cvm_options(
         &cmdline,
     )))?;
     Ok(measurer)
@@ -370,7 +370,7 @@ pub fn run() -> ! {
             .with_measure(Box::new(move |service| {
                 let path = service.path.display().to_string();
                 let sha256 =
-                    cvm_measure::sha256_file(&service.path).map_err(|e| logger::chain(&e))?;
+                    cvm_formats::sha256_file(&service.path).map_err(|e| logger::chain(&e))?;
                 let event = Event::Workload {
                     name: service.name.clone(),
                     path,

@@ -170,7 +170,7 @@ impl CmdlineError {
 
 /// Splits a kernel command line the way the kernel does (shared with the measurements, so that
 /// what is parsed is exactly what is measured).
-pub use cvm_measure::event::split_cmdline as split_params;
+pub use cvm_formats::event::split_cmdline as split_params;
 
 /// Parses the `cvm.*` options of a kernel command line; other parameters belong to the kernel
 /// and are ignored here.
@@ -899,7 +899,7 @@ pub fn parse_config_file(path: &Path, text: &str) -> Result<ConfigFile, ConfigFi
                     ))
                 }
                 (None, Some(pin))
-                    if cvm_measure::verity::parse_hex(pin).is_none_or(|b| b.len() != 32) =>
+                    if cvm_formats::verity::parse_hex(pin).is_none_or(|b| b.len() != 32) =>
                 {
                     return Err(invalid(
                         "kbs.public_key_sha256".into(),

@@ -179,7 +179,7 @@ const KBS_BACKOFF: crate::supervise::Backoff = crate::supervise::Backoff {
 impl Kbs {
     /// `resources[0]` is the disk secret.
     pub fn fetch(
-        endpoint: &cvm_measure::kbs_client::Endpoint,
+        endpoint: &cvm_kbs::client::Endpoint,
         evidence: &crate::tee::evidence::Source,
         resources: &[&str],
     ) -> Kbs {
@@ -207,7 +207,7 @@ impl Kbs {
                     continue;
                 }
             };
-            match cvm_measure::kbs_client::get_resources_with(endpoint, evidence.tee(), resources, auth_extra, &mut prove) {
+            match cvm_kbs::client::get_resources_with(endpoint, evidence.tee(), resources, auth_extra, &mut prove) {
                 Ok(mut released) if released[0].len() >= SECRET_LEN => {
                     log::info!(
                         "kbs: {} released by the key broker at {address} (attempt {attempt})",
@@ -279,13 +279,13 @@ mod tests {
     /// A compile-time check: it does not build while `get_resources` returns plain vectors.
     #[test]
     fn released_resources_are_wiped_on_drop() {
-        type Released = Result<Vec<Zeroizing<Vec<u8>>>, cvm_measure::kbs_client::ClientError>;
+        type Released = Result<Vec<Zeroizing<Vec<u8>>>, cvm_kbs::client::ClientError>;
         type Get = fn(
-            &cvm_measure::kbs_client::Endpoint,
+            &cvm_kbs::client::Endpoint,
             &str,
             &[&str],
             &mut dyn FnMut(&[u8; 64]) -> Result<serde_json::Value, String>,
         ) -> Released;
-        let _get: Get = cvm_measure::kbs_client::get_resources;
+        let _get: Get = cvm_kbs::client::get_resources;
     }
 }

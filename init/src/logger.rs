@@ -133,7 +133,7 @@ fn render_console_line(line: &str) -> Vec<u8> {
     buf
 }
 
-pub use cvm_measure::text::{escape, must_escape};
+pub use cvm_formats::text::{escape, must_escape};
 
 fn syslog_level(level: Level) -> u8 {
     match level {

@@ -7,8 +7,8 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use cvm_measure::event::Event;
-use cvm_measure::jsonseq;
+use cvm_formats::event::Event;
+use cvm_formats::jsonseq;
 
 use crate::tee::{Backend, RegisterValue, TeeError};
 
@@ -149,7 +149,7 @@ fn extend_into(backend: &mut dyn Backend, event: &Event) -> Result<(), MeasureEr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cvm_measure::event::Phase;
+    use cvm_formats::event::Phase;
 
     struct Recording(std::rc::Rc<std::cell::RefCell<Vec<String>>>);
 

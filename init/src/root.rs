@@ -11,7 +11,7 @@ use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
-use cvm_measure::verity::{self, level_blocks, parse_superblock, Superblock, SuperblockError};
+use cvm_formats::verity::{self, level_blocks, parse_superblock, Superblock, SuperblockError};
 use nix::errno::Errno;
 use nix::mount::MsFlags;
 

@@ -7,7 +7,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use cvm_measure::event::Event;
+use cvm_formats::event::Event;
 use nix::mount::MsFlags;
 use zeroize::Zeroizing;
 
@@ -101,7 +101,7 @@ pub enum StateError {
     #[error("state.key is kbs but the configuration has no [kbs] section")]
     NoKbs,
     #[error("TLS to the key broker")]
-    Tls(#[source] cvm_measure::tls::TlsError),
+    Tls(#[source] cvm_kbs::tls::TlsError),
     #[error("no evidence for the key broker")]
     Evidence(#[source] crate::tee::evidence::EvidenceError),
     #[error("{device} is too small for a state disk ({size} bytes, at least {MIN_FORMAT_SIZE})")]
@@ -252,8 +252,8 @@ fn hidden(dir: &Path) -> bool {
 }
 
 fn random_uuid() -> String {
-    let uuid = cvm_measure::verity::random_uuid_v4().expect("/dev/urandom is readable");
-    cvm_measure::verity::format_uuid(&uuid)
+    let uuid = cvm_formats::verity::random_uuid_v4().expect("/dev/urandom is readable");
+    cvm_formats::verity::format_uuid(&uuid)
 }
 
 /// The `kbs` source: evidence of the TEE this boot measures into, bound to the broker's
@@ -288,14 +288,14 @@ fn kbs_source(kbs: &KbsConfig, tee: &'static str) -> Result<Kbs, StateError> {
 }
 
 /// The broker's address and, for https, TLS trusting only the pinned CA or public key.
-fn kbs_endpoint(kbs: &KbsConfig) -> Result<cvm_measure::kbs_client::Endpoint, StateError> {
-    use cvm_measure::tls::{client_config, Pin};
+fn kbs_endpoint(kbs: &KbsConfig) -> Result<cvm_kbs::client::Endpoint, StateError> {
+    use cvm_kbs::tls::{client_config, Pin};
     let address = kbs.address().expect("validated with the configuration");
     // Test builds only: a release build refuses plain_http with the configuration.
     #[cfg(feature = "test-hooks")]
     if !kbs.https() {
         log::warn!("kbs: plain http to {address} (kbs.plain_http, test build): anyone on the path can pose as the key broker");
-        return Ok(cvm_measure::kbs_client::Endpoint::plain(address));
+        return Ok(cvm_kbs::client::Endpoint::plain(address));
     }
     let pin = match (&kbs.ca, &kbs.public_key_sha256) {
         (Some(ca), _) => Pin::Ca(std::fs::read(ca).map_err(|source| StateError::Io {
@@ -304,13 +304,13 @@ fn kbs_endpoint(kbs: &KbsConfig) -> Result<cvm_measure::kbs_client::Endpoint, St
             source,
         })?),
         (None, Some(hex)) => Pin::PublicKeySha256(
-            cvm_measure::verity::parse_hex(hex)
+            cvm_formats::verity::parse_hex(hex)
                 .and_then(|b| b.try_into().ok())
                 .expect("validated with the configuration"),
         ),
         (None, None) => unreachable!("validated with the configuration"),
     };
-    Ok(cvm_measure::kbs_client::Endpoint {
+    Ok(cvm_kbs::client::Endpoint {
         address: address.to_string(),
         tls: Some(client_config(&pin).map_err(StateError::Tls)?),
     })
@@ -335,7 +335,7 @@ fn tpm_source() -> Result<TpmSealed<DeviceTransport>, StateError> {
     let mut tpm =
         Tpm::new(DeviceTransport::open().map_err(StateError::Tpm)?).map_err(StateError::Tpm)?;
     let values = tpm
-        .read_bank(cvm_measure::registers::Bank::Sha256, &SEAL_PCRS)
+        .read_bank(cvm_formats::registers::Bank::Sha256, &SEAL_PCRS)
         .map_err(StateError::Tpm)?;
     Ok(TpmSealed {
         transport: DeviceTransport::open().map_err(StateError::Tpm)?,
@@ -889,7 +889,7 @@ mod tests {
         tpm.extend(15, |bank| bank.hash(b"this boot's identity events"))
             .unwrap();
         let values = tpm
-            .read_bank(cvm_measure::registers::Bank::Sha256, &SEAL_PCRS)
+            .read_bank(cvm_formats::registers::Bank::Sha256, &SEAL_PCRS)
             .unwrap();
         // swtpm serves one connection at a time.
         drop(tpm);

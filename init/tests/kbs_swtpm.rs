@@ -12,12 +12,12 @@ use base64::engine::general_purpose::STANDARD;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use common::{connect, start_certified_swtpm, start_swtpm, Tcp};
+use cvm_formats::registers::Bank;
 use cvm_init::tee::quote::{attestation_key_public, quote, quote_activated};
 use cvm_init::tee::tpm::Tpm;
-use cvm_measure::http::{read_message, write_message};
-use cvm_measure::kbs_broker::{serve, Broker, Reference, TpmEndorsement, TpmEvidence};
-use cvm_measure::kbs_client::{get_resource, get_resources_with, ClientError, Endpoint};
-use cvm_measure::registers::Bank;
+use cvm_kbs::client::{get_resource, get_resources_with, ClientError, Endpoint};
+use cvm_kbs::http::{read_message, write_message};
+use cvm_measure::broker::{serve, Broker, Reference, TpmEndorsement, TpmEvidence};
 use serde_json::{json, Value};
 
 const PCRS: [u32; 2] = [11, 15];
@@ -253,11 +253,11 @@ fn replayed_evidence_is_refused() {
     let (status, challenge, cookie) = post(&address, "/kbs/v0/auth", None, &auth);
     assert_eq!(status, 200);
     let secret = p256::SecretKey::random(&mut rand_core::OsRng);
-    let runtime = cvm_measure::kbs::RuntimeData {
+    let runtime = cvm_kbs::protocol::RuntimeData {
         nonce: challenge["nonce"].as_str().unwrap().into(),
-        tee_pubkey: cvm_measure::kbs::Jwk::from_public(&secret.public_key()),
+        tee_pubkey: cvm_kbs::protocol::Jwk::from_public(&secret.public_key()),
     };
-    let binding = cvm_measure::kbs::report_data(&runtime, "", "sha384").unwrap();
+    let binding = cvm_kbs::protocol::report_data(&runtime, "", "sha384").unwrap();
     let attestation = json!({
         "runtime-data": runtime,
         "tee-evidence": {"primary_evidence": tpm_evidence_with_log(&mut t, &binding, &challenge["extra-params"], None).unwrap(), "additional_evidence": ""},
@@ -331,7 +331,7 @@ fn a_resource_altered_in_transit_is_detected() {
     });
     let mut t = connect(s.port);
     match ask(&proxy_address, &mut t, "cvm/state-disk/key", None) {
-        Err(ClientError::Kbs(cvm_measure::kbs::KbsError::Decrypt)) => {}
+        Err(ClientError::Kbs(cvm_kbs::protocol::KbsError::Decrypt)) => {}
         other => panic!("an altered resource was not detected: {other:?}"),
     }
 }
@@ -340,10 +340,10 @@ fn a_resource_altered_in_transit_is_detected() {
 /// reference values is named PCR by PCR.
 #[test]
 fn event_logs_must_replay_to_the_quote_and_explain_a_mismatch() {
-    use cvm_measure::event::{Event, Phase};
+    use cvm_formats::event::{Event, Phase};
     let s = setup(4);
-    let record = cvm_measure::jsonseq::record(&Event::Phase(Phase::EnterInitrd));
-    let parsed = cvm_measure::jsonseq::parse(&record).unwrap();
+    let record = cvm_formats::jsonseq::record(&Event::Phase(Phase::EnterInitrd));
+    let parsed = cvm_formats::jsonseq::parse(&record).unwrap();
     assert_eq!(
         parsed[0].pcr, 11,
         "the setup extends PCR 11 with this event"

@@ -1,9 +1,9 @@
 //! Sealing to PCRs against a real TPM 2.0 implementation: swtpm (installed by `make deps`)
 //! on loopback TCP, driven by the init's own TPM code.
 
+use cvm_formats::registers::Bank;
 use cvm_init::tee::seal::{seal, unseal};
 use cvm_init::tee::tpm::{Tpm, TpmError};
-use cvm_measure::registers::Bank;
 
 mod common;
 use common::{connect, start_swtpm};
@@ -104,7 +104,7 @@ fn tpm_key_source_round_trip_through_a_luks2_header() {
 #[test]
 fn a_quote_binds_its_nonce_and_pcr_values() {
     use cvm_init::tee::quote::quote;
-    use cvm_measure::tpm_quote::{verify, QuoteError};
+    use cvm_measure::tpm::quote::{verify, QuoteError};
 
     let swtpm = start_swtpm(2);
     let mut tpm = Tpm::new(connect(swtpm.port)).unwrap();

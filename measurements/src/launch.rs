@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use sha2::{Digest, Sha256, Sha384};
 
-use crate::snp_launch::{self, LaunchInputs, Vmm};
-use crate::tdx_launch::{self, PageAddOrder};
-use crate::tdx_rtmr::{self, DirectBoot, KernelAsMeasured};
+use crate::snp::launch::{self as snp_launch, LaunchInputs, Vmm};
+use crate::tdx::launch::{self as tdx_launch, PageAddOrder};
+use crate::tdx::rtmr::{self as tdx_rtmr, DirectBoot, KernelAsMeasured};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
@@ -339,7 +339,7 @@ impl Launch {
             path: self.firmware.display().to_string(),
             source,
         };
-        let hex = crate::hex;
+        let hex = cvm_formats::hex;
         match self.tee {
             Tee::Snp => {
                 let snp = &self.snp;

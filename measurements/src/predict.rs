@@ -2,8 +2,8 @@
 //! PCR 11 for the UKI's sections, then the events cvm-init extends, in the order it extends
 //! them.
 
-use crate::event::{apply, Event, Phase};
-use crate::registers::{Bank, Registers};
+use cvm_formats::event::{apply, Event, Phase};
+use cvm_formats::registers::{Bank, Registers};
 
 /// The UKI sections systemd-stub measures, in the fixed order it measures them (`.pcrsig` is
 /// never measured).
@@ -145,7 +145,7 @@ pub struct Inputs {
 pub fn boot_events(inputs: &Inputs) -> Vec<Event> {
     let mut events = vec![
         Event::Phase(Phase::EnterInitrd),
-        Event::BootOptions(crate::event::cvm_options(&inputs.cmdline)),
+        Event::BootOptions(cvm_formats::event::cvm_options(&inputs.cmdline)),
         Event::RootHash(inputs.root_hash),
         Event::Phase(Phase::LeaveInitrd),
         Event::ConfigFile(inputs.config_file.clone()),
@@ -261,16 +261,16 @@ mod tests {
             &[s(".initrd", b"foobar\n"), s(".linux", b"HALLO\n")],
         );
         assert_eq!(
-            crate::hex(r.pcr(Bank::Sha256, 11)),
+            cvm_formats::hex(r.pcr(Bank::Sha256, 11)),
             "37b48bd0b222394dbe3cceff2fca4660c4b0a90ae9369ec90b42f14489989c13"
         );
         assert_eq!(
-            crate::hex(r.pcr(Bank::Sha384, 11)),
+            cvm_formats::hex(r.pcr(Bank::Sha384, 11)),
             "5573f9b2caf55b1d0a6a701f890662d682af961899f0419cf1e2d5ea4a6a68c1f25bd4f5b8a0865eeee82af90f5cb087"
         );
         r.extend_pcr(Bank::Sha256, 11, &Bank::Sha256.hash(b"foo"));
         assert_eq!(
-            crate::hex(r.pcr(Bank::Sha256, 11)),
+            cvm_formats::hex(r.pcr(Bank::Sha256, 11)),
             "21c49c1242042649e09c156546fd7d425ccc3c67359f840507b30be4e0f6f699"
         );
     }
@@ -292,7 +292,7 @@ mod tests {
         let mut r = Registers::default();
         measure_sections(&mut r, &sections[..2]);
         assert_eq!(
-            crate::hex(r.pcr(Bank::Sha256, 11)),
+            cvm_formats::hex(r.pcr(Bank::Sha256, 11)),
             "37b48bd0b222394dbe3cceff2fca4660c4b0a90ae9369ec90b42f14489989c13"
         );
         assert!(matches!(pe_sections(b"MZ"), Err(PeError::NotPe(_))));
@@ -382,9 +382,9 @@ mod tests {
         };
         let log: Vec<u8> = boot_events(&inputs)[..KEY_RELEASE_EVENTS]
             .iter()
-            .flat_map(crate::jsonseq::record)
+            .flat_map(cvm_formats::jsonseq::record)
             .collect();
-        let replayed = crate::jsonseq::replay(&crate::jsonseq::parse(&log).unwrap());
+        let replayed = cvm_formats::jsonseq::replay(&cvm_formats::jsonseq::parse(&log).unwrap());
         // The predicted RTMRs hold cvm-init's events only (a UKI's sections are in the CC
         // event log): what a broker compares cvm-init's log with.
         assert_eq!(replayed.rtmr[2], predict_key_release(&inputs).rtmr[2]);

@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use cvm_measure::tdx_rtmr::{authenticode, qemu_loaded_kernel};
+use cvm_measure::tdx::rtmr::{authenticode, qemu_loaded_kernel};
 use sha2::{Sha256, Sha384};
 
 const VERSION: &str = "26.10";
@@ -63,12 +63,12 @@ fn authenticode_digests_agree_with_virt_firmware() {
         let path = dir.path().join(name);
         std::fs::write(&path, image).unwrap();
         assert_eq!(
-            cvm_measure::hex(&authenticode::<Sha384>(image).unwrap()),
+            cvm_formats::hex(&authenticode::<Sha384>(image).unwrap()),
             reference(&venv, &path, "sha384"),
             "{name} kernel, sha384"
         );
         assert_eq!(
-            cvm_measure::hex(&authenticode::<Sha256>(image).unwrap()),
+            cvm_formats::hex(&authenticode::<Sha256>(image).unwrap()),
             reference(&venv, &path, "sha256"),
             "{name} kernel, sha256"
         );

@@ -262,7 +262,7 @@ fn sev_snp_measure_flags_give_our_digest() {
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(b64)
         .unwrap();
-    assert_eq!(cvm_measure::hex(&bytes), reference);
+    assert_eq!(cvm_formats::hex(&bytes), reference);
     // And sev-snp-measure itself agrees on those spellings, where it can be installed.
     let Some(venv) = common::python_package("sev-snp-measure", "0.0.13") else {
         return;

@@ -6,9 +6,9 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use cvm_measure::kbs_broker::{serve_with, Broker, Reference};
-use cvm_measure::kbs_client::{get_resource, ClientError, Endpoint};
-use cvm_measure::tls::{client_config, public_key_sha256, server_config, Pin};
+use cvm_kbs::client::{get_resource, ClientError, Endpoint};
+use cvm_kbs::tls::{client_config, public_key_sha256, server_config, Pin};
+use cvm_measure::broker::{serve_with, Broker, Reference};
 
 fn openssl(dir: &Path, args: &[&str]) -> Vec<u8> {
     let out = Command::new("openssl")

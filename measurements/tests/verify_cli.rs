@@ -229,14 +229,14 @@ fn tdx_predicts_rtmr1_for_a_direct_boot_and_refuses_bad_input() {
     // `make measurements` merges).
     let mut merged = base.clone();
     merged["pcr"] = serde_json::json!({ "11": { "sha256": "00".repeat(32) } });
-    let reference = cvm_measure::kbs_broker::Reference::from_prediction(&merged)
+    let reference = cvm_measure::broker::Reference::from_prediction(&merged)
         .expect("the broker loads tdx --json output");
     assert_eq!(reference.tdx_rtmrs.len(), 1);
-    assert_eq!(cvm_measure::hex(&reference.tdx_rtmrs[0].1), rtmr1);
+    assert_eq!(cvm_formats::hex(&reference.tdx_rtmrs[0].1), rtmr1);
     assert_eq!(
         reference
             .tdx_rtmr2_before_init
-            .map(|d| cvm_measure::hex(&d)),
+            .map(|d| cvm_formats::hex(&d)),
         base["tdx_rtmr2_before_init"].as_str().map(str::to_string)
     );
     // Memory (below 4 GiB: 1 GiB and 2 GiB differ, 2 GiB and 4 GiB do not on q35) moves the

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use cvm_measure::verity::{format, VerityParams};
+use cvm_formats::verity::{format, VerityParams};
 
 const SALT: &str = "6b1d2e5c0a4f3b8e9d7c6a5b4f3e2d1c0b9a8f7e6d5c4b3a2f1e0d9c8b7a6f5e";
 const UUID: &str = "3f2504e0-4f89-41d3-9a0c-0305e82c3301";
@@ -79,13 +79,13 @@ fn same_root_hash_and_bytes_as_veritysetup() {
         let params = VerityParams {
             data_block_size: data_block,
             hash_block_size: hash_block,
-            salt: cvm_measure::verity::parse_hex(SALT).unwrap(),
-            uuid: cvm_measure::verity::parse_uuid(UUID).unwrap(),
+            salt: cvm_formats::verity::parse_hex(SALT).unwrap(),
+            uuid: cvm_formats::verity::parse_uuid(UUID).unwrap(),
         };
         let tree = format(&data, &ours, &params).unwrap();
         let case = format!("{blocks} blocks of {data_block}, hash blocks of {hash_block}");
         assert_eq!(
-            cvm_measure::hex(&tree.root_hash),
+            cvm_formats::hex(&tree.root_hash),
             expected_root,
             "root hash, {case}"
         );

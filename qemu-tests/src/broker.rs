@@ -7,9 +7,9 @@ use std::net::TcpListener;
 use std::path::Path;
 use std::sync::Arc;
 
-use cvm_measure::kbs_broker::{serve_with, Broker, Reference};
+use cvm_formats::registers::Bank;
+use cvm_measure::broker::{serve_with, Broker, Reference};
 use cvm_measure::predict::{predict_key_release, Inputs};
-use cvm_measure::registers::Bank;
 
 use crate::guest::BASE_CMDLINE;
 use crate::TestImage;
@@ -95,7 +95,7 @@ pub fn start_with(
     resources: &Path,
     reference: Reference,
     secret: &[u8],
-    tls: Option<Arc<cvm_measure::tls::rustls::ServerConfig>>,
+    tls: Option<Arc<cvm_kbs::tls::rustls::ServerConfig>>,
 ) -> Arc<Broker> {
     let dir = resources.join("cvm/state-disk");
     std::fs::create_dir_all(&dir).expect("the broker's resource directory");
@@ -329,11 +329,11 @@ mod tests {
         let chain = snp_test_chain(dir.path());
         let key = p384::ecdsa::SigningKey::from_slice(&chain.vcek_scalar).unwrap();
         let (measurement, binding) = ([0x42u8; 48], [0x17u8; 64]);
-        let raw = cvm_measure::snp::test_report(&key, &measurement, &binding, 0x30000);
-        let evidence = cvm_measure::snp::trustee_evidence(
-            &cvm_measure::snp::Report::parse(&raw).unwrap(),
-            Some(vec![cvm_measure::snp::CertTableEntry {
-                cert_type: cvm_measure::snp::CertType::VCEK,
+        let raw = cvm_formats::snp::test_report(&key, &measurement, &binding, 0x30000);
+        let evidence = cvm_formats::snp::trustee_evidence(
+            &cvm_formats::snp::Report::parse(&raw).unwrap(),
+            Some(vec![cvm_formats::snp::CertTableEntry {
+                cert_type: cvm_formats::snp::CertType::VCEK,
                 data: chain.vcek_der.clone(),
             }]),
         )
@@ -348,7 +348,10 @@ mod tests {
             ..Default::default()
         };
         let untrusting = Broker::new(dir.path().into(), reference.clone());
-        let why = untrusting.verify_snp(&evidence, &binding).unwrap_err();
+        let why = untrusting
+            .verify_snp(&evidence, &binding)
+            .unwrap_err()
+            .to_string();
         assert!(why.contains("does not chain"), "{why}");
         let trusting = Broker::new(
             dir.path().into(),
@@ -358,7 +361,10 @@ mod tests {
             },
         );
         trusting.verify_snp(&evidence, &binding).unwrap();
-        let why = trusting.verify_snp(&evidence, &[0; 64]).unwrap_err();
+        let why = trusting
+            .verify_snp(&evidence, &[0; 64])
+            .unwrap_err()
+            .to_string();
         assert!(why.contains("replayed"), "{why}");
     }
 }

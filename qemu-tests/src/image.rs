@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use cvm_measure::verity::{self, VerityParams, VerityTree};
+use cvm_formats::verity::{self, VerityParams, VerityTree};
 
 pub const ROOT_TYPE: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
 pub const VERITY_TYPE: &str = "2C7357ED-EBD2-46D9-AEC1-23D437EC2BF5";
@@ -59,7 +59,7 @@ pub struct RootDisk {
 
 impl RootDisk {
     pub fn root_hash_hex(&self) -> String {
-        cvm_measure::hex(&self.tree.root_hash)
+        cvm_formats::hex(&self.tree.root_hash)
     }
 
     /// The partition UUIDs derived from the root hash (8-4-4-4-12).

@@ -39,7 +39,7 @@ fn printed_key(log: &str) -> Option<(Vec<u8>, Vec<u8>)> {
         .find_map(|l| l.split("vTPM attestation key is ").nth(1))?
         .split_whitespace()
         .next()?;
-    let bytes = cvm_measure::verity::parse_hex(hex)?;
+    let bytes = cvm_formats::verity::parse_hex(hex)?;
     (bytes.len() == 64).then(|| (bytes[..32].to_vec(), bytes[32..].to_vec()))
 }
 
@@ -153,12 +153,12 @@ fn snp_format_evidence_from_an_emulated_provider_releases_the_key() {
         &[
             (
                 "usr/lib/cvm-test/snp/vcek.key",
-                cvm_measure::hex(&chain.vcek_scalar).into_bytes(),
+                cvm_formats::hex(&chain.vcek_scalar).into_bytes(),
             ),
             ("usr/lib/cvm-test/snp/vcek.der", chain.vcek_der.clone()),
             (
                 "usr/lib/cvm-test/snp/measurement",
-                cvm_measure::hex(&measurement).into_bytes(),
+                cvm_formats::hex(&measurement).into_bytes(),
             ),
             ("etc/cvm/kbs-ca.pem", ca),
         ],
@@ -170,7 +170,7 @@ fn snp_format_evidence_from_an_emulated_provider_releases_the_key() {
     let broker = broker::start_with(
         listener,
         resources.path(),
-        cvm_measure::kbs_broker::Reference {
+        cvm_measure::broker::Reference {
             snp_chains: vec![chain.trusted()],
             // The emulated provider's reports carry a zero TCB: no minimum to compare.
             snp_requirements: cvm_measure::snp::Requirements {
@@ -180,7 +180,7 @@ fn snp_format_evidence_from_an_emulated_provider_releases_the_key() {
             ..Default::default()
         },
         &qemu_tests::pseudo_random_bytes(32, 0x9e3779b97f4a7c15),
-        Some(cvm_measure::tls::server_config(&tls_chain, &tls_key).unwrap()),
+        Some(cvm_kbs::tls::server_config(&tls_chain, &tls_key).unwrap()),
     );
     let work = tempfile::tempdir().unwrap();
     let disk = blank_state_disk(work.path());
@@ -195,7 +195,7 @@ fn snp_format_evidence_from_an_emulated_provider_releases_the_key() {
         log.contains("(snp evidence)"),
         "the node did not send SNP evidence"
     );
-    assert!(log.contains(&format!("launch digest {}", cvm_measure::hex(&measurement))));
+    assert!(log.contains(&format!("launch digest {}", cvm_formats::hex(&measurement))));
     assert!(!log.contains("opened LUKS2") && !log.contains("formatted on this boot"));
     assert!(!log.contains("plain http"), "the node did not use TLS");
     broker.allow_snp_measurement(measurement.to_vec());

@@ -92,7 +92,7 @@ fn the_image_boots_through_uefi_to_ready_and_measures_what_was_predicted() {
     let uki = std::fs::read(out.join("cvm.efi")).unwrap();
     let sections = cvm_measure::predict::pe_sections(&uki).unwrap();
     let disk = std::fs::read(&raw).unwrap();
-    let gpt = cvm_measure::tdx_rtmr::gpt_event(&disk, 512).unwrap();
+    let gpt = cvm_measure::tdx::rtmr::gpt_event(&disk, 512).unwrap();
     // And RTMR 2's part before cvm-init (PCR 9): the load options and the initrd systemd-stub
     // serves, the `.initrd` section with the `.osrel` archive it adds.
     type Sections = [(String, Vec<u8>)];
@@ -101,13 +101,13 @@ fn the_image_boots_through_uefi_to_ready_and_measures_what_was_predicted() {
         uki: &[u8],
         sections: &Sections,
     ) -> Vec<(String, String)> {
-        use cvm_measure::tdx_rtmr::{tpm_pcrs, uki_rtmr1_events, uki_rtmr2_events};
+        use cvm_measure::tdx::rtmr::{tpm_pcrs, uki_rtmr1_events, uki_rtmr2_events};
         let linux = cvm_measure::predict::section(sections, ".linux").unwrap();
         let mut events = uki_rtmr1_events::<D>(gpt, uki, linux, 1).unwrap();
         events.extend(uki_rtmr2_events::<D>(sections));
         tpm_pcrs::<D>(&events)
             .into_iter()
-            .map(|(pcr, value)| (format!("pcr{pcr}"), cvm_measure::hex(&value)))
+            .map(|(pcr, value)| (format!("pcr{pcr}"), cvm_formats::hex(&value)))
             .collect()
     }
     for (bank, expected) in [

@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use cvm_formats::registers::{Bank, Registers};
 use cvm_measure::predict::{predict, Inputs};
-use cvm_measure::registers::{Bank, Registers};
 use qemu_tests::guest::BASE_CMDLINE;
 use qemu_tests::support::{
     assert_fatal_before_workload, must, power_down, prepare, Prepared, BOOT,
@@ -38,7 +38,7 @@ fn observe(prepared: &Prepared, name: &str, extra: &str) -> Observed {
     for line in text.lines() {
         if let Some(hex) = line.split("dump: payload: log-record ").nth(1) {
             log.push(0x1e);
-            log.extend(cvm_measure::verity::parse_hex(hex.trim()).expect("hex record"));
+            log.extend(cvm_formats::verity::parse_hex(hex.trim()).expect("hex record"));
         }
     }
     assert!(!registers.is_empty(), "the init printed no registers");
@@ -47,7 +47,7 @@ fn observe(prepared: &Prepared, name: &str, extra: &str) -> Observed {
 }
 
 fn prediction(prepared: &Prepared, config: &str, extra: &str) -> Registers {
-    let payload = cvm_measure::sha256_file(&prepared.artifacts.payload).unwrap();
+    let payload = cvm_formats::sha256_file(&prepared.artifacts.payload).unwrap();
     let cmdline = format!(
         "{BASE_CMDLINE} {} {extra}",
         prepared.image.roothash_option()
@@ -65,8 +65,8 @@ fn prediction(prepared: &Prepared, config: &str, extra: &str) -> Registers {
 
 /// The three views agree, register by register, in both banks.
 fn assert_agree(observed: &Observed, predicted: &Registers) {
-    let records = cvm_measure::jsonseq::parse(&observed.log).expect("the guest's log parses");
-    let replayed = cvm_measure::jsonseq::replay(&records);
+    let records = cvm_formats::jsonseq::parse(&observed.log).expect("the guest's log parses");
+    let replayed = cvm_formats::jsonseq::replay(&records);
     for pcr in [11usize, 15] {
         for bank in Bank::ALL {
             let key = (format!("pcr{pcr}"), bank.name().to_string());
@@ -74,8 +74,8 @@ fn assert_agree(observed: &Observed, predicted: &Registers) {
                 .registers
                 .get(&key)
                 .unwrap_or_else(|| panic!("the guest did not report {key:?}"));
-            let replay = cvm_measure::hex(replayed.pcr(bank, pcr));
-            let predict = cvm_measure::hex(predicted.pcr(bank, pcr));
+            let replay = cvm_formats::hex(replayed.pcr(bank, pcr));
+            let predict = cvm_formats::hex(predicted.pcr(bank, pcr));
             assert_eq!(
                 guest,
                 &replay,
@@ -129,7 +129,7 @@ fn a_changed_root_image_moves_prediction_and_guest() {
     assert_agree(&observed, &other_prediction);
     assert_ne!(
         observed.registers[&("pcr15".to_string(), "sha256".to_string())],
-        cvm_measure::hex(&base_prediction.sha256[15])
+        cvm_formats::hex(&base_prediction.sha256[15])
     );
 }
 
@@ -159,11 +159,11 @@ const FIRMWARE_DUMP: &str =
 /// needed to check: OVMF measures the same kernel image, actions, load options and initrd
 /// into a vTPM's PCRs 2–6 and 9 that TDVF measures into RTMR 1 and 2 (PCR → RTMR mapping of
 /// UEFI 2.10 §38.4.1; a TPM gets a separator per PCR where an RTMR gets one). So the real
-/// OVMF and QEMU here, with swtpm, check `tdx_rtmr`'s kernel patching, Authenticode, event
+/// OVMF and QEMU here, with swtpm, check `tdx::rtmr`'s kernel patching, Authenticode, event
 /// order and load options, in both banks.
 #[test]
 fn ovmf_measures_a_direct_boot_as_the_rtmr_prediction_says() {
-    use cvm_measure::tdx_rtmr::{DirectBoot, KernelAsMeasured, Predicted};
+    use cvm_measure::tdx::rtmr::{DirectBoot, KernelAsMeasured, Predicted};
     let prepared = prepare(Some(FIRMWARE_DUMP));
     // Above 896 MiB, so that the kernel's XLF_CAN_BE_LOADED_ABOVE_4G (not initrd_addr_max) bounds
     // where QEMU puts the initrd.
@@ -178,10 +178,10 @@ fn ovmf_measures_a_direct_boot_as_the_rtmr_prediction_says() {
     let mut bytes = Vec::new();
     for line in guest.serial_log().lines() {
         if let Some(hex) = line.split("fwlog: payload: firmware-log ").nth(1) {
-            bytes.extend(cvm_measure::verity::parse_hex(hex.trim()).expect("hex"));
+            bytes.extend(cvm_formats::verity::parse_hex(hex.trim()).expect("hex"));
         }
     }
-    let log = cvm_measure::tcglog::parse(&bytes).expect("the firmware's log parses");
+    let log = cvm_measure::uefi::tcglog::parse(&bytes).expect("the firmware's log parses");
     let kernel = std::fs::read(&prepared.artifacts.kernel.vmlinuz).unwrap();
     let initrd = std::fs::read(&prepared.image.initrd).unwrap();
     let boot = DirectBoot {
@@ -203,7 +203,7 @@ fn ovmf_measures_a_direct_boot_as_the_rtmr_prediction_says() {
                     e.index == 9
                 }
             })
-            .filter(|e| e.event_type != cvm_measure::tcglog::EV_NO_ACTION)
+            .filter(|e| e.event_type != cvm_measure::uefi::tcglog::EV_NO_ACTION)
             .filter(|e| {
                 let separator = e.event_type == 0x4;
                 let keep = !(separator && seen_separator);
@@ -212,12 +212,12 @@ fn ovmf_measures_a_direct_boot_as_the_rtmr_prediction_says() {
             })
             .map(|e| {
                 let digest = e.digests.iter().find(|(id, _)| *id == alg);
-                cvm_measure::hex(&digest.expect("the bank's digest").1)
+                cvm_formats::hex(&digest.expect("the bank's digest").1)
             })
             .collect()
     };
     let hex = |events: Vec<Predicted>| -> Vec<String> {
-        events.iter().map(|e| cvm_measure::hex(&e.digest)).collect()
+        events.iter().map(|e| cvm_formats::hex(&e.digest)).collect()
     };
     let banks: Vec<u16> = log.algorithms.iter().map(|a| a.id).collect();
     assert!(
@@ -246,7 +246,7 @@ fn ovmf_measures_a_direct_boot_as_the_rtmr_prediction_says() {
         checked += 1;
     }
     // cvm-init reads the boot path's PCRs back at ready: they are those events folded, the
-    // separator in each PCR (what `tdx_rtmr::tpm_pcrs` says a vTPM holds).
+    // separator in each PCR (what `tdx::rtmr::tpm_pcrs` says a vTPM holds).
     must(guest.wait_for("cvm-init: ready", BOOT));
     let text = guest.serial_log();
     let printed = |register: &str, bank: &str| -> String {
@@ -260,9 +260,9 @@ fn ovmf_measures_a_direct_boot_as_the_rtmr_prediction_says() {
     fn pcrs<D: sha2::Digest>(boot: &DirectBoot) -> Vec<(u32, String)> {
         let mut events = boot.rtmr1_events::<D>().unwrap();
         events.extend(boot.rtmr2_events::<D>());
-        cvm_measure::tdx_rtmr::tpm_pcrs::<D>(&events)
+        cvm_measure::tdx::rtmr::tpm_pcrs::<D>(&events)
             .into_iter()
-            .map(|(pcr, value)| (pcr, cvm_measure::hex(&value)))
+            .map(|(pcr, value)| (pcr, cvm_formats::hex(&value)))
             .collect()
     }
     for (bank, expected) in [

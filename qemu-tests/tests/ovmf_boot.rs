@@ -6,7 +6,7 @@
 //! Without SEV nobody fills the kernel-hashes page, and the AmdSev firmware then refuses to
 //! run the kernel QEMU hands it (its blob verifier finds no table: fail closed). So the test
 //! does what QEMU's `kernel-hashes=on` does on SNP hardware: it writes the table
-//! `cvm-measure` computes (`snp_launch::kernel_hashes_table`) at the address the firmware's
+//! `cvm-measure` computes (`snp::launch::kernel_hashes_table`) at the address the firmware's
 //! metadata names, with QEMU's `loader` device. The firmware verifying the kernel, initrd and
 //! command line against it is the check that our table is the one it expects; a table with
 //! one wrong hash must stop the boot.
@@ -14,7 +14,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use cvm_measure::snp_launch::{kernel_hashes_table, Ovmf};
+use cvm_measure::snp::launch::{kernel_hashes_table, Ovmf};
 use qemu_tests::support::{must, power_down, prepare, Prepared, BOOT};
 use qemu_tests::Guest;
 use sha2::{Digest, Sha256};

@@ -532,12 +532,12 @@ fn snp_emulator_files(dir: &Path) -> Vec<(&'static str, Vec<u8>)> {
     vec![
         (
             "usr/lib/cvm-test/snp/vcek.key",
-            cvm_measure::hex(&chain.vcek_scalar).into_bytes(),
+            cvm_formats::hex(&chain.vcek_scalar).into_bytes(),
         ),
         ("usr/lib/cvm-test/snp/vcek.der", chain.vcek_der.clone()),
         (
             "usr/lib/cvm-test/snp/measurement",
-            cvm_measure::hex(&[0x5au8; 48]).into_bytes(),
+            cvm_formats::hex(&[0x5au8; 48]).into_bytes(),
         ),
     ]
 }

@@ -206,7 +206,7 @@ fn d_wrong_root_hash_stops_before_mounting() {
     // Only the last byte differs: the root partition (first half) is found, the verity
     // partition (second half) is not.
     let mut guest = boot("wrong-hash-derived", "");
-    let wrong_verity_uuid = cvm_measure::verity::format_uuid(wrong[16..].try_into().unwrap());
+    let wrong_verity_uuid = cvm_formats::verity::format_uuid(wrong[16..].try_into().unwrap());
     let log = assert_fatal_before_workload(
         &mut guest,
         &format!("no verity partition with PARTUUID {wrong_verity_uuid} (derived from roothash=)"),

@@ -2,7 +2,7 @@
 //! clouds and swtpm put the RSA-2048 EK's) and TPM2_ActivateCredential, which recovers a key
 //! broker's credential secret only when the attestation key it is bound to is loaded in the
 //! same TPM as the certified EK. Marshalled by hand like the rest of the TPM layer (the
-//! static PID 1's size); the broker's side is `cvm_measure::tpm_credential`.
+//! static PID 1's size); the broker's side is `cvm_measure::tpm::credential`.
 
 use zeroize::Zeroizing;
 
@@ -56,7 +56,7 @@ fn create_ek<T: Transport>(t: &mut T) -> Result<u32, TpmError> {
 
 /// The DER certificate of the RSA-2048 EK, read from its NV index.
 pub fn certificate<T: Transport>(t: &mut T) -> Result<Vec<u8>, TpmError> {
-    let index = cvm_measure::tpm_credential::EK_RSA_CERT_INDEX;
+    let index = cvm_formats::tpm::EK_RSA_CERT_INDEX;
     let mut b = Out::default();
     b.u32(index);
     let reply = call(t, TPM_ST_NO_SESSIONS, TPM_CC_NV_READ_PUBLIC, &b.0)?;

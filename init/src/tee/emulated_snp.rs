@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use cvm_measure::snp::{CertTableEntry, CertType};
+use cvm_formats::snp::{CertTableEntry, CertType};
 
 use super::tsm::TsmFs;
 
@@ -31,7 +31,7 @@ impl EmulatedSnp {
         };
         let hex = |name: &str| -> Result<[u8; 48], String> {
             let text = String::from_utf8_lossy(&read(name)?).trim().to_string();
-            cvm_measure::verity::parse_hex(&text)
+            cvm_formats::verity::parse_hex(&text)
                 .and_then(|v| v.try_into().ok())
                 .ok_or(format!("{}/{name}: expected 96 hex digits", dir.display()))
         };
@@ -84,14 +84,14 @@ impl TsmFs for EmulatedSnp {
                     .as_slice()
                     .try_into()
                     .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-                Ok(cvm_measure::snp::test_report(
+                Ok(cvm_formats::snp::test_report(
                     &self.key,
                     &self.measurement,
                     &data,
                     POLICY,
                 ))
             }
-            "auxblob" => Ok(cvm_measure::snp::encode_cert_table(&[CertTableEntry {
+            "auxblob" => Ok(cvm_formats::snp::encode_cert_table(&[CertTableEntry {
                 cert_type: CertType::VCEK,
                 data: self.vcek_der.clone(),
             }])),
@@ -116,23 +116,24 @@ impl TsmFs for EmulatedSnp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cvm_measure::snp::VerifyReport;
 
     #[test]
     fn emulated_reports_verify_with_the_test_vcek() {
         let dir = tempfile::tempdir().unwrap();
         let key = p384::ecdsa::SigningKey::from_slice(&[7u8; 48]).unwrap();
-        std::fs::write(dir.path().join("vcek.key"), cvm_measure::hex(&[7u8; 48])).unwrap();
+        std::fs::write(dir.path().join("vcek.key"), cvm_formats::hex(&[7u8; 48])).unwrap();
         std::fs::write(dir.path().join("vcek.der"), b"not checked here").unwrap();
-        std::fs::write(dir.path().join("measurement"), cvm_measure::hex(&[9u8; 48])).unwrap();
+        std::fs::write(dir.path().join("measurement"), cvm_formats::hex(&[9u8; 48])).unwrap();
         let tsm = EmulatedSnp::load(dir.path()).unwrap();
         let binding = [5u8; 64];
         let report =
             super::super::tsm::report(&tsm, Path::new("/r"), &binding, Some("sev_guest")).unwrap();
-        let parsed = cvm_measure::snp::Report::parse(&report.outblob).unwrap();
+        let parsed = cvm_formats::snp::Report::parse(&report.outblob).unwrap();
         parsed.verify_signature_with(key.verifying_key()).unwrap();
         assert_eq!(parsed.report_data(), &binding[..]);
         assert_eq!(parsed.measurement(), &[9u8; 48][..]);
-        let certs = cvm_measure::snp::parse_cert_table(&report.auxblob.unwrap()).unwrap();
+        let certs = cvm_formats::snp::parse_cert_table(&report.auxblob.unwrap()).unwrap();
         assert_eq!(certs[0].data, b"not checked here");
         assert!(
             tsm.entries.lock().unwrap().is_empty(),

@@ -28,7 +28,7 @@ pub enum EvidenceError {
     #[error("SNP report from /dev/sev-guest")]
     SevGuest(#[source] super::snp::SnpGuestError),
     #[error("the SNP report")]
-    Report(#[from] cvm_measure::snp::SnpError),
+    Report(#[from] cvm_formats::snp::SnpError),
     #[error("cannot read the CC event log {CCEL}")]
     Ccel(#[source] std::io::Error),
     #[error("cannot read cvm-init's measurement log")]
@@ -88,7 +88,7 @@ impl Source {
                 let mut params = serde_json::Map::new();
                 params.insert(
                     "tpm".into(),
-                    cvm_measure::kbs_broker::TpmEndorsement::json(&ek_cert, &ak_public),
+                    cvm_formats::evidence::TpmEndorsement::json(&ek_cert, &ak_public),
                 );
                 Ok(Some(params))
             }
@@ -136,7 +136,7 @@ impl Source {
                     Some("sev_guest"),
                 )?;
                 let certs = match &report.auxblob {
-                    Some(table) => Some(cvm_measure::snp::parse_cert_table(table)?),
+                    Some(table) => Some(cvm_formats::snp::parse_cert_table(table)?),
                     None => None,
                 };
                 snp(&report.outblob, certs)
@@ -155,7 +155,7 @@ impl Source {
                 )?;
                 let ccel = std::fs::read(CCEL).map_err(EvidenceError::Ccel)?;
                 let own =
-                    std::fs::read(cvm_measure::jsonseq::LOG_PATH).map_err(EvidenceError::OwnLog)?;
+                    std::fs::read(cvm_formats::jsonseq::LOG_PATH).map_err(EvidenceError::OwnLog)?;
                 Ok(tdx(&report.outblob, &ccel, &own))
             }
             Source::Tdx(None) => Err(EvidenceError::TdxNoQuote(
@@ -175,8 +175,8 @@ fn tpm(binding: &[u8; 64], credential: Option<(&[u8], &[u8])>) -> Result<Value, 
     )?;
     log::info!(
         "kbs: this node's vTPM attestation key is {}{} ({}; a broker may also list it)",
-        cvm_measure::hex(&q.ak_x),
-        cvm_measure::hex(&q.ak_y),
+        cvm_formats::hex(&q.ak_x),
+        cvm_formats::hex(&q.ak_y),
         if credential.is_some() {
             "credential activated with the vTPM's endorsement key"
         } else {
@@ -185,8 +185,8 @@ fn tpm(binding: &[u8; 64], credential: Option<(&[u8], &[u8])>) -> Result<Value, 
     );
     // The firmware's log exists on UEFI boots only; cvm-init's own always does.
     let firmware_log = std::fs::read(FIRMWARE_LOG).ok();
-    let own_log = std::fs::read(cvm_measure::jsonseq::LOG_PATH).map_err(EvidenceError::OwnLog)?;
-    Ok(cvm_measure::kbs_broker::TpmEvidence::json(
+    let own_log = std::fs::read(cvm_formats::jsonseq::LOG_PATH).map_err(EvidenceError::OwnLog)?;
+    Ok(cvm_formats::evidence::TpmEvidence::json(
         &q.ak_x,
         &q.ak_y,
         &q.attest,
@@ -198,15 +198,15 @@ fn tpm(binding: &[u8; 64], credential: Option<(&[u8], &[u8])>) -> Result<Value, 
 
 fn snp(
     report: &[u8],
-    certs: Option<Vec<cvm_measure::snp::CertTableEntry>>,
+    certs: Option<Vec<cvm_formats::snp::CertTableEntry>>,
 ) -> Result<Value, EvidenceError> {
-    let report = cvm_measure::snp::Report::parse(report)?;
+    let report = cvm_formats::snp::Report::parse(report)?;
     log::info!(
         "kbs: SNP report, launch digest {}, {} certificate(s)",
-        cvm_measure::hex(report.measurement()),
+        cvm_formats::hex(report.measurement()),
         certs.as_ref().map_or(0, Vec::len)
     );
-    Ok(cvm_measure::snp::trustee_evidence(&report, certs)?)
+    Ok(cvm_formats::snp::trustee_evidence(&report, certs)?)
 }
 
 /// Trustee's `tdx` evidence: the quote and the CC event log area as the firmware left it

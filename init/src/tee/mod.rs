@@ -14,8 +14,8 @@ pub mod tsm;
 
 use std::path::{Path, PathBuf};
 
-use cvm_measure::event::Event;
-use cvm_measure::registers::{rtmr_for_pcr, Bank};
+use cvm_formats::event::Event;
+use cvm_formats::registers::{rtmr_for_pcr, Bank};
 
 use crate::config::TeeChoice;
 
@@ -69,8 +69,8 @@ impl Backend for TpmBackend {
             &[4, 5],
             &[9],
             &[
-                cvm_measure::event::PHASE_PCR,
-                cvm_measure::event::IDENTITY_PCR,
+                cvm_formats::event::PHASE_PCR,
+                cvm_formats::event::IDENTITY_PCR,
             ],
         ];
         let mut values = Vec::new();
@@ -285,7 +285,7 @@ mod tests {
         let mut tdx = TdxBackend {
             dir: dir.path().to_path_buf(),
         };
-        let event = Event::Phase(cvm_measure::event::Phase::Ready);
+        let event = Event::Phase(cvm_formats::event::Phase::Ready);
         // Without the sysfs files (Linux < 6.16) the error says so.
         let err = tdx.extend(&event).unwrap_err();
         assert!(crate::logger::chain(&err).contains("Linux 6.16"), "{err}");

@@ -1,7 +1,7 @@
 //! vTPM evidence: an attestation key created in the vTPM (a restricted ECDSA P-256 signing
 //! key, the same on every boot of the same TPM because it is a primary key of the endorsement
 //! hierarchy) and a TPM2_Quote over the measured PCRs with the key broker's binding as
-//! qualifying data. The verifier's side is `cvm_measure::tpm_quote`. With a key broker's
+//! qualifying data. The verifier's side is `cvm_measure::tpm::quote`. With a key broker's
 //! credential (`quote_activated`), the credential is first activated with the TPM's EK
 //! (`super::ek`) and the recovered secret mixed into the qualifying data, which proves that the
 //! attestation key lives in the TPM of the certified EK.
@@ -87,7 +87,7 @@ pub fn quote<T: Transport>(t: &mut T, qualifying: &[u8], pcrs: &[u32]) -> Result
 
 /// Quotes as `quote`; with a credential (TPM2B_ID_OBJECT and TPM2B_ENCRYPTED_SECRET buffers),
 /// first activates it with this attestation key and the EK, and quotes with
-/// `cvm_measure::tpm_credential::qualifying_data(binding, secret)` instead of `binding`.
+/// `cvm_formats::tpm::qualifying_data(binding, secret)` instead of `binding`.
 pub fn quote_activated<T: Transport>(
     t: &mut T,
     binding: &[u8],
@@ -104,7 +104,7 @@ pub fn quote_activated<T: Transport>(
                     command: TPM_CC_QUOTE,
                     detail: format!("a {}-byte binding, 64 expected", binding.len()),
                 })?;
-                mixed = cvm_measure::tpm_credential::qualifying_data(binding, &secret);
+                mixed = cvm_formats::tpm::qualifying_data(binding, &secret);
                 &mixed[..]
             }
             None => binding,

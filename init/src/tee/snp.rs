@@ -24,7 +24,7 @@ const MESSAGE_VERSION: u32 = 1;
 /// (empty when it provisioned none).
 pub fn extended_report(
     report_data: &[u8; 64],
-) -> Result<(Vec<u8>, Option<Vec<cvm_measure::snp::CertTableEntry>>), SnpGuestError> {
+) -> Result<(Vec<u8>, Option<Vec<cvm_formats::snp::CertTableEntry>>), SnpGuestError> {
     let mut firmware = Firmware::open().map_err(SnpGuestError::Open)?;
     firmware
         .get_ext_report(Some(MESSAGE_VERSION), Some(*report_data), Some(0))

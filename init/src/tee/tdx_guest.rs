@@ -35,10 +35,10 @@ pub fn report(report_data: &[u8; 64]) -> std::io::Result<Vec<u8>> {
 /// answers, and why that is not evidence a broker can check.
 pub fn without_quote_service(report_data: &[u8; 64]) -> String {
     let why = "a quote needs the host's quote service, which Linux reaches through configfs-tsm (6.7 or later, module tsm)";
-    match report(report_data).map(|r| cvm_measure::tdx::parse_tdreport(&r)) {
+    match report(report_data).map(|r| cvm_formats::tdx::parse_tdreport(&r)) {
         Ok(Ok(td)) => format!(
             "configfs-tsm is absent: {DEVICE} gave a TDREPORT (MRTD {}), which only this CPU can verify; {why}",
-            cvm_measure::hex(&td.mrtd)
+            cvm_formats::hex(&td.mrtd)
         ),
         Ok(Err(e)) => format!("configfs-tsm is absent and {DEVICE} gave a malformed TDREPORT ({e}); {why}"),
         Err(e) => format!("configfs-tsm is absent and {DEVICE} failed ({e}); {why}"),

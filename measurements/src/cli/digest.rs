@@ -15,7 +15,7 @@ pub struct Args {
 pub fn run(args: Args) -> Result<(), Failure> {
     for file in &args.files {
         let d = cvm_measure::sha256_file_mapped(file).map_err(|e| work(chain(&e)))?;
-        println!("{}  {}", cvm_measure::hex(&d), file.display());
+        println!("{}  {}", cvm_formats::hex(&d), file.display());
     }
     Ok(())
 }

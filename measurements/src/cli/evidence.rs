@@ -1,5 +1,6 @@
 //! `cvm-measure evidence`: an SNP report or a TDX quote, parsed strictly and shown.
 
+use cvm_measure::snp::VerifyReport;
 use std::path::PathBuf;
 
 use super::{chain, read, usage, work, Failure};
@@ -34,16 +35,16 @@ fn raw_or_hex(bytes: Vec<u8>) -> Vec<u8> {
         _ => return bytes,
     };
     let digits: String = text.chars().filter(char::is_ascii_hexdigit).collect();
-    cvm_measure::verity::parse_hex(&digits).unwrap_or(bytes)
+    cvm_formats::verity::parse_hex(&digits).unwrap_or(bytes)
 }
 
 pub fn run(args: Args) -> Result<(), Failure> {
-    use cvm_measure::hex;
+    use cvm_formats::hex;
     let bytes = raw_or_hex(read(&args.file, "the evidence")?);
     let path = args.file.display();
     let fail = |e: &dyn std::error::Error| work(format!("{path}: {}", chain(e)));
-    if bytes.len() == cvm_measure::snp::REPORT_LEN {
-        let report = cvm_measure::snp::Report::parse(&bytes).map_err(|e| fail(&e))?;
+    if bytes.len() == cvm_formats::snp::REPORT_LEN {
+        let report = cvm_formats::snp::Report::parse(&bytes).map_err(|e| fail(&e))?;
         println!("SEV-SNP report version {}", report.version());
         println!("measurement  {}", hex(report.measurement()));
         println!("report_data  {}", hex(report.report_data()));
@@ -74,7 +75,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
     if args.vcek.is_some() {
         return Err(usage(format!(
             "--vcek is for SEV-SNP reports ({} bytes); {path} is {} bytes",
-            cvm_measure::snp::REPORT_LEN,
+            cvm_formats::snp::REPORT_LEN,
             bytes.len()
         )));
     }
@@ -96,7 +97,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
     );
     println!("signature    not checked (needs Intel's PCK collateral)");
     if let Some(ccel) = &args.ccel {
-        let log = cvm_measure::tcglog::parse(&read(ccel, "the CC event log")?)
+        let log = cvm_measure::uefi::tcglog::parse(&read(ccel, "the CC event log")?)
             .map_err(|e| work(format!("{}: {e}", ccel.display())))?;
         let regs = log
             .replay_ccel()

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cvm_measure::kbs_broker::{serve_with, Broker, Limits, Reference};
+use cvm_measure::broker::{serve_with, Broker, Limits, Reference};
 
 use super::{chain, read, snp_chain, usage, work, Failure};
 
@@ -95,7 +95,7 @@ fn configure(args: &Args) -> Result<(Reference, Limits), Failure> {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let point = cvm_measure::verity::parse_hex(line)
+            let point = cvm_formats::verity::parse_hex(line)
                 .filter(|p| p.len() == 64)
                 .ok_or_else(|| {
                     work(format!(
@@ -141,7 +141,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
         .map_err(|e| work(format!("cannot listen on {listen}: {e}")))?;
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(
-            cvm_measure::tls::server_config(
+            cvm_kbs::tls::server_config(
                 &read(cert, "the TLS certificate chain")?,
                 &read(key, "the TLS private key")?,
             )

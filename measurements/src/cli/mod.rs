@@ -204,7 +204,7 @@ fn read_evidence_file(path: &Path) -> Result<Vec<u8>, Failure> {
     let digits: String = text.chars().filter(|c| !c.is_whitespace()).collect();
     if !digits.is_empty() && digits.len() % 2 == 0 && digits.chars().all(|c| c.is_ascii_hexdigit())
     {
-        if let Some(raw) = cvm_measure::verity::parse_hex(&digits) {
+        if let Some(raw) = cvm_formats::verity::parse_hex(&digits) {
             return Ok(raw);
         }
     }
@@ -215,7 +215,7 @@ fn read_evidence_file(path: &Path) -> Result<Vec<u8>, Failure> {
 fn expected_hex(name: &str, value: Option<&str>, len: usize) -> Result<Option<Vec<u8>>, Failure> {
     match value {
         None => Ok(None),
-        Some(v) => cvm_measure::verity::parse_hex(v)
+        Some(v) => cvm_formats::verity::parse_hex(v)
             .filter(|b| b.len() <= len)
             .map(|mut b| {
                 b.resize(len, 0);

@@ -1,7 +1,7 @@
 //! Registers as text (`pcr11 sha256 …`) or JSON, shared by `predict` and `replay`.
 
-use cvm_measure::hex;
-use cvm_measure::registers::{Bank, Registers};
+use cvm_formats::hex;
+use cvm_formats::registers::{Bank, Registers};
 
 /// What to print of a register bank.
 pub struct Shown<'a> {

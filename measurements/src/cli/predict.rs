@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use cvm_measure::predict::{pe_sections, services_of_config, Inputs};
-use cvm_measure::registers::Bank;
+use cvm_formats::registers::Bank;
 
 use super::output::{print_registers, Shown};
 use super::{chain, read, usage, work, Failure};
@@ -92,7 +92,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
         return Ok(());
     }
     let hash = args.root_hash.as_deref().unwrap_or_default();
-    let root_hash: [u8; 32] = cvm_measure::verity::parse_hex(hash)
+    let root_hash: [u8; 32] = cvm_formats::verity::parse_hex(hash)
         .and_then(|b| b.try_into().ok())
         .ok_or_else(|| usage(format!("--root-hash {hash:?} is not 64 hex digits")))?;
     let mut inputs = Inputs {
@@ -150,7 +150,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
         let tree = args.root_tree.as_deref().unwrap_or(Path::new("/"));
         for (name, path) in services {
             let on_host = tree.join(path.trim_start_matches('/'));
-            let digest = cvm_measure::sha256_file(&on_host).map_err(|e| work(chain(&e)))?;
+            let digest = cvm_formats::sha256_file(&on_host).map_err(|e| work(chain(&e)))?;
             inputs.workloads.push((name, path, digest));
         }
         inputs.config_file = Some(bytes);
@@ -159,7 +159,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
         At::KeyRelease => {
             let regs = cvm_measure::predict::predict_key_release(&inputs);
             // The RTMRs predicted are cvm-init's part alone (the firmware's is in the CC log).
-            let init_rtmr2 = cvm_measure::hex(&regs.rtmr[2]);
+            let init_rtmr2 = cvm_formats::hex(&regs.rtmr[2]);
             (regs, vec![("tdx_init_rtmr2", init_rtmr2)])
         }
         At::Ready => (cvm_measure::predict::predict(&inputs), Vec::new()),

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use cvm_measure::registers::Bank;
+use cvm_formats::registers::Bank;
 
 use super::output::{print_registers, Shown};
 use super::{read, usage, work, Failure};
@@ -29,7 +29,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
     let path = args.log.display();
     let in_log = |e: &dyn std::fmt::Display| work(format!("{path}: {e}"));
     let json = args.json;
-    let shown = |pcrs: &[usize], rtmrs: bool, regs: &cvm_measure::registers::Registers| {
+    let shown = |pcrs: &[usize], rtmrs: bool, regs: &cvm_formats::registers::Registers| {
         print_registers(
             regs,
             &Shown {
@@ -47,28 +47,28 @@ pub fn run(args: Args) -> Result<(), Failure> {
                 "replay --events lists the events of a TCG binary log or a CCEL",
             ));
         }
-        let log = cvm_measure::tcglog::parse(&bytes).map_err(|e| in_log(&e))?;
+        let log = cvm_measure::uefi::tcglog::parse(&bytes).map_err(|e| in_log(&e))?;
         print_events(&log, args.ccel, json);
         return Ok(());
     }
     if args.ccel {
-        let log = cvm_measure::tcglog::parse(&bytes).map_err(|e| in_log(&e))?;
+        let log = cvm_measure::uefi::tcglog::parse(&bytes).map_err(|e| in_log(&e))?;
         let regs = log.replay_ccel().map_err(|e| in_log(&e))?;
         shown(&[], true, &regs);
     } else if bytes.first() == Some(&0x1e) {
-        let records = cvm_measure::jsonseq::parse(&bytes).map_err(|e| in_log(&e))?;
-        let regs = cvm_measure::jsonseq::replay(&records);
+        let records = cvm_formats::jsonseq::parse(&bytes).map_err(|e| in_log(&e))?;
+        let regs = cvm_formats::jsonseq::replay(&records);
         let mut pcrs: Vec<usize> = records.iter().map(|r| r.pcr as usize).collect();
         pcrs.sort();
         pcrs.dedup();
         shown(&pcrs, true, &regs);
     } else {
-        let log = cvm_measure::tcglog::parse(&bytes).map_err(|e| in_log(&e))?;
+        let log = cvm_measure::uefi::tcglog::parse(&bytes).map_err(|e| in_log(&e))?;
         let regs = log.replay_tpm().map_err(|e| in_log(&e))?;
         let mut pcrs: Vec<usize> = log
             .events
             .iter()
-            .filter(|e| e.event_type != cvm_measure::tcglog::EV_NO_ACTION)
+            .filter(|e| e.event_type != cvm_measure::uefi::tcglog::EV_NO_ACTION)
             .map(|e| e.index as usize)
             .collect();
         pcrs.sort();
@@ -79,8 +79,8 @@ pub fn run(args: Args) -> Result<(), Failure> {
 }
 
 /// `replay --events`: one line (or JSON object) per event, in log order.
-fn print_events(log: &cvm_measure::tcglog::EventLog, ccel: bool, json: bool) {
-    use cvm_measure::tcglog::event_type_name;
+fn print_events(log: &cvm_measure::uefi::tcglog::EventLog, ccel: bool, json: bool) {
+    use cvm_measure::uefi::tcglog::event_type_name;
     let register = |index: u32| match (ccel, index) {
         (true, 0) => "MRTD".to_string(),
         (true, 1..=4) => format!("RTMR{}", index - 1),
@@ -106,20 +106,20 @@ fn print_events(log: &cvm_measure::tcglog::EventLog, ccel: bool, json: bool) {
             let digests: serde_json::Map<String, serde_json::Value> = e
                 .digests
                 .iter()
-                .map(|(id, d)| (format!("{id:#06x}"), serde_json::json!(cvm_measure::hex(d))))
+                .map(|(id, d)| (format!("{id:#06x}"), serde_json::json!(cvm_formats::hex(d))))
                 .collect();
             rows.push(serde_json::json!({
                 "register": register(e.index),
                 "type": event_type_name(e.event_type),
                 "type_value": e.event_type,
                 "digests": digests,
-                "data": cvm_measure::hex(&e.data),
+                "data": cvm_formats::hex(&e.data),
             }));
         } else {
             let first = e
                 .digests
                 .first()
-                .map(|(_, d)| cvm_measure::hex(d))
+                .map(|(_, d)| cvm_formats::hex(d))
                 .unwrap_or_default();
             println!(
                 "{:<6} {:<34} {} {:?}",

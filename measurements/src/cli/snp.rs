@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use cvm_measure::snp_launch::{firmware_digest, launch_digest, vcpu_signature, LaunchInputs, Vmm};
+use cvm_measure::snp::launch::{firmware_digest, launch_digest, vcpu_signature, LaunchInputs, Vmm};
 
 use super::{chain, usage, work, Failure};
 
@@ -112,13 +112,13 @@ pub fn run(args: Args) -> Result<(), Failure> {
     let ovmf_path = args.ovmf.display();
     let firmware = cvm_measure::mapped::FileBytes::open(&args.ovmf)
         .map_err(|e| work(format!("cannot read the firmware {ovmf_path}: {e}")))?;
-    let fail = |e: cvm_measure::snp_launch::LaunchError| work(format!("{ovmf_path}: {e}"));
+    let fail = |e: cvm_measure::snp::launch::LaunchError| work(format!("{ovmf_path}: {e}"));
     let encode = |digest: &[u8]| match args.output_format.as_str() {
         "base64" => {
             use base64::Engine;
             base64::engine::general_purpose::STANDARD.encode(digest)
         }
-        _ => cvm_measure::hex(digest),
+        _ => cvm_formats::hex(digest),
     };
     if only_firmware {
         println!("{}", encode(&firmware_digest(&firmware).map_err(fail)?));
@@ -152,13 +152,13 @@ pub fn run(args: Args) -> Result<(), Failure> {
         Some(v) => hex_number("--guest-features", v)?,
     };
     let seed = match &args.ovmf_hash {
-        Some(v) => cvm_measure::verity::parse_hex(v)
+        Some(v) => cvm_formats::verity::parse_hex(v)
             .and_then(|d| d.try_into().ok())
             .ok_or_else(|| usage(format!("--ovmf-hash {v:?}: expected 96 hex digits")))?,
         None => firmware_digest(&firmware).map_err(fail)?,
     };
     let hashed =
-        |digest: Result<[u8; 32], cvm_measure::DigestError>| digest.map_err(|e| work(chain(&e)));
+        |digest: Result<[u8; 32], cvm_formats::DigestError>| digest.map_err(|e| work(chain(&e)));
     let initrd = args
         .initrd
         .as_ref()
@@ -184,7 +184,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
                 "--mode seves takes neither --ovmf-hash nor --guest-features",
             ));
         }
-        encode(&cvm_measure::snp_launch::seves_launch_digest(&inputs).map_err(fail)?)
+        encode(&cvm_measure::snp::launch::seves_launch_digest(&inputs).map_err(fail)?)
     } else {
         encode(&launch_digest(&inputs).map_err(fail)?)
     };
@@ -193,13 +193,13 @@ pub fn run(args: Args) -> Result<(), Failure> {
         super::print_json(&serde_json::json!({
             "snp_measurements": [digest],
             "launch": {
-                "firmware_sha256": cvm_measure::hex(&sha2::Sha256::digest(&*firmware)),
+                "firmware_sha256": cvm_formats::hex(&sha2::Sha256::digest(&*firmware)),
                 "vcpus": vcpus,
                 "vcpu_signature": format!("{signature:#010x}"),
                 "vmm_type": format!("{vmm:?}"),
                 "guest_features": format!("{guest_features:#x}"),
-                "kernel_sha256": kernel.as_ref().map(|k| cvm_measure::hex(k)),
-                "initrd_sha256": initrd.as_ref().map(|k| cvm_measure::hex(k)),
+                "kernel_sha256": kernel.as_ref().map(|k| cvm_formats::hex(k)),
+                "initrd_sha256": initrd.as_ref().map(|k| cvm_formats::hex(k)),
             },
         }));
     } else {

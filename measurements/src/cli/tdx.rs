@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 
-use cvm_measure::tdx_launch::{mrtd, PageAddOrder};
-use cvm_measure::tdx_rtmr::{self, DirectBoot, KernelAsMeasured, Predicted};
+use cvm_measure::tdx::launch::{mrtd, PageAddOrder};
+use cvm_measure::tdx::rtmr::{self as tdx_rtmr, DirectBoot, KernelAsMeasured, Predicted};
 use sha2::Sha384;
 
 use super::{read, usage, work, Failure};
@@ -161,13 +161,13 @@ pub fn run(args: Args) -> Result<(), Failure> {
     let list = |events: &[Predicted]| -> Vec<serde_json::Value> {
         events
             .iter()
-            .map(|e| serde_json::json!({ "event": e.what, "digest": cvm_measure::hex(&e.digest) }))
+            .map(|e| serde_json::json!({ "event": e.what, "digest": cvm_formats::hex(&e.digest) }))
             .collect()
     };
-    let fold = |events: &[Predicted]| cvm_measure::hex(&tdx_rtmr::fold::<Sha384>(events));
+    let fold = |events: &[Predicted]| cvm_formats::hex(&tdx_rtmr::fold::<Sha384>(events));
     if args.json {
         let mut out = serde_json::json!({
-            "tdx_mrtds": [cvm_measure::hex(&digest)],
+            "tdx_mrtds": [cvm_formats::hex(&digest)],
             "page_add_order": format!("{order:?}"),
         });
         if let Some((rtmr1, rtmr2)) = &events {
@@ -180,11 +180,11 @@ pub fn run(args: Args) -> Result<(), Failure> {
         }
         super::print_json(&out);
     } else if let Some((rtmr1, rtmr2)) = &events {
-        println!("mrtd {}", cvm_measure::hex(&digest));
+        println!("mrtd {}", cvm_formats::hex(&digest));
         println!("rtmr1 {}", fold(rtmr1));
         println!("rtmr2-before-init {}", fold(rtmr2));
     } else {
-        println!("{}", cvm_measure::hex(&digest));
+        println!("{}", cvm_formats::hex(&digest));
     }
     Ok(())
 }

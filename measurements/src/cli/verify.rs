@@ -1,8 +1,10 @@
 //! `cvm-measure verify`: SNP reports and TDX quotes offline, with the checks the broker makes.
 
+use cvm_measure::snp::VerifyReport;
+use cvm_measure::tdx::VerifyQuote;
 use std::path::PathBuf;
 
-use cvm_measure::verity::parse_hex;
+use cvm_formats::verity::parse_hex;
 
 use super::{expected_hex, read, read_evidence_file, snp_chain, usage, work, Failure};
 
@@ -173,7 +175,7 @@ fn snp_report(a: SnpReport) -> Result<(), Failure> {
     {
         return Err(refuse(format!(
             "measurement {} is none of the {} expected",
-            cvm_measure::hex(report.measurement()),
+            cvm_formats::hex(report.measurement()),
             a.measurement.len()
         )));
     }
@@ -251,7 +253,7 @@ fn tdx_quote(a: TdxQuote) -> Result<(), Failure> {
     {
         return Err(refuse(format!(
             "MRTD {} is none of the {} expected",
-            cvm_measure::hex(&quote.td.mrtd),
+            cvm_formats::hex(&quote.td.mrtd),
             a.mrtd.len()
         )));
     }
@@ -264,7 +266,7 @@ fn tdx_quote(a: TdxQuote) -> Result<(), Failure> {
         None => serde_json::Value::Null,
         Some(log_path) => {
             let shown = log_path.display();
-            let log = cvm_measure::tcglog::parse(&read(log_path, "the CC event log")?)
+            let log = cvm_measure::uefi::tcglog::parse(&read(log_path, "the CC event log")?)
                 .map_err(|e| work(format!("{shown}: {e}")))?;
             let replayed = log
                 .replay_ccel()
@@ -278,7 +280,7 @@ fn tdx_quote(a: TdxQuote) -> Result<(), Failure> {
         }
     };
     let td = &quote.td;
-    let hex = cvm_measure::hex;
+    let hex = cvm_formats::hex;
     super::print_json(&serde_json::json!({
         "version": quote.version,
         "body": if quote.body_type == 3 { "TD 1.5" } else { "TD 1.0" },

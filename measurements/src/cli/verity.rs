@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use cvm_measure::verity::{self, VerityParams};
+use cvm_formats::verity::{self, VerityParams};
 
 use super::{chain, usage, work, Failure};
 
@@ -72,13 +72,13 @@ pub fn run(args: Args) -> Result<(), Failure> {
         uuid,
     };
     let tree = verity::format(&f.data, &f.hash_out, &params).map_err(|e| work(chain(&e)))?;
-    let root = cvm_measure::hex(&tree.root_hash);
+    let root = cvm_formats::hex(&tree.root_hash);
     if f.json {
         super::print_json(&serde_json::json!({
             "root_hash": root,
             "hash_algorithm": "sha256",
             "format": 1,
-            "salt": cvm_measure::hex(&tree.params.salt),
+            "salt": cvm_formats::hex(&tree.params.salt),
             "uuid": verity::format_uuid(&tree.params.uuid),
             "data_block_size": tree.params.data_block_size,
             "hash_block_size": tree.params.hash_block_size,

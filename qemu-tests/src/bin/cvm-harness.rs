@@ -195,7 +195,7 @@ fn demo(config: &Path, tee: Option<Tee>) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {DEMO_BROKER} for the demo's key broker: {e}"))?;
     let mut secret = [0u8; 32];
     rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut secret);
-    let tls = cvm_measure::tls::server_config(&chain, &key).map_err(|e| qemu_tests::chain(&e))?;
+    let tls = cvm_kbs::tls::server_config(&chain, &key).map_err(|e| qemu_tests::chain(&e))?;
     broker::start_with(listener, &dir.join("kbs"), reference, &secret, Some(tls));
     println!(
         "demo: root hash {}; key broker on https://{DEMO_BROKER}; console below (ctrl-a x quits, ctrl-a c then system_powerdown powers off)",
@@ -246,7 +246,7 @@ fn confidential_launch(tee: Tee) -> Result<Launch, String> {
 fn confidential_reference(
     guest: &Guest,
     dir: &Path,
-    reference: &mut cvm_measure::kbs_broker::Reference,
+    reference: &mut cvm_measure::broker::Reference,
 ) -> Result<bool, String> {
     let launch = guest.launch_description().expect("a confidential guest");
     let name = launch.tee.name();
@@ -265,7 +265,7 @@ fn confidential_reference(
     if merged.get("snp_measurements").is_some() && merged.get("snp_min_tcb").is_none() {
         merged["snp_min_tcb"] = serde_json::json!("waived");
     }
-    let mut loaded = cvm_measure::kbs_broker::Reference::from_prediction(&merged)?;
+    let mut loaded = cvm_measure::broker::Reference::from_prediction(&merged)?;
     loaded.tdx_init_rtmr2 = reference.tdx_init_rtmr2.take();
     *reference = loaded;
     let missing = cvm_measure::launch::missing_on_this_host(launch.tee);

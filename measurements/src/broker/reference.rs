@@ -107,7 +107,7 @@ fn hex_value<const N: usize>(json: &Value, name: &str) -> Result<Option<[u8; N]>
     json.get(name)
         .map(|v| {
             v.as_str()
-                .and_then(crate::verity::parse_hex)
+                .and_then(cvm_formats::verity::parse_hex)
                 .and_then(|b| <[u8; N]>::try_from(b).ok())
                 .ok_or(format!("{name}: expected {} hex digits", 2 * N))
         })

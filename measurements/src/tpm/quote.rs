@@ -3,7 +3,7 @@
 //! binding, and the PCR digest compared with the expected sha256 PCR values.
 //!
 //! Whom the attestation key belongs to is a separate question, answered by credential
-//! activation with the TPM's certified endorsement key (`tpm_credential`).
+//! activation with the TPM's certified endorsement key (`credential`).
 
 use p256::ecdsa::signature::Verifier;
 use sha2::{Digest, Sha256};

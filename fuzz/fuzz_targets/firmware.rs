@@ -2,7 +2,8 @@
 //! launch digests over whatever parses.
 #![no_main]
 
-use cvm_measure::{snp_launch, tdx_launch};
+use cvm_measure::snp::launch as snp_launch;
+use cvm_measure::tdx::launch as tdx_launch;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -11,7 +11,9 @@ use serde_json::Value;
 use zeroize::Zeroizing;
 
 use crate::http::{read_message, write_message, HttpError, Message};
-use crate::kbs::{self, Attestation, Challenge, Jwe, Jwk, Request, RuntimeData, TeeEvidence};
+use crate::protocol::{
+    self as kbs, Attestation, Challenge, Jwe, Jwk, Request, RuntimeData, TeeEvidence,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -178,7 +180,7 @@ pub fn get_resources(
 pub type EvidenceFor<'a> = dyn FnMut(&[u8; 64], &Value) -> Result<Value, String> + 'a;
 
 /// The same, with members added to `auth`'s extra-params (a vTPM's endorsement:
-/// `kbs_broker::TpmEndorsement`, as `{"tpm": …}`) and evidence that also reads the challenge's
+/// `cvm_formats::evidence::TpmEndorsement`, as `{"tpm": …}`) and evidence that also reads the challenge's
 /// extra-params (the broker's `tpm-credential`).
 pub fn get_resources_with(
     endpoint: &Endpoint,

@@ -2,7 +2,7 @@
 //! (CCEL), which has the same format with CC measurement-register indices. Every size field is
 //! bounded; unknown algorithms are errors.
 
-use crate::registers::{Bank, Registers};
+use cvm_formats::registers::{Bank, Registers};
 
 pub const EV_NO_ACTION: u32 = 0x3;
 const SPEC_ID_SIGNATURE: &[u8; 16] = b"Spec ID Event03\0";
@@ -247,7 +247,7 @@ impl EventLog {
                 }
                 continue;
             }
-            if e.index as usize >= crate::registers::PCRS {
+            if e.index as usize >= cvm_formats::registers::PCRS {
                 return Err(LogError::BadEvent {
                     index: i + 1,
                     offset: 0,
@@ -314,9 +314,13 @@ mod tests {
         let quote = testdata("tdx/gtg_cos-113-tdx-quote.dat");
         for (i, offset) in [328usize, 376, 424, 472].iter().enumerate() {
             let expected = &quote[48 + offset..48 + offset + 48];
-            assert_eq!(crate::hex(&regs.rtmr[i]), crate::hex(expected), "RTMR{i}");
+            assert_eq!(
+                cvm_formats::hex(&regs.rtmr[i]),
+                cvm_formats::hex(expected),
+                "RTMR{i}"
+            );
         }
-        assert!(crate::hex(&regs.rtmr[0]).starts_with("3fa2f61f"));
+        assert!(cvm_formats::hex(&regs.rtmr[0]).starts_with("3fa2f61f"));
     }
 
     #[test]

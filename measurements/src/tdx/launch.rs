@@ -34,8 +34,8 @@ pub enum PageAddOrder {
     TwoPass,
 }
 
-fn bad(what: &'static str, offset: usize, detail: String) -> crate::snp_launch::LaunchError {
-    crate::snp_launch::LaunchError::Firmware {
+fn bad(what: &'static str, offset: usize, detail: String) -> crate::snp::launch::LaunchError {
+    crate::snp::launch::LaunchError::Firmware {
         what,
         offset,
         detail,
@@ -43,12 +43,12 @@ fn bad(what: &'static str, offset: usize, detail: String) -> crate::snp_launch::
 }
 
 /// The TDVF sections of an OVMF image (its footer table must name the metadata).
-pub fn sections(bytes: &[u8]) -> Result<Vec<Section>, crate::snp_launch::LaunchError> {
-    let entries = crate::snp_launch::footer_entries(bytes)?;
+pub fn sections(bytes: &[u8]) -> Result<Vec<Section>, crate::snp::launch::LaunchError> {
+    let entries = crate::snp::launch::footer_entries(bytes)?;
     let size = bytes.len();
     let (data, at) = entries
         .iter()
-        .find(|(guid, _, _)| *guid == crate::snp_launch::guid_le(TDX_METADATA_OFFSET_GUID))
+        .find(|(guid, _, _)| *guid == crate::snp::launch::guid_le(TDX_METADATA_OFFSET_GUID))
         .map(|(_, d, at)| (d, *at))
         .ok_or_else(|| {
             bad(
@@ -72,14 +72,14 @@ pub fn sections(bytes: &[u8]) -> Result<Vec<Section>, crate::snp_launch::LaunchE
                 format!("offset {from_end:#x} from the end is outside the image"),
             )
         })?;
-    if bytes[desc - 16..desc] != crate::snp_launch::guid_le(TDX_METADATA_GUID) {
+    if bytes[desc - 16..desc] != crate::snp::launch::guid_le(TDX_METADATA_GUID) {
         return Err(bad(
             "TDX metadata",
             desc - 16,
             "no TDVF metadata GUID before the descriptor".into(),
         ));
     }
-    let count = crate::snp_launch::metadata_header(bytes, desc, b"TDVF", 32, "TDX metadata")?;
+    let count = crate::snp::launch::metadata_header(bytes, desc, b"TDVF", 32, "TDX metadata")?;
     let word = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4"));
     let mut sections = Vec::with_capacity(count);
     for i in 0..count {
@@ -112,7 +112,10 @@ pub fn sections(bytes: &[u8]) -> Result<Vec<Section>, crate::snp_launch::LaunchE
 }
 
 /// MRTD for a launch of this firmware.
-pub fn mrtd(bytes: &[u8], order: PageAddOrder) -> Result<[u8; 48], crate::snp_launch::LaunchError> {
+pub fn mrtd(
+    bytes: &[u8],
+    order: PageAddOrder,
+) -> Result<[u8; 48], crate::snp::launch::LaunchError> {
     let sections = sections(bytes)?;
     let mut hash = Sha384::new();
     let record = |hash: &mut Sha384, tag: &[u8], gpa: u64| {
@@ -168,7 +171,7 @@ mod tests {
             eprintln!("no /usr/share/ovmf/OVMF.fd: skipped");
             return;
         };
-        if crate::hex(&sha2::Sha256::digest(&fw)[..8]) != "7b456907dd0786d4" {
+        if cvm_formats::hex(&sha2::Sha256::digest(&fw)[..8]) != "7b456907dd0786d4" {
             eprintln!("/usr/share/ovmf/OVMF.fd is not the 2022.11-6+deb12u2 build: skipped");
             return;
         }
@@ -179,10 +182,10 @@ mod tests {
         );
         assert_eq!(s[0].attributes & MR_EXTEND, MR_EXTEND);
         assert_eq!(
-            crate::hex(&mrtd(&fw, PageAddOrder::SinglePass).unwrap()),
+            cvm_formats::hex(&mrtd(&fw, PageAddOrder::SinglePass).unwrap()),
             "4c7206f0f483c524f12c366c711e9049030a8d47c471ee5aa9c4999a08de4057fb887fed0744d5631a212967fb231c47"
         );
-        let two = crate::hex(&mrtd(&fw, PageAddOrder::TwoPass).unwrap());
+        let two = cvm_formats::hex(&mrtd(&fw, PageAddOrder::TwoPass).unwrap());
         assert!(
             two.starts_with("acccbcc8") && two.ends_with("f7e1"),
             "{two}"

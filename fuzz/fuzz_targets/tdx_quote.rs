@@ -2,7 +2,7 @@
 //! TDREPORTs.
 #![no_main]
 
-use cvm_measure::tdx;
+use cvm_measure::tdx::{self, VerifyQuote};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

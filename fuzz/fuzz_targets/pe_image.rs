@@ -2,7 +2,8 @@
 //! disks.
 #![no_main]
 
-use cvm_measure::{predict, tdx_rtmr};
+use cvm_measure::predict;
+use cvm_measure::tdx::rtmr as tdx_rtmr;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

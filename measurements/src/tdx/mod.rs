@@ -5,40 +5,10 @@
 //! the PCK chain up to the pinned Intel SGX Root CA. What needs Intel's collateral (TCB info
 //! and status, QE identity, revocation lists) is not checked here, and the result says so.
 
-pub const HEADER_LEN: usize = 48;
-/// TD 1.0 report body; TD 1.5 adds TEE_TCB_SVN2 and MRSERVICETD.
-pub const BODY_LEN_TD10: usize = 584;
-pub const BODY_LEN_TD15: usize = 648;
-pub const TDREPORT_LEN: usize = 1024;
-const TEE_TYPE_TDX: u32 = 0x81;
-const ATTESTATION_KEY_ECDSA_P256: u16 = 2;
-const INTEL_QE_VENDOR_ID: [u8; 16] = [
-    0x93, 0x9a, 0x72, 0x33, 0xf7, 0x9c, 0x4c, 0xa9, 0x94, 0x0a, 0x0d, 0xb3, 0x95, 0x7f, 0x06, 0x07,
-];
+pub use cvm_formats::tdx::*;
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum TdxError {
-    #[error("the TDX {what} is truncated: {len} bytes, at least {needed} needed")]
-    Truncated {
-        what: &'static str,
-        len: usize,
-        needed: usize,
-    },
-    #[error("TDX quote field {field} is {found}, expected {expected}")]
-    Field {
-        field: &'static str,
-        found: String,
-        expected: &'static str,
-    },
-    #[error("TDX quote signature: {0}")]
-    Signature(String),
-    #[error("TDX {check}: expected {expected}, the quote has {found}")]
-    Refused {
-        check: &'static str,
-        expected: String,
-        found: String,
-    },
-}
+pub mod launch;
+pub mod rtmr;
 
 fn refused(check: &'static str, expected: impl ToString, found: impl ToString) -> TdxError {
     TdxError::Refused {
@@ -116,8 +86,8 @@ impl QeReport {
         if self.mrsigner != pinned.mrsigner {
             return Err(refused(
                 "qe.mrsigner",
-                crate::hex(&pinned.mrsigner),
-                crate::hex(&self.mrsigner),
+                cvm_formats::hex(&pinned.mrsigner),
+                cvm_formats::hex(&self.mrsigner),
             ));
         }
         if self.isvprodid != pinned.isvprodid {
@@ -214,47 +184,16 @@ pub fn appraise_td(td: &TdMeasurements, required: &TdRequirements) -> Result<(),
     ] {
         if let Some(expected) = expected {
             if expected != found {
-                return Err(refused(check, crate::hex(expected), crate::hex(found)));
+                return Err(refused(
+                    check,
+                    cvm_formats::hex(expected),
+                    cvm_formats::hex(found),
+                ));
             }
         }
     }
     Ok(())
 }
-
-/// The measurement fields of a TD (from a quote body or a TDREPORT's TDINFO).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TdMeasurements {
-    pub td_attributes: u64,
-    pub xfam: u64,
-    pub mrtd: [u8; 48],
-    pub mrconfigid: [u8; 48],
-    pub mrowner: [u8; 48],
-    pub mrownerconfig: [u8; 48],
-    pub rtmr: [[u8; 48]; 4],
-    pub report_data: [u8; 64],
-}
-
-impl TdMeasurements {
-    /// TD attribute bit 0: the TD is debuggable (its memory is readable by the host).
-    pub fn debug(&self) -> bool {
-        self.td_attributes & 1 != 0
-    }
-}
-
-/// A parsed quote.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Quote {
-    pub version: u16,
-    /// 2 = TD 1.0 body, 3 = TD 1.5 body (version 5 only; version 4 is always TD 1.0).
-    pub body_type: u16,
-    pub td: TdMeasurements,
-    /// The signature data after the body (ECDSA signature, attestation key, certification
-    /// data).
-    pub signature_data: Vec<u8>,
-    /// Header and body: what the attestation key signed.
-    pub signed: Vec<u8>,
-}
-
 /// The SGX report body of the quoting enclave and where its REPORTDATA is.
 const QE_REPORT_LEN: usize = 384;
 const QE_REPORT_DATA_AT: usize = 320;
@@ -276,163 +215,24 @@ impl SignatureChecked {
     /// The checks that need Intel's collateral, which an offline verifier does not have.
     pub const NOT_CHECKED: &'static str = "TCB status (TCB info), the QE's TCB level beyond the pinned minimum ISVSVN, and certificate revocation need Intel's collateral and are not checked";
 }
-
-fn array<const N: usize>(bytes: &[u8], at: usize) -> [u8; N] {
-    bytes[at..at + N]
-        .try_into()
-        .expect("bounds checked by the caller")
-}
-
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes(array(b, at))
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(array(b, at))
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(array(b, at))
-}
-
-fn need(what: &'static str, bytes: &[u8], needed: usize) -> Result<(), TdxError> {
-    if bytes.len() < needed {
-        return Err(TdxError::Truncated {
-            what,
-            len: bytes.len(),
-            needed,
-        });
-    }
-    Ok(())
-}
-
-/// The TD 1.0 report body layout (offsets within the body).
-fn body_measurements(body: &[u8]) -> TdMeasurements {
-    let rtmr = |i: usize| array::<48>(body, 328 + 48 * i);
-    TdMeasurements {
-        td_attributes: u64_at(body, 120),
-        xfam: u64_at(body, 128),
-        mrtd: array(body, 136),
-        mrconfigid: array(body, 184),
-        mrowner: array(body, 232),
-        mrownerconfig: array(body, 280),
-        rtmr: [rtmr(0), rtmr(1), rtmr(2), rtmr(3)],
-        report_data: array(body, 520),
-    }
-}
-
-impl Quote {
-    /// Parses a quote; trailing bytes after the signature data (a fixed-size buffer's zeros)
-    /// are allowed only if they are zero.
-    pub fn parse(bytes: &[u8]) -> Result<Quote, TdxError> {
-        need("quote", bytes, HEADER_LEN)?;
-        let field = |field, found: String, expected| {
-            Err(TdxError::Field {
-                field,
-                found,
-                expected,
-            })
-        };
-        let version = u16_at(bytes, 0);
-        if u16_at(bytes, 2) != ATTESTATION_KEY_ECDSA_P256 {
-            return field(
-                "attestation_key_type",
-                u16_at(bytes, 2).to_string(),
-                "2 (ECDSA P-256)",
-            );
-        }
-        if u32_at(bytes, 4) != TEE_TYPE_TDX {
-            return field("tee_type", format!("{:#x}", u32_at(bytes, 4)), "0x81 (TDX)");
-        }
-        if bytes[12..28] != INTEL_QE_VENDOR_ID {
-            return field(
-                "qe_vendor_id",
-                crate::hex(&bytes[12..28]),
-                "939a7233f79c4ca9940a0db3957f0607 (Intel)",
-            );
-        }
-        let (body_type, body_at, body_len) = match version {
-            4 => (2, HEADER_LEN, BODY_LEN_TD10),
-            5 => {
-                need("quote", bytes, HEADER_LEN + 6)?;
-                let body_type = u16_at(bytes, HEADER_LEN);
-                let size = u32_at(bytes, HEADER_LEN + 2) as usize;
-                let expected = match body_type {
-                    2 => BODY_LEN_TD10,
-                    3 => BODY_LEN_TD15,
-                    _ => {
-                        return field(
-                            "body_type",
-                            body_type.to_string(),
-                            "2 (TD 1.0) or 3 (TD 1.5)",
-                        )
-                    }
-                };
-                if size != expected {
-                    return field(
-                        "body_size",
-                        size.to_string(),
-                        "584 (TD 1.0) or 648 (TD 1.5)",
-                    );
-                }
-                (body_type, HEADER_LEN + 6, expected)
-            }
-            _ => return field("version", version.to_string(), "4 or 5"),
-        };
-        let signature_at = body_at + body_len;
-        need("quote", bytes, signature_at + 4)?;
-        let signature_len = u32_at(bytes, signature_at) as usize;
-        let end = signature_at
-            .checked_add(4)
-            .and_then(|v| v.checked_add(signature_len))
-            .ok_or(TdxError::Truncated {
-                what: "quote",
-                len: bytes.len(),
-                needed: usize::MAX,
-            })?;
-        need("quote", bytes, end)?;
-        // ECDSA signature (64) and attestation key (64) at least.
-        if signature_len < 128 {
-            return field(
-                "signature_data_len",
-                signature_len.to_string(),
-                "at least 128",
-            );
-        }
-        if bytes[end..].iter().any(|&b| b != 0) {
-            return field(
-                "trailing bytes",
-                "non-zero".into(),
-                "nothing (or zeros) after the signature data",
-            );
-        }
-        Ok(Quote {
-            version,
-            body_type,
-            td: body_measurements(&bytes[body_at..body_at + body_len]),
-            signature_data: bytes[signature_at + 4..end].to_vec(),
-            signed: bytes[..signature_at].to_vec(),
-        })
-    }
-
-    /// TEE_TCB_SVN: the TDX module's security version numbers (the body's first 16 bytes).
-    pub fn tee_tcb_svn(&self) -> [u8; 16] {
-        let body_at = if self.version == 5 {
-            HEADER_LEN + 6
-        } else {
-            HEADER_LEN
-        };
-        array(&self.signed, body_at)
-    }
-
+/// The quote signature check, beside the layout (`cvm_formats::tdx::Quote`) it reads.
+pub trait VerifyQuote {
     /// Checks the signature chain the quote carries, up to the pinned Intel SGX Root CA, and
     /// that the QE report comes from Intel's TD quoting enclave.
-    pub fn verify_signature(&self) -> Result<SignatureChecked, TdxError> {
+    fn verify_signature(&self) -> Result<SignatureChecked, TdxError>;
+    /// The same against `trust`: its extra roots beside Intel's, its quoting enclave.
+    fn verify_signature_with(&self, trust: &Trust) -> Result<SignatureChecked, TdxError>;
+}
+
+impl VerifyQuote for Quote {
+    /// Checks the signature chain the quote carries, up to the pinned Intel SGX Root CA, and
+    /// that the QE report comes from Intel's TD quoting enclave.
+    fn verify_signature(&self) -> Result<SignatureChecked, TdxError> {
         self.verify_signature_with(&Trust::default())
     }
 
     /// The same against `trust`: its extra roots beside Intel's, its quoting enclave.
-    pub fn verify_signature_with(&self, trust: &Trust) -> Result<SignatureChecked, TdxError> {
+    fn verify_signature_with(&self, trust: &Trust) -> Result<SignatureChecked, TdxError> {
         use p256::ecdsa::signature::Verifier;
         use p256::ecdsa::{Signature, VerifyingKey};
         let bad = |why: String| TdxError::Signature(why);
@@ -523,7 +323,7 @@ impl Quote {
         {
             return Err(bad(format!(
                 "the chain's root (sha256 {}) is not the Intel SGX Root CA",
-                crate::hex(&root_fingerprint)
+                cvm_formats::hex(&root_fingerprint)
             )));
         }
         root.verify_issued_by(root)
@@ -548,30 +348,6 @@ impl Quote {
         })
     }
 }
-
-/// Parses a TDREPORT (what TDG.MR.REPORT and `/dev/tdx_guest` return): REPORTDATA in the
-/// MAC structure, TDINFO at 512.
-pub fn parse_tdreport(bytes: &[u8]) -> Result<TdMeasurements, TdxError> {
-    if bytes.len() != TDREPORT_LEN {
-        return Err(TdxError::Field {
-            field: "length",
-            found: bytes.len().to_string(),
-            expected: "1024",
-        });
-    }
-    let rtmr = |i: usize| array::<48>(bytes, 720 + 48 * i);
-    Ok(TdMeasurements {
-        td_attributes: u64_at(bytes, 512),
-        xfam: u64_at(bytes, 520),
-        mrtd: array(bytes, 528),
-        mrconfigid: array(bytes, 576),
-        mrowner: array(bytes, 624),
-        mrownerconfig: array(bytes, 672),
-        rtmr: [rtmr(0), rtmr(1), rtmr(2), rtmr(3)],
-        report_data: array(bytes, 128),
-    })
-}
-
 /// Quotes signed by a chain of the test's own keys (root, PCK CA, PCK, attestation key), laid
 /// out as real quotes are: the certificates are the real chain's with their keys replaced, so
 /// only the keys (and the root's fingerprint) differ from Intel's.
@@ -727,9 +503,9 @@ mod tests {
     fn real_quotes_parse() {
         let cos = Quote::parse(&testdata("tdx/gtg_cos-113-tdx-quote.dat")).unwrap();
         assert_eq!((cos.version, cos.body_type), (4, 2));
-        assert!(crate::hex(&cos.td.rtmr[0]).starts_with("3fa2f61f"));
-        assert!(crate::hex(&cos.td.rtmr[1]).starts_with("f62dbc07"));
-        assert!(crate::hex(&cos.td.rtmr[2]).starts_with("4969684d"));
+        assert!(cvm_formats::hex(&cos.td.rtmr[0]).starts_with("3fa2f61f"));
+        assert!(cvm_formats::hex(&cos.td.rtmr[1]).starts_with("f62dbc07"));
+        assert!(cvm_formats::hex(&cos.td.rtmr[2]).starts_with("4969684d"));
         // The report data used for that quote.
         assert_eq!(cos.td.report_data.to_vec(), testdata("tdx/gtg_nonce.dat"));
         assert!(!cos.td.debug());
@@ -786,7 +562,7 @@ mod tests {
 
     #[test]
     fn rtmrs_equal_the_ccel_replay() {
-        let log = crate::tcglog::parse(&testdata("tdx/gtg_ccel_data.dat")).unwrap();
+        let log = crate::uefi::tcglog::parse(&testdata("tdx/gtg_ccel_data.dat")).unwrap();
         let replayed = log.replay_ccel().unwrap();
         let quote = Quote::parse(&testdata("tdx/gtg_cos-113-tdx-quote.dat")).unwrap();
         for i in 0..3 {
@@ -860,7 +636,7 @@ mod tests {
                 found,
             }) => {
                 assert_eq!(check, "qe.mrsigner");
-                assert_eq!(expected, crate::hex(&INTEL_TD_QE_MRSIGNER));
+                assert_eq!(expected, cvm_formats::hex(&INTEL_TD_QE_MRSIGNER));
                 assert!(found.starts_with("239e2a7c"), "{found}");
             }
             other => panic!("{other:?}"),

@@ -1,7 +1,7 @@
 //! SNP attestation reports and the certificate table of an extended report.
 #![no_main]
 
-use cvm_measure::snp;
+use cvm_formats::snp;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -16,9 +16,9 @@ pub fn stderr() -> Sink {
 }
 
 /// `text` with every character that could break the line or hide text written as an escape
-/// (`crate::text::escape`), so that the result is one printable line.
+/// (`cvm_formats::text::escape`), so that the result is one printable line.
 pub fn escape(text: &str) -> String {
-    crate::text::escape(text).into_owned()
+    cvm_formats::text::escape(text).into_owned()
 }
 
 /// One refusal as a line: `kbs-serve: refused <field>="<escaped value>" ...`.

@@ -243,7 +243,7 @@ mod tests {
         // sha384 of 4096 zero bytes (Python's hashlib).
         let digest = sha384_pages(&[&[0; PAGE]; 5]);
         assert_eq!(
-            crate::hex(&digest[4]),
+            cvm_formats::hex(&digest[4]),
             "c0e59a3e3ffbd3b5c75428fb36432facabc745944296ff515f737c4fef4efc64586809f7a16f56354a1eaecf2aa8d774"
         );
     }

@@ -45,7 +45,7 @@ fn firmware_error(what: &'static str, offset: usize, detail: impl Into<String>) 
 /// A GUID as it is stored in EFI structures (the first three fields little-endian).
 pub(crate) fn guid_le(text: &str) -> [u8; 16] {
     let hex: String = text.chars().filter(|c| *c != '-').collect();
-    let b: [u8; 16] = crate::verity::parse_hex(&hex)
+    let b: [u8; 16] = cvm_formats::verity::parse_hex(&hex)
         .and_then(|v| v.try_into().ok())
         .expect("GUID constants are well formed");
     [
@@ -93,7 +93,7 @@ impl Gctx {
             .filter(|&i| !repeats[i])
             .filter_map(|i| pages[i].try_into().ok())
             .collect();
-        let mut digests = crate::page_sha384::sha384_pages(&whole).into_iter();
+        let mut digests = crate::snp::page_sha384::sha384_pages(&whole).into_iter();
         let mut contents = [0u8; 48];
         for (i, page) in pages.iter().enumerate() {
             if !repeats[i] {
@@ -682,7 +682,7 @@ mod tests {
     }
 
     fn hex(d: [u8; 48]) -> String {
-        crate::hex(&d)
+        cvm_formats::hex(&d)
     }
 
     #[test]
@@ -716,7 +716,7 @@ mod tests {
             Some(&sha256(&synthetic_initrd())),
             Some(SYNTHETIC_APPEND),
         );
-        assert_eq!(crate::hex(&table), "06d63894224fc94cb479a793d411fd21a800d82dd09720bd944caa78e7714d36ab2a320004490ebd411de8f53ce562b8b071e557bd6efda474686eb8454d495bf1de687c31f7ba442f3ad74b9af141e29169781d3200d8c6d3d157f9b6dd5421e11d7e72543ec9d60d85ff0ebf5808e73354ff2130073794e74dd2ab7f42b835d5b172d2045b3200a1f259d4365ed4320c377ce26f5c8c56dcdc9a89e7b641bfd8eabfbbeac866540000000000000000");
+        assert_eq!(cvm_formats::hex(&table), "06d63894224fc94cb479a793d411fd21a800d82dd09720bd944caa78e7714d36ab2a320004490ebd411de8f53ce562b8b071e557bd6efda474686eb8454d495bf1de687c31f7ba442f3ad74b9af141e29169781d3200d8c6d3d157f9b6dd5421e11d7e72543ec9d60d85ff0ebf5808e73354ff2130073794e74dd2ab7f42b835d5b172d2045b3200a1f259d4365ed4320c377ce26f5c8c56dcdc9a89e7b641bfd8eabfbbeac866540000000000000000");
     }
 
     #[test]
@@ -823,7 +823,7 @@ mod tests {
             return;
         };
         // The vector is for ovmf 2022.11-6+deb12u2; another build gives another digest.
-        if crate::hex(&sha2::Sha256::digest(&fw)[..8]) != "7b456907dd0786d4" {
+        if cvm_formats::hex(&sha2::Sha256::digest(&fw)[..8]) != "7b456907dd0786d4" {
             eprintln!("/usr/share/ovmf/OVMF.fd is not the 2022.11-6+deb12u2 build: skipped");
             return;
         }

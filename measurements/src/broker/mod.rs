@@ -2,7 +2,7 @@
 //! HTTP, resources kept as files, released only to a session whose evidence verifies against
 //! reference values (`cvm-measure predict --json`). Evidence kinds so far: `tpm` (a vTPM quote
 //! over the reference PCRs by an attestation key shown to live beside a certified endorsement
-//! key, `tpm_credential`, bound to the session's nonce and the node's ephemeral key), `snp`
+//! key, `tpm::credential`, bound to the session's nonce and the node's ephemeral key), `snp`
 //! and `tdx`.
 
 use std::collections::HashMap;
@@ -19,8 +19,18 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::Digest;
 
-use crate::http::{read_message, write_message, Message};
-use crate::kbs::{self, Attestation, Challenge, Jwk, Request};
+pub mod log;
+pub mod reference;
+pub mod refusal;
+
+pub use refusal::Refusal;
+
+pub use cvm_formats::evidence::{TpmEndorsement, TpmEvidence};
+
+use crate::snp::VerifyReport;
+use crate::tdx::VerifyQuote;
+use cvm_kbs::http::{read_message, write_message, Message};
+use cvm_kbs::protocol::{self as kbs, Attestation, Challenge, Jwk, Request};
 
 /// How long a session lives between `auth` and the last resource.
 const SESSION_LIFETIME: Duration = Duration::from_secs(300);
@@ -103,7 +113,7 @@ impl Reference {
                 .ok_or(format!("PCR {index} has no sha256 value"))?;
             pcrs.push((
                 index,
-                crate::verity::parse_hex(hex).ok_or(format!("PCR {index}: bad hex"))?,
+                cvm_formats::verity::parse_hex(hex).ok_or(format!("PCR {index}: bad hex"))?,
             ));
         }
         pcrs.sort();
@@ -116,14 +126,14 @@ impl Reference {
         {
             let hex = m.as_str().ok_or("snp_measurements holds a non-string")?;
             snp_measurements.push(
-                crate::verity::parse_hex(hex)
+                cvm_formats::verity::parse_hex(hex)
                     .filter(|d| d.len() == 48)
                     .ok_or(format!("snp measurement {hex:?} is not 96 hex digits"))?,
             );
         }
         let digest48 = |name: &str, v: &Value| -> Result<Vec<u8>, String> {
             v.as_str()
-                .and_then(crate::verity::parse_hex)
+                .and_then(cvm_formats::verity::parse_hex)
                 .filter(|d| d.len() == 48)
                 .ok_or(format!("{name}: expected 96 hex digits"))
         };
@@ -156,8 +166,8 @@ impl Reference {
         if pcrs.is_empty() && snp_measurements.is_empty() && tdx_mrtds.is_empty() {
             return Err("the reference values name no PCR (pcr), no SNP launch digest (snp_measurements) and no TDX MRTD (tdx_mrtds): such a reference would accept any evidence".into());
         }
-        let snp_requirements = crate::broker_reference::snp_requirements(json)?;
-        let (tdx_requirements, qe) = crate::broker_reference::tdx_requirements(json)?;
+        let snp_requirements = crate::broker::reference::snp_requirements(json)?;
+        let (tdx_requirements, qe) = crate::broker::reference::tdx_requirements(json)?;
         if !snp_measurements.is_empty()
             && snp_requirements.min_tcb == crate::snp::MinimumTcb::Missing
         {
@@ -199,24 +209,8 @@ struct Session {
 /// What a `tpm` session's quote is checked against.
 #[derive(Clone)]
 struct TpmCredential {
-    ak: crate::tpm_credential::AkPublic,
+    ak: crate::tpm::credential::AkPublic,
     secret: zeroize::Zeroizing<Vec<u8>>,
-}
-
-/// The `tpm` member of the node's `auth` extra-params: its EK certificate (base64 DER, from
-/// NV index 0x01c00002) and its attestation key's TPMT_PUBLIC (base64).
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TpmEndorsement {
-    pub ek_cert: String,
-    pub ak_public: String,
-}
-
-impl TpmEndorsement {
-    /// The `auth` extra-params member a node sends.
-    pub fn json(ek_cert: &[u8], ak_public: &[u8]) -> Value {
-        json!({ "ek_cert": STANDARD.encode(ek_cert), "ak_public": STANDARD.encode(ak_public) })
-    }
 }
 
 /// The broker's state.
@@ -226,7 +220,7 @@ pub struct Broker {
     sessions: Mutex<HashMap<String, Session>>,
     limits: Limits,
     connections: AtomicUsize,
-    log: crate::broker_log::Sink,
+    log: crate::broker::log::Sink,
 }
 
 /// An HTTP answer.
@@ -261,63 +255,31 @@ fn ok_json(body: Value, headers: Vec<(String, String)>) -> Answer {
 fn random_id() -> String {
     let mut bytes = [0u8; 16];
     rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
-    crate::hex(&bytes)
-}
-
-/// The `tpm` evidence a node sends as `primary_evidence`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TpmEvidence {
-    /// base64url x and y of the attestation key.
-    pub ak_x: String,
-    pub ak_y: String,
-    /// base64 TPMS_ATTEST, and the signature's r and s.
-    pub attest: String,
-    pub signature_r: String,
-    pub signature_s: String,
-    /// base64 of the firmware's TCG event log (absent on direct kernel boot).
-    #[serde(default)]
-    pub eventlog: Option<String>,
-    /// base64 of cvm-init's JSON-seq measurement log.
-    #[serde(default)]
-    pub cvm_measure_log: Option<String>,
-}
-
-impl TpmEvidence {
-    /// The `primary_evidence` JSON of a quote and the logs that explain it.
-    pub fn json(
-        ak_x: &[u8],
-        ak_y: &[u8],
-        attest: &[u8],
-        (r, s): (&[u8], &[u8]),
-        firmware_log: Option<&[u8]>,
-        cvm_measure_log: Option<&[u8]>,
-    ) -> Value {
-        json!({
-            "ak_x": URL_SAFE_NO_PAD.encode(ak_x),
-            "ak_y": URL_SAFE_NO_PAD.encode(ak_y),
-            "attest": STANDARD.encode(attest),
-            "signature_r": STANDARD.encode(r),
-            "signature_s": STANDARD.encode(s),
-            "eventlog": firmware_log.map(|l| STANDARD.encode(l)),
-            "cvm_measure_log": cvm_measure_log.map(|l| STANDARD.encode(l)),
-        })
-    }
+    cvm_formats::hex(&bytes)
 }
 
 /// The sha256 PCR values the logs replay to: the firmware's TCG log, then cvm-init's.
-fn replay_logs(firmware: Option<&[u8]>, own: &[u8]) -> Result<crate::registers::Registers, String> {
+fn replay_logs(
+    firmware: Option<&[u8]>,
+    own: &[u8],
+) -> Result<cvm_formats::registers::Registers, Refusal> {
     let mut registers = match firmware {
-        Some(log) => crate::tcglog::parse(log)
+        Some(log) => crate::uefi::tcglog::parse(log)
             .and_then(|l| l.replay_tpm())
-            .map_err(|e| format!("eventlog: {e}"))?,
-        None => crate::registers::Registers::default(),
+            .map_err(|e| Refusal::Log {
+                log: "eventlog",
+                why: e.to_string(),
+            })?,
+        None => cvm_formats::registers::Registers::default(),
     };
-    let records = crate::jsonseq::parse(own).map_err(|e| format!("cvm_measure_log: {e}"))?;
+    let records = cvm_formats::jsonseq::parse(own).map_err(|e| Refusal::Log {
+        log: "cvm_measure_log",
+        why: e.to_string(),
+    })?;
     for record in &records {
         for (bank, digest) in &record.digests {
-            if *bank == crate::registers::Bank::Sha256
-                && (record.pcr as usize) < crate::registers::PCRS
+            if *bank == cvm_formats::registers::Bank::Sha256
+                && (record.pcr as usize) < cvm_formats::registers::PCRS
             {
                 registers.extend_pcr(*bank, record.pcr as usize, digest);
             }
@@ -334,7 +296,7 @@ impl Broker {
             sessions: Mutex::new(HashMap::new()),
             limits: Limits::default(),
             connections: AtomicUsize::new(0),
-            log: crate::broker_log::stderr(),
+            log: crate::broker::log::stderr(),
         }
     }
 
@@ -345,7 +307,7 @@ impl Broker {
     }
 
     /// The same broker logging its refusals to `sink` instead of stderr.
-    pub fn with_log(mut self, sink: crate::broker_log::Sink) -> Broker {
+    pub fn with_log(mut self, sink: crate::broker::log::Sink) -> Broker {
         self.log = sink;
         self
     }
@@ -370,7 +332,7 @@ impl Broker {
             ];
             fields.extend(noted.iter().map(|(n, v)| (*n, v.as_str())));
             fields.push(("reason", &detail));
-            (self.log)(&crate::broker_log::refusal_line(&fields));
+            (self.log)(&crate::broker::log::refusal_line(&fields));
         }
         answer
     }
@@ -550,7 +512,7 @@ impl Broker {
             _ => self.verify_tpm(evidence, &binding, tpm.as_ref()),
         };
         if let Err(why) = verdict {
-            return problem(401, "AttestationError", why);
+            return problem(401, "AttestationError", why.to_string());
         }
         if let Some(session) = self.sessions.lock().unwrap().get_mut(id) {
             session.tee_pubkey = Some(attestation.runtime_data.tee_pubkey.clone());
@@ -564,7 +526,7 @@ impl Broker {
     /// challenge's `tpm-credential` (base64 TPM2B_ID_OBJECT and TPM2B_ENCRYPTED_SECRET
     /// buffers).
     fn make_credential(&self, endorsement: &Value) -> Result<(TpmCredential, Value), String> {
-        use crate::tpm_credential as tc;
+        use crate::tpm::credential as tc;
         let endorsement: TpmEndorsement = serde_json::from_value(endorsement.clone())
             .map_err(|e| format!("auth extra-params tpm: {e}"))?;
         let decode = |name: &str, v: &str| {
@@ -597,42 +559,44 @@ impl Broker {
         evidence: &Value,
         binding: &[u8; 64],
         credential: Option<&Result<TpmCredential, String>>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Refusal> {
         let credential = match credential {
             Some(Ok(c)) => c,
-            Some(Err(why)) => return Err(format!("vTPM attestation key not admitted: {why}")),
-            None => return Err("vTPM attestation key not admitted: the node sent no endorsement (EK certificate and attestation key) at auth".into()),
+            Some(Err(why)) => return Err(Refusal::KeyNotAdmitted(why.clone())),
+            None => {
+                return Err(Refusal::KeyNotAdmitted(
+                    "the node sent no endorsement (EK certificate and attestation key) at auth"
+                        .into(),
+                ))
+            }
         };
         let evidence: TpmEvidence =
-            serde_json::from_value(evidence.clone()).map_err(|e| format!("tpm evidence: {e}"))?;
-        let b64url = |name: &str, v: &str| {
+            serde_json::from_value(evidence.clone()).map_err(|source| Refusal::EvidenceShape {
+                kind: "tpm",
+                source,
+            })?;
+        let b64url = |name: &'static str, v: &str| {
             URL_SAFE_NO_PAD
                 .decode(v)
-                .map_err(|_| format!("{name} is not base64url"))
+                .map_err(|_| Refusal::NotBase64Url(name))
         };
-        let b64 = |name: &str, v: &str| {
-            STANDARD
-                .decode(v)
-                .map_err(|_| format!("{name} is not base64"))
-        };
+        let b64 =
+            |name: &'static str, v: &str| STANDARD.decode(v).map_err(|_| Refusal::NotBase64(name));
         let (x, y) = (
             b64url("ak_x", &evidence.ak_x)?,
             b64url("ak_y", &evidence.ak_y)?,
         );
         if (x.as_slice(), y.as_slice()) != (credential.ak.x.as_slice(), credential.ak.y.as_slice())
         {
-            return Err(format!(
-                "vTPM attestation key not admitted: the quote's key {}{} is not the one the credential was made for",
-                crate::hex(&x),
-                crate::hex(&y)
-            ));
+            return Err(Refusal::KeyNotAdmitted(format!(
+                "the quote's key {}{} is not the one the credential was made for",
+                cvm_formats::hex(&x),
+                cvm_formats::hex(&y)
+            )));
         }
         let reference = self.reference.lock().unwrap().clone();
         if reference.pcrs.is_empty() {
-            return Err(
-                "this broker has no PCR reference values (a quote of no PCRs proves nothing)"
-                    .into(),
-            );
+            return Err(Refusal::NoPcrReference);
         }
         if !reference.attestation_keys.is_empty()
             && !reference
@@ -640,17 +604,17 @@ impl Broker {
                 .iter()
                 .any(|(ax, ay)| *ax == x && *ay == y)
         {
-            return Err(format!(
-                "the quote's attestation key {}{} is not one this broker trusts",
-                crate::hex(&x),
-                crate::hex(&y)
-            ));
+            return Err(Refusal::UntrustedKey(format!(
+                "{}{}",
+                cvm_formats::hex(&x),
+                cvm_formats::hex(&y)
+            )));
         }
         let pcrs: Vec<u32> = reference.pcrs.iter().map(|(i, _)| *i).collect();
         let values: Vec<Vec<u8>> = reference.pcrs.iter().map(|(_, v)| v.clone()).collect();
         let attest = b64("attest", &evidence.attest)?;
-        let qualifying = crate::tpm_credential::qualifying_data(binding, &credential.secret);
-        let verdict = crate::tpm_quote::verify(
+        let qualifying = crate::tpm::credential::qualifying_data(binding, &credential.secret);
+        let verdict = crate::tpm::quote::verify(
             &attest,
             &b64("signature_r", &evidence.signature_r)?,
             &b64("signature_s", &evidence.signature_s)?,
@@ -659,13 +623,11 @@ impl Broker {
             &pcrs,
             &values,
         );
-        if let Err(crate::tpm_quote::QuoteError::Binding) = verdict {
-            return Err("vTPM attestation key not admitted: the quote does not carry the activated credential (the key is not in the TPM of the certified EK, or the quote is replayed)".into());
+        if let Err(crate::tpm::quote::QuoteError::Binding) = verdict {
+            return Err(Refusal::KeyNotAdmitted("the quote does not carry the activated credential (the key is not in the TPM of the certified EK, or the quote is replayed)".into()));
         }
         let Some(own_log) = &evidence.cvm_measure_log else {
-            return verdict
-                .map(|_| ())
-                .map_err(|e| format!("vTPM quote refused: {e}"));
+            return verdict.map(|_| ()).map_err(Refusal::TpmQuote);
         };
         // With the logs: they must replay to the quoted PCRs (a log that does not is refused
         // even when the quote matches), and a mismatch is named PCR by PCR.
@@ -674,36 +636,39 @@ impl Broker {
             None => None,
         };
         let replayed = replay_logs(firmware_log.as_deref(), &b64("cvm_measure_log", own_log)?)?;
-        let quoted = match crate::tpm_quote::parse_attest(&attest) {
+        let quoted = match crate::tpm::quote::parse_attest(&attest) {
             Ok(q) => q,
-            Err(e) => return Err(format!("vTPM quote refused: {e}")),
+            Err(e) => return Err(Refusal::TpmQuote(e)),
         };
         let mut digest = sha2::Sha256::new();
         for &p in &quoted.pcrs {
-            digest.update(replayed.pcr(crate::registers::Bank::Sha256, p as usize));
+            digest.update(replayed.pcr(cvm_formats::registers::Bank::Sha256, p as usize));
         }
         let consistent = digest.finalize().as_slice() == quoted.pcr_digest;
         match verdict {
             Ok(_) if consistent => Ok(()),
-            Ok(_) => Err("the event logs do not replay to the quoted PCRs".into()),
-            Err(crate::tpm_quote::QuoteError::PcrDigest) if consistent => {
+            Ok(_) => Err(Refusal::LogsDoNotReplayPcrs),
+            Err(crate::tpm::quote::QuoteError::PcrDigest) if consistent => {
                 let differing: Vec<String> = reference
                     .pcrs
                     .iter()
                     .filter(|(p, v)| {
-                        replayed.pcr(crate::registers::Bank::Sha256, *p as usize) != v.as_slice()
+                        replayed.pcr(cvm_formats::registers::Bank::Sha256, *p as usize)
+                            != v.as_slice()
                     })
                     .map(|(p, v)| {
                         format!(
                             "PCR {p} is {}, the reference is {}",
-                            crate::hex(replayed.pcr(crate::registers::Bank::Sha256, *p as usize)),
-                            crate::hex(v)
+                            cvm_formats::hex(
+                                replayed.pcr(cvm_formats::registers::Bank::Sha256, *p as usize)
+                            ),
+                            cvm_formats::hex(v)
                         )
                     })
                     .collect();
-                Err(format!("vTPM quote refused: the quoted PCR digest does not match the reference values ({})", differing.join("; ")))
+                Err(Refusal::PcrsDiffer(differing.join("; ")))
             }
-            Err(e) => Err(format!("vTPM quote refused: {e}")),
+            Err(e) => Err(Refusal::TpmQuote(e)),
         }
     }
 
@@ -712,35 +677,30 @@ impl Broker {
     /// with it and carry an allowed launch digest, VMPL 0, no debugging, and this session's
     /// binding. This broker is offline: evidence without its endorsement certificate is refused
     /// (Trustee would fetch it from AMD's key server).
-    pub fn verify_snp(&self, evidence: &Value, binding: &[u8; 64]) -> Result<(), String> {
+    pub fn verify_snp(&self, evidence: &Value, binding: &[u8; 64]) -> Result<(), Refusal> {
         use crate::snp::{self, CertType};
-        let (report, certs) = snp::from_trustee_evidence(evidence).map_err(|e| e.to_string())?;
+        let (report, certs) = snp::from_trustee_evidence(evidence)?;
         let (wanted, name) = match report.signing_key() {
             0 => (CertType::VCEK, "VCEK"),
             1 => (CertType::VLEK, "VLEK"),
-            other => {
-                return Err(format!(
-                    "the report is signed by key {other}, expected a VCEK (0) or a VLEK (1)"
-                ))
-            }
+            other => return Err(Refusal::SigningKey(other)),
         };
-        let der = certs.iter().find(|c| c.cert_type == wanted).ok_or(format!(
-            "the evidence carries no {name} certificate (this broker does not fetch one)"
-        ))?;
-        let endorsement = snp::certificate(&der.data).map_err(|e| e.to_string())?;
+        let der = certs
+            .iter()
+            .find(|c| c.cert_type == wanted)
+            .ok_or(Refusal::NoEndorsement(name))?;
+        let endorsement = snp::certificate(&der.data)?;
         let reference = self.reference.lock().unwrap().clone();
-        let product = snp::verify_chain_with(&endorsement, &reference.snp_chains)
-            .map_err(|e| e.to_string())?;
+        let product = snp::verify_chain_with(&endorsement, &reference.snp_chains)?;
         report
             .verify_signature(&endorsement)
-            .map_err(|e| format!("{e} ({product} chain)"))?;
+            .map_err(|source| Refusal::SnpSignature { source, product })?;
         let expected = snp::Expectations {
             measurements: reference.snp_measurements,
             report_data: binding.to_vec(),
             requirements: reference.snp_requirements,
         };
-        snp::appraise(&report, product, &expected)
-            .map_err(|why| format!("SNP report refused: {why}"))
+        snp::appraise(&report, product, &expected).map_err(Refusal::SnpAppraisal)
     }
 
     /// `tdx` evidence in Trustee's shape (`quote`, `cc_eventlog`, both base64) plus cvm-init's
@@ -749,7 +709,7 @@ impl Broker {
     /// `SignatureChecked::NOT_CHECKED`), no debugging, this session's binding, an allowed MRTD,
     /// the reference RTMRs, the CC event log and then cvm-init's log replaying to all four
     /// RTMRs, and cvm-init's own events being this image's (`tdx_init_rtmr2`).
-    pub fn verify_tdx(&self, evidence: &Value, binding: &[u8; 64]) -> Result<(), String> {
+    pub fn verify_tdx(&self, evidence: &Value, binding: &[u8; 64]) -> Result<(), Refusal> {
         use crate::tdx::Quote;
         #[derive(Deserialize)]
         struct TdxEvidence {
@@ -758,74 +718,74 @@ impl Broker {
             cvm_measure_log: Option<String>,
         }
         let evidence: TdxEvidence =
-            serde_json::from_value(evidence.clone()).map_err(|e| format!("tdx evidence: {e}"))?;
-        let decode = |name: &str, v: &str| {
-            STANDARD
-                .decode(v)
-                .map_err(|_| format!("{name} is not base64"))
-        };
-        let quote = Quote::parse(&decode("quote", &evidence.quote)?).map_err(|e| e.to_string())?;
+            serde_json::from_value(evidence.clone()).map_err(|source| Refusal::EvidenceShape {
+                kind: "tdx",
+                source,
+            })?;
+        let decode =
+            |name: &'static str, v: &str| STANDARD.decode(v).map_err(|_| Refusal::NotBase64(name));
+        let quote = Quote::parse(&decode("quote", &evidence.quote)?)?;
         let reference = self.reference.lock().unwrap().clone();
-        quote
-            .verify_signature_with(&reference.tdx_trust)
-            .map_err(|e| e.to_string())?;
+        quote.verify_signature_with(&reference.tdx_trust)?;
         if quote.td.debug() {
-            return Err("the TD is debuggable (its memory is readable by the host)".into());
+            return Err(Refusal::TdDebug);
         }
-        crate::tdx::appraise_td(&quote.td, &reference.tdx_requirements)
-            .map_err(|e| e.to_string())?;
+        crate::tdx::appraise_td(&quote.td, &reference.tdx_requirements)?;
         if quote.td.report_data != *binding {
-            return Err(
-                "the quote's report data is not this session's binding (replayed evidence)".into(),
-            );
+            return Err(Refusal::Replayed);
         }
         if reference.tdx_mrtds.is_empty() || !reference.tdx_rtmrs.iter().any(|(i, _)| *i == 1) {
-            return Err(
-                "this broker has no TDX reference values (tdx_mrtds and tdx_rtmrs with RTMR 1)"
-                    .into(),
-            );
+            return Err(Refusal::NoTdxReference);
         }
         if !reference.tdx_mrtds.iter().any(|m| m[..] == quote.td.mrtd) {
-            return Err(format!(
-                "MRTD {} is not one of the {} allowed",
-                crate::hex(&quote.td.mrtd),
-                reference.tdx_mrtds.len()
-            ));
+            return Err(Refusal::Mrtd {
+                mrtd: cvm_formats::hex(&quote.td.mrtd),
+                allowed: reference.tdx_mrtds.len(),
+            });
         }
         for (i, value) in &reference.tdx_rtmrs {
             if value[..] != quote.td.rtmr[*i] {
-                return Err(format!(
-                    "RTMR {i} is {}, the reference is {}",
-                    crate::hex(&quote.td.rtmr[*i]),
-                    crate::hex(value)
-                ));
+                return Err(Refusal::Rtmr {
+                    index: *i,
+                    found: cvm_formats::hex(&quote.td.rtmr[*i]),
+                    reference: cvm_formats::hex(value),
+                });
             }
         }
         let (Some(ccel), Some(init_log)) = (&evidence.cc_eventlog, &evidence.cvm_measure_log)
         else {
-            return Err("the evidence lacks the CC event log or cvm-init's measurement log".into());
+            return Err(Refusal::NoLogs);
         };
-        let ccel = crate::tcglog::parse(&decode("cc_eventlog", ccel)?)
-            .map_err(|e| format!("cc_eventlog: {e}"))?;
-        let mut replayed = ccel
-            .replay_ccel()
-            .map_err(|e| format!("cc_eventlog: {e}"))?;
+        let ccel = crate::uefi::tcglog::parse(&decode("cc_eventlog", ccel)?).map_err(|e| {
+            Refusal::Log {
+                log: "cc_eventlog",
+                why: e.to_string(),
+            }
+        })?;
+        let mut replayed = ccel.replay_ccel().map_err(|e| Refusal::Log {
+            log: "cc_eventlog",
+            why: e.to_string(),
+        })?;
         if let Some(expected) = &reference.tdx_rtmr2_before_init {
             if replayed.rtmr[2][..] != expected[..] {
-                return Err(format!(
-                    "the boot's RTMR 2 events (load options and initrd) replay to {}, the reference is {}",
-                    crate::hex(&replayed.rtmr[2]),
-                    crate::hex(expected)
-                ));
+                return Err(Refusal::BootRtmr2 {
+                    found: cvm_formats::hex(&replayed.rtmr[2]),
+                    reference: cvm_formats::hex(expected),
+                });
             }
         }
-        let records = crate::jsonseq::parse(&decode("cvm_measure_log", init_log)?)
-            .map_err(|e| format!("cvm_measure_log: {e}"))?;
-        let init_only = crate::jsonseq::replay(&records);
+        let records =
+            cvm_formats::jsonseq::parse(&decode("cvm_measure_log", init_log)?).map_err(|e| {
+                Refusal::Log {
+                    log: "cvm_measure_log",
+                    why: e.to_string(),
+                }
+            })?;
+        let init_only = cvm_formats::jsonseq::replay(&records);
         for record in &records {
             for (bank, digest) in &record.digests {
-                if *bank == crate::registers::Bank::Sha384 {
-                    if let Some(rtmr) = crate::registers::rtmr_for_pcr(record.pcr) {
+                if *bank == cvm_formats::registers::Bank::Sha384 {
+                    if let Some(rtmr) = cvm_formats::registers::rtmr_for_pcr(record.pcr) {
                         replayed.extend_rtmr(rtmr, digest);
                     }
                 }
@@ -833,17 +793,13 @@ impl Broker {
         }
         for i in 0..4 {
             if replayed.rtmr[i][..] != quote.td.rtmr[i] {
-                return Err(format!(
-                    "the event logs do not replay to the quote's RTMR {i}"
-                ));
+                return Err(Refusal::LogsDoNotReplayRtmr(i));
             }
         }
         match &reference.tdx_init_rtmr2 {
             Some(expected) if *expected == init_only.rtmr[2] => Ok(()),
-            Some(_) => {
-                Err("cvm-init's measurements are not this image's (tdx_init_rtmr2 differs)".into())
-            }
-            None => Err("this broker has no tdx_init_rtmr2 reference value".into()),
+            Some(_) => Err(Refusal::InitRtmr2),
+            None => Err(Refusal::NoInitRtmr2Reference),
         }
     }
 
@@ -919,8 +875,8 @@ fn serve_one(broker: &Broker, stream: TcpStream, tls: Option<&Arc<rustls::Server
                 if let Err(e) = tls.conn.complete_io(&mut tls.sock) {
                     return eprintln!(
                         "kbs-serve: TLS handshake with {}: {}",
-                        crate::broker_log::escape(&peer),
-                        crate::broker_log::escape(&e.to_string())
+                        crate::broker::log::escape(&peer),
+                        crate::broker::log::escape(&e.to_string())
                     );
                 }
             }
@@ -973,7 +929,7 @@ fn answer_one(broker: &Broker, mut stream: impl std::io::Read + Write, peer: &st
         Ok(request) => broker.handle_from(&request, peer),
         Err(e) => {
             let detail = e.to_string();
-            (broker.log)(&crate::broker_log::refusal_line(&[
+            (broker.log)(&crate::broker::log::refusal_line(&[
                 ("peer", peer),
                 ("status", "400"),
                 ("reason", &detail),
@@ -1033,7 +989,7 @@ fn refuse_connection(broker: &Broker, mut stream: TcpStream, tls: bool) {
         "the broker serves its maximum of {} connections (max_connections): retry later",
         broker.limits.max_connections
     );
-    (broker.log)(&crate::broker_log::refusal_line(&[
+    (broker.log)(&crate::broker::log::refusal_line(&[
         ("peer", &peer),
         ("status", "503"),
         ("reason", &detail),
@@ -1072,8 +1028,8 @@ fn evidence_identity(tee: &str, evidence: &Value) -> String {
         "snp" => match crate::snp::from_trustee_evidence(evidence) {
             Ok((r, _)) => format!(
                 "chip_id={} measurement={} reported_tcb={:#018x} policy={:#x}",
-                crate::hex(&r.chip_id()[..8]),
-                crate::hex(r.measurement()),
+                cvm_formats::hex(&r.chip_id()[..8]),
+                cvm_formats::hex(r.measurement()),
                 r.reported_tcb(),
                 r.policy()
             ),
@@ -1088,9 +1044,9 @@ fn evidence_identity(tee: &str, evidence: &Value) -> String {
             match quote {
                 Some(q) => format!(
                     "mrtd={} td_attributes={:#x} rtmr1={}",
-                    crate::hex(&q.td.mrtd),
+                    cvm_formats::hex(&q.td.mrtd),
                     q.td.td_attributes,
-                    crate::hex(&q.td.rtmr[1])
+                    cvm_formats::hex(&q.td.rtmr[1])
                 ),
                 None => "unparseable tdx evidence".into(),
             }
@@ -1140,24 +1096,29 @@ mod tests {
         let allowed = broker(vec![report.measurement().to_vec()]);
         let mut binding = [0u8; 64];
         binding.copy_from_slice(report.report_data());
-        let why = allowed.verify_snp(&real_evidence(), &binding).unwrap_err();
+        let why = allowed
+            .verify_snp(&real_evidence(), &binding)
+            .unwrap_err()
+            .to_string();
         assert!(why.contains("policy.debug"), "{why}");
         // Another image's digest.
         let why = broker(vec![vec![0; 48]])
             .verify_snp(&real_evidence(), &binding)
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(why.contains("launch digest"), "{why}");
         // A changed byte in the signed part.
         let mut raw = crate::testdata::read("snp/gsg_attestation.bin");
         raw[0x95] ^= 1;
         let why = allowed
             .verify_snp(&evidence_of(&raw), &binding)
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(why.contains("does not verify"), "{why}");
         // No certificate.
         let mut bare = real_evidence();
         bare["cert_chain"] = Value::Null;
-        let why = allowed.verify_snp(&bare, &binding).unwrap_err();
+        let why = allowed.verify_snp(&bare, &binding).unwrap_err().to_string();
         assert!(why.contains("no VCEK certificate"), "{why}");
     }
 
@@ -1187,7 +1148,10 @@ mod tests {
         let (broker, evidence, binding) = tdx_case();
         broker.verify_tdx(&evidence, &binding).unwrap();
         let refused = |broker: &Broker, evidence: &Value, binding: &[u8; 64], why: &str| {
-            let got = broker.verify_tdx(evidence, binding).unwrap_err();
+            let got = broker
+                .verify_tdx(evidence, binding)
+                .unwrap_err()
+                .to_string();
             assert!(got.contains(why), "{got}");
         };
         refused(&broker, &evidence, &[0x5a; 64], "replayed");
@@ -1216,18 +1180,18 @@ mod tests {
         refused(&other, &evidence, &binding, "not this image's");
         // A log that does not replay to the quote: one more event, or a changed digest.
         let mut extra = evidence.clone();
-        let record = crate::jsonseq::record(&crate::event::Event::Phase(
-            crate::event::Phase::EnterInitrd,
+        let record = cvm_formats::jsonseq::record(&cvm_formats::event::Event::Phase(
+            cvm_formats::event::Phase::EnterInitrd,
         ));
         extra["cvm_measure_log"] = STANDARD.encode(record).into();
         refused(&broker, &extra, &binding, "do not replay");
         let mut ccel = crate::testdata::read("tdx/gtg_ccel_data.dat");
-        let log = crate::tcglog::parse(&ccel).unwrap();
+        let log = crate::uefi::tcglog::parse(&ccel).unwrap();
         let first = log.replay_ccel().unwrap();
         // Flip bytes until the replay changes (a digest byte), keeping the log parseable.
         let changed = (100..ccel.len()).find(|&at| {
             ccel[at] ^= 1;
-            let replays_otherwise = crate::tcglog::parse(&ccel)
+            let replays_otherwise = crate::uefi::tcglog::parse(&ccel)
                 .ok()
                 .and_then(|l| l.replay_ccel().ok())
                 .is_some_and(|r| r.rtmr != first.rtmr);
@@ -1271,7 +1235,10 @@ mod tests {
         evidence["quote"] = STANDARD
             .encode(chain.quote(&binding, |qe| qe[128..160].fill(0x55)))
             .into();
-        let why = broker.verify_tdx(&evidence, &binding).unwrap_err();
+        let why = broker
+            .verify_tdx(&evidence, &binding)
+            .unwrap_err()
+            .to_string();
         assert!(
             why.contains("qe.mrsigner") && why.contains(&"55".repeat(32)),
             "{why}"
@@ -1279,7 +1246,10 @@ mod tests {
         // The reference's TD requirements: an XFAM other than the quote's.
         let (broker, evidence, binding) = tdx_case();
         broker.reference.lock().unwrap().tdx_requirements.xfam = Some(0x61ae7);
-        let why = broker.verify_tdx(&evidence, &binding).unwrap_err();
+        let why = broker
+            .verify_tdx(&evidence, &binding)
+            .unwrap_err()
+            .to_string();
         assert!(
             why.contains("xfam: expected 0x61ae7, the quote has 0x600e7"),
             "{why}"
@@ -1354,20 +1324,21 @@ mod tests {
         // The key is admitted (as if its credential had been activated): what is left to
         // check is the quote against the reference.
         let credential = Ok(TpmCredential {
-            ak: crate::tpm_credential::AkPublic {
+            ak: crate::tpm::credential::AkPublic {
                 x: point.x().unwrap().to_vec(),
                 y: point.y().unwrap().to_vec(),
                 name: Vec::new(),
             },
             secret: zeroize::Zeroizing::new(vec![0x33; 32]),
         });
-        let qualifying = crate::tpm_credential::qualifying_data(&binding, &[0x33; 32]);
+        let qualifying = crate::tpm::credential::qualifying_data(&binding, &[0x33; 32]);
         // A quote of no PCRs by a listed, admitted key.
         let nothing: [u8; 32] = sha2::Sha256::digest([]).into();
         let evidence = tpm_quote(&ak, &qualifying, &[], &nothing);
         let why = broker
             .verify_tpm(&evidence, &binding, Some(&credential))
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(why.contains("no PCR reference values"), "{why}");
         // With a reference, a quote of its PCRs passes.
         let value = [0x5a; 32];
@@ -1542,7 +1513,7 @@ mod tests {
                 "peer=\"192.0.2.7:40000\"",
                 &format!("session=\"{session}\""),
                 "tee=\"snp\"",
-                &format!("measurement={}", crate::hex(report.measurement())),
+                &format!("measurement={}", cvm_formats::hex(report.measurement())),
                 "policy=0xb0000",
                 "policy.debug: expected debugging not allowed",
                 "the report has policy 0xb0000 allowing it",

@@ -783,11 +783,11 @@ mod tests {
         // The separator and actions digest their data.
         assert_eq!(
             separator::<Sha384>().digest,
-            crate::verity::parse_hex("394341b7182cd227c5c6b07ef8000cdfd86136c4292b8e576573ad7ed9ae41019f5818b4b971c9effc60e1ad9f1289f0").unwrap()
+            cvm_formats::verity::parse_hex("394341b7182cd227c5c6b07ef8000cdfd86136c4292b8e576573ad7ed9ae41019f5818b4b971c9effc60e1ad9f1289f0").unwrap()
         );
         assert_eq!(
             action::<Sha384>(CALLING_EFI_APPLICATION, 4).digest,
-            crate::verity::parse_hex("77a0dab2312b4e1e57a84d865a21e5b2ee8d677a21012ada819d0a98988078d3d740f6346bfe0abaa938ca20439a8d71").unwrap()
+            cvm_formats::verity::parse_hex("77a0dab2312b4e1e57a84d865a21e5b2ee8d677a21012ada819d0a98988078d3d740f6346bfe0abaa938ca20439a8d71").unwrap()
         );
     }
 

@@ -2,7 +2,8 @@
 //! JSON-seq measurement log.
 #![no_main]
 
-use cvm_measure::{jsonseq, tcglog};
+use cvm_formats::jsonseq;
+use cvm_measure::uefi::tcglog;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

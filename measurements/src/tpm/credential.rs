@@ -19,8 +19,7 @@ use sha2::{Digest, Sha256, Sha384, Sha512};
 use x509_cert::der::{Decode, Encode};
 use zeroize::Zeroizing;
 
-/// Where a TPM keeps the certificate of its RSA-2048 EK (TCG EK Credential Profile).
-pub const EK_RSA_CERT_INDEX: u32 = 0x01c0_0002;
+pub use cvm_formats::tpm::{qualifying_data, EK_RSA_CERT_INDEX};
 /// Bytes of the credential secret (the EK's name algorithm's digest size).
 pub const SECRET_LEN: usize = 32;
 
@@ -141,16 +140,6 @@ pub fn parse_ak_public(public: &[u8]) -> Result<AkPublic, CredentialError> {
         y: pad(y),
         name,
     })
-}
-
-/// The qualifying data of a quote made after activating `secret`: SHA-512 of the session's
-/// binding and the secret (64 bytes, the most a TPM2B_DATA holds). The secret never travels.
-pub fn qualifying_data(binding: &[u8; 64], secret: &[u8]) -> [u8; 64] {
-    Sha512::new()
-        .chain_update(binding)
-        .chain_update(secret)
-        .finalize()
-        .into()
 }
 
 /// KDFa of TPM 2.0 Part 1 (SP 800-108 counter mode with HMAC-SHA-256); `label` without its

@@ -4,7 +4,7 @@
 #![no_main]
 
 use cvm_init::root::check_geometry;
-use cvm_measure::verity::{level_blocks, parse_superblock, SUPERBLOCK_SIZE};
+use cvm_formats::verity::{level_blocks, parse_superblock, SUPERBLOCK_SIZE};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,0 +1,4 @@
+//! What UEFI firmware measures and how: the TCG event logs (`tcglog`) and PE images with
+//! their Authenticode digests (`pe`).
+
+pub mod tcglog;
