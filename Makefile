@@ -47,6 +47,7 @@ check:
 unit:
 	$(CARGO) test --workspace --exclude qemu-tests
 	$(CARGO) test -p cvm-init --features test-hooks --lib
+	$(CARGO) test -p cvm-init --features argon2 --test luks2_cryptsetup
 	$(CARGO) test -p qemu-tests --lib --bin cvm-harness
 
 boot-tests: test-artifacts
