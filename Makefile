@@ -80,7 +80,7 @@ fuzz: deps
 ## The node image: mkosi 25 in a Debian trixie environment that scripts/image-env.sh makes once
 ## (.cache/image-env); outputs in target/image/out. KUBELET=<kubelet binary or .deb> (else the
 ## Kubernetes package repository), CONFIG=<cvm-init configuration> (default image/node.toml).
-IMAGE_TOOLS = $(CARGO) build -q -p qemu-tests --bin cvm-harness
+IMAGE_TOOLS = $(CARGO) build -q -p cvm-image --bin cvm-image
 image: build
 	$(IMAGE_TOOLS)
 	bash scripts/image.sh build

@@ -9,9 +9,6 @@
 //!   cvm-harness bench-state <release cvm-init>   only the state-disk figures
 //!   cvm-harness bench-node <release cvm-init>    only containerd + kubelet stand-in figures
 //!   cvm-harness bench-snp <release cvm-measure>  only the SNP launch digest vs sev-snp-measure
-//!   cvm-harness initramfs <kernel dir> <cvm-init> <out.cpio>   the production initramfs:
-//!                                    cvm-init as /init and the modules it loads, taken from
-//!                                    an unpacked kernel (vmlinuz, modules/, ready)
 
 use std::path::Path;
 use std::process::{Command, ExitCode};
@@ -34,7 +31,6 @@ fn main() -> ExitCode {
         },
         ["bench-snp", measure] => snp_bench(Path::new(measure)),
         ["forward", address] => forward(address),
-        ["initramfs", kernel, init, out] => initramfs(Path::new(kernel), Path::new(init), Path::new(out)),
         ["bench-state", init] => {
             let mut artifacts = Artifacts::get();
             artifacts.init = Path::new(init).to_path_buf();
@@ -45,7 +41,7 @@ fn main() -> ExitCode {
             artifacts.init = Path::new(init).to_path_buf();
             workload_bench(&artifacts)
         }
-        _ => Err("usage: cvm-harness image <dir> [config.toml] | cvm-harness bench <release cvm-init> <release cvm-measure> | cvm-harness demo <config.toml> [--tee snp|tdx] | cvm-harness bench-state|bench-node <release cvm-init> | cvm-harness bench-snp <release cvm-measure> | cvm-harness forward <host:port> | cvm-harness initramfs <kernel dir> <cvm-init> <out.cpio>".to_string()),
+        _ => Err("usage: cvm-harness image <dir> [config.toml] | cvm-harness bench <release cvm-init> <release cvm-measure> | cvm-harness demo <config.toml> [--tee snp|tdx] | cvm-harness bench-state|bench-node <release cvm-init> | cvm-harness bench-snp <release cvm-measure> | cvm-harness forward <host:port>".to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -54,27 +50,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn initramfs(kernel: &Path, init: &Path, out: &Path) -> Result<(), String> {
-    let kernel = qemu_tests::initramfs::Kernel::open(kernel).map_err(|e| {
-        format!(
-            "{}: not an unpacked kernel (vmlinuz, modules/, ready): {e}",
-            kernel.display()
-        )
-    })?;
-    let spec = qemu_tests::initramfs::InitramfsSpec {
-        init: init.to_path_buf(),
-        ..Default::default()
-    };
-    qemu_tests::initramfs::build(&spec, &kernel, out).map_err(|e| qemu_tests::chain(&e))?;
-    let size = std::fs::metadata(out).map_err(|e| e.to_string())?.len();
-    println!(
-        "initramfs {} ({size} bytes, kernel {})",
-        out.display(),
-        kernel.release
-    );
-    Ok(())
 }
 
 fn image(dir: &Path, config: Option<&Path>) -> Result<(), String> {
