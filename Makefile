@@ -65,8 +65,9 @@ run: build test-artifacts $(if $(TEE),ovmf)
 	CVM_INIT_BIN=$(CURDIR)/$(RELEASE_DIR)/cvm-init DRY_RUN=$(DRY_RUN) $(CARGO) run -q -p qemu-tests --bin cvm-harness -- \
 	  demo qemu-tests/demo/config.toml $(if $(TEE),--tee $(TEE))
 
-## Size of the static init, time from kernel start to ready, PID 1's RSS at ready.
+## Size of the static init (with a per-crate table: scripts/size.sh), time from kernel start to ready, PID 1's RSS at ready.
 bench: build test-artifacts
+	$(STATIC_FLAGS) bash scripts/size.sh $(TARGET) $(RELEASE_DIR)/cvm-init
 	$(CARGO) run -q --release -p qemu-tests --bin cvm-harness -- bench $(CURDIR)/$(RELEASE_DIR)/cvm-init $(CURDIR)/$(RELEASE_DIR)/cvm-measure
 
 ## Fuzz the parsers of untrusted input (firmware, SNP reports, TDX quotes, event logs, PE
