@@ -41,21 +41,14 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The node's side: ring's AES-GCM suites (TLS 1.3, and TLS 1.2 with ECDHE), X25519, P-256 and
+/// The node's side: ring's TLS 1.3 AES-GCM suites, X25519, P-256 and
 /// P-384, and every signature ring verifies. Not ChaCha20-Poly1305 (every TLS 1.3 server has
 /// AES-128-GCM) and no private-key loading (the node proves itself by attestation, never by a
 /// client certificate): the static PID 1 then links neither.
 fn client_provider() -> Arc<CryptoProvider> {
     use rustls::crypto::ring::{cipher_suite as cs, kx_group};
     Arc::new(CryptoProvider {
-        cipher_suites: vec![
-            cs::TLS13_AES_256_GCM_SHA384,
-            cs::TLS13_AES_128_GCM_SHA256,
-            cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
-            cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
-            cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
-            cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
-        ],
+        cipher_suites: vec![cs::TLS13_AES_256_GCM_SHA384, cs::TLS13_AES_128_GCM_SHA256],
         kx_groups: vec![kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1],
         signature_verification_algorithms: VERIFY_ALGORITHMS,
         secure_random: &KernelRandom,
