@@ -65,6 +65,7 @@ check:
 unit:
 	$(CARGO) test --workspace --exclude qemu-tests
 	$(CARGO) test -p cvm-init --features test-hooks --lib
+	$(CARGO) test -p cvm-init --features argon2 --test luks2_cryptsetup
 	$(CARGO) test -p qemu-tests --lib --bin cvm-harness
 
 boot-tests: test-artifacts
@@ -82,8 +83,9 @@ run: build test-artifacts $(if $(TEE),ovmf)
 	CVM_INIT_BIN=$(CURDIR)/$(RELEASE_DIR)/cvm-init DRY_RUN=$(DRY_RUN) $(CARGO) run -q -p qemu-tests --bin cvm-harness -- \
 	  demo qemu-tests/demo/config.toml $(if $(TEE),--tee $(TEE))
 
-## Size of the static init, time from kernel start to ready, PID 1's RSS at ready.
+## Size of the static init (with a per-crate table: scripts/size.sh), time from kernel start to ready, PID 1's RSS at ready.
 bench: build test-artifacts
+	$(STATIC_FLAGS) bash scripts/size.sh $(TARGET) $(RELEASE_DIR)/cvm-init
 	$(CARGO) run -q --release -p qemu-tests --bin cvm-harness -- bench $(CURDIR)/$(RELEASE_DIR)/cvm-init $(CURDIR)/$(RELEASE_DIR)/cvm-measure
 
 ## Fuzz the parsers of untrusted input (firmware, SNP reports, TDX quotes, event logs, PE
@@ -97,7 +99,7 @@ fuzz: deps
 ## The node image: mkosi 25 in a Debian trixie environment that scripts/image-env.sh makes once
 ## (.cache/image-env); outputs in target/image/out. KUBELET=<kubelet binary or .deb> (else the
 ## Kubernetes package repository), CONFIG=<cvm-init configuration> (default image/node.toml).
-IMAGE_TOOLS = $(CARGO) build -q -p qemu-tests --bin cvm-harness
+IMAGE_TOOLS = $(CARGO) build -q -p cvm-image --bin cvm-image
 image: build
 	$(IMAGE_TOOLS)
 	bash scripts/image.sh build

@@ -19,7 +19,7 @@ pkg_cache="$root/.cache/image-packages"
 config_file="${CONFIG:-$root/image/node.toml}"
 init_bin="${INIT:-$root/target/x86_64-unknown-linux-musl/release/cvm-init}"
 measure_bin="$root/target/x86_64-unknown-linux-musl/release/cvm-measure"
-harness="$root/target/debug/cvm-harness"
+image_tool="$root/target/debug/cvm-image"
 # The Kubernetes package repository (minor version 1.32), used when no KUBELET is given.
 k8s_repo="https://pkgs.k8s.io/core:/stable:/v1.32/deb/"
 
@@ -128,7 +128,7 @@ SRC
 initramfs() {
   local cfg=$1 kpkg kver kdir deb
   [ -x "$init_bin" ] || die "INIT=$init_bin: no static cvm-init (run \`make build\`)"
-  [ -x "$harness" ] || die "$harness missing (run \`make test-artifacts\`)"
+  [ -x "$image_tool" ] || die "$image_tool missing (\`make image\` builds it)"
   if [ -f "$lock" ]; then
     kpkg=$(awk '$1 ~ /^linux-image-[0-9].*-amd64$/ { print $1 "=" $2; exit }' "$lock")
   fi
@@ -147,7 +147,7 @@ initramfs() {
   ln -sfn "root/boot/vmlinuz-$kver" "$kdir/vmlinuz"
   ln -sfn "root/usr/lib/modules/$kver" "$kdir/modules"
   echo "$kver" > "$kdir/ready"
-  "$harness" initramfs "$kdir" "$init_bin" "$cfg/initrd.cpio" >/dev/null
+  "$image_tool" initramfs "$kdir" "$init_bin" "$cfg/initrd.cpio" >/dev/null
   say "initramfs: cvm-init $(stat -c %s "$init_bin") bytes + modules of $kver = $(stat -c %s "$cfg/initrd.cpio") bytes"
 }
 

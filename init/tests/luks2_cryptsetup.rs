@@ -108,22 +108,24 @@ fn we_open_what_cryptsetup_formats_with_pbkdf2() {
     );
 }
 
+/// cryptsetup's options for a cheap Argon2id keyslot.
+const ARGON2ID: &[&str] = &[
+    "--pbkdf",
+    "argon2id",
+    "--pbkdf-force-iterations",
+    "4",
+    "--pbkdf-memory",
+    "32",
+    "--pbkdf-parallel",
+    "1",
+];
+
+/// Tests only (`--features argon2`): the production build opens pbkdf2 keyslots only.
+#[cfg(feature = "argon2")]
 #[test]
 fn we_open_what_cryptsetup_formats_with_argon2id() {
     let dir = tempfile::tempdir().unwrap();
-    let img = cryptsetup_image(
-        dir.path(),
-        &[
-            "--pbkdf",
-            "argon2id",
-            "--pbkdf-force-iterations",
-            "4",
-            "--pbkdf-memory",
-            "32",
-            "--pbkdf-parallel",
-            "1",
-        ],
-    );
+    let img = cryptsetup_image(dir.path(), ARGON2ID);
     let policy = Policy {
         integrity: false,
         kdf: KdfPolicy::Argon2id {
@@ -136,6 +138,32 @@ fn we_open_what_cryptsetup_formats_with_argon2id() {
     // The same header under a policy that wants pbkdf2 is refused, naming the KDF.
     let err = open(&img, &pbkdf2_policy(), SECRET).unwrap_err();
     assert!(err.to_string().contains("keyslots.0.kdf"), "{err}");
+}
+
+/// The production build refuses an Argon2id keyslot by name, under any policy it can express.
+#[cfg(not(feature = "argon2"))]
+#[test]
+fn cryptsetup_argon2id_keyslots_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = cryptsetup_image(dir.path(), ARGON2ID);
+    for integrity in [false, true] {
+        let policy = Policy {
+            integrity,
+            kdf: KdfPolicy::Pbkdf2 { iterations: 1000 },
+        };
+        let err = open(&img, &policy, SECRET).unwrap_err();
+        assert_eq!(
+            err,
+            Luks2Error::KdfNotBuilt {
+                keyslot: "0",
+                kdf: "argon2id"
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "keyslot 0 uses argon2id; this build opens only pbkdf2 keyslots"
+        );
+    }
 }
 
 fn our_image(dir: &Path, policy: Policy) -> std::path::PathBuf {
@@ -187,8 +215,9 @@ fn dumped_volume_key(img: &Path, pass: &Path) -> String {
 #[test]
 fn cryptsetup_opens_what_we_format() {
     let dir = tempfile::tempdir().unwrap();
-    for policy in [
+    let policies = [
         pbkdf2_policy(),
+        #[cfg(feature = "argon2")]
         Policy {
             integrity: false,
             kdf: KdfPolicy::Argon2id {
@@ -201,7 +230,8 @@ fn cryptsetup_opens_what_we_format() {
             integrity: true,
             kdf: KdfPolicy::Pbkdf2 { iterations: 1000 },
         },
-    ] {
+    ];
+    for policy in policies {
         let img = our_image(dir.path(), policy);
         let out = cryptsetup(&["luksDump", img.to_str().unwrap()]);
         let dump = String::from_utf8_lossy(&out.stdout);

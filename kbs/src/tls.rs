@@ -7,7 +7,9 @@ use std::sync::Arc;
 pub use rustls;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::crypto::{
+    CryptoProvider, GetRandomFailed, KeyProvider, SecureRandom, WebPkiSupportedAlgorithms,
+};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
@@ -39,23 +41,121 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The node's side: ring's TLS 1.3 AES-GCM suites, X25519, P-256 and
+/// P-384, and every signature ring verifies. Not ChaCha20-Poly1305 (every TLS 1.3 server has
+/// AES-128-GCM) and no private-key loading (the node proves itself by attestation, never by a
+/// client certificate): the static PID 1 then links neither.
+fn client_provider() -> Arc<CryptoProvider> {
+    use rustls::crypto::ring::{cipher_suite as cs, kx_group};
+    Arc::new(CryptoProvider {
+        cipher_suites: vec![cs::TLS13_AES_256_GCM_SHA384, cs::TLS13_AES_128_GCM_SHA256],
+        kx_groups: vec![kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1],
+        signature_verification_algorithms: VERIFY_ALGORITHMS,
+        secure_random: &KernelRandom,
+        key_provider: &NoClientKeys,
+    })
+}
+
+/// The signatures ring verifies, and which TLS scheme maps to which (the table of rustls's ring
+/// provider, which it does not export without its whole provider).
+static VERIFY_ALGORITHMS: WebPkiSupportedAlgorithms = {
+    use webpki::ring as alg;
+    WebPkiSupportedAlgorithms {
+        all: &[
+            alg::ECDSA_P256_SHA256,
+            alg::ECDSA_P256_SHA384,
+            alg::ECDSA_P384_SHA256,
+            alg::ECDSA_P384_SHA384,
+            alg::ED25519,
+            alg::RSA_PSS_2048_8192_SHA256_LEGACY_KEY,
+            alg::RSA_PSS_2048_8192_SHA384_LEGACY_KEY,
+            alg::RSA_PSS_2048_8192_SHA512_LEGACY_KEY,
+            alg::RSA_PKCS1_2048_8192_SHA256,
+            alg::RSA_PKCS1_2048_8192_SHA384,
+            alg::RSA_PKCS1_2048_8192_SHA512,
+            alg::RSA_PKCS1_2048_8192_SHA256_ABSENT_PARAMS,
+            alg::RSA_PKCS1_2048_8192_SHA384_ABSENT_PARAMS,
+            alg::RSA_PKCS1_2048_8192_SHA512_ABSENT_PARAMS,
+        ],
+        mapping: &[
+            (
+                SignatureScheme::ECDSA_NISTP384_SHA384,
+                &[alg::ECDSA_P384_SHA384, alg::ECDSA_P256_SHA384],
+            ),
+            (
+                SignatureScheme::ECDSA_NISTP256_SHA256,
+                &[alg::ECDSA_P256_SHA256, alg::ECDSA_P384_SHA256],
+            ),
+            (SignatureScheme::ED25519, &[alg::ED25519]),
+            (
+                SignatureScheme::RSA_PSS_SHA512,
+                &[alg::RSA_PSS_2048_8192_SHA512_LEGACY_KEY],
+            ),
+            (
+                SignatureScheme::RSA_PSS_SHA384,
+                &[alg::RSA_PSS_2048_8192_SHA384_LEGACY_KEY],
+            ),
+            (
+                SignatureScheme::RSA_PSS_SHA256,
+                &[alg::RSA_PSS_2048_8192_SHA256_LEGACY_KEY],
+            ),
+            (
+                SignatureScheme::RSA_PKCS1_SHA512,
+                &[alg::RSA_PKCS1_2048_8192_SHA512],
+            ),
+            (
+                SignatureScheme::RSA_PKCS1_SHA384,
+                &[alg::RSA_PKCS1_2048_8192_SHA384],
+            ),
+            (
+                SignatureScheme::RSA_PKCS1_SHA256,
+                &[alg::RSA_PKCS1_2048_8192_SHA256],
+            ),
+        ],
+    }
+};
+
+/// Randomness for the handshake, from the kernel (getrandom).
+#[derive(Debug)]
+struct KernelRandom;
+
+impl SecureRandom for KernelRandom {
+    fn fill(&self, buf: &mut [u8]) -> Result<(), GetRandomFailed> {
+        use rand_core::RngCore;
+        rand_core::OsRng
+            .try_fill_bytes(buf)
+            .map_err(|_| GetRandomFailed)
+    }
+}
+
+/// The node loads no private key into TLS.
+#[derive(Debug)]
+struct NoClientKeys;
+
+impl KeyProvider for NoClientKeys {
+    fn load_private_key(
+        &self,
+        _key_der: PrivateKeyDer<'static>,
+    ) -> Result<Arc<dyn rustls::sign::SigningKey>, rustls::Error> {
+        Err(rustls::Error::General(
+            "the node's TLS loads no private key".into(),
+        ))
+    }
+}
+
 /// The sha256 of a certificate's SubjectPublicKeyInfo, as `openssl x509 -pubkey | openssl pkey
-/// -pubin -outform DER | sha256sum` prints it.
+/// -pubin -outform DER | sha256sum` prints it. Parsed by webpki, the parser rustls already
+/// links, so that the node carries one X.509 parser.
 pub fn public_key_sha256(certificate_der: &[u8]) -> Result<[u8; 32], String> {
-    use x509_cert::der::{Decode, Encode};
-    let certificate = x509_cert::Certificate::from_der(certificate_der)
+    let certificate = CertificateDer::from(certificate_der);
+    let certificate = webpki::EndEntityCert::try_from(&certificate)
         .map_err(|e| format!("not an X.509 certificate: {e}"))?;
-    let spki = certificate
-        .tbs_certificate
-        .subject_public_key_info
-        .to_der()
-        .map_err(|e| format!("its public key does not encode: {e}"))?;
-    Ok(Sha256::digest(spki).into())
+    Ok(Sha256::digest(certificate.subject_public_key_info()).into())
 }
 
 /// The client side, trusting only `pin`.
 pub fn client_config(pin: &Pin) -> Result<Arc<ClientConfig>, TlsError> {
-    let provider = provider();
+    let provider = client_provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?;
     let config = match pin {

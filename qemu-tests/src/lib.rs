@@ -2,17 +2,18 @@
 //! QEMU guests with optional swtpm, QMP, and console markers.
 
 pub mod broker;
-pub mod cpio;
 pub mod dhcp_server;
 pub mod guest;
 pub mod image;
-pub mod initramfs;
 pub mod qmp;
 pub mod runtime;
 pub mod support;
 
 use std::path::{Path, PathBuf};
 
+/// The cpio writer and the initramfs live in the image tooling (`cvm-image`), which `make image`
+/// builds without the harness.
+pub use cvm_image::{cpio, initramfs};
 pub use guest::{Guest, RunningGuest};
 pub use initramfs::{InitramfsSpec, Kernel};
 

@@ -37,6 +37,9 @@ pub enum KdfPolicy {
     Pbkdf2 {
         iterations: u32,
     },
+    /// Only in builds with the `argon2` feature (tests): the node's policy is PBKDF2, whose
+    /// secret is 32 random bytes, so the PID 1 does not carry a memory-hard KDF.
+    #[cfg(feature = "argon2")]
     Argon2id {
         time: u32,
         memory_kib: u32,
@@ -81,6 +84,11 @@ pub enum Luks2Error {
     },
     #[error("the secret does not open keyslot 0 (its digest does not match)")]
     WrongSecret,
+    #[error("keyslot {keyslot} uses {kdf}; this build opens only pbkdf2 keyslots")]
+    KdfNotBuilt {
+        keyslot: &'static str,
+        kdf: &'static str,
+    },
     #[error("cannot derive the keyslot key: {0}")]
     Kdf(String),
     #[error("cannot read or write the device: {0}")]
@@ -454,6 +462,21 @@ pub fn copy_label(head: &[u8], offset: u64) -> Option<(String, u64)> {
     Some((c_string(&copy[0x18..0x48])?.to_string(), seqid))
 }
 
+/// Refuses, by name, an Argon2 keyslot in a build without the `argon2` feature (the
+/// production build): the keyslot KDF is then known before any policy comparison.
+fn argon2_built(kind: &str) -> Result<(), Luks2Error> {
+    if cfg!(feature = "argon2") {
+        return Ok(());
+    }
+    // Only the two fixed names are echoed: the header is host text.
+    let kdf = match kind {
+        "argon2id" => "argon2id",
+        "argon2i" => "argon2i",
+        _ => return Ok(()),
+    };
+    Err(Luks2Error::KdfNotBuilt { keyslot: "0", kdf })
+}
+
 fn only_key<'a, T>(map: &'a StrictMap<T>, what: &str) -> Result<&'a T, Luks2Error> {
     match map.0.iter().collect::<Vec<_>>().as_slice() {
         [(k, v)] if k.as_str() == "0" => Ok(v),
@@ -481,6 +504,7 @@ fn validate(m: &Metadata, device_size: u64, policy: &Policy) -> Result<(), Luks2
         ));
     }
     let ks = only_key(&m.keyslots, "keyslots")?;
+    argon2_built(&ks.kdf.kind)?;
     let key_size = policy.key_size() as u32;
     if ks.kind != "luks2" {
         return Err(policy_err("keyslots.0.type", &ks.kind, "luks2"));
@@ -564,6 +588,7 @@ fn validate(m: &Metadata, device_size: u64, policy: &Policy) -> Result<(), Luks2
                 ));
             }
         }
+        #[cfg(feature = "argon2")]
         KdfPolicy::Argon2id {
             time,
             memory_kib,
@@ -750,6 +775,7 @@ fn derive(kdf: &Kdf, secret: &[u8], len: usize) -> Result<Zeroizing<Vec<u8>>, Lu
     let mut out = Zeroizing::new(vec![0u8; len]);
     match kdf.kind.as_str() {
         "pbkdf2" => pbkdf2_sha256(secret, &kdf.salt.0, kdf.iterations.unwrap_or(0), &mut out),
+        #[cfg(feature = "argon2")]
         "argon2id" => {
             let params = argon2::Params::new(
                 kdf.memory.unwrap_or(0),
@@ -762,7 +788,10 @@ fn derive(kdf: &Kdf, secret: &[u8], len: usize) -> Result<Zeroizing<Vec<u8>>, Lu
                 .hash_password_into(secret, &kdf.salt.0, &mut out)
                 .map_err(|e| Luks2Error::Kdf(e.to_string()))?;
         }
-        other => return Err(Luks2Error::Kdf(format!("unknown KDF {other}"))),
+        other => {
+            argon2_built(other)?;
+            return Err(Luks2Error::Kdf(format!("unknown KDF {other}")));
+        }
     }
     Ok(out)
 }
@@ -844,6 +873,7 @@ pub fn format(input: FormatInput<'_>) -> Result<Zeroizing<Vec<u8>>, Luks2Error> 
         KdfPolicy::Pbkdf2 { iterations } => {
             format!("{{\"type\":\"pbkdf2\",\"hash\":\"sha256\",\"iterations\":{iterations},\"salt\":\"{}\"}}", b64(&kdf_salt))
         }
+        #[cfg(feature = "argon2")]
         KdfPolicy::Argon2id { time, memory_kib, cpus } => format!(
             "{{\"type\":\"argon2id\",\"time\":{time},\"memory\":{memory_kib},\"cpus\":{cpus},\"salt\":\"{}\"}}",
             b64(&kdf_salt)
@@ -990,6 +1020,65 @@ mod tests {
         match relabel(&mut head, "cvm-state") {
             Err(Luks2Error::Policy { field, .. }) => assert_eq!(field, "seqid"),
             other => panic!("{other:?}"),
+        }
+    }
+
+    /// A pbkdf2 header whose keyslot KDF is rewritten to `kdf` (both copies, valid checksums).
+    #[cfg(not(feature = "argon2"))]
+    fn header_with_keyslot_kdf(kdf: &str) -> Vec<u8> {
+        let policy = Policy {
+            integrity: false,
+            kdf: KdfPolicy::Pbkdf2 { iterations: 1000 },
+        };
+        let mut head = format(FormatInput {
+            policy,
+            uuid: "11111111-2222-4333-8444-555555555555",
+            secret: b"secret",
+            volume_key: &[1u8; 64],
+            label: "",
+            token: None,
+            random: &mut |b: &mut [u8]| b.fill(3),
+        })
+        .unwrap()[..2 * HDR_SIZE as usize]
+            .to_vec();
+        for offset in [0, HDR_SIZE as usize] {
+            let copy = &mut head[offset..offset + HDR_SIZE as usize];
+            let end = 4096 + copy[4096..].iter().position(|&b| b == 0).unwrap();
+            let json = std::str::from_utf8(&copy[4096..end]).unwrap().replacen(
+                "\"kdf\":{\"type\":\"pbkdf2\",\"hash\":\"sha256\",\"iterations\":1000,",
+                &format!("\"kdf\":{kdf}"),
+                1,
+            );
+            copy[4096..].fill(0);
+            copy[4096..4096 + json.len()].copy_from_slice(json.as_bytes());
+            let sum = checksum(copy);
+            copy[0x1c0..0x1e0].copy_from_slice(&sum);
+        }
+        head
+    }
+
+    /// The production build carries no Argon2: a keyslot that needs it is refused by name
+    /// before any policy comparison, and before any key derivation is attempted.
+    #[cfg(not(feature = "argon2"))]
+    #[test]
+    fn argon2_keyslots_are_refused_by_name() {
+        let pbkdf2 = Policy {
+            integrity: false,
+            kdf: KdfPolicy::Pbkdf2 { iterations: 1000 },
+        };
+        let control = header_with_keyslot_kdf(
+            "{\"type\":\"pbkdf2\",\"hash\":\"sha256\",\"iterations\":1000,",
+        );
+        assert!(parse(&control, 1 << 30, &pbkdf2).is_ok());
+        for kdf in ["argon2id", "argon2i"] {
+            let head = header_with_keyslot_kdf(&format!(
+                "{{\"type\":\"{kdf}\",\"time\":4,\"memory\":32,\"cpus\":1,"
+            ));
+            let err = parse(&head, 1 << 30, &pbkdf2).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!("keyslot 0 uses {kdf}; this build opens only pbkdf2 keyslots")
+            );
         }
     }
 

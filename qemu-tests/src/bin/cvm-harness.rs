@@ -9,9 +9,6 @@
 //!   cvm-harness bench-state <release cvm-init>   only the state-disk figures
 //!   cvm-harness bench-node <release cvm-init>    only containerd + kubelet stand-in figures
 //!   cvm-harness bench-snp <release cvm-measure>  only the SNP launch digest vs sev-snp-measure
-//!   cvm-harness initramfs <kernel dir> <cvm-init> <out.cpio>   the production initramfs:
-//!                                    cvm-init as /init and the modules it loads, taken from
-//!                                    an unpacked kernel (vmlinuz, modules/, ready)
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -56,13 +53,6 @@ enum Harness {
     BenchSnp { measure: PathBuf },
     /// Join stdin/stdout to HOST:PORT (QEMU's guestfwd runs this per connection)
     Forward { address: String },
-    /// The production initramfs: cvm-init as /init and the modules it loads, taken from an
-    /// unpacked kernel (vmlinuz, modules/, ready)
-    Initramfs {
-        kernel: PathBuf,
-        init: PathBuf,
-        out: PathBuf,
-    },
 }
 
 fn main() -> ExitCode {
@@ -80,7 +70,6 @@ fn main() -> ExitCode {
         },
         Harness::BenchSnp { measure } => snp_bench(&measure),
         Harness::Forward { address } => forward(&address),
-        Harness::Initramfs { kernel, init, out } => initramfs(&kernel, &init, &out),
         Harness::BenchState { init } => {
             let mut artifacts = Artifacts::get();
             artifacts.init = init;
@@ -99,27 +88,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn initramfs(kernel: &Path, init: &Path, out: &Path) -> Result<(), String> {
-    let kernel = qemu_tests::initramfs::Kernel::open(kernel).map_err(|e| {
-        format!(
-            "{}: not an unpacked kernel (vmlinuz, modules/, ready): {e}",
-            kernel.display()
-        )
-    })?;
-    let spec = qemu_tests::initramfs::InitramfsSpec {
-        init: init.to_path_buf(),
-        ..Default::default()
-    };
-    qemu_tests::initramfs::build(&spec, &kernel, out).map_err(|e| qemu_tests::chain(&e))?;
-    let size = std::fs::metadata(out).map_err(|e| e.to_string())?.len();
-    println!(
-        "initramfs {} ({size} bytes, kernel {})",
-        out.display(),
-        kernel.release
-    );
-    Ok(())
 }
 
 fn image(dir: &Path, config: Option<&Path>) -> Result<(), String> {

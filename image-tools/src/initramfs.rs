@@ -1,5 +1,5 @@
-//! Test initramfs images: cvm-init as /init, the test payload, a configuration file, and the
-//! kernel modules the init will load (with filtered modules.dep/.alias and the full
+//! Initramfs images (the production one and the boot tests'): cvm-init as /init, for tests the
+//! payload and a configuration file, and the kernel modules the init will load (with filtered modules.dep/.alias and the full
 //! modules.builtin/.softdep, so the init resolves them exactly as on a real image).
 
 use std::collections::BTreeSet;
