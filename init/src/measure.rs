@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use cvm_measure::event::Event;
 use cvm_measure::jsonseq;
 
-use crate::tee::{Backend, RegisterValue, TeeError};
+use crate::tee::{Backend, RegisterValue, Tee, TeeError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MeasureError {
@@ -23,7 +23,7 @@ pub enum MeasureError {
     #[error("cannot measure {event} into the {backend} registers")]
     Extend {
         event: String,
-        backend: &'static str,
+        backend: Tee,
         #[source]
         source: TeeError,
     },
@@ -68,8 +68,9 @@ impl Measurer {
         })
     }
 
-    pub fn backend_name(&self) -> &'static str {
-        self.backend.name()
+    /// The TEE this boot measures into.
+    pub fn tee(&self) -> Tee {
+        self.backend.tee()
     }
 
     /// Logs, then extends. A failure here is fatal to the boot: nothing unmeasured may run.
@@ -98,7 +99,7 @@ impl Measurer {
         log::info!(
             "{} events so far replayed into the {} registers; later events go there too",
             self.history.len(),
-            backend.name()
+            backend.tee()
         );
         self.also = Some(backend);
         Ok(())
@@ -141,7 +142,7 @@ fn extend_into(backend: &mut dyn Backend, event: &Event) -> Result<(), MeasureEr
         .extend(event)
         .map_err(|source| MeasureError::Extend {
             event: event.description(),
-            backend: backend.name(),
+            backend: backend.tee(),
             source,
         })
 }
@@ -154,8 +155,8 @@ mod tests {
     struct Recording(std::rc::Rc<std::cell::RefCell<Vec<String>>>);
 
     impl Backend for Recording {
-        fn name(&self) -> &'static str {
-            "recording"
+        fn tee(&self) -> Tee {
+            Tee::Tpm
         }
         fn extend(&mut self, event: &Event) -> Result<(), TeeError> {
             self.0.borrow_mut().push(event.description());

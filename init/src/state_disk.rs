@@ -20,10 +20,10 @@ use crate::dm::{self, DmError, MappedDevice};
 use crate::keys::{Ephemeral, Kbs, KeyError, KeySource, SnpDerived, TpmSealed};
 use crate::measure::MeasureError;
 use crate::sys::System;
+use crate::tee::seal::SEAL_PCRS;
 use crate::tee::tpm::{DeviceTransport, Tpm, TpmError};
+use crate::tee::Tee;
 
-/// The PCRs the `tpm` key source seals to: the phases and the identity events so far.
-pub const SEAL_PCRS: [u32; 2] = [11, 15];
 const DM_NAME: &str = "cvm-state";
 const DM_INTEGRITY_NAME: &str = "cvm-state-integrity";
 /// The smallest disk cvm-init formats: the LUKS2 metadata, the integrity journal and the file
@@ -71,10 +71,7 @@ pub enum StateError {
     #[error("the tpm key source needs the vTPM")]
     Tpm(#[source] TpmError),
     #[error("state.key = \"tpm\" is refused with cvm.tee={tee} and nothing was written to any disk: {why}")]
-    TpmKeyRefused {
-        tee: &'static str,
-        why: &'static str,
-    },
+    TpmKeyRefused { tee: Tee, why: &'static str },
     #[error("cannot extend cvm-init's events into the vTPM (state.tpm_in_tee)")]
     Mirror(#[source] crate::tee::TeeError),
     #[error(transparent)]
@@ -129,25 +126,25 @@ pub enum VtpmUse {
 /// On SEV-SNP and TDX cvm-init's events do not reach the vTPM's PCRs by themselves, and a vTPM
 /// the host emulates answers the host: sealing to it protects nothing unless the operator
 /// states that it is inside the TEE. With `cvm.tee=none` nothing is measured at all.
-pub fn tpm_key_decision(cfg: &StateConfig, tee: &'static str) -> Result<VtpmUse, StateError> {
+pub fn tpm_key_decision(cfg: &StateConfig, tee: Tee) -> Result<VtpmUse, StateError> {
     if cfg.key != KeySourceChoice::Tpm {
         return Ok(VtpmUse::NotUsed);
     }
     let refuse = |why| Err(StateError::TpmKeyRefused { tee, why });
     match tee {
-        "tpm" => Ok(VtpmUse::Registers),
-        "snp" | "tdx" if cfg.tpm_in_tee => Ok(VtpmUse::AlsoExtend),
-        "snp" => refuse(
+        Tee::Tpm => Ok(VtpmUse::Registers),
+        Tee::Snp | Tee::Tdx if cfg.tpm_in_tee => Ok(VtpmUse::AlsoExtend),
+        Tee::Snp => refuse(
             "the vTPM is outside SEV-SNP's protection unless the configuration says otherwise, and a \
              vTPM the host emulates can unseal anything; use key = \"kbs\" or \"snp-derived\", or \
              set state.tpm_in_tee = true only if the vTPM runs inside the TEE (an SVSM or paravisor vTPM)",
         ),
-        "tdx" => refuse(
+        Tee::Tdx => refuse(
             "the vTPM is outside TDX's protection unless the configuration says otherwise, and a \
              vTPM the host emulates can unseal anything; use key = \"kbs\", or set \
              state.tpm_in_tee = true only if the vTPM runs inside the TD (a paravisor vTPM)",
         ),
-        _ => refuse(
+        Tee::None => refuse(
             "this boot measures nothing into the vTPM's PCRs, so the seal would bind to nothing \
              cvm-init measured; boot with cvm.tee=tpm (or auto) or use another key source",
         ),
@@ -245,7 +242,7 @@ fn random_uuid() -> String {
 
 /// The `kbs` source: evidence of the TEE this boot measures into, bound to the broker's
 /// challenge; the extra resources are written to their files.
-fn kbs_source(kbs: &KbsConfig, tee: &'static str) -> Result<Kbs, StateError> {
+fn kbs_source(kbs: &KbsConfig, tee: Tee) -> Result<Kbs, StateError> {
     let endpoint = kbs_endpoint(kbs)?;
     let address = endpoint.address.clone();
     let evidence = crate::tee::evidence::Source::for_tee(tee).map_err(StateError::Evidence)?;
@@ -344,7 +341,7 @@ pub struct Opened {
 pub fn set_up(
     cfg: &StateConfig,
     kbs: Option<&KbsConfig>,
-    tee: &'static str,
+    tee: Tee,
     sys: &dyn System,
     measure: &mut dyn FnMut(Event) -> Result<(), MeasureError>,
 ) -> Result<Opened, StateError> {
@@ -793,8 +790,11 @@ mod tests {
     #[test]
     fn the_tpm_key_is_refused_on_snp_tdx_and_none_unless_the_vtpm_is_in_the_tee() {
         let tpm = state_config("tpm", "");
-        assert_eq!(tpm_key_decision(&tpm, "tpm").unwrap(), VtpmUse::Registers);
-        for tee in ["snp", "tdx", "none"] {
+        assert_eq!(
+            tpm_key_decision(&tpm, Tee::Tpm).unwrap(),
+            VtpmUse::Registers
+        );
+        for tee in [Tee::Snp, Tee::Tdx, Tee::None] {
             let err = tpm_key_decision(&tpm, tee).unwrap_err().to_string();
             assert!(
                 err.contains(&format!(
@@ -802,26 +802,26 @@ mod tests {
                 )) && err.contains("nothing was written"),
                 "{err}"
             );
-            if tee != "none" {
+            if tee != Tee::None {
                 assert!(err.contains("state.tpm_in_tee = true"), "{err}");
             }
         }
         let stated = state_config("tpm", "tpm_in_tee = true");
         assert_eq!(
-            tpm_key_decision(&stated, "snp").unwrap(),
+            tpm_key_decision(&stated, Tee::Snp).unwrap(),
             VtpmUse::AlsoExtend
         );
         assert_eq!(
-            tpm_key_decision(&stated, "tdx").unwrap(),
+            tpm_key_decision(&stated, Tee::Tdx).unwrap(),
             VtpmUse::AlsoExtend
         );
         assert_eq!(
-            tpm_key_decision(&stated, "tpm").unwrap(),
+            tpm_key_decision(&stated, Tee::Tpm).unwrap(),
             VtpmUse::Registers
         );
-        assert!(tpm_key_decision(&stated, "none").is_err());
+        assert!(tpm_key_decision(&stated, Tee::None).is_err());
         for key in ["kbs", "ephemeral", "snp-derived"] {
-            for tee in ["tpm", "snp", "tdx", "none"] {
+            for tee in [Tee::Tpm, Tee::Snp, Tee::Tdx, Tee::None] {
                 assert_eq!(
                     tpm_key_decision(&state_config(key, ""), tee).unwrap(),
                     VtpmUse::NotUsed
