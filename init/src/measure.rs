@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use cvm_measure::event::Event;
 use cvm_measure::jsonseq;
+use nix::fcntl::{Flock, FlockArg};
 
 use crate::tee::{Backend, RegisterValue, Tee, TeeError};
 
@@ -108,16 +109,10 @@ impl Measurer {
     /// Appends one record under an exclusive lock, with the sticky bit set while writing (the
     /// "being written" marker systemd's readers honour).
     fn append(&mut self, record: &[u8]) -> std::io::Result<()> {
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.log);
-        let lock = |op| {
-            // SAFETY: flock on a descriptor this struct owns; no memory is involved.
-            if unsafe { nix::libc::flock(fd, op) } == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        };
-        lock(nix::libc::LOCK_EX)?;
+        // flock(2) locks the open file description, which the duplicate shares; dropping the
+        // guard unlocks, on every path out of here.
+        let locked = Flock::lock(self.log.try_clone()?, FlockArg::LockExclusive)
+            .map_err(|(_, errno)| std::io::Error::from(errno))?;
         let mode = self.log.metadata()?.permissions().mode() & 0o7777;
         self.log
             .set_permissions(std::fs::Permissions::from_mode(mode | 0o1000))?;
@@ -127,7 +122,7 @@ impl Measurer {
             .and_then(|_| self.log.sync_data());
         self.log
             .set_permissions(std::fs::Permissions::from_mode(mode & !0o1000))?;
-        let _ = lock(nix::libc::LOCK_UN);
+        drop(locked);
         written
     }
 
