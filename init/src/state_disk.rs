@@ -336,6 +336,157 @@ pub struct Opened {
     pub mapped: MappedDevice,
 }
 
+/// The steps of the state phase that touch the machine (the disk's bytes, the key sources,
+/// device-mapper, mkfs, the mount), behind one trait so that the order of the steps is
+/// unit-tested against a simulated disk (the tests' `SimDisk`), as [`RealDisk`] drives the
+/// kernel. The decisions (classify, measure, format, commit) stay in [`set_up_with`].
+pub trait StateDisk {
+    /// Finds the disk with this serial and opens it: `/dev/<name>`, its major:minor and size.
+    fn open(&mut self, serial: &str) -> Result<(String, (u32, u32), u64), StateError>;
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()>;
+    fn sync(&mut self) -> std::io::Result<()>;
+    /// The key source `choice` names, created now (a `tpm` source reads the PCRs it seals to
+    /// when created).
+    fn key_source(
+        &mut self,
+        choice: KeySourceChoice,
+        kbs: Option<&KbsConfig>,
+        tee: Tee,
+    ) -> Result<Box<dyn KeySource>, StateError>;
+    /// Maps dm-crypt (over dm-integrity when the policy asks) with the volume key: the device
+    /// and its size in sectors.
+    fn map(
+        &mut self,
+        policy: &Policy,
+        device: &str,
+        dev: (u32, u32),
+        size: u64,
+        formatted: bool,
+        volume_key: &[u8],
+    ) -> Result<(MappedDevice, u64), StateError>;
+    /// Before mkfs on a new format: the wipe, or the superblock slots of an unwiped integrity
+    /// device.
+    fn prepare(&mut self, cfg: &StateConfig, node: &str, bytes: u64) -> Result<(), StateError>;
+    fn mkfs(&mut self, cfg: &StateConfig, node: &str) -> Result<(), StateError>;
+    /// On an existing disk: what the file system's superblock says of the last boot.
+    fn report_file_system(&mut self, node: &str);
+    fn mount(&mut self, cfg: &StateConfig, node: &str) -> Result<(), StateError>;
+}
+
+/// The machine's disk, keys, device-mapper and mount.
+pub struct RealDisk<'a> {
+    sys: &'a dyn System,
+    file: Option<File>,
+}
+
+impl<'a> RealDisk<'a> {
+    pub fn new(sys: &'a dyn System) -> Self {
+        RealDisk { sys, file: None }
+    }
+
+    fn file(&self) -> std::io::Result<&File> {
+        self.file
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("the state disk is not open"))
+    }
+}
+
+impl StateDisk for RealDisk<'_> {
+    fn open(&mut self, serial: &str) -> Result<(String, (u32, u32), u64), StateError> {
+        let (name, dev) = find_by_serial(Path::new("/sys/block"), serial)?;
+        let device = format!("/dev/{name}");
+        let io = |what: &'static str| {
+            let device = device.clone();
+            move |source| StateError::Io {
+                what,
+                device,
+                source,
+            }
+        };
+        let file: File = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(nix::libc::O_CLOEXEC)
+            .open(&device)
+            .map_err(io("open"))?;
+        let size = luks2_size(&file).map_err(io("size"))?;
+        self.file = Some(file);
+        Ok((device, dev, size))
+    }
+
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.file()?.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.file()?.write_all_at(buf, offset)
+    }
+
+    fn sync(&mut self) -> std::io::Result<()> {
+        self.file()?.sync_all()
+    }
+
+    fn key_source(
+        &mut self,
+        choice: KeySourceChoice,
+        kbs: Option<&KbsConfig>,
+        tee: Tee,
+    ) -> Result<Box<dyn KeySource>, StateError> {
+        Ok(match choice {
+            KeySourceChoice::Tpm => Box::new(tpm_source()?),
+            KeySourceChoice::Ephemeral => Box::new(Ephemeral),
+            KeySourceChoice::Kbs => Box::new(kbs_source(kbs.ok_or(StateError::NoKbs)?, tee)?),
+            KeySourceChoice::SnpDerived => Box::new(SnpDerived),
+        })
+    }
+
+    fn map(
+        &mut self,
+        policy: &Policy,
+        device: &str,
+        dev: (u32, u32),
+        size: u64,
+        formatted: bool,
+        volume_key: &[u8],
+    ) -> Result<(MappedDevice, u64), StateError> {
+        let (backing, sectors) = if policy.integrity {
+            let integrity = open_integrity(device, dev, size, formatted)?;
+            let sectors = integrity.1;
+            ((integrity.0.major, integrity.0.minor), sectors)
+        } else {
+            (dev, (size - DATA_OFFSET) / 4096 * 8)
+        };
+        let key = LogonKey::add("cvm:state", volume_key)?;
+        let params = crypt_params(policy, &key.table_reference(), backing);
+        let mapped = dm::create(DM_NAME, sectors, "crypt", &params, false)?;
+        drop(key);
+        Ok((mapped, sectors))
+    }
+
+    fn prepare(&mut self, cfg: &StateConfig, node: &str, bytes: u64) -> Result<(), StateError> {
+        if cfg.wipe {
+            wipe(node, bytes)
+        } else if cfg.unwritten_blocks_fail() {
+            write_superblock_slots(node, bytes)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn mkfs(&mut self, cfg: &StateConfig, node: &str) -> Result<(), StateError> {
+        mkfs(cfg, node)
+    }
+
+    fn report_file_system(&mut self, node: &str) {
+        report_file_system(node)
+    }
+
+    fn mount(&mut self, cfg: &StateConfig, node: &str) -> Result<(), StateError> {
+        mount_state(cfg, self.sys, node)
+    }
+}
+
 /// Sets up the state disk. `measure` extends an event (the disk's identity is measured before
 /// the key is derived or used).
 pub fn set_up(
@@ -345,8 +496,21 @@ pub fn set_up(
     sys: &dyn System,
     measure: &mut dyn FnMut(Event) -> Result<(), MeasureError>,
 ) -> Result<Opened, StateError> {
-    let (name, dev) = find_by_serial(Path::new("/sys/block"), &cfg.serial)?;
-    let device = format!("/dev/{name}");
+    set_up_with(cfg, kbs, tee, &mut RealDisk::new(sys), measure)
+}
+
+/// The state phase's decisions and their order, on any [`StateDisk`]: the disk's identity is
+/// measured before a key is derived from a source, the volume key's identity before the key
+/// is used; a foreign disk is refused before anything is written; COMMITTED is written only
+/// after mkfs succeeded.
+pub fn set_up_with(
+    cfg: &StateConfig,
+    kbs: Option<&KbsConfig>,
+    tee: Tee,
+    disk: &mut dyn StateDisk,
+    measure: &mut dyn FnMut(Event) -> Result<(), MeasureError>,
+) -> Result<Opened, StateError> {
+    let (device, dev, size) = disk.open(&cfg.serial)?;
     let io = |what: &'static str| {
         let device = device.clone();
         move |source| StateError::Io {
@@ -355,26 +519,14 @@ pub fn set_up(
             source,
         }
     };
-    let file: File = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(nix::libc::O_CLOEXEC)
-        .open(&device)
-        .map_err(io("open"))?;
-    let size = luks2_size(&file).map_err(io("size"))?;
     let policy = policy(cfg);
     let mut head = vec![0u8; BLANK_PROBE.min(size) as usize];
-    file.read_exact_at(&mut head, 0)
+    disk.read_at(&mut head, 0)
         .map_err(io("read the start of"))?;
     let state = classify(&head, size, &policy);
     // Nothing about the disk is measured yet: a key broker asked here checks the evidence
     // `cvm-measure predict --at key-release` computes.
-    let mut source: Box<dyn KeySource> = match cfg.key {
-        KeySourceChoice::Tpm => Box::new(tpm_source()?),
-        KeySourceChoice::Ephemeral => Box::new(Ephemeral),
-        KeySourceChoice::Kbs => Box::new(kbs_source(kbs.ok_or(StateError::NoKbs)?, tee)?),
-        KeySourceChoice::SnpDerived => Box::new(SnpDerived),
-    };
+    let mut source = disk.key_source(cfg.key, kbs, tee)?;
     let key_err = |source_name: &'static str| {
         move |source| StateError::Key {
             source_name,
@@ -389,7 +541,7 @@ pub fn set_up(
                 &device,
                 source.as_mut(),
                 measure,
-                &mut |offset, buf| file.read_exact_at(buf, offset),
+                &mut |offset, buf| disk.read_at(buf, offset),
             )?;
             log::info!("state disk {device}: opened LUKS2 {}", header.uuid);
             (header.uuid.clone(), key, false)
@@ -403,7 +555,7 @@ pub fn set_up(
             measure(Event::StateDisk(Some(uuid.as_bytes().to_vec())))?;
             // The source seals now, with the disk's identity already in the PCRs.
             if let KeySourceChoice::Tpm = cfg.key {
-                source = Box::new(tpm_source()?);
+                source = disk.key_source(cfg.key, kbs, tee)?;
             }
             let provisioned = source.provision().map_err(key_err(source.name()))?;
             let mut volume_key = Zeroizing::new(vec![0u8; policy.key_size()]);
@@ -422,15 +574,15 @@ pub fn set_up(
                 device: device.clone(),
                 source,
             })?;
-            file.write_all_at(&new_head, 0)
+            disk.write_at(&new_head, 0)
                 .map_err(io("write the header of"))?;
             if policy.integrity {
                 // A fresh integrity superblock: the kernel formats the device when it finds
                 // zeros there (an interrupted earlier attempt may have left one).
-                file.write_all_at(&[0u8; SUPERBLOCK_LEN], DATA_OFFSET)
+                disk.write_at(&[0u8; SUPERBLOCK_LEN], DATA_OFFSET)
                     .map_err(io("clear the integrity superblock of"))?;
             }
-            file.sync_all().map_err(io("sync"))?;
+            disk.sync().map_err(io("sync"))?;
             log::info!(
                 "state disk {device}: formatted LUKS2 {uuid} (key source {})",
                 source.name()
@@ -438,30 +590,16 @@ pub fn set_up(
             (uuid, volume_key, true)
         }
     };
-    let (backing, sectors) = if policy.integrity {
-        let integrity = open_integrity(&device, dev, size, formatted)?;
-        let sectors = integrity.1;
-        ((integrity.0.major, integrity.0.minor), sectors)
-    } else {
-        (dev, (size - DATA_OFFSET) / 4096 * 8)
-    };
-    let key = LogonKey::add("cvm:state", &volume_key)?;
-    let params = crypt_params(&policy, &key.table_reference(), backing);
-    let mapped = dm::create(DM_NAME, sectors, "crypt", &params, false)?;
-    drop(key);
+    let (mapped, sectors) = disk.map(&policy, &device, dev, size, formatted, &volume_key)?;
     drop(volume_key);
     if formatted {
-        if cfg.wipe {
-            wipe(&mapped.node(), sectors * 512)?;
-        } else if cfg.unwritten_blocks_fail() {
-            write_superblock_slots(&mapped.node(), sectors * 512)?;
-        }
-        mkfs(cfg, &mapped.node())?;
-        commit(&file, &device)?;
+        disk.prepare(cfg, &mapped.node(), sectors * 512)?;
+        disk.mkfs(cfg, &mapped.node())?;
+        commit(disk, &device)?;
     } else {
-        report_file_system(&mapped.node());
+        disk.report_file_system(&mapped.node());
     }
-    mount_state(cfg, sys, &mapped.node())?;
+    disk.mount(cfg, &mapped.node())?;
     Ok(Opened {
         device,
         uuid,
@@ -712,7 +850,7 @@ fn mkfs(cfg: &StateConfig, node: &str) -> Result<(), StateError> {
 }
 
 /// Marks the format committed: the secondary copy first, then the primary, each synced.
-fn commit(file: &File, device: &str) -> Result<(), StateError> {
+fn commit(disk: &mut dyn StateDisk, device: &str) -> Result<(), StateError> {
     let io = |what: &'static str| {
         move |source| StateError::Io {
             what,
@@ -721,18 +859,18 @@ fn commit(file: &File, device: &str) -> Result<(), StateError> {
         }
     };
     let mut head = vec![0u8; 2 * HDR_SIZE as usize];
-    file.read_exact_at(&mut head, 0)
+    disk.read_at(&mut head, 0)
         .map_err(io("read the header of"))?;
     luks2::relabel(&mut head, COMMITTED).map_err(|source| StateError::Header {
         device: device.to_string(),
         source,
     })?;
-    file.write_all_at(&head[HDR_SIZE as usize..], HDR_SIZE)
+    disk.write_at(&head[HDR_SIZE as usize..], HDR_SIZE)
         .map_err(io("commit the header of"))?;
-    file.sync_all().map_err(io("sync"))?;
-    file.write_all_at(&head[..HDR_SIZE as usize], 0)
+    disk.sync().map_err(io("sync"))?;
+    disk.write_at(&head[..HDR_SIZE as usize], 0)
         .map_err(io("commit the header of"))?;
-    file.sync_all().map_err(io("sync"))?;
+    disk.sync().map_err(io("sync"))?;
     Ok(())
 }
 
@@ -772,6 +910,9 @@ fn mount_state(cfg: &StateConfig, sys: &dyn System, node: &str) -> Result<(), St
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod sim;
 
 #[cfg(test)]
 mod tests {
