@@ -8,6 +8,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use nix::sys::resource::Resource;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
@@ -131,6 +132,8 @@ impl ExecPlan {
 
     /// Runs in the child: returns only on failure.
     fn exec(&self) -> io::Error {
+        // Raw execveat(2): nix's wrapper builds its argument arrays, which would allocate in
+        // the child after the fork.
         // SAFETY: execveat(2) is async-signal-safe; the descriptor is open, and `argv` and
         // `envp` are null-terminated arrays of pointers to NUL-terminated strings owned by
         // `self`, which outlives the call.
@@ -185,7 +188,7 @@ fn service_cgroup(service: &ServiceConfig) -> io::Result<File> {
 struct ChildSetup {
     cgroup_procs: Option<RawFd>,
     oom_score_adj: Option<Vec<u8>>,
-    limits: Vec<(i32, u64)>,
+    limits: Vec<(Resource, u64)>,
 }
 
 impl Processes for OsProcesses {
@@ -203,10 +206,10 @@ impl Processes for OsProcesses {
             cgroup_procs: cgroup.as_ref().map(|f| f.as_raw_fd()),
             oom_score_adj: service.oom_score_adj.map(|v| v.to_string().into_bytes()),
             limits: [
-                (nix::libc::RLIMIT_NOFILE as i32, limits.nofile),
-                (nix::libc::RLIMIT_NPROC as i32, limits.nproc),
-                (nix::libc::RLIMIT_MEMLOCK as i32, limits.memlock),
-                (nix::libc::RLIMIT_CORE as i32, limits.core),
+                (Resource::RLIMIT_NOFILE, limits.nofile),
+                (Resource::RLIMIT_NPROC, limits.nproc),
+                (Resource::RLIMIT_MEMLOCK, limits.memlock),
+                (Resource::RLIMIT_CORE, limits.core),
             ]
             .into_iter()
             .filter_map(|(resource, limit)| Some((resource, limit?.raw())))
@@ -259,41 +262,33 @@ impl Processes for OsProcesses {
     }
 }
 
-/// Joins the cgroup, sets the OOM bias and the limits (in the child, before exec).
+/// Joins the cgroup, sets the OOM bias and the limits (in the child, before exec). Every call
+/// here is async-signal-safe and allocates nothing (the path is a `CStr`, the buffers were
+/// prepared before the fork).
 fn apply_child_setup(setup: &ChildSetup) -> io::Result<()> {
-    use nix::libc;
-    // SAFETY: write(2), open(2), close(2) and setrlimit(2) on descriptors and buffers
-    // prepared before the fork; all are async-signal-safe and nothing is allocated.
-    unsafe {
-        if let Some(fd) = setup.cgroup_procs {
-            // "0" is the writing process itself.
-            if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                return Err(io::Error::last_os_error());
-            }
+    use nix::fcntl::{open, OFlag};
+    use nix::sys::stat::Mode;
+    if let Some(fd) = setup.cgroup_procs {
+        // SAFETY: the cgroup's procs file was opened before the fork and the parent keeps it
+        // open until the spawn returns, so the descriptor is open for the whole call.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        // "0" is the writing process itself.
+        if nix::unistd::write(fd, b"0")? != 1 {
+            return Err(io::ErrorKind::WriteZero.into());
         }
-        if let Some(value) = &setup.oom_score_adj {
-            let fd = libc::open(
-                c"/proc/self/oom_score_adj".as_ptr(),
-                libc::O_WRONLY | libc::O_CLOEXEC,
-            );
-            if fd < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let written = libc::write(fd, value.as_ptr().cast(), value.len());
-            libc::close(fd);
-            if written != value.len() as isize {
-                return Err(io::Error::last_os_error());
-            }
+    }
+    if let Some(value) = &setup.oom_score_adj {
+        let file = open(
+            c"/proc/self/oom_score_adj",
+            OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+        if nix::unistd::write(&file, value)? != value.len() {
+            return Err(io::ErrorKind::WriteZero.into());
         }
-        for &(resource, value) in &setup.limits {
-            let limit = libc::rlimit {
-                rlim_cur: value,
-                rlim_max: value,
-            };
-            if libc::setrlimit(resource as _, &limit) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-        }
+    }
+    for &(resource, value) in &setup.limits {
+        nix::sys::resource::setrlimit(resource, value, value)?;
     }
     Ok(())
 }
@@ -302,25 +297,21 @@ fn apply_child_setup(setup: &ChildSetup) -> io::Result<()> {
 /// no descriptor beyond 0-2 survives exec.
 fn clean_child_state() -> io::Result<()> {
     use nix::libc;
-    // SAFETY: plain system calls on values owned by this function; all are async-signal-safe.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        if libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) != 0 {
-            return Err(io::Error::last_os_error());
+    use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow};
+    sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
+    for sig in 1..libc::SIGRTMAX() {
+        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            // Raw signal(2): nix's `Signal` has no real-time signals, which are reset too.
+            // SAFETY: SIG_DFL installs no handler; async-signal-safe.
+            unsafe { libc::signal(sig, libc::SIG_DFL) };
         }
-        for sig in 1..libc::SIGRTMAX() {
-            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                libc::signal(sig, libc::SIG_DFL);
-            }
-        }
-        if libc::setsid() < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
-        if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) != 0 {
-            return Err(io::Error::last_os_error());
-        }
+    }
+    nix::unistd::setsid()?;
+    // Raw close_range(2): nix 0.31 has no wrapper for it.
+    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+    // SAFETY: integer arguments only; marks descriptors close-on-exec, touches no memory.
+    if unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }
