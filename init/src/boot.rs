@@ -36,7 +36,7 @@ where
 {
     log::info!("phase {name} start");
     #[cfg(feature = "test-hooks")]
-    test_hooks::maybe_panic(name);
+    crate::test_hooks::maybe_panic(name);
     let started = Instant::now();
     match f() {
         Ok(value) => {
@@ -47,38 +47,6 @@ where
             let reason = logger::chain(&err);
             log::error!("phase {name} failed: {reason}");
             fatal(&format!("phase {name} failed: {reason}"))
-        }
-    }
-}
-
-#[cfg(feature = "test-hooks")]
-pub mod test_hooks {
-    //! Test builds only: `cvm.test-panic=<phase>` panics at the start of that phase.
-    use std::sync::Mutex;
-
-    pub static PANIC_IN: Mutex<Option<String>> = Mutex::new(None);
-    /// `cvm.test-snp-emulator=<dir>`: evidence from an emulated SNP provider.
-    pub static SNP_EMULATOR: Mutex<Option<std::path::PathBuf>> = Mutex::new(None);
-
-    pub fn snp_emulator() -> Option<crate::tee::emulated_snp::EmulatedSnp> {
-        let dir = SNP_EMULATOR.lock().ok()?.clone()?;
-        log::warn!(
-            "test build: SNP evidence comes from an emulated provider ({})",
-            dir.display()
-        );
-        match crate::tee::emulated_snp::EmulatedSnp::load(&dir) {
-            Ok(emulated) => Some(emulated),
-            Err(e) => {
-                log::error!("test build: the emulated SNP provider cannot start: {e}");
-                None
-            }
-        }
-    }
-
-    pub fn maybe_panic(phase: &str) {
-        let wanted = PANIC_IN.lock().map(|p| p.clone()).unwrap_or(None);
-        if wanted.as_deref() == Some(phase) {
-            panic!("test hook: cvm.test-panic={phase}");
         }
     }
 }
@@ -146,15 +114,11 @@ fn start_measuring(options: &BootOptions) -> Result<Measurer, MeasureStartError>
     let cmdline = std::fs::read("/proc/cmdline").map_err(MeasureStartError::Cmdline)?;
     let log = Path::new(cvm_formats::jsonseq::LOG_PATH);
     let backend = tee::open(options.tee, &tee::Probe::default(), log)?;
-    if backend.name() == "none" {
+    if backend.tee() == tee::Tee::None {
         log::warn!("cvm.tee=none: this boot is not measured");
     }
     let mut measurer = Measurer::new(backend, log)?;
-    log::info!(
-        "measuring into {} (log {})",
-        measurer.backend_name(),
-        log.display()
-    );
+    log::info!("measuring into {} (log {})", measurer.tee(), log.display());
     measurer.measure(&Event::Phase(Phase::EnterInitrd))?;
     measurer.measure(&Event::BootOptions(cvm_formats::event::cvm_options(
         &cmdline,
@@ -266,8 +230,8 @@ pub fn run() -> ! {
     log::set_max_level(options.log_level);
     #[cfg(feature = "test-hooks")]
     {
-        *test_hooks::PANIC_IN.lock().unwrap() = options.test_panic.clone();
-        *test_hooks::SNP_EMULATOR.lock().unwrap() = options.test_snp_emulator.clone();
+        *crate::test_hooks::PANIC_IN.lock().unwrap() = options.test_panic.clone();
+        *crate::test_hooks::SNP_EMULATOR.lock().unwrap() = options.test_snp_emulator.clone();
     }
     if options.debug {
         log::warn!("cvm.debug is set: a fatal error holds the machine instead of powering off");
@@ -313,7 +277,7 @@ pub fn run() -> ! {
         match &config_file.state {
             None => measure(Event::StateDisk(None))?,
             Some(cfg) => {
-                let tee = measurer.borrow().backend_name();
+                let tee = measurer.borrow().tee();
                 let hardware = tee::hardware(&tee::Probe::default());
                 if state_disk::tpm_key_decision(cfg, tee, hardware)?
                     == state_disk::VtpmUse::AlsoExtend

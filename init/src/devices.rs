@@ -233,64 +233,29 @@ pub struct Uevents {
 
 impl Uevents {
     pub fn open() -> std::io::Result<Uevents> {
+        use nix::sys::socket::{bind, setsockopt, sockopt, NetlinkAddr, SockProtocol, SockType};
         let fd = crate::net::netlink::netlink_socket(
-            nix::libc::SOCK_DGRAM,
-            nix::libc::NETLINK_KOBJECT_UEVENT,
+            SockType::Datagram,
+            SockProtocol::NetlinkKObjectUEvent,
         )?;
         // A boot's burst of events must not overflow the queue (ENOBUFS is handled, by a
-        // rescan, but costs one). SO_RCVBUFFORCE: PID 1 may exceed rmem_max.
-        let size: nix::libc::c_int = 4 << 20;
-        // SAFETY: setsockopt(2) on an owned socket with a pointer to a live c_int of the size
-        // given; failure only leaves the default size.
-        unsafe {
-            nix::libc::setsockopt(
-                fd.as_raw_fd(),
-                nix::libc::SOL_SOCKET,
-                nix::libc::SO_RCVBUFFORCE,
-                (&size as *const nix::libc::c_int).cast(),
-                std::mem::size_of::<nix::libc::c_int>() as u32,
-            );
-        }
-        // SAFETY: a zeroed sockaddr_nl is valid; the pointer and length describe it exactly.
-        let bound = unsafe {
-            let mut address: nix::libc::sockaddr_nl = std::mem::zeroed();
-            address.nl_family = nix::libc::AF_NETLINK as u16;
-            address.nl_groups = 1;
-            nix::libc::bind(
-                fd.as_raw_fd(),
-                (&address as *const nix::libc::sockaddr_nl).cast(),
-                std::mem::size_of::<nix::libc::sockaddr_nl>() as u32,
-            )
-        };
-        if bound < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        // rescan, but costs one). SO_RCVBUFFORCE: PID 1 may exceed rmem_max; failure only
+        // leaves the default size.
+        let _ = setsockopt(&fd, sockopt::RcvBufForce, &(4 << 20));
+        // Port 0 (the kernel assigns one), multicast group 1: the kernel's uevents.
+        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 1))?;
         Ok(Uevents { fd })
     }
 
     /// The next event the kernel sent (messages from other processes are skipped).
     pub fn next(&self, buf: &mut [u8]) -> std::io::Result<Option<Uevent>> {
-        // SAFETY: `buf` and `from` are live, exclusively borrowed buffers of the lengths given.
-        let (n, from) = unsafe {
-            let mut from: nix::libc::sockaddr_nl = std::mem::zeroed();
-            let mut from_len = std::mem::size_of::<nix::libc::sockaddr_nl>() as u32;
-            let n = nix::libc::recvfrom(
-                self.fd.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                0,
-                (&mut from as *mut nix::libc::sockaddr_nl).cast(),
-                &mut from_len,
-            );
-            (n, from)
-        };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        if from.nl_pid != 0 {
+        let (n, from) =
+            nix::sys::socket::recvfrom::<nix::sys::socket::NetlinkAddr>(self.fd.as_raw_fd(), buf)?;
+        // Only the kernel (port 0) is believed; a sender without an address is not.
+        if from.is_none_or(|from| from.pid() != 0) {
             return Ok(None);
         }
-        Ok(parse_uevent(&buf[..n as usize]))
+        Ok(parse_uevent(&buf[..n]))
     }
 }
 

@@ -207,7 +207,7 @@ impl Kbs {
                     continue;
                 }
             };
-            match cvm_kbs::client::get_resources_with(endpoint, evidence.tee(), resources, auth_extra, &mut prove) {
+            match cvm_kbs::client::get_resources_with(endpoint, evidence.tee().as_str(), resources, auth_extra, &mut prove) {
                 Ok(mut released) if released[0].len() >= SECRET_LEN => {
                     log::info!(
                         "kbs: {} released by the key broker at {address} (attempt {attempt})",

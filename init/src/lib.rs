@@ -24,6 +24,8 @@ pub mod state_disk;
 pub mod supervise;
 pub mod sys;
 pub mod tee;
+#[cfg(feature = "test-hooks")]
+pub mod test_hooks;
 
 /// The version printed by `--version` and at the start of every boot.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 
 use cvm_formats::event::Event;
 use cvm_formats::jsonseq;
+use nix::fcntl::{Flock, FlockArg};
 
-use crate::tee::{Backend, RegisterValue, TeeError};
+use crate::tee::{Backend, RegisterValue, Tee, TeeError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MeasureError {
@@ -23,7 +24,7 @@ pub enum MeasureError {
     #[error("cannot measure {event} into the {backend} registers")]
     Extend {
         event: String,
-        backend: &'static str,
+        backend: Tee,
         #[source]
         source: TeeError,
     },
@@ -68,8 +69,9 @@ impl Measurer {
         })
     }
 
-    pub fn backend_name(&self) -> &'static str {
-        self.backend.name()
+    /// The TEE this boot measures into.
+    pub fn tee(&self) -> Tee {
+        self.backend.tee()
     }
 
     /// Logs, then extends. A failure here is fatal to the boot: nothing unmeasured may run.
@@ -98,7 +100,7 @@ impl Measurer {
         log::info!(
             "{} events so far replayed into the {} registers; later events go there too",
             self.history.len(),
-            backend.name()
+            backend.tee()
         );
         self.also = Some(backend);
         Ok(())
@@ -107,16 +109,10 @@ impl Measurer {
     /// Appends one record under an exclusive lock, with the sticky bit set while writing (the
     /// "being written" marker systemd's readers honour).
     fn append(&mut self, record: &[u8]) -> std::io::Result<()> {
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.log);
-        let lock = |op| {
-            // SAFETY: flock on a descriptor this struct owns; no memory is involved.
-            if unsafe { nix::libc::flock(fd, op) } == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        };
-        lock(nix::libc::LOCK_EX)?;
+        // flock(2) locks the open file description, which the duplicate shares; dropping the
+        // guard unlocks, on every path out of here.
+        let locked = Flock::lock(self.log.try_clone()?, FlockArg::LockExclusive)
+            .map_err(|(_, errno)| std::io::Error::from(errno))?;
         let mode = self.log.metadata()?.permissions().mode() & 0o7777;
         self.log
             .set_permissions(std::fs::Permissions::from_mode(mode | 0o1000))?;
@@ -126,7 +122,7 @@ impl Measurer {
             .and_then(|_| self.log.sync_data());
         self.log
             .set_permissions(std::fs::Permissions::from_mode(mode & !0o1000))?;
-        let _ = lock(nix::libc::LOCK_UN);
+        drop(locked);
         written
     }
 
@@ -141,7 +137,7 @@ fn extend_into(backend: &mut dyn Backend, event: &Event) -> Result<(), MeasureEr
         .extend(event)
         .map_err(|source| MeasureError::Extend {
             event: event.description(),
-            backend: backend.name(),
+            backend: backend.tee(),
             source,
         })
 }
@@ -154,8 +150,8 @@ mod tests {
     struct Recording(std::rc::Rc<std::cell::RefCell<Vec<String>>>);
 
     impl Backend for Recording {
-        fn name(&self) -> &'static str {
-            "recording"
+        fn tee(&self) -> Tee {
+            Tee::Tpm
         }
         fn extend(&mut self, event: &Event) -> Result<(), TeeError> {
             self.0.borrow_mut().push(event.description());

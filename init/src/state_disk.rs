@@ -20,10 +20,10 @@ use crate::dm::{self, DmError, MappedDevice};
 use crate::keys::{Ephemeral, Kbs, KeyError, KeySource, SnpDerived, TpmSealed};
 use crate::measure::MeasureError;
 use crate::sys::System;
+use crate::tee::seal::SEAL_PCRS;
 use crate::tee::tpm::{DeviceTransport, Tpm, TpmError};
+use crate::tee::Tee;
 
-/// The PCRs the `tpm` key source seals to: the phases and the identity events so far.
-pub const SEAL_PCRS: [u32; 2] = [11, 15];
 const DM_NAME: &str = "cvm-state";
 const DM_INTEGRITY_NAME: &str = "cvm-state-integrity";
 /// The smallest disk cvm-init formats: the LUKS2 metadata, the integrity journal and the file
@@ -71,12 +71,9 @@ pub enum StateError {
     #[error("the tpm key source needs the vTPM")]
     Tpm(#[source] TpmError),
     #[error("state.key = \"tpm\" is refused with cvm.tee={tee} and nothing was written to any disk: {why}")]
-    TpmKeyRefused {
-        tee: &'static str,
-        why: &'static str,
-    },
+    TpmKeyRefused { tee: Tee, why: &'static str },
     #[error("state.key = \"tpm\" is refused with cvm.tee=tpm on a {under} guest and nothing was written to any disk: a vTPM outside the TEE is the host's and can unseal anything; use key = \"kbs\", or set state.tpm_in_tee = true only if the vTPM runs inside the TEE (an SVSM or paravisor vTPM)")]
-    TpmKeyUnderTee { under: &'static str },
+    TpmKeyUnderTee { under: Tee },
     #[error("cannot extend cvm-init's events into the vTPM (state.tpm_in_tee)")]
     Mirror(#[source] crate::tee::TeeError),
     #[error(transparent)]
@@ -137,30 +134,30 @@ pub enum VtpmUse {
 /// and that vTPM is as much the host's as on `cvm.tee=snp`, so it needs the same statement.
 pub fn tpm_key_decision(
     cfg: &StateConfig,
-    tee: &'static str,
-    hardware: Option<&'static str>,
+    tee: Tee,
+    hardware: Option<Tee>,
 ) -> Result<VtpmUse, StateError> {
     if cfg.key != KeySourceChoice::Tpm {
         return Ok(VtpmUse::NotUsed);
     }
     let refuse = |why| Err(StateError::TpmKeyRefused { tee, why });
     match tee {
-        "tpm" => match hardware {
+        Tee::Tpm => match hardware {
             Some(under) if !cfg.tpm_in_tee => Err(StateError::TpmKeyUnderTee { under }),
             _ => Ok(VtpmUse::Registers),
         },
-        "snp" | "tdx" if cfg.tpm_in_tee => Ok(VtpmUse::AlsoExtend),
-        "snp" => refuse(
+        Tee::Snp | Tee::Tdx if cfg.tpm_in_tee => Ok(VtpmUse::AlsoExtend),
+        Tee::Snp => refuse(
             "the vTPM is outside SEV-SNP's protection unless the configuration says otherwise, and a \
              vTPM the host emulates can unseal anything; use key = \"kbs\" or \"snp-derived\", or \
              set state.tpm_in_tee = true only if the vTPM runs inside the TEE (an SVSM or paravisor vTPM)",
         ),
-        "tdx" => refuse(
+        Tee::Tdx => refuse(
             "the vTPM is outside TDX's protection unless the configuration says otherwise, and a \
              vTPM the host emulates can unseal anything; use key = \"kbs\", or set \
              state.tpm_in_tee = true only if the vTPM runs inside the TD (a paravisor vTPM)",
         ),
-        _ => refuse(
+        Tee::None => refuse(
             "this boot measures nothing into the vTPM's PCRs, so the seal would bind to nothing \
              cvm-init measured; boot with cvm.tee=tpm (or auto) or use another key source",
         ),
@@ -258,7 +255,7 @@ fn random_uuid() -> String {
 
 /// The `kbs` source: evidence of the TEE this boot measures into, bound to the broker's
 /// challenge; the extra resources are written to their files.
-fn kbs_source(kbs: &KbsConfig, tee: &'static str) -> Result<Kbs, StateError> {
+fn kbs_source(kbs: &KbsConfig, tee: Tee) -> Result<Kbs, StateError> {
     let endpoint = kbs_endpoint(kbs)?;
     let address = endpoint.address.clone();
     let evidence = crate::tee::evidence::Source::for_tee(tee).map_err(StateError::Evidence)?;
@@ -352,17 +349,181 @@ pub struct Opened {
     pub mapped: MappedDevice,
 }
 
+/// The steps of the state phase that touch the machine (the disk's bytes, the key sources,
+/// device-mapper, mkfs, the mount), behind one trait so that the order of the steps is
+/// unit-tested against a simulated disk (the tests' `SimDisk`), as [`RealDisk`] drives the
+/// kernel. The decisions (classify, measure, format, commit) stay in [`set_up_with`].
+pub trait StateDisk {
+    /// Finds the disk with this serial and opens it: `/dev/<name>`, its major:minor and size.
+    fn open(&mut self, serial: &str) -> Result<(String, (u32, u32), u64), StateError>;
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()>;
+    fn sync(&mut self) -> std::io::Result<()>;
+    /// The key source `choice` names, created now (a `tpm` source reads the PCRs it seals to
+    /// when created).
+    fn key_source(
+        &mut self,
+        choice: KeySourceChoice,
+        kbs: Option<&KbsConfig>,
+        tee: Tee,
+    ) -> Result<Box<dyn KeySource>, StateError>;
+    /// Maps dm-crypt (over dm-integrity when the policy asks) with the volume key: the device
+    /// and its size in sectors.
+    fn map(
+        &mut self,
+        policy: &Policy,
+        device: &str,
+        dev: (u32, u32),
+        size: u64,
+        formatted: bool,
+        volume_key: &[u8],
+    ) -> Result<(MappedDevice, u64), StateError>;
+    /// Before mkfs on a new format: the wipe, or the superblock slots of an unwiped integrity
+    /// device.
+    fn prepare(&mut self, cfg: &StateConfig, node: &str, bytes: u64) -> Result<(), StateError>;
+    fn mkfs(&mut self, cfg: &StateConfig, node: &str) -> Result<(), StateError>;
+    /// On an existing disk: what the file system's superblock says of the last boot.
+    fn report_file_system(&mut self, node: &str);
+    fn mount(&mut self, cfg: &StateConfig, node: &str) -> Result<(), StateError>;
+}
+
+/// The machine's disk, keys, device-mapper and mount.
+pub struct RealDisk<'a> {
+    sys: &'a dyn System,
+    file: Option<File>,
+}
+
+impl<'a> RealDisk<'a> {
+    pub fn new(sys: &'a dyn System) -> Self {
+        RealDisk { sys, file: None }
+    }
+
+    fn file(&self) -> std::io::Result<&File> {
+        self.file
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("the state disk is not open"))
+    }
+}
+
+impl StateDisk for RealDisk<'_> {
+    fn open(&mut self, serial: &str) -> Result<(String, (u32, u32), u64), StateError> {
+        let (name, dev) = find_by_serial(Path::new("/sys/block"), serial)?;
+        let device = format!("/dev/{name}");
+        let io = |what: &'static str| {
+            let device = device.clone();
+            move |source| StateError::Io {
+                what,
+                device,
+                source,
+            }
+        };
+        let file: File = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(nix::libc::O_CLOEXEC)
+            .open(&device)
+            .map_err(io("open"))?;
+        let size = luks2_size(&file).map_err(io("size"))?;
+        self.file = Some(file);
+        Ok((device, dev, size))
+    }
+
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.file()?.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.file()?.write_all_at(buf, offset)
+    }
+
+    fn sync(&mut self) -> std::io::Result<()> {
+        self.file()?.sync_all()
+    }
+
+    fn key_source(
+        &mut self,
+        choice: KeySourceChoice,
+        kbs: Option<&KbsConfig>,
+        tee: Tee,
+    ) -> Result<Box<dyn KeySource>, StateError> {
+        Ok(match choice {
+            KeySourceChoice::Tpm => Box::new(tpm_source()?),
+            KeySourceChoice::Ephemeral => Box::new(Ephemeral),
+            KeySourceChoice::Kbs => Box::new(kbs_source(kbs.ok_or(StateError::NoKbs)?, tee)?),
+            KeySourceChoice::SnpDerived => Box::new(SnpDerived),
+        })
+    }
+
+    fn map(
+        &mut self,
+        policy: &Policy,
+        device: &str,
+        dev: (u32, u32),
+        size: u64,
+        formatted: bool,
+        volume_key: &[u8],
+    ) -> Result<(MappedDevice, u64), StateError> {
+        let (backing, sectors) = if policy.integrity {
+            let integrity = open_integrity(device, dev, size, formatted)?;
+            let sectors = integrity.1;
+            ((integrity.0.major, integrity.0.minor), sectors)
+        } else {
+            (dev, (size - DATA_OFFSET) / 4096 * 8)
+        };
+        let key = LogonKey::add("cvm:state", volume_key)?;
+        let params = crypt_params(policy, &key.table_reference(), backing);
+        let mapped = dm::create(DM_NAME, sectors, "crypt", &params, false)?;
+        drop(key);
+        Ok((mapped, sectors))
+    }
+
+    fn prepare(&mut self, cfg: &StateConfig, node: &str, bytes: u64) -> Result<(), StateError> {
+        if cfg.wipe {
+            wipe(node, bytes)
+        } else if cfg.unwritten_blocks_fail() {
+            write_superblock_slots(node, bytes)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn mkfs(&mut self, cfg: &StateConfig, node: &str) -> Result<(), StateError> {
+        mkfs(cfg, node)
+    }
+
+    fn report_file_system(&mut self, node: &str) {
+        report_file_system(node)
+    }
+
+    fn mount(&mut self, cfg: &StateConfig, node: &str) -> Result<(), StateError> {
+        mount_state(cfg, self.sys, node)
+    }
+}
+
 /// Sets up the state disk. `measure` extends an event (the disk's identity is measured before
 /// the key is derived or used).
 pub fn set_up(
     cfg: &StateConfig,
     kbs: Option<&KbsConfig>,
-    tee: &'static str,
+    tee: Tee,
     sys: &dyn System,
     measure: &mut dyn FnMut(Event) -> Result<(), MeasureError>,
 ) -> Result<Opened, StateError> {
-    let (name, dev) = find_by_serial(Path::new("/sys/block"), &cfg.serial)?;
-    let device = format!("/dev/{name}");
+    set_up_with(cfg, kbs, tee, &mut RealDisk::new(sys), measure)
+}
+
+/// The state phase's decisions and their order, on any [`StateDisk`]: the disk's identity is
+/// measured before a key is derived from a source, the volume key's identity before the key
+/// is used; a foreign disk is refused before anything is written; COMMITTED is written only
+/// after mkfs succeeded.
+pub fn set_up_with(
+    cfg: &StateConfig,
+    kbs: Option<&KbsConfig>,
+    tee: Tee,
+    disk: &mut dyn StateDisk,
+    measure: &mut dyn FnMut(Event) -> Result<(), MeasureError>,
+) -> Result<Opened, StateError> {
+    let (device, dev, size) = disk.open(&cfg.serial)?;
     let io = |what: &'static str| {
         let device = device.clone();
         move |source| StateError::Io {
@@ -371,26 +532,14 @@ pub fn set_up(
             source,
         }
     };
-    let file: File = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(nix::libc::O_CLOEXEC)
-        .open(&device)
-        .map_err(io("open"))?;
-    let size = luks2_size(&file).map_err(io("size"))?;
     let policy = policy(cfg);
     let mut head = vec![0u8; BLANK_PROBE.min(size) as usize];
-    file.read_exact_at(&mut head, 0)
+    disk.read_at(&mut head, 0)
         .map_err(io("read the start of"))?;
     let state = classify(&head, size, &policy);
     // Nothing about the disk is measured yet: a key broker asked here checks the evidence
     // `cvm-measure predict --at key-release` computes.
-    let mut source: Box<dyn KeySource> = match cfg.key {
-        KeySourceChoice::Tpm => Box::new(tpm_source()?),
-        KeySourceChoice::Ephemeral => Box::new(Ephemeral),
-        KeySourceChoice::Kbs => Box::new(kbs_source(kbs.ok_or(StateError::NoKbs)?, tee)?),
-        KeySourceChoice::SnpDerived => Box::new(SnpDerived),
-    };
+    let mut source = disk.key_source(cfg.key, kbs, tee)?;
     let key_err = |source_name: &'static str| {
         move |source| StateError::Key {
             source_name,
@@ -405,7 +554,7 @@ pub fn set_up(
                 &device,
                 source.as_mut(),
                 measure,
-                &mut |offset, buf| file.read_exact_at(buf, offset),
+                &mut |offset, buf| disk.read_at(buf, offset),
             )?;
             log::info!("state disk {device}: opened LUKS2 {}", header.uuid);
             (header.uuid.clone(), key, false)
@@ -419,7 +568,7 @@ pub fn set_up(
             measure(Event::StateDisk(Some(uuid.as_bytes().to_vec())))?;
             // The source seals now, with the disk's identity already in the PCRs.
             if let KeySourceChoice::Tpm = cfg.key {
-                source = Box::new(tpm_source()?);
+                source = disk.key_source(cfg.key, kbs, tee)?;
             }
             let provisioned = source.provision().map_err(key_err(source.name()))?;
             let mut volume_key = Zeroizing::new(vec![0u8; policy.key_size()]);
@@ -438,15 +587,15 @@ pub fn set_up(
                 device: device.clone(),
                 source,
             })?;
-            file.write_all_at(&new_head, 0)
+            disk.write_at(&new_head, 0)
                 .map_err(io("write the header of"))?;
             if policy.integrity {
                 // A fresh integrity superblock: the kernel formats the device when it finds
                 // zeros there (an interrupted earlier attempt may have left one).
-                file.write_all_at(&[0u8; SUPERBLOCK_LEN], DATA_OFFSET)
+                disk.write_at(&[0u8; SUPERBLOCK_LEN], DATA_OFFSET)
                     .map_err(io("clear the integrity superblock of"))?;
             }
-            file.sync_all().map_err(io("sync"))?;
+            disk.sync().map_err(io("sync"))?;
             log::info!(
                 "state disk {device}: formatted LUKS2 {uuid} (key source {})",
                 source.name()
@@ -454,30 +603,16 @@ pub fn set_up(
             (uuid, volume_key, true)
         }
     };
-    let (backing, sectors) = if policy.integrity {
-        let integrity = open_integrity(&device, dev, size, formatted)?;
-        let sectors = integrity.1;
-        ((integrity.0.major, integrity.0.minor), sectors)
-    } else {
-        (dev, (size - DATA_OFFSET) / 4096 * 8)
-    };
-    let key = LogonKey::add("cvm:state", &volume_key)?;
-    let params = crypt_params(&policy, &key.table_reference(), backing);
-    let mapped = dm::create(DM_NAME, sectors, "crypt", &params, false)?;
-    drop(key);
+    let (mapped, sectors) = disk.map(&policy, &device, dev, size, formatted, &volume_key)?;
     drop(volume_key);
     if formatted {
-        if cfg.wipe {
-            wipe(&mapped.node(), sectors * 512)?;
-        } else if cfg.unwritten_blocks_fail() {
-            write_superblock_slots(&mapped.node(), sectors * 512)?;
-        }
-        mkfs(cfg, &mapped.node())?;
-        commit(&file, &device)?;
+        disk.prepare(cfg, &mapped.node(), sectors * 512)?;
+        disk.mkfs(cfg, &mapped.node())?;
+        commit(disk, &device)?;
     } else {
-        report_file_system(&mapped.node());
+        disk.report_file_system(&mapped.node());
     }
-    mount_state(cfg, sys, &mapped.node())?;
+    disk.mount(cfg, &mapped.node())?;
     Ok(Opened {
         device,
         uuid,
@@ -728,7 +863,7 @@ fn mkfs(cfg: &StateConfig, node: &str) -> Result<(), StateError> {
 }
 
 /// Marks the format committed: the secondary copy first, then the primary, each synced.
-fn commit(file: &File, device: &str) -> Result<(), StateError> {
+fn commit(disk: &mut dyn StateDisk, device: &str) -> Result<(), StateError> {
     let io = |what: &'static str| {
         move |source| StateError::Io {
             what,
@@ -737,18 +872,18 @@ fn commit(file: &File, device: &str) -> Result<(), StateError> {
         }
     };
     let mut head = vec![0u8; 2 * HDR_SIZE as usize];
-    file.read_exact_at(&mut head, 0)
+    disk.read_at(&mut head, 0)
         .map_err(io("read the header of"))?;
     luks2::relabel(&mut head, COMMITTED).map_err(|source| StateError::Header {
         device: device.to_string(),
         source,
     })?;
-    file.write_all_at(&head[HDR_SIZE as usize..], HDR_SIZE)
+    disk.write_at(&head[HDR_SIZE as usize..], HDR_SIZE)
         .map_err(io("commit the header of"))?;
-    file.sync_all().map_err(io("sync"))?;
-    file.write_all_at(&head[..HDR_SIZE as usize], 0)
+    disk.sync().map_err(io("sync"))?;
+    disk.write_at(&head[..HDR_SIZE as usize], 0)
         .map_err(io("commit the header of"))?;
-    file.sync_all().map_err(io("sync"))?;
+    disk.sync().map_err(io("sync"))?;
     Ok(())
 }
 
@@ -790,6 +925,9 @@ fn mount_state(cfg: &StateConfig, sys: &dyn System, node: &str) -> Result<(), St
 }
 
 #[cfg(test)]
+mod sim;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -807,10 +945,10 @@ mod tests {
     fn the_tpm_key_is_refused_on_snp_tdx_and_none_unless_the_vtpm_is_in_the_tee() {
         let tpm = state_config("tpm", "");
         assert_eq!(
-            tpm_key_decision(&tpm, "tpm", None).unwrap(),
+            tpm_key_decision(&tpm, Tee::Tpm, None).unwrap(),
             VtpmUse::Registers
         );
-        for tee in ["snp", "tdx", "none"] {
+        for tee in [Tee::Snp, Tee::Tdx, Tee::None] {
             let err = tpm_key_decision(&tpm, tee, None).unwrap_err().to_string();
             assert!(
                 err.contains(&format!(
@@ -818,27 +956,27 @@ mod tests {
                 )) && err.contains("nothing was written"),
                 "{err}"
             );
-            if tee != "none" {
+            if tee != Tee::None {
                 assert!(err.contains("state.tpm_in_tee = true"), "{err}");
             }
         }
         let stated = state_config("tpm", "tpm_in_tee = true");
         assert_eq!(
-            tpm_key_decision(&stated, "snp", None).unwrap(),
+            tpm_key_decision(&stated, Tee::Snp, None).unwrap(),
             VtpmUse::AlsoExtend
         );
         assert_eq!(
-            tpm_key_decision(&stated, "tdx", None).unwrap(),
+            tpm_key_decision(&stated, Tee::Tdx, None).unwrap(),
             VtpmUse::AlsoExtend
         );
         assert_eq!(
-            tpm_key_decision(&stated, "tpm", None).unwrap(),
+            tpm_key_decision(&stated, Tee::Tpm, None).unwrap(),
             VtpmUse::Registers
         );
-        assert!(tpm_key_decision(&stated, "none", None).is_err());
+        assert!(tpm_key_decision(&stated, Tee::None, None).is_err());
         // cvm.tee=tpm on an SNP or TDX guest: the vTPM is still the host's unless stated.
-        for under in ["snp", "tdx"] {
-            let err = tpm_key_decision(&tpm, "tpm", Some(under))
+        for under in [Tee::Snp, Tee::Tdx] {
+            let err = tpm_key_decision(&tpm, Tee::Tpm, Some(under))
                 .unwrap_err()
                 .to_string();
             assert!(
@@ -848,12 +986,12 @@ mod tests {
                 "{err}"
             );
             assert_eq!(
-                tpm_key_decision(&stated, "tpm", Some(under)).unwrap(),
+                tpm_key_decision(&stated, Tee::Tpm, Some(under)).unwrap(),
                 VtpmUse::Registers
             );
         }
         for key in ["kbs", "ephemeral", "snp-derived"] {
-            for tee in ["tpm", "snp", "tdx", "none"] {
+            for tee in [Tee::Tpm, Tee::Snp, Tee::Tdx, Tee::None] {
                 assert_eq!(
                     tpm_key_decision(&state_config(key, ""), tee, None).unwrap(),
                     VtpmUse::NotUsed

@@ -260,22 +260,14 @@ impl UdpWire {
     fn open(interface: &str) -> std::io::Result<UdpWire> {
         let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 68))?;
         socket.set_broadcast(true)?;
-        let name =
-            std::ffi::CString::new(interface).map_err(|_| std::io::ErrorKind::InvalidInput)?;
-        // SAFETY: the descriptor is the socket's; the option value is a NUL-terminated name of
-        // the given length that outlives the call.
-        let rc = unsafe {
-            nix::libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&socket),
-                nix::libc::SOL_SOCKET,
-                nix::libc::SO_BINDTODEVICE,
-                name.as_ptr().cast(),
-                name.as_bytes_with_nul().len() as u32,
-            )
-        };
-        if rc < 0 {
-            return Err(std::io::Error::last_os_error());
+        if interface.contains('\0') {
+            return Err(std::io::ErrorKind::InvalidInput.into());
         }
+        nix::sys::socket::setsockopt(
+            &socket,
+            nix::sys::socket::sockopt::BindToDevice,
+            &std::ffi::OsString::from(interface),
+        )?;
         Ok(UdpWire(socket))
     }
 }

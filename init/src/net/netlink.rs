@@ -3,7 +3,11 @@
 //! crate): each is a header, a fixed struct and type-length attributes, all bounds-checked.
 
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use nix::sys::socket::{
+    recv, sendto, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType,
+};
 
 const RTM_NEWLINK: u16 = 16;
 const RTM_GETLINK: u16 = 18;
@@ -227,29 +231,19 @@ pub struct Netlink {
     seq: u32,
 }
 
-/// A netlink socket of `kind` (SOCK_RAW, SOCK_DGRAM) for `protocol` (NETLINK_ROUTE, ...).
-pub fn netlink_socket(
-    kind: nix::libc::c_int,
-    protocol: nix::libc::c_int,
-) -> std::io::Result<OwnedFd> {
-    // SAFETY: socket(2) with plain integer arguments; the descriptor is owned at once.
-    let fd = unsafe {
-        nix::libc::socket(
-            nix::libc::AF_NETLINK,
-            kind | nix::libc::SOCK_CLOEXEC,
-            protocol,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned by socket(2) and is owned by nothing else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+/// A netlink socket of `kind` (raw, datagram) for `protocol` (route, kobject uevents).
+pub fn netlink_socket(kind: SockType, protocol: SockProtocol) -> std::io::Result<OwnedFd> {
+    Ok(socket(
+        AddressFamily::Netlink,
+        kind,
+        SockFlag::SOCK_CLOEXEC,
+        protocol,
+    )?)
 }
 
 impl Netlink {
     pub fn open() -> Result<Netlink, NetlinkError> {
-        let fd = netlink_socket(nix::libc::SOCK_RAW, nix::libc::NETLINK_ROUTE)
+        let fd = netlink_socket(SockType::Raw, SockProtocol::NetlinkRoute)
             .map_err(NetlinkError::Socket)?;
         Ok(Netlink { fd, seq: 1 })
     }
@@ -263,37 +257,22 @@ impl Netlink {
         self.seq += 1;
         let bytes = message.finish(self.seq);
         let io = |source| NetlinkError::Io { request, source };
-        // SAFETY: `bytes` is a valid buffer of its length for the duration of the call; a zero
-        // sockaddr_nl addresses the kernel.
-        let sent = unsafe {
-            let mut to: nix::libc::sockaddr_nl = std::mem::zeroed();
-            to.nl_family = nix::libc::AF_NETLINK as u16;
-            nix::libc::sendto(
-                self.fd.as_raw_fd(),
-                bytes.as_ptr().cast(),
-                bytes.len(),
-                0,
-                (&to as *const nix::libc::sockaddr_nl).cast(),
-                std::mem::size_of::<nix::libc::sockaddr_nl>() as u32,
-            )
-        };
-        if sent < 0 {
-            return Err(io(std::io::Error::last_os_error()));
-        }
+        // Port 0, no groups: the kernel.
+        sendto(
+            self.fd.as_raw_fd(),
+            &bytes,
+            &NetlinkAddr::new(0, 0),
+            MsgFlags::empty(),
+        )
+        .map_err(|e| io(e.into()))?;
         let mut replies = Vec::new();
         let mut buf = vec![0u8; 64 << 10];
         loop {
-            // SAFETY: `buf` is a valid, exclusively borrowed buffer of its length.
-            let n = unsafe {
-                nix::libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
+            let n = match recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(io(e.into())),
             };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(io(e));
-            }
             let malformed = |detail| NetlinkError::Malformed { request, detail };
             for (kind, payload) in messages(&buf[..n as usize]).map_err(malformed)? {
                 match kind {

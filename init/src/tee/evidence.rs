@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 
 use super::tpm::DeviceTransport;
 use super::tsm::{self, TsmFs};
+use super::Tee;
 
 /// The TCG event log of the firmware (and a UKI's stub), where securityfs shows it.
 const FIRMWARE_LOG: &str = "/sys/kernel/security/tpm0/binary_bios_measurements";
@@ -20,7 +21,7 @@ const CCEL: &str = "/sys/firmware/acpi/tables/data/CCEL";
 #[derive(Debug, thiserror::Error)]
 pub enum EvidenceError {
     #[error("cvm.tee={0}: a key broker needs hardware evidence (tpm, snp or tdx)")]
-    NoEvidence(&'static str),
+    NoEvidence(Tee),
     #[error("vTPM quote")]
     Tpm(#[from] super::tpm::TpmError),
     #[error("configfs-tsm report")]
@@ -49,11 +50,11 @@ pub enum Source {
 }
 
 impl Source {
-    /// The source for the TEE this boot measures into (`Measurer::backend_name`).
-    pub fn for_tee(tee: &'static str) -> Result<Source, EvidenceError> {
+    /// The source for the TEE this boot measures into (`Measurer::tee`).
+    pub fn for_tee(tee: Tee) -> Result<Source, EvidenceError> {
         let tsm = || -> Option<Box<dyn TsmFs>> {
             #[cfg(feature = "test-hooks")]
-            if let Some(emulated) = crate::boot::test_hooks::snp_emulator() {
+            if let Some(emulated) = emulated_snp() {
                 return Some(Box::new(emulated));
             }
             Path::new(tsm::REPORT_ROOT)
@@ -61,19 +62,19 @@ impl Source {
                 .then(|| Box::new(tsm::Configfs) as Box<dyn TsmFs>)
         };
         match tee {
-            "tpm" => Ok(Source::Tpm),
-            "snp" => Ok(Source::Snp(tsm())),
-            "tdx" => Ok(Source::Tdx(tsm())),
-            other => Err(EvidenceError::NoEvidence(other)),
+            Tee::Tpm => Ok(Source::Tpm),
+            Tee::Snp => Ok(Source::Snp(tsm())),
+            Tee::Tdx => Ok(Source::Tdx(tsm())),
+            Tee::None => Err(EvidenceError::NoEvidence(tee)),
         }
     }
 
-    /// Trustee's tee name for the `auth` request.
-    pub fn tee(&self) -> &'static str {
+    /// The TEE of the evidence (its `as_str` is Trustee's tee name for the `auth` request).
+    pub fn tee(&self) -> Tee {
         match self {
-            Source::Tpm => "tpm",
-            Source::Snp(_) => "snp",
-            Source::Tdx(_) => "tdx",
+            Source::Tpm => Tee::Tpm,
+            Source::Snp(_) => Tee::Snp,
+            Source::Tdx(_) => Tee::Tdx,
         }
     }
 
@@ -165,12 +166,29 @@ impl Source {
     }
 }
 
+/// Test builds only: the emulated SNP provider of `cvm.test-snp-emulator=`.
+#[cfg(feature = "test-hooks")]
+fn emulated_snp() -> Option<super::emulated_snp::EmulatedSnp> {
+    let dir = crate::test_hooks::snp_emulator_dir()?;
+    log::warn!(
+        "test build: SNP evidence comes from an emulated provider ({})",
+        dir.display()
+    );
+    match super::emulated_snp::EmulatedSnp::load(&dir) {
+        Ok(emulated) => Some(emulated),
+        Err(e) => {
+            log::error!("test build: the emulated SNP provider cannot start: {e}");
+            None
+        }
+    }
+}
+
 fn tpm(binding: &[u8; 64], credential: Option<(&[u8], &[u8])>) -> Result<Value, EvidenceError> {
     let mut transport = DeviceTransport::open()?;
     let q = super::quote::quote_activated(
         &mut transport,
         binding,
-        &crate::state_disk::SEAL_PCRS,
+        &super::seal::SEAL_PCRS,
         credential,
     )?;
     log::info!(

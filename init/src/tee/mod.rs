@@ -36,6 +36,33 @@ pub enum TeeError {
     NoneFound,
 }
 
+/// The TEE a boot measures into, once `cvm.tee=auto` is resolved. `Display` gives the name
+/// of `cvm.tee=` (and of Trustee's `tee` field), which the console shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tee {
+    Tpm,
+    Snp,
+    Tdx,
+    None,
+}
+
+impl Tee {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tee::Tpm => "tpm",
+            Tee::Snp => "snp",
+            Tee::Tdx => "tdx",
+            Tee::None => "none",
+        }
+    }
+}
+
+impl std::fmt::Display for Tee {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A register as the TEE reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegisterValue {
@@ -46,7 +73,7 @@ pub struct RegisterValue {
 
 /// Where the registers go.
 pub trait Backend {
-    fn name(&self) -> &'static str;
+    fn tee(&self) -> Tee;
     fn extend(&mut self, event: &Event) -> Result<(), TeeError>;
     /// The current values, for the console at ready: `(register, bank, value)`.
     fn read_back(&mut self) -> Result<Vec<RegisterValue>, TeeError>;
@@ -55,8 +82,8 @@ pub trait Backend {
 pub struct TpmBackend(tpm::Tpm<tpm::DeviceTransport>);
 
 impl Backend for TpmBackend {
-    fn name(&self) -> &'static str {
-        "tpm"
+    fn tee(&self) -> Tee {
+        Tee::Tpm
     }
     fn extend(&mut self, event: &Event) -> Result<(), TeeError> {
         Ok(self.0.extend(event.pcr(), |bank| event.digest(bank))?)
@@ -111,8 +138,8 @@ impl TdxBackend {
 }
 
 impl Backend for TdxBackend {
-    fn name(&self) -> &'static str {
-        "tdx"
+    fn tee(&self) -> Tee {
+        Tee::Tdx
     }
     fn extend(&mut self, event: &Event) -> Result<(), TeeError> {
         let rtmr = rtmr_for_pcr(event.pcr()).ok_or(TeeError::NoRtmr(event.pcr()))?;
@@ -149,8 +176,8 @@ pub struct SnpLogOnly {
 }
 
 impl Backend for SnpLogOnly {
-    fn name(&self) -> &'static str {
-        "snp"
+    fn tee(&self) -> Tee {
+        Tee::Snp
     }
     fn extend(&mut self, _event: &Event) -> Result<(), TeeError> {
         Ok(())
@@ -170,8 +197,8 @@ impl Backend for SnpLogOnly {
 pub struct NoTee;
 
 impl Backend for NoTee {
-    fn name(&self) -> &'static str {
-        "none"
+    fn tee(&self) -> Tee {
+        Tee::None
     }
     fn extend(&mut self, _event: &Event) -> Result<(), TeeError> {
         Ok(())
@@ -201,13 +228,13 @@ impl Default for Probe {
 }
 
 /// Which TEE `auto` finds: TDX, then SEV-SNP, then a TPM.
-pub fn detect(probe: &Probe) -> Option<TeeChoice> {
+pub fn detect(probe: &Probe) -> Option<Tee> {
     if probe.tdx_device.exists() || probe.tdx_measurements.exists() {
-        Some(TeeChoice::Tdx)
+        Some(Tee::Tdx)
     } else if probe.sev_guest.exists() {
-        Some(TeeChoice::Snp)
+        Some(Tee::Snp)
     } else if probe.tpm.exists() {
-        Some(TeeChoice::Tpm)
+        Some(Tee::Tpm)
     } else {
         None
     }
@@ -215,30 +242,28 @@ pub fn detect(probe: &Probe) -> Option<TeeChoice> {
 
 /// The TEE this guest runs under, whatever `cvm.tee` chose: the key-source checks ask it, since
 /// `cvm.tee=tpm` does not make an SNP or TDX guest's vTPM any less the host's.
-pub fn hardware(probe: &Probe) -> Option<&'static str> {
-    match detect(probe)? {
-        TeeChoice::Tdx => Some("tdx"),
-        TeeChoice::Snp => Some("snp"),
-        _ => None,
-    }
+pub fn hardware(probe: &Probe) -> Option<Tee> {
+    detect(probe).filter(|tee| matches!(tee, Tee::Snp | Tee::Tdx))
 }
 
 /// Opens the backend for a choice.
 pub fn open(choice: TeeChoice, probe: &Probe, log: &Path) -> Result<Box<dyn Backend>, TeeError> {
     let resolved = match choice {
         TeeChoice::Auto => detect(probe).ok_or(TeeError::NoneFound)?,
-        other => other,
+        TeeChoice::Tpm => Tee::Tpm,
+        TeeChoice::Tdx => Tee::Tdx,
+        TeeChoice::Snp => Tee::Snp,
+        TeeChoice::None => Tee::None,
     };
     Ok(match resolved {
-        TeeChoice::Tpm => Box::new(TpmBackend(tpm::Tpm::new(tpm::DeviceTransport::open()?)?)),
-        TeeChoice::Tdx => Box::new(TdxBackend {
+        Tee::Tpm => Box::new(TpmBackend(tpm::Tpm::new(tpm::DeviceTransport::open()?)?)),
+        Tee::Tdx => Box::new(TdxBackend {
             dir: probe.tdx_measurements.clone(),
         }),
-        TeeChoice::Snp => Box::new(SnpLogOnly {
+        Tee::Snp => Box::new(SnpLogOnly {
             log: log.to_path_buf(),
         }),
-        TeeChoice::None => Box::new(NoTee),
-        TeeChoice::Auto => unreachable!("resolved above"),
+        Tee::None => Box::new(NoTee),
     })
 }
 
@@ -261,14 +286,14 @@ mod tests {
         let p = probe(dir.path());
         assert_eq!(detect(&p), None);
         std::fs::write(&p.tpm, b"").unwrap();
-        assert_eq!(detect(&p), Some(TeeChoice::Tpm));
+        assert_eq!(detect(&p), Some(Tee::Tpm));
         assert_eq!(hardware(&p), None);
         std::fs::write(&p.sev_guest, b"").unwrap();
-        assert_eq!(detect(&p), Some(TeeChoice::Snp));
-        assert_eq!(hardware(&p), Some("snp"));
+        assert_eq!(detect(&p), Some(Tee::Snp));
+        assert_eq!(hardware(&p), Some(Tee::Snp));
         std::fs::write(&p.tdx_device, b"").unwrap();
-        assert_eq!(detect(&p), Some(TeeChoice::Tdx));
-        assert_eq!(hardware(&p), Some("tdx"));
+        assert_eq!(detect(&p), Some(Tee::Tdx));
+        assert_eq!(hardware(&p), Some(Tee::Tdx));
         let err = open(
             TeeChoice::Auto,
             &probe(&dir.path().join("nothing")),
@@ -277,6 +302,15 @@ mod tests {
         .err()
         .unwrap();
         assert!(err.to_string().contains("cvm.tee=none"), "{err}");
+    }
+
+    #[test]
+    fn tee_names_are_those_of_the_command_line() {
+        let names: Vec<String> = [Tee::Tpm, Tee::Snp, Tee::Tdx, Tee::None]
+            .iter()
+            .map(|t| t.to_string())
+            .collect();
+        assert_eq!(names, ["tpm", "snp", "tdx", "none"]);
     }
 
     #[test]

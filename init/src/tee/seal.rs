@@ -8,6 +8,9 @@ use zeroize::Zeroizing;
 
 use super::tpm::{self, TpmError, Transport};
 
+/// The PCRs the `tpm` key source seals to: the phases and the identity events so far.
+pub const SEAL_PCRS: [u32; 2] = [11, 15];
+
 pub(crate) const TPM_ST_NO_SESSIONS: u16 = 0x8001;
 pub(crate) const TPM_ST_SESSIONS: u16 = 0x8002;
 const TPM_CC_CREATE_PRIMARY: u32 = 0x131;

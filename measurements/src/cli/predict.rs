@@ -3,8 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use cvm_measure::predict::{pe_sections, services_of_config, Inputs};
 use cvm_formats::registers::Bank;
+use cvm_measure::predict::{pe_sections, services_of_config, Inputs};
 
 use super::output::{print_registers, Shown};
 use super::{chain, read, usage, work, Failure};

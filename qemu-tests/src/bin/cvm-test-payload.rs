@@ -304,6 +304,7 @@ fn serve() -> ! {
 }
 
 fn sigpipe_disposition() -> &'static str {
+    // Raw sigaction(2): nix's `sigaction` always installs a new action, and this only reads.
     // SAFETY: reading the current disposition with a null new action changes nothing.
     unsafe {
         let mut old: nix::libc::sigaction = std::mem::zeroed();
@@ -327,6 +328,7 @@ fn orphans(count: usize) {
                 // SAFETY: as above.
                 if let Ok(ForkResult::Child) = unsafe { fork() } {
                     std::thread::sleep(Duration::from_millis(5));
+                    // Raw _exit(2): nix 0.31 has no wrapper for it.
                     // SAFETY: leaves without running atexit handlers of the parent's copy.
                     unsafe { nix::libc::_exit(0) };
                 }
