@@ -39,88 +39,17 @@ pub fn measure_sections(registers: &mut Registers, sections: &[(String, Vec<u8>)
     }
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum PeError {
-    #[error("not a PE image: {0}")]
-    NotPe(&'static str),
-    #[error("section {name} points outside the file ({offset} + {size} > {len})")]
-    Bounds {
-        name: String,
-        offset: u64,
-        size: u64,
-        len: u64,
-    },
-    #[error(
-        "section {name} would be {virtual_size} bytes in memory from {raw_size} in the file: more than {MAX_ZERO_FILL} bytes of zero fill"
-    )]
-    ZeroFill {
-        name: String,
-        virtual_size: u64,
-        raw_size: u64,
-    },
-}
-
-/// How far a section's VirtualSize may exceed its raw data (zero fill, as .bss is): real UKI
-/// sections have a few pages at most; without a bound a 4 GiB VirtualSize in a hostile image
-/// would be allocated (found by `make fuzz`).
-pub const MAX_ZERO_FILL: u64 = 16 << 20;
+use crate::uefi::pe::PeImage;
+pub use crate::uefi::pe::{PeError, MAX_ZERO_FILL};
 
 /// The sections of a PE image (a UKI), with their contents as loaded: VirtualSize bytes, the
 /// raw data zero-extended when VirtualSize exceeds it.
 pub fn pe_sections(image: &[u8]) -> Result<Vec<(String, Vec<u8>)>, PeError> {
-    let u16_at = |at: usize| {
-        image
-            .get(at..at + 2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]))
-    };
-    let u32_at = |at: usize| {
-        image
-            .get(at..at + 4)
-            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
-    };
-    if image.get(0..2) != Some(b"MZ") {
-        return Err(PeError::NotPe("no MZ signature"));
-    }
-    let pe = u32_at(0x3c).ok_or(PeError::NotPe("truncated DOS header"))? as usize;
-    if image.get(pe..pe + 4) != Some(b"PE\0\0") {
-        return Err(PeError::NotPe("no PE signature"));
-    }
-    let count = u16_at(pe + 6).ok_or(PeError::NotPe("truncated COFF header"))? as usize;
-    let optional = u16_at(pe + 20).ok_or(PeError::NotPe("truncated COFF header"))? as usize;
-    let table = pe + 24 + optional;
-    let mut sections = Vec::new();
-    for i in 0..count {
-        let at = table + 40 * i;
-        let header = image
-            .get(at..at + 40)
-            .ok_or(PeError::NotPe("truncated section table"))?;
-        let name_end = header[..8].iter().position(|&b| b == 0).unwrap_or(8);
-        let name = String::from_utf8_lossy(&header[..name_end]).into_owned();
-        let virtual_size = u32::from_le_bytes(header[8..12].try_into().unwrap()) as u64;
-        let raw_size = u32::from_le_bytes(header[16..20].try_into().unwrap()) as u64;
-        let raw_at = u32::from_le_bytes(header[20..24].try_into().unwrap()) as u64;
-        let take = raw_size.min(virtual_size);
-        if virtual_size - take > MAX_ZERO_FILL {
-            return Err(PeError::ZeroFill {
-                name,
-                virtual_size,
-                raw_size,
-            });
-        }
-        let len = image.len() as u64;
-        if raw_at.checked_add(take).is_none_or(|end| end > len) {
-            return Err(PeError::Bounds {
-                name,
-                offset: raw_at,
-                size: take,
-                len,
-            });
-        }
-        let mut contents = image[raw_at as usize..(raw_at + take) as usize].to_vec();
-        contents.resize(virtual_size as usize, 0);
-        sections.push((name, contents));
-    }
-    Ok(sections)
+    let pe = PeImage::parse(image)?;
+    pe.sections
+        .iter()
+        .map(|s| Ok((s.name.clone(), pe.loaded(s)?)))
+        .collect()
 }
 
 /// What the prediction starts from.
@@ -215,33 +144,10 @@ pub fn services_of_config(text: &str) -> Result<Vec<(String, String)>, String> {
         .collect()
 }
 
-/// A minimal PE image: DOS header, PE signature, COFF header, no optional header, and these
-/// `(name, contents, virtual size)` sections. Enough for what systemd-stub measures; used to
-/// make test UKIs.
+/// A minimal PE32+ image with these `(name, contents, virtual size)` sections. Enough for
+/// what systemd-stub measures; used to make test UKIs.
 pub fn minimal_pe(sections: &[(&str, &[u8], u32)]) -> Vec<u8> {
-    let mut image = vec![0u8; 0x40];
-    image[0..2].copy_from_slice(b"MZ");
-    image[0x3c..0x40].copy_from_slice(&0x40u32.to_le_bytes());
-    image.extend_from_slice(b"PE\0\0");
-    let mut coff = [0u8; 20];
-    coff[0..2].copy_from_slice(&0x8664u16.to_le_bytes());
-    coff[2..4].copy_from_slice(&(sections.len() as u16).to_le_bytes());
-    image.extend_from_slice(&coff);
-    let table_end = image.len() + 40 * sections.len();
-    let mut data_at = table_end as u32;
-    let mut data = Vec::new();
-    for (name, contents, virtual_size) in sections {
-        let mut h = [0u8; 40];
-        h[..name.len()].copy_from_slice(name.as_bytes());
-        h[8..12].copy_from_slice(&virtual_size.to_le_bytes());
-        h[16..20].copy_from_slice(&(contents.len() as u32).to_le_bytes());
-        h[20..24].copy_from_slice(&data_at.to_le_bytes());
-        image.extend_from_slice(&h);
-        data.extend_from_slice(contents);
-        data_at += contents.len() as u32;
-    }
-    image.extend_from_slice(&data);
-    image
+    crate::uefi::pe::build_pe(sections)
 }
 
 #[cfg(test)]
@@ -295,10 +201,16 @@ mod tests {
             cvm_formats::hex(r.pcr(Bank::Sha256, 11)),
             "37b48bd0b222394dbe3cceff2fca4660c4b0a90ae9369ec90b42f14489989c13"
         );
-        assert!(matches!(pe_sections(b"MZ"), Err(PeError::NotPe(_))));
+        assert!(matches!(
+            pe_sections(b"MZ"),
+            Err(PeError::DosHeaderTruncated { len: 2 })
+        ));
         let mut broken = image.clone();
         broken.truncate(broken.len() - 3);
-        assert!(matches!(pe_sections(&broken), Err(PeError::Bounds { .. })));
+        assert!(matches!(
+            pe_sections(&broken),
+            Err(PeError::SectionPastEnd { .. })
+        ));
         // A hostile VirtualSize is refused, not allocated.
         let huge = tiny_pe(&[(".linux", b"HALLO\n", u32::MAX)]);
         let e = pe_sections(&huge).unwrap_err();
