@@ -81,12 +81,6 @@ if command -v rustup >/dev/null; then
   done
 fi
 
-# cargo-bloat: the per-crate size table of the static init that `make bench` prints.
-if ! command -v cargo-bloat >/dev/null; then
-  echo "deps: cargo install cargo-bloat"
-  cargo install --locked --version 0.12.1 cargo-bloat
-fi
-
 # The Debian kernel, downloaded (not installed) and unpacked into the cache, with modules.dep.
 if [ ! -f "$kernel_dir/ready" ]; then
   rm -rf "$kernel_dir"; mkdir -p "$kernel_dir/deb" "$kernel_dir/root"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The static cvm-init's size against its budget, and what takes the bytes: the loaded sections
 # of an unstripped build of the same code (profile size-report: the release settings with the
-# symbols kept) and cargo-bloat's per-crate table of its .text (`make deps` installs
-# cargo-bloat). Usage: scripts/size.sh <target triple> <release cvm-init>
+# symbols kept) and cargo-bloat's per-crate table of its .text (installed here
+# on first use). Usage: scripts/size.sh <target triple> <release cvm-init>
 set -euo pipefail
 
 target=$1
@@ -19,7 +19,11 @@ else
 fi
 awk -v s="$size" -v v="$verdict" 'BEGIN { printf "cvm-init release binary: %d bytes (%.2f MiB), %s\n", s, s / 1048576, v }'
 
-command -v cargo-bloat >/dev/null || { echo "size: cargo-bloat missing (run \`make deps\`)" >&2; exit 1; }
+# Installed here rather than by `make deps`: only the benchmark needs it, and CI need not build it.
+if ! command -v cargo-bloat >/dev/null; then
+  echo "size: cargo install cargo-bloat"
+  cargo install --locked --version 0.12.1 cargo-bloat
+fi
 cargo bloat -q --profile size-report --target "$target" -p cvm-init --bin cvm-init --crates -n 40 2>/dev/null \
   | grep -v '^Note: numbers above'
 unstripped="target/$target/size-report/cvm-init"
