@@ -52,7 +52,7 @@ install: build
 
 ## The init with test hooks and the static test payload, for boot tests.
 test-artifacts: deps
-	$(STATIC_FLAGS) $(CARGO) build --profile test-image --target $(TARGET) -p cvm-init -p qemu-tests \
+	$(STATIC_FLAGS) $(CARGO) build --profile test-image --target $(TARGET) -p cvm-init -p cvm-test-payload \
 	  --bin cvm-init --bin cvm-test-payload --bin kubelet-standin --features cvm-init/test-hooks
 
 ## Format, lints, and every relative link of the Markdown documents (scripts/check-links.sh).
@@ -61,15 +61,16 @@ check:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy -p cvm-init --all-targets --features test-hooks -- -D warnings
+	$(CARGO) clippy --workspace --test scenarios --test image_boot --test ovmf_boot -- -D warnings
 
+## Unit and integration tests without QEMU (the boot scenarios are a test target of their own).
 unit:
-	$(CARGO) test --workspace --exclude qemu-tests
+	$(CARGO) test --workspace
 	$(CARGO) test -p cvm-init --features test-hooks --lib
 	$(CARGO) test -p cvm-init --features argon2 --test luks2_cryptsetup
-	$(CARGO) test -p qemu-tests --lib --bin cvm-harness
 
 boot-tests: test-artifacts
-	$(CARGO) test -p qemu-tests --test boot --test verity --test measured --test state --test workloads --test attestation --test network --test devices -- --test-threads=2
+	$(CARGO) test --workspace --test scenarios -- --test-threads=2
 
 ## Everything CI checks: format, lints, unit tests, the boot scenarios.
 test: deps build check unit boot-tests

@@ -1,0 +1,13 @@
+//! Every boot scenario, one module per subject, in one test binary: the test threads are then
+//! shared by all scenarios instead of idling at the end of each subject's binary. Run them with
+//! `make boot-tests` (which builds the artifacts first); one subject with
+//! `cargo test --workspace --test scenarios state::` and one scenario by its full name.
+
+mod attestation;
+mod boot;
+mod devices;
+mod measured;
+mod network;
+mod state;
+mod verity;
+mod workloads;
