@@ -189,3 +189,41 @@ fn bad_tls_material_is_named() {
     let err = server_config(b"", b"").unwrap_err();
     assert!(err.to_string().contains("certificate chain"), "{err}");
 }
+
+/// Each key-exchange group the node offers works alone (the broker chooses): P-256 is the
+/// node's own (RustCrypto's, not ring's), the others ring's; the P-256 CA and server
+/// certificates are checked by the node's P-256 verifier on the way.
+#[test]
+fn every_offered_group_completes_a_handshake() {
+    use cvm_kbs::tls::rustls;
+    use rustls::crypto::ring::{default_provider, kx_group};
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, chain, key) = pki(dir.path(), "groups");
+    for (name, group) in [
+        ("secp256r1", kx_group::SECP256R1),
+        ("secp384r1", kx_group::SECP384R1),
+        ("x25519", kx_group::X25519),
+    ] {
+        let mut provider = default_provider();
+        provider.kx_groups = vec![group];
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&chain)
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let tls = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, PrivateKeyDer::from_pem_slice(&key).unwrap())
+            .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let broker = Arc::new(Broker::new("/nonexistent".into(), Reference::default()));
+        std::thread::spawn(move || serve_with(listener, broker, Some(Arc::new(tls))));
+        let address = format!("127.0.0.1:{port}");
+        eprintln!("key exchange {name}");
+        reached_the_broker(ask(&address, &Pin::Ca(ca.clone())));
+    }
+}

@@ -15,6 +15,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use sha2::{Digest, Sha256};
 
+mod nistp256;
+
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("{what}: no PEM {expected} in it")]
@@ -41,29 +43,30 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The node's side: ring's TLS 1.3 AES-GCM suites, X25519, P-256 and
-/// P-384, and every signature ring verifies. Not ChaCha20-Poly1305 (every TLS 1.3 server has
+/// The node's side: ring's TLS 1.3 AES-GCM suites, X25519 and P-384, P-256 from RustCrypto
+/// (`nistp256.rs`), and every signature webpki verifies. Not ChaCha20-Poly1305 (every TLS 1.3 server has
 /// AES-128-GCM) and no private-key loading (the node proves itself by attestation, never by a
 /// client certificate): the static PID 1 then links neither.
 fn client_provider() -> Arc<CryptoProvider> {
     use rustls::crypto::ring::{cipher_suite as cs, kx_group};
     Arc::new(CryptoProvider {
         cipher_suites: vec![cs::TLS13_AES_256_GCM_SHA384, cs::TLS13_AES_128_GCM_SHA256],
-        kx_groups: vec![kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1],
+        kx_groups: vec![kx_group::X25519, &nistp256::Secp256r1, kx_group::SECP384R1],
         signature_verification_algorithms: VERIFY_ALGORITHMS,
         secure_random: &KernelRandom,
         key_provider: &NoClientKeys,
     })
 }
 
-/// The signatures ring verifies, and which TLS scheme maps to which (the table of rustls's ring
-/// provider, which it does not export without its whole provider).
+/// The signatures webpki verifies with ring (P-256 with RustCrypto), and which TLS scheme maps
+/// to which (the table of rustls's ring provider, which it does not export without its whole
+/// provider).
 static VERIFY_ALGORITHMS: WebPkiSupportedAlgorithms = {
     use webpki::ring as alg;
     WebPkiSupportedAlgorithms {
         all: &[
-            alg::ECDSA_P256_SHA256,
-            alg::ECDSA_P256_SHA384,
+            nistp256::ECDSA_P256_SHA256,
+            nistp256::ECDSA_P256_SHA384,
             alg::ECDSA_P384_SHA256,
             alg::ECDSA_P384_SHA384,
             alg::ED25519,
@@ -80,11 +83,11 @@ static VERIFY_ALGORITHMS: WebPkiSupportedAlgorithms = {
         mapping: &[
             (
                 SignatureScheme::ECDSA_NISTP384_SHA384,
-                &[alg::ECDSA_P384_SHA384, alg::ECDSA_P256_SHA384],
+                &[alg::ECDSA_P384_SHA384, nistp256::ECDSA_P256_SHA384],
             ),
             (
                 SignatureScheme::ECDSA_NISTP256_SHA256,
-                &[alg::ECDSA_P256_SHA256, alg::ECDSA_P384_SHA256],
+                &[nistp256::ECDSA_P256_SHA256, alg::ECDSA_P384_SHA256],
             ),
             (SignatureScheme::ED25519, &[alg::ED25519]),
             (
