@@ -20,7 +20,7 @@ export CVM_INIT_BIN := $(CURDIR)/$(TEST_DIR)/cvm-init
 export CVM_PAYLOAD_BIN := $(CURDIR)/$(TEST_DIR)/cvm-test-payload
 export CVM_KERNEL_DIR := $(CURDIR)/$(KERNEL_DIR)
 
-.PHONY: fuzz all deps build install test-artifacts check unit boot-tests test run bench clean image image-lock image-reproducible measurements image-test ovmf ovmf-reproducible ovmf-test
+.PHONY: fuzz all deps build install check-config test-artifacts check unit boot-tests test run bench clean image image-lock image-reproducible measurements image-test ovmf ovmf-reproducible ovmf-test
 
 all: build
 
@@ -104,6 +104,11 @@ IMAGE_TOOLS = $(CARGO) build -q -p cvm-image --bin cvm-image
 image: build
 	$(IMAGE_TOOLS)
 	bash scripts/image.sh build
+
+## Run cvm-init's boot-time checks on CONFIG (default image/node.toml) with the image's kernel
+## command line, as `make image` does first; CHECK_ON=snp|tdx|vtpm|bare: the machine it must boot on.
+check-config: build
+	bash scripts/image.sh check
 
 ## Re-resolve the image's packages and write image/packages.lock (names, versions, sha256).
 image-lock: build

@@ -8,7 +8,8 @@
 #
 # Inputs: KUBELET=<kubelet binary or .deb> (else the Kubernetes package repository, when it is
 # reachable), CONFIG=<cvm-init configuration> (default image/node.toml), INIT=<static cvm-init>
-# (default the release build).
+# (default the release build), CHECK_ON=<snp|tdx|vtpm|bare>: the kind of machine the
+# configuration must boot on (`cvm-init check-config --on`; default: at least one).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -236,9 +237,21 @@ roothash() {
   tr ' ' '\n' < "$1/cvm.cmdline" 2>/dev/null | sed -n 's/^roothash=//p' | head -1
 }
 
+# The configuration the image bakes in, checked by cvm-init's own boot-time checks (with the
+# image's kernel command line) before anything is built: a typo stops here, not at a node's boot.
+check_config() {
+  local cmdline
+  [ -f "$config_file" ] || die "CONFIG=$config_file: no such file"
+  cmdline=$(sed -n 's/^KernelCommandLine=//p' "$root/image/mkosi.conf" | head -1)
+  say "checking $config_file (cvm-init check-config, command line: $cmdline)"
+  "$init_bin" check-config "$config_file" --cmdline "$cmdline" ${CHECK_ON:+--on "$CHECK_ON"} \
+    || die "CONFIG=$config_file is refused by cvm-init check-config (above); nothing was built"
+}
+
 build() {
   local out=${1:-$work/out} start
   start=$(date +%s)
+  check_config
   "$env_sh" create
   assemble pinned
   say "building with mkosi ($(inside mkosi --version)); log in $out.log"
@@ -332,8 +345,9 @@ PY
 
 case "${1:-}" in
   build) shift; build "$@" ;;
+  check) check_config ;;
   lock) lock ;;
   reproducible) reproducible ;;
   measurements) shift; measurements "$@" ;;
-  *) echo "usage: $0 build [OUT] | lock | reproducible | measurements [OUT]" >&2; exit 2 ;;
+  *) echo "usage: $0 build [OUT] | check | lock | reproducible | measurements [OUT]" >&2; exit 2 ;;
 esac

@@ -2,6 +2,7 @@
 //! so that its logic is tested without booting a machine. `boot` is the ordered phase list.
 
 pub mod boot;
+pub mod check;
 pub mod config;
 pub mod devices;
 pub mod disk;

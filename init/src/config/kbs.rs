@@ -2,12 +2,12 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{invalid, Invalid};
 
 /// The key broker the `kbs` key source asks.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KbsConfig {
     /// `https://host:port` (trusted by `ca` or `public_key_sha256` only), or `http://host:port`
@@ -35,7 +35,7 @@ pub struct KbsConfig {
 }
 
 /// A resource written to a file (for example a kubelet bootstrap kubeconfig).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KbsFile {
     /// `<repository>/<type>/<tag>`.

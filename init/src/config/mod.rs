@@ -19,7 +19,7 @@ pub use state::*;
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Where the init reads its configuration file (inside the measured image).
 pub const CONFIG_PATH: &str = "/etc/cvm-init/config.toml";
@@ -41,7 +41,7 @@ fn invalid(field: String, value: &str, expected: &'static str) -> Invalid {
 }
 
 /// The configuration file.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
     /// Extra kernel modules to load.

@@ -2,12 +2,12 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{invalid, Invalid};
 
 /// Where the state-disk key comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum KeySourceChoice {
     /// Sealed by the vTPM to the boot-time PCRs.
@@ -22,7 +22,7 @@ pub enum KeySourceChoice {
 }
 
 /// The state disk.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StateConfig {
     /// The disk's serial number (virtio `serial=`, NVMe serial): chosen by identity, never by
@@ -57,7 +57,7 @@ pub struct StateConfig {
 }
 
 /// Whether the state disk's blocks are authenticated.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum IntegrityChoice {
     /// aes-xts-plain64 alone: confidentiality, and a rewritten block decrypts to garbage.

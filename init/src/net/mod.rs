@@ -13,7 +13,7 @@ pub mod netlink;
 use std::net::{Ipv4Addr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use self::client::{Client, ClientError, Wire};
 use self::dhcp::Lease;
@@ -21,7 +21,7 @@ use self::netlink::{Link, Netlink, NetlinkError, Origin, LINK_ETHER, LINK_LOOPBA
 
 /// `[network]` of the configuration file. With `address` the interface is configured
 /// statically; without it, by DHCP.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkConfig {
     /// The interface, as the kernel names it (`eth0`); default the first ethernet interface.
@@ -60,7 +60,7 @@ pub struct NetworkConfig {
     pub dhcp_timeout_s: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NoLease {
     /// Keep asking; the boot waits (and says so on every attempt).

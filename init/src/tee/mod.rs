@@ -246,16 +246,21 @@ pub fn hardware(probe: &Probe) -> Option<Tee> {
     detect(probe).filter(|tee| matches!(tee, Tee::Snp | Tee::Tdx))
 }
 
-/// Opens the backend for a choice.
-pub fn open(choice: TeeChoice, probe: &Probe, log: &Path) -> Result<Box<dyn Backend>, TeeError> {
-    let resolved = match choice {
-        TeeChoice::Auto => detect(probe).ok_or(TeeError::NoneFound)?,
+/// The TEE a choice measures into on a guest where `detected` was found (`auto` takes it, and
+/// stops the boot where nothing was found).
+pub fn resolve(choice: TeeChoice, detected: Option<Tee>) -> Result<Tee, TeeError> {
+    Ok(match choice {
+        TeeChoice::Auto => detected.ok_or(TeeError::NoneFound)?,
         TeeChoice::Tpm => Tee::Tpm,
         TeeChoice::Tdx => Tee::Tdx,
         TeeChoice::Snp => Tee::Snp,
         TeeChoice::None => Tee::None,
-    };
-    Ok(match resolved {
+    })
+}
+
+/// Opens the backend for a choice.
+pub fn open(choice: TeeChoice, probe: &Probe, log: &Path) -> Result<Box<dyn Backend>, TeeError> {
+    Ok(match resolve(choice, detect(probe))? {
         Tee::Tpm => Box::new(TpmBackend(tpm::Tpm::new(tpm::DeviceTransport::open()?)?)),
         Tee::Tdx => Box::new(TdxBackend {
             dir: probe.tdx_measurements.clone(),
