@@ -921,7 +921,46 @@ fn mount_state(cfg: &StateConfig, sys: &dyn System, node: &str) -> Result<(), St
             source,
         })?;
     }
+    for target in &cfg.overlays {
+        mount_overlay(cfg, sys, target)?;
+    }
     Ok(())
+}
+
+/// An overlay on `target`: the image's directory below (read-only, verified), an upper layer and
+/// its work directory on the state file system (`<mount>/overlays/<target>/{upper,work}`).
+/// The paths were checked with the configuration (no `,` `:` `\` to break the options).
+fn mount_overlay(cfg: &StateConfig, sys: &dyn System, target: &Path) -> Result<(), StateError> {
+    let base = cfg
+        .mount
+        .join("overlays")
+        .join(target.strip_prefix("/").unwrap_or(target));
+    let (upper, work) = (base.join("upper"), base.join("work"));
+    for dir in [&upper, &work] {
+        sys.mkdir_all(dir).map_err(|source| StateError::Io {
+            what: "create",
+            device: dir.display().to_string(),
+            source,
+        })?;
+    }
+    let options = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        target.display(),
+        upper.display(),
+        work.display()
+    );
+    sys.mount(
+        "overlay",
+        target,
+        "overlay",
+        MsFlags::MS_NODEV | MsFlags::MS_NOSUID,
+        Some(&options),
+    )
+    .map_err(|source| StateError::Mount {
+        what: format!("overlay of {}", target.display()),
+        target: target.to_path_buf(),
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -939,6 +978,59 @@ mod tests {
         .unwrap()
         .state
         .unwrap()
+    }
+
+    /// Binds first, then each overlay: its upper and work directories on the state file
+    /// system, the image's directory as the lower layer, never suid or device files.
+    #[test]
+    fn binds_then_overlays_with_their_layers_on_the_state_disk() {
+        let cfg = state_config(
+            "tpm",
+            "binds = [\"/var/lib/kubelet\"]\noverlays = [\"/etc/cni/net.d\", \"/opt/cni/bin\"]",
+        );
+        let sys = crate::sys::fake::FakeSystem::default();
+        mount_state(&cfg, &sys, "/dev/mapper/cvm-state").unwrap();
+        let nosuid_nodev = (MsFlags::MS_NODEV | MsFlags::MS_NOSUID).bits();
+        let calls = sys.calls.borrow();
+        let expected = [
+            "mount /dev/mapper/cvm-state /var/lib/cvm-state ext4".to_string(),
+            "mkdir /var/lib/cvm-state/var/lib/kubelet".into(),
+            "mount /var/lib/cvm-state/var/lib/kubelet /var/lib/kubelet".into(),
+            "mkdir /var/lib/cvm-state/overlays/etc/cni/net.d/upper".into(),
+            "mkdir /var/lib/cvm-state/overlays/etc/cni/net.d/work".into(),
+            format!("mount overlay /etc/cni/net.d overlay {nosuid_nodev:#x} lowerdir=/etc/cni/net.d,upperdir=/var/lib/cvm-state/overlays/etc/cni/net.d/upper,workdir=/var/lib/cvm-state/overlays/etc/cni/net.d/work"),
+            "mkdir /var/lib/cvm-state/overlays/opt/cni/bin/upper".into(),
+            "mkdir /var/lib/cvm-state/overlays/opt/cni/bin/work".into(),
+            format!("mount overlay /opt/cni/bin overlay {nosuid_nodev:#x} lowerdir=/opt/cni/bin,upperdir=/var/lib/cvm-state/overlays/opt/cni/bin/upper,workdir=/var/lib/cvm-state/overlays/opt/cni/bin/work"),
+        ];
+        assert_eq!(calls.len(), expected.len(), "{calls:#?}");
+        for (call, expected) in calls.iter().zip(expected) {
+            assert!(call.starts_with(&expected), "{call} is not {expected}");
+        }
+    }
+
+    #[test]
+    fn overlay_paths_that_would_break_the_options_or_repeat_are_refused() {
+        for (extra, value) in [
+            ("overlays = [\"etc/cni\"]", "etc/cni"),
+            ("overlays = [\"/\"]", "/"),
+            ("overlays = [\"/opt/a,upperdir=/x\"]", "/opt/a,upperdir=/x"),
+            ("overlays = [\"/opt/a:b\"]", "/opt/a:b"),
+            ("overlays = [\"/opt/../etc\"]", "/opt/../etc"),
+            ("overlays = [\"/opt/a\", \"/opt/a\"]", "/opt/a"),
+            ("binds = [\"/opt/a\"]\noverlays = [\"/opt/a\"]", "/opt/a"),
+        ] {
+            let err = crate::config::parse_config_file(
+                Path::new("/c"),
+                &format!("[state]\nserial = \"s\"\nkey = \"tpm\"\n{extra}\n"),
+            )
+            .unwrap_err();
+            let text = err.to_string();
+            assert!(
+                text.contains(&format!("state.overlays = {value:?}")),
+                "{extra}: {text}"
+            );
+        }
     }
 
     #[test]

@@ -82,6 +82,8 @@ fn file_and_cmdline_rejections() -> Vec<(String, &'static str, &'static str)> {
         (format!("{STATE_TPM}mount = \"/\"\n"), "", "state.mount"),
         (format!("{STATE_TPM}binds = [\"var/lib\"]\n"), "", "state.binds"),
         (format!("{STATE_TPM}mkfs = [\"mkfs.ext4\"]\n"), "", "state.mkfs"),
+        (format!("{STATE_TPM}overlays = [\"/opt/a,b\"]\n"), "", "state.overlays"),
+        (format!("{STATE_TPM}binds = [\"/opt/a\"]\noverlays = [\"/opt/a\"]\n"), "", "state.overlays"),
         (format!("{STATE_TPM}mkfs = [\"/sbin/mke2fs\", \"-E\", \"lazy_journal_init=1\"]\n"), "", "lazy_journal_init=1"),
         (s(KBS_STATE), "", "a [kbs] section naming the key broker"),
         // The key broker.

@@ -35,6 +35,11 @@ pub struct StateConfig {
     /// Directories of the root image bound onto the state file system.
     #[serde(default)]
     pub binds: Vec<PathBuf>,
+    /// Directories of the root image made writable by an overlay whose upper layer is on the
+    /// state file system: the image's files show through, what is written stays on the
+    /// encrypted disk (the CNI directories, where a DaemonSet adds plugins beside the image's).
+    #[serde(default)]
+    pub overlays: Vec<PathBuf>,
     /// Authenticated encryption of every block (dm-integrity under dm-crypt), so that a
     /// block the host rewrote reads as an I/O error instead of as garbage.
     #[serde(default)]
@@ -162,6 +167,33 @@ fn validate_state(state: &StateConfig) -> Result<(), (&'static str, String, &'st
                 field,
                 path.display().to_string(),
                 "an absolute path other than /",
+            ));
+        }
+    }
+    for path in &state.overlays {
+        let text = path.to_string_lossy();
+        if !path.is_absolute()
+            || path == Path::new("/")
+            || text.contains([',', ':', '\\'])
+            || path.components().any(|c| {
+                matches!(
+                    c,
+                    std::path::Component::ParentDir | std::path::Component::CurDir
+                )
+            })
+        {
+            return Err((
+                "overlays",
+                text.into_owned(),
+                "an absolute path other than /, without . or .., and without , : or \\ (overlayfs \
+                 option separators)",
+            ));
+        }
+        if state.binds.contains(path) || state.overlays.iter().filter(|o| *o == path).count() > 1 {
+            return Err((
+                "overlays",
+                text.into_owned(),
+                "a directory given once, in binds or in overlays",
             ));
         }
     }
