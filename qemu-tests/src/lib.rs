@@ -192,6 +192,12 @@ impl Artifacts {
             std::fs::create_dir_all(target.parent().expect("a file in a directory"))
                 .and_then(|_| std::fs::write(&target, contents))
                 .unwrap_or_else(|e| panic!("cannot write {}: {e}", target.display()));
+            // Programs (anything in a bin directory) are executable, as a package installs them.
+            if path.contains("bin/") {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755))
+                    .unwrap_or_else(|e| panic!("cannot chmod {}: {e}", target.display()));
+            }
         }
         if runtime {
             assert!(

@@ -11,6 +11,7 @@ mod attestation;
 mod boot;
 mod containers;
 mod devices;
+mod join;
 mod measured;
 mod network;
 mod state;

@@ -7,10 +7,15 @@
 //! The HTTP/2 client is the least that one unary call needs: the preface, an empty SETTINGS,
 //! one HEADERS frame (HPACK literals, no Huffman, no dynamic table) and one DATA frame; in the
 //! answer only DATA frames are decoded.
+//!
+//! Before that it takes the first steps of joining a cluster (`join.rs`), as far as a test can
+//! observe them.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
+
+mod join;
 
 const DEFAULT_ENDPOINT: &str = "/run/containerd/containerd.sock";
 const VERSION_PATH: &str = "/runtime.v1.RuntimeService/Version";
@@ -21,6 +26,7 @@ fn main() {
         "kubelet-standin: this is a stand-in, not a kubelet; arguments: {}",
         args.join(" ")
     );
+    join::run(&args);
     let endpoint = args
         .iter()
         .find_map(|a| a.strip_prefix("--container-runtime-endpoint="))
