@@ -78,6 +78,17 @@ fn attest_refused(port: u16, evidence: &Value) -> String {
     body["detail"].as_str().unwrap().to_string()
 }
 
+/// Writes a reference as an operator should: a hidden file beside it (which the broker skips),
+/// then renamed over it, so that the poll never reads half a file.
+fn put(path: &std::path::Path, text: &str) {
+    let hidden = path.with_file_name(format!(
+        ".{}.new",
+        path.file_name().unwrap().to_str().unwrap()
+    ));
+    std::fs::write(&hidden, text).unwrap();
+    std::fs::rename(&hidden, path).unwrap();
+}
+
 struct Serving {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
@@ -216,7 +227,8 @@ fn references_are_reloaded_on_sighup_and_on_change_and_a_broken_one_keeps_the_se
     std::fs::remove_file(references.join("A.json")).unwrap();
     let seen = broker.seen();
     broker.hangup();
-    let reloaded = broker.wait_for("kbs-serve: reloaded", seen);
+    // (The poll may see the removal first and reload too: the SIGHUP's line is looked for.)
+    let reloaded = broker.wait_for("kbs-serve: reloaded (SIGHUP)", seen);
     assert_eq!(
         reloaded,
         format!(
@@ -233,11 +245,10 @@ fn references_are_reloaded_on_sighup_and_on_change_and_a_broken_one_keeps_the_se
 
     // B broken (seen by the poll, no signal): the reload fails by name and B stays.
     let seen = broker.seen();
-    std::fs::write(
-        references.join("B.json"),
+    put(
+        &references.join("B.json"),
         r#"{"pcr": {"11": {"sha256": "zz"}}}"#,
-    )
-    .unwrap();
+    );
     let failed = broker.wait_for("kbs-serve: reload", seen);
     assert!(
         failed.starts_with("kbs-serve: reload (a reference file changed) failed, keeping the 1 references loaded before (B.json): ")
@@ -252,7 +263,7 @@ fn references_are_reloaded_on_sighup_and_on_change_and_a_broken_one_keeps_the_se
     // And SIGHUP with the broken file fails the same way, the set kept.
     let seen = broker.seen();
     broker.hangup();
-    let failed = broker.wait_for("kbs-serve: reload", seen);
+    let failed = broker.wait_for("kbs-serve: reload (SIGHUP)", seen);
     assert!(
         failed.starts_with(
             "kbs-serve: reload (SIGHUP) failed, keeping the 1 references loaded before (B.json): "
@@ -263,12 +274,11 @@ fn references_are_reloaded_on_sighup_and_on_change_and_a_broken_one_keeps_the_se
 
     // A back (a new file in the directory) and B repaired: the poll loads both.
     let seen = broker.seen();
-    std::fs::write(
-        references.join("A.json"),
-        snp_reference(report.measurement()),
-    )
-    .unwrap();
-    std::fs::write(references.join("B.json"), snp_reference(&[0x0b; 48])).unwrap();
+    put(
+        &references.join("A.json"),
+        &snp_reference(report.measurement()),
+    );
+    put(&references.join("B.json"), &snp_reference(&[0x0b; 48]));
     let reloaded = broker.wait_for(
         "kbs-serve: reloaded (a reference file changed): 2 references: A.json",
         seen,

@@ -1679,7 +1679,13 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(20));
             }
         };
-        std::fs::write(references.join("A.json"), "{\"pcr\": {\"11\": ").unwrap();
+        // Written beside and renamed in, so that the poll never reads half a file.
+        let put = |name: &str, text: String| {
+            let hidden = references.join(format!(".{name}.new"));
+            std::fs::write(&hidden, text).unwrap();
+            std::fs::rename(&hidden, references.join(name)).unwrap();
+        };
+        put("A.json", "{\"pcr\": {\"11\": ".into());
         let line = wait_for("failed");
         assert!(
             line.starts_with("kbs-serve: reload (a reference file changed) failed, keeping the 1 references loaded before (B.json): ")
@@ -1690,7 +1696,7 @@ mod tests {
         let session = node.auth(&broker);
         assert!(node.attest(&broker, &session, [b11, b15]).2.is_some());
         took(&lines);
-        std::fs::write(references.join("A.json"), pcr_reference(a11, a15)).unwrap();
+        put("A.json", pcr_reference(a11, a15));
         let line = wait_for("reloaded");
         assert!(
             line.starts_with(
