@@ -1548,22 +1548,39 @@ mod tests {
             .to_string()
     }
 
-    /// Two references (the old image's and the new one's) from two files; each node is
-    /// released its key by its own, a mix of the two is not, and a reload (by call and by
-    /// the poll) drops a removed reference and keeps the set when a file is broken.
+    /// Three references, as `kbs-serve --reference DIR --reference C.json` loads them: A and
+    /// B (the old image's and the new one's) in a directory, C a file of its own. Each node is
+    /// released its key by its own reference, a mix of two is not; a reload (by call, and by
+    /// the poll) drops a reference removed from the directory, and keeps the set when a named
+    /// file is missing or a file is broken.
     #[test]
     fn a_node_matching_any_one_reference_whole_is_released_and_reloads_replace_the_set() {
         let dir = tempfile::tempdir().unwrap();
         let resources = dir.path().join("resources");
         std::fs::create_dir_all(resources.join("default/key")).unwrap();
         std::fs::write(resources.join("default/key/disk"), b"the disk key").unwrap();
+        let references = dir.path().join("references");
+        std::fs::create_dir(&references).unwrap();
+        // Written beside and renamed in, as an operator should, so that the poll never reads
+        // half a file (hidden files are not references).
+        let put = |path: &std::path::Path, text: String| {
+            let hidden = path.with_file_name(format!(
+                ".{}.new",
+                path.file_name().unwrap().to_str().unwrap()
+            ));
+            std::fs::write(&hidden, text).unwrap();
+            std::fs::rename(&hidden, path).unwrap();
+        };
         let (a11, a15, b11, b15) = ([0xa1; 32], [0xa5; 32], [0xb1; 32], [0xb5; 32]);
-        let (file_a, file_b) = (dir.path().join("A.json"), dir.path().join("B.json"));
-        std::fs::write(&file_a, pcr_reference(a11, a15)).unwrap();
-        std::fs::write(&file_b, pcr_reference(b11, b15)).unwrap();
+        let (c11, c15) = ([0xc1; 32], [0xc5; 32]);
+        let (file_a, file_b) = (references.join("A.json"), references.join("B.json"));
+        let file_c = dir.path().join("C.json");
+        put(&file_a, pcr_reference(a11, a15));
+        put(&file_b, pcr_reference(b11, b15));
+        put(&file_c, pcr_reference(c11, c15));
         let node = TpmNode::new();
         let sources = set::Sources {
-            paths: vec![file_a.clone(), file_b.clone()],
+            paths: vec![references.clone(), file_c.clone()],
             shared: set::Shared::default(),
         };
         let (loaded, _) = sources.load().unwrap();
@@ -1576,8 +1593,12 @@ mod tests {
         );
         let took = |lines: &Arc<Mutex<Vec<String>>>| std::mem::take(&mut *lines.lock().unwrap());
 
-        // Evidence of A and of B: both released, each logged with its reference's name.
-        for (values, name) in [([a11, a15], "A.json"), ([b11, b15], "B.json")] {
+        // Evidence of each: released, logged with its reference's name.
+        for (values, name) in [
+            ([a11, a15], "A.json"),
+            ([b11, b15], "B.json"),
+            ([c11, c15], "C.json"),
+        ] {
             let session = node.auth(&broker);
             let (attested, released, key) = node.attest(&broker, &session, values);
             assert_eq!(attested.status, 200, "{}", detail(&attested));
@@ -1598,38 +1619,29 @@ mod tests {
                 "{lines:?}"
             );
         }
-        // A mix (PCR 11 of A, PCR 15 of B) matches neither whole: refused, each named.
+        // A mix (PCR 11 of A, PCR 15 of B) matches none whole: refused, each named.
         let session = node.auth(&broker);
         let (attested, released, key) = node.attest(&broker, &session, [a11, b15]);
         assert_eq!((attested.status, released.status), (401, 401));
         assert!(key.is_none());
         let why = detail(&attested);
         assert!(
-            why.starts_with("no loaded reference matches: A.json, B.json: vTPM quote refused: the quoted PCR digest does not match"),
+            why.starts_with("no loaded reference matches: A.json, B.json, C.json: vTPM quote refused: the quoted PCR digest does not match"),
             "{why}"
         );
         assert!(took(&lines)
             .iter()
             .all(|l| l.starts_with("kbs-serve: refused")));
 
-        // A's file removed, then a reload: a session that passed `auth` before is judged
-        // against the set of its `attest`, so A is refused and B still released.
+        // A dropped from the directory, then a reload: a session that passed `auth` before
+        // is judged against the set of its `attest`, so A is refused and B still released.
         let before = node.auth(&broker);
         std::fs::remove_file(&file_a).unwrap();
-        assert!(
-            set::reload(&broker, &sources, "test").is_none(),
-            "a missing file fails"
-        );
-        assert!(took(&lines)[0]
-            .contains("failed, keeping the 2 references loaded before (A.json, B.json): "));
-        let sources = set::Sources {
-            paths: vec![file_b.clone()],
-            ..sources
-        };
         set::reload(&broker, &sources, "test").unwrap();
         let logged = took(&lines);
         assert!(
-            logged[0].starts_with("kbs-serve: reloaded (test): 1 references: B.json (sha256 ")
+            logged[0].starts_with("kbs-serve: reloaded (test): 2 references: B.json (sha256 ")
+                && logged[0].contains(", C.json (sha256 ")
                 && logged[0].ends_with(": 2 PCRs, 0 SNP launch digests, 0 TDX MRTDs)"),
             "{logged:?}"
         );
@@ -1638,30 +1650,34 @@ mod tests {
         assert!(key.is_none());
         let why = detail(&attested);
         assert!(
-            why.starts_with("no loaded reference matches: B.json: "),
+            why.starts_with("no loaded reference matches: B.json, C.json: "),
             "{why}"
         );
-        assert!(!why.contains("A.json"), "{why}");
         let session = node.auth(&broker);
         assert!(node.attest(&broker, &session, [b11, b15]).2.is_some());
 
-        // The file-change path, on a directory: a broken file keeps the set, a good one
-        // (A back) is loaded without a signal.
-        let references = dir.path().join("references");
-        std::fs::create_dir(&references).unwrap();
-        std::fs::write(references.join("B.json"), pcr_reference(b11, b15)).unwrap();
-        let sources = set::Sources {
-            paths: vec![references.clone()],
-            ..sources
-        };
-        let fingerprint_b = sources.fingerprint();
-        set::reload(&broker, &sources, "test").unwrap();
+        // C (a file named on the command line) missing: the reload fails, the set stays.
         took(&lines);
+        std::fs::remove_file(&file_c).unwrap();
+        assert!(set::reload(&broker, &sources, "test").is_none());
+        let logged = took(&lines);
+        assert!(
+            logged[0].starts_with("kbs-serve: reload (test) failed, keeping the 2 references loaded before (B.json, C.json): "),
+            "{logged:?}"
+        );
+        assert!(logged[0].contains("C.json: No such file"), "{logged:?}");
+        let session = node.auth(&broker);
+        assert!(node.attest(&broker, &session, [c11, c15]).2.is_some());
+        put(&file_c, pcr_reference(c11, c15));
+        let as_loaded = sources.fingerprint();
+
+        // The file-change path (no signal): a broken file keeps the set, a good one (A back)
+        // is loaded.
         let (_signal, signals) = std::sync::mpsc::channel();
         set::watch(
             broker.clone(),
             sources,
-            fingerprint_b,
+            as_loaded,
             Duration::from_millis(100),
             signals,
         );
@@ -1679,29 +1695,25 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(20));
             }
         };
-        // Written beside and renamed in, so that the poll never reads half a file.
-        let put = |name: &str, text: String| {
-            let hidden = references.join(format!(".{name}.new"));
-            std::fs::write(&hidden, text).unwrap();
-            std::fs::rename(&hidden, references.join(name)).unwrap();
-        };
-        put("A.json", "{\"pcr\": {\"11\": ".into());
+        took(&lines);
+        put(&file_a, "{\"pcr\": {\"11\": ".into());
         let line = wait_for("failed");
         assert!(
-            line.starts_with("kbs-serve: reload (a reference file changed) failed, keeping the 1 references loaded before (B.json): ")
+            line.starts_with("kbs-serve: reload (a reference file changed) failed, keeping the 2 references loaded before (B.json, C.json): ")
                 && line.contains("A.json: EOF while parsing"),
             "{line}"
         );
-        assert_eq!(broker.references().len(), 1);
+        assert_eq!(broker.references().len(), 2);
         let session = node.auth(&broker);
         assert!(node.attest(&broker, &session, [b11, b15]).2.is_some());
         took(&lines);
-        put("A.json", pcr_reference(a11, a15));
+        put(&file_a, pcr_reference(a11, a15));
         let line = wait_for("reloaded");
         assert!(
             line.starts_with(
-                "kbs-serve: reloaded (a reference file changed): 2 references: A.json (sha256 "
-            ) && line.contains(", B.json (sha256 "),
+                "kbs-serve: reloaded (a reference file changed): 3 references: A.json (sha256 "
+            ) && line.contains(", B.json (sha256 ")
+                && line.contains(", C.json (sha256 "),
             "{line}"
         );
         let session = node.auth(&broker);
