@@ -3,7 +3,8 @@
 //! reference values (`cvm-measure predict --json`). Evidence kinds so far: `tpm` (a vTPM quote
 //! over the reference PCRs by an attestation key shown to live beside a certified endorsement
 //! key, `tpm::credential`, bound to the session's nonce and the node's ephemeral key), `snp`
-//! and `tdx`.
+//! and `tdx`. Several references may be loaded at once (`set`: a rolling upgrade's old and new
+//! image); evidence is judged against each whole and released on the first that accepts it.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -382,13 +383,13 @@ impl Broker {
     }
 
     /// Registers a node's attestation key in every reference (an operator admitting a new
-    /// node).
+    /// node), until the references are replaced.
     pub fn allow_attestation_key(&self, x: Vec<u8>, y: Vec<u8>) {
         self.edit(|r| r.attestation_keys.push((x.clone(), y.clone())));
     }
 
     /// Adds a launch digest to every reference's SNP values (an operator loading a new
-    /// image's).
+    /// image's), until the references are replaced.
     pub fn allow_snp_measurement(&self, measurement: Vec<u8>) {
         self.edit(|r| r.snp_measurements.push(measurement.clone()));
     }
