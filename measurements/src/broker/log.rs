@@ -24,10 +24,23 @@ pub fn escape(text: &str) -> String {
 /// One refusal as a line: `kbs-serve: refused <field>="<escaped value>" ...`.
 pub fn refusal_line(fields: &[(&str, &str)]) -> String {
     let mut line = String::from("kbs-serve: refused");
+    push_fields(&mut line, fields);
+    line
+}
+
+/// One grant as a line: `kbs-serve: <what> a node matching reference="B.json" <fields>`,
+/// `what` being the broker's own words (`attested`, `released resource="a/b/c" to`).
+pub fn grant_line(what: &str, reference: &str, fields: &[(&str, &str)]) -> String {
+    let mut line = format!("kbs-serve: {} a node matching", escape(what));
+    push_fields(&mut line, &[("reference", reference)]);
+    push_fields(&mut line, fields);
+    line
+}
+
+fn push_fields(line: &mut String, fields: &[(&str, &str)]) {
     for (name, value) in fields {
         let _ = write!(line, " {name}=\"{}\"", escape(value).replace('"', "\\\""));
     }
-    line
 }
 
 #[cfg(test)]

@@ -3,7 +3,8 @@
 //! reference values (`cvm-measure predict --json`). Evidence kinds so far: `tpm` (a vTPM quote
 //! over the reference PCRs by an attestation key shown to live beside a certified endorsement
 //! key, `tpm::credential`, bound to the session's nonce and the node's ephemeral key), `snp`
-//! and `tdx`.
+//! and `tdx`. Several references may be loaded at once (`set`: a rolling upgrade's old and new
+//! image); evidence is judged against each whole and released on the first that accepts it.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -22,8 +23,10 @@ use sha2::Digest;
 pub mod log;
 pub mod reference;
 pub mod refusal;
+pub mod set;
 
 pub use refusal::Refusal;
+pub use set::Named;
 
 pub use cvm_formats::evidence::{TpmEndorsement, TpmEvidence};
 
@@ -200,6 +203,8 @@ struct Session {
     created: Instant,
     /// Set once the evidence verified: the key resources are encrypted to.
     tee_pubkey: Option<Jwk>,
+    /// Set with `tee_pubkey`: the name of the reference the evidence matched.
+    matched: Option<String>,
     /// The nonce is spent by the first `attest`, whatever its outcome.
     spent: bool,
     /// For `tpm`: the credential made at `auth` to the node's EK, or why there is none.
@@ -216,7 +221,8 @@ struct TpmCredential {
 /// The broker's state.
 pub struct Broker {
     pub resources: PathBuf,
-    reference: Mutex<Reference>,
+    /// Replaced whole at a reload; `attest` judges against the set of its moment.
+    references: Mutex<Arc<Vec<Named>>>,
     sessions: Mutex<HashMap<String, Session>>,
     limits: Limits,
     connections: AtomicUsize,
@@ -290,9 +296,14 @@ fn replay_logs(
 
 impl Broker {
     pub fn new(resources: PathBuf, reference: Reference) -> Broker {
+        Broker::with_references(resources, vec![Named::unnamed(reference)])
+    }
+
+    /// A broker releasing to a node whose evidence matches any one of `references` whole.
+    pub fn with_references(resources: PathBuf, references: Vec<Named>) -> Broker {
         Broker {
             resources,
-            reference: Mutex::new(reference),
+            references: Mutex::new(Arc::new(references)),
             sessions: Mutex::new(HashMap::new()),
             limits: Limits::default(),
             connections: AtomicUsize::new(0),
@@ -333,22 +344,67 @@ impl Broker {
             fields.extend(noted.iter().map(|(n, v)| (*n, v.as_str())));
             fields.push(("reason", &detail));
             (self.log)(&crate::broker::log::refusal_line(&fields));
+        } else if let Some(reference) = noted.iter().find(|(n, _)| *n == "reference") {
+            // A grant: which reference the node matched, at `attest` and at each release.
+            let session = request.cookie(COOKIE).unwrap_or("-").to_string();
+            let released = noted.iter().find(|(n, _)| *n == "resource");
+            let what = match released {
+                Some((_, path)) => format!("released resource={path:?} to"),
+                None => "attested".to_string(),
+            };
+            (self.log)(&crate::broker::log::grant_line(
+                &what,
+                &reference.1,
+                &[("peer", peer), ("session", &session)],
+            ));
         }
         answer
     }
 
-    /// Registers a node's attestation key (an operator admitting a new node).
-    pub fn allow_attestation_key(&self, x: Vec<u8>, y: Vec<u8>) {
-        self.reference.lock().unwrap().attestation_keys.push((x, y));
+    /// The references loaded now.
+    pub fn references(&self) -> Arc<Vec<Named>> {
+        self.references.lock().unwrap().clone()
     }
 
-    /// Adds a launch digest to the SNP reference values (an operator loading a new image's).
+    /// Replaces the references whole (a reload); an empty set is ignored, so that the broker
+    /// never serves with none.
+    pub fn replace_references(&self, references: Vec<Named>) {
+        if !references.is_empty() {
+            *self.references.lock().unwrap() = Arc::new(references);
+        }
+    }
+
+    /// Changes every loaded reference.
+    fn edit(&self, change: impl Fn(&mut Reference)) {
+        let mut set = self.references.lock().unwrap();
+        for named in Arc::make_mut(&mut set) {
+            change(&mut named.reference);
+        }
+    }
+
+    /// Registers a node's attestation key in every reference (an operator admitting a new
+    /// node), until the references are replaced.
+    pub fn allow_attestation_key(&self, x: Vec<u8>, y: Vec<u8>) {
+        self.edit(|r| r.attestation_keys.push((x.clone(), y.clone())));
+    }
+
+    /// Adds a launch digest to every reference's SNP values (an operator loading a new
+    /// image's), until the references are replaced.
     pub fn allow_snp_measurement(&self, measurement: Vec<u8>) {
-        self.reference
-            .lock()
-            .unwrap()
-            .snp_measurements
-            .push(measurement);
+        self.edit(|r| r.snp_measurements.push(measurement.clone()));
+    }
+
+    /// The first reference `check` accepts (its name), else why each refused.
+    fn judge(&self, check: impl Fn(&Reference) -> Result<(), Refusal>) -> Result<String, Refusal> {
+        let set = self.references();
+        let mut refusals = Vec::new();
+        for named in set.iter() {
+            match check(&named.reference) {
+                Ok(()) => return Ok(named.name.clone()),
+                Err(why) => refusals.push((named.name.clone(), why)),
+            }
+        }
+        Err(Refusal::NoReferenceMatches(refusals))
     }
 
     /// Answers one request (from a peer whose address is not known).
@@ -368,7 +424,7 @@ impl Broker {
             ("POST", "/kbs/v0/auth") => self.auth(request),
             ("POST", "/kbs/v0/attest") => self.attest(request, noted),
             ("GET", p) if p.starts_with("/kbs/v0/resource/") => {
-                self.resource(request, &p["/kbs/v0/resource/".len()..])
+                self.resource(request, &p["/kbs/v0/resource/".len()..], noted)
             }
             _ => problem(404, "NotFound", format!("no endpoint {method} {path}")),
         }
@@ -439,6 +495,7 @@ impl Broker {
                 hash: "sha384".into(),
                 created: Instant::now(),
                 tee_pubkey: None,
+                matched: None,
                 spent: false,
                 tpm: tpm_credential,
             },
@@ -511,11 +568,14 @@ impl Broker {
             "tdx" => self.verify_tdx(evidence, &binding),
             _ => self.verify_tpm(evidence, &binding, tpm.as_ref()),
         };
-        if let Err(why) = verdict {
-            return problem(401, "AttestationError", why.to_string());
-        }
+        let matched = match verdict {
+            Ok(name) => name,
+            Err(why) => return problem(401, "AttestationError", why.to_string()),
+        };
+        noted.push(("reference", matched.clone()));
         if let Some(session) = self.sessions.lock().unwrap().get_mut(id) {
             session.tee_pubkey = Some(attestation.runtime_data.tee_pubkey.clone());
+            session.matched = Some(matched);
         }
         ok_json(json!({ "token": random_id() }), Vec::new())
     }
@@ -536,7 +596,15 @@ impl Broker {
         };
         let ak = tc::parse_ak_public(&decode("ak_public", &endorsement.ak_public)?)
             .map_err(|e| e.to_string())?;
-        let cas = self.reference.lock().unwrap().ek_cas.clone();
+        // The EK CAs are the broker's (`--ek-ca`), the same in every reference.
+        let mut cas: Vec<Vec<u8>> = Vec::new();
+        for named in self.references().iter() {
+            for ca in &named.reference.ek_cas {
+                if !cas.contains(ca) {
+                    cas.push(ca.clone());
+                }
+            }
+        }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
@@ -554,8 +622,18 @@ impl Broker {
         ))
     }
 
+    /// `tpm` evidence against each loaded reference: the name of the first it matches.
     fn verify_tpm(
         &self,
+        evidence: &Value,
+        binding: &[u8; 64],
+        credential: Option<&Result<TpmCredential, String>>,
+    ) -> Result<String, Refusal> {
+        self.judge(|reference| Self::tpm_against(reference, evidence, binding, credential))
+    }
+
+    fn tpm_against(
+        reference: &Reference,
         evidence: &Value,
         binding: &[u8; 64],
         credential: Option<&Result<TpmCredential, String>>,
@@ -594,7 +672,6 @@ impl Broker {
                 cvm_formats::hex(&y)
             )));
         }
-        let reference = self.reference.lock().unwrap().clone();
         if reference.pcrs.is_empty() {
             return Err(Refusal::NoPcrReference);
         }
@@ -677,7 +754,16 @@ impl Broker {
     /// with it and carry an allowed launch digest, VMPL 0, no debugging, and this session's
     /// binding. This broker is offline: evidence without its endorsement certificate is refused
     /// (Trustee would fetch it from AMD's key server).
-    pub fn verify_snp(&self, evidence: &Value, binding: &[u8; 64]) -> Result<(), Refusal> {
+    /// `snp` evidence against each loaded reference: the name of the first it matches.
+    pub fn verify_snp(&self, evidence: &Value, binding: &[u8; 64]) -> Result<String, Refusal> {
+        self.judge(|reference| Self::snp_against(reference, evidence, binding))
+    }
+
+    fn snp_against(
+        reference: &Reference,
+        evidence: &Value,
+        binding: &[u8; 64],
+    ) -> Result<(), Refusal> {
         use crate::snp::{self, CertType};
         let (report, certs) = snp::from_trustee_evidence(evidence)?;
         let (wanted, name) = match report.signing_key() {
@@ -690,15 +776,14 @@ impl Broker {
             .find(|c| c.cert_type == wanted)
             .ok_or(Refusal::NoEndorsement(name))?;
         let endorsement = snp::certificate(&der.data)?;
-        let reference = self.reference.lock().unwrap().clone();
         let product = snp::verify_chain_with(&endorsement, &reference.snp_chains)?;
         report
             .verify_signature(&endorsement)
             .map_err(|source| Refusal::SnpSignature { source, product })?;
         let expected = snp::Expectations {
-            measurements: reference.snp_measurements,
+            measurements: reference.snp_measurements.clone(),
             report_data: binding.to_vec(),
-            requirements: reference.snp_requirements,
+            requirements: reference.snp_requirements.clone(),
         };
         snp::appraise(&report, product, &expected).map_err(Refusal::SnpAppraisal)
     }
@@ -709,7 +794,15 @@ impl Broker {
     /// `SignatureChecked::NOT_CHECKED`), no debugging, this session's binding, an allowed MRTD,
     /// the reference RTMRs, the CC event log and then cvm-init's log replaying to all four
     /// RTMRs, and cvm-init's own events being this image's (`tdx_init_rtmr2`).
-    pub fn verify_tdx(&self, evidence: &Value, binding: &[u8; 64]) -> Result<(), Refusal> {
+    pub fn verify_tdx(&self, evidence: &Value, binding: &[u8; 64]) -> Result<String, Refusal> {
+        self.judge(|reference| Self::tdx_against(reference, evidence, binding))
+    }
+
+    fn tdx_against(
+        reference: &Reference,
+        evidence: &Value,
+        binding: &[u8; 64],
+    ) -> Result<(), Refusal> {
         use crate::tdx::Quote;
         #[derive(Deserialize)]
         struct TdxEvidence {
@@ -725,7 +818,6 @@ impl Broker {
         let decode =
             |name: &'static str, v: &str| STANDARD.decode(v).map_err(|_| Refusal::NotBase64(name));
         let quote = Quote::parse(&decode("quote", &evidence.quote)?)?;
-        let reference = self.reference.lock().unwrap().clone();
         quote.verify_signature_with(&reference.tdx_trust)?;
         if quote.td.debug() {
             return Err(Refusal::TdDebug);
@@ -803,11 +895,16 @@ impl Broker {
         }
     }
 
-    fn resource(&self, request: &Message, path: &str) -> Answer {
-        let key = {
+    fn resource(
+        &self,
+        request: &Message,
+        path: &str,
+        noted: &mut Vec<(&'static str, String)>,
+    ) -> Answer {
+        let (key, matched) = {
             let sessions = self.sessions.lock().unwrap();
             let session = request.cookie(COOKIE).and_then(|id| sessions.get(id));
-            match session.and_then(|s| s.tee_pubkey.clone()) {
+            match session.and_then(|s| Some((s.tee_pubkey.clone()?, s.matched.clone()?))) {
                 Some(k) => k,
                 None => {
                     return problem(
@@ -839,6 +936,8 @@ impl Broker {
         };
         let recipient = key.public_key().expect("checked at attest");
         let jwe = kbs::jwe_encrypt(&recipient, &plaintext);
+        noted.push(("resource", path.to_string()));
+        noted.push(("reference", matched));
         ok_json(serde_json::to_value(jwe).expect("serializable"), Vec::new())
     }
 }
@@ -1157,10 +1256,10 @@ mod tests {
         refused(&broker, &evidence, &[0x5a; 64], "replayed");
         // Another firmware, another kernel.
         let (other, _, _) = tdx_case();
-        other.reference.lock().unwrap().tdx_mrtds = vec![vec![1; 48]];
+        other.edit(|r| r.tdx_mrtds = vec![vec![1; 48]]);
         refused(&other, &evidence, &binding, "MRTD");
         let (other, _, _) = tdx_case();
-        other.reference.lock().unwrap().tdx_rtmrs = vec![(1, vec![1; 48])];
+        other.edit(|r| r.tdx_rtmrs = vec![(1, vec![1; 48])]);
         refused(&other, &evidence, &binding, "RTMR 1 is");
         // The boot's RTMR 2 part (this real log holds no cvm-init events, so it is the whole of
         // the quote's RTMR 2): the reference value passes, another is refused.
@@ -1170,13 +1269,13 @@ mod tests {
                 .unwrap()
                 .td
                 .rtmr[2];
-        other.reference.lock().unwrap().tdx_rtmr2_before_init = Some(rtmr2.to_vec());
+        other.edit(|r| r.tdx_rtmr2_before_init = Some(rtmr2.to_vec()));
         other.verify_tdx(&evidence, &binding).unwrap();
-        other.reference.lock().unwrap().tdx_rtmr2_before_init = Some(vec![2; 48]);
+        other.edit(|r| r.tdx_rtmr2_before_init = Some(vec![2; 48]));
         refused(&other, &evidence, &binding, "the boot's RTMR 2 events");
         // cvm-init's events are not this image's.
         let (other, _, _) = tdx_case();
-        other.reference.lock().unwrap().tdx_init_rtmr2 = Some(vec![1; 48]);
+        other.edit(|r| r.tdx_init_rtmr2 = Some(vec![1; 48]));
         refused(&other, &evidence, &binding, "not this image's");
         // A log that does not replay to the quote: one more event, or a changed digest.
         let mut extra = evidence.clone();
@@ -1220,13 +1319,7 @@ mod tests {
     fn a_tdx_quote_from_another_quoting_enclave_is_refused_by_name() {
         let chain = crate::tdx::test_chain::TestChain::new();
         let (broker, mut evidence, _) = tdx_case();
-        broker
-            .reference
-            .lock()
-            .unwrap()
-            .tdx_trust
-            .extra_roots
-            .push(chain.root());
+        broker.edit(|r| r.tdx_trust.extra_roots.push(chain.root()));
         let binding = [0x3c; 64];
         // Intel's TD QE identity, signed by the (trusted) test chain: verifies and appraises.
         evidence["quote"] = STANDARD.encode(chain.quote(&binding, |_| {})).into();
@@ -1245,7 +1338,7 @@ mod tests {
         );
         // The reference's TD requirements: an XFAM other than the quote's.
         let (broker, evidence, binding) = tdx_case();
-        broker.reference.lock().unwrap().tdx_requirements.xfam = Some(0x61ae7);
+        broker.edit(|r| r.tdx_requirements.xfam = Some(0x61ae7));
         let why = broker
             .verify_tdx(&evidence, &binding)
             .unwrap_err()
@@ -1342,7 +1435,7 @@ mod tests {
         assert!(why.contains("no PCR reference values"), "{why}");
         // With a reference, a quote of its PCRs passes.
         let value = [0x5a; 32];
-        broker.reference.lock().unwrap().pcrs = vec![(11, value.to_vec())];
+        broker.edit(|r| r.pcrs = vec![(11, value.to_vec())]);
         let digest: [u8; 32] = sha2::Sha256::digest(value).into();
         broker
             .verify_tpm(
@@ -1351,6 +1444,281 @@ mod tests {
                 Some(&credential),
             )
             .unwrap();
+    }
+
+    /// A vTPM node: its attestation key, admitted as if its credential had been activated.
+    struct TpmNode {
+        ak: p256::ecdsa::SigningKey,
+        credential: TpmCredential,
+    }
+
+    impl TpmNode {
+        fn new() -> TpmNode {
+            let ak = p256::ecdsa::SigningKey::random(&mut rand_core::OsRng);
+            let point = ak.verifying_key().to_encoded_point(false);
+            let credential = TpmCredential {
+                ak: crate::tpm::credential::AkPublic {
+                    x: point.x().unwrap().to_vec(),
+                    y: point.y().unwrap().to_vec(),
+                    name: Vec::new(),
+                },
+                secret: zeroize::Zeroizing::new(vec![0x33; 32]),
+            };
+            TpmNode { ak, credential }
+        }
+
+        /// A session as `auth` leaves it for this node (the challenge's nonce, its credential).
+        fn auth(&self, broker: &Broker) -> String {
+            let id = random_id();
+            broker.sessions.lock().unwrap().insert(
+                id.clone(),
+                Session {
+                    tee: "tpm".into(),
+                    nonce: format!("nonce-{id}"),
+                    hash: "sha384".into(),
+                    created: Instant::now(),
+                    tee_pubkey: None,
+                    matched: None,
+                    spent: false,
+                    tpm: Some(Ok(self.credential.clone())),
+                },
+            );
+            id
+        }
+
+        /// `attest` with a quote of PCRs 11 and 15 holding `values`, then the resource
+        /// `default/key/disk`: the two answers, and the resource's bytes when released.
+        fn attest(
+            &self,
+            broker: &Broker,
+            session: &str,
+            values: [[u8; 32]; 2],
+        ) -> (Answer, Answer, Option<Vec<u8>>) {
+            let key = p256::SecretKey::random(&mut rand_core::OsRng);
+            let mut body = json!({
+                "runtime-data": {"nonce": format!("nonce-{session}"), "tee-pubkey": Jwk::from_public(&key.public_key())},
+                "tee-evidence": {"primary_evidence": {}, "additional_evidence": ""},
+            });
+            let parsed: Attestation = serde_json::from_value(body.clone()).unwrap();
+            let binding = kbs::report_data(&parsed.runtime_data, "", "sha384").unwrap();
+            let qualifying = crate::tpm::credential::qualifying_data(&binding, &[0x33; 32]);
+            let digest: [u8; 32] = sha2::Sha256::new()
+                .chain_update(values[0])
+                .chain_update(values[1])
+                .finalize()
+                .into();
+            body["tee-evidence"]["primary_evidence"] =
+                tpm_quote(&self.ak, &qualifying, &[11, 15], &digest);
+            let cookie = vec![("cookie".to_string(), format!("{COOKIE}={session}"))];
+            let attested = broker.handle_from(
+                &Message {
+                    start: "POST /kbs/v0/attest HTTP/1.1".into(),
+                    headers: cookie.clone(),
+                    body: body.to_string().into_bytes(),
+                },
+                "192.0.2.1:1",
+            );
+            let released = broker.handle_from(
+                &Message {
+                    start: "GET /kbs/v0/resource/default/key/disk HTTP/1.1".into(),
+                    headers: cookie,
+                    body: Vec::new(),
+                },
+                "192.0.2.1:1",
+            );
+            let plaintext = (released.status == 200).then(|| {
+                let jwe: kbs::Jwe = serde_json::from_slice(&released.body).unwrap();
+                kbs::jwe_decrypt(&key, &jwe).unwrap()
+            });
+            (attested, released, plaintext)
+        }
+    }
+
+    fn pcr_reference(pcr11: [u8; 32], pcr15: [u8; 32]) -> String {
+        json!({"pcr": {
+            "11": {"sha256": cvm_formats::hex(&pcr11)},
+            "15": {"sha256": cvm_formats::hex(&pcr15)},
+        }})
+        .to_string()
+    }
+
+    fn detail(answer: &Answer) -> String {
+        serde_json::from_slice::<Value>(&answer.body).unwrap()["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Three references, as `kbs-serve --reference DIR --reference C.json` loads them: A and
+    /// B (the old image's and the new one's) in a directory, C a file of its own. Each node is
+    /// released its key by its own reference, a mix of two is not; a reload (by call, and by
+    /// the poll) drops a reference removed from the directory, and keeps the set when a named
+    /// file is missing or a file is broken.
+    #[test]
+    fn a_node_matching_any_one_reference_whole_is_released_and_reloads_replace_the_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let resources = dir.path().join("resources");
+        std::fs::create_dir_all(resources.join("default/key")).unwrap();
+        std::fs::write(resources.join("default/key/disk"), b"the disk key").unwrap();
+        let references = dir.path().join("references");
+        std::fs::create_dir(&references).unwrap();
+        // Written beside and renamed in, as an operator should, so that the poll never reads
+        // half a file (hidden files are not references).
+        let put = |path: &std::path::Path, text: String| {
+            let hidden = path.with_file_name(format!(
+                ".{}.new",
+                path.file_name().unwrap().to_str().unwrap()
+            ));
+            std::fs::write(&hidden, text).unwrap();
+            std::fs::rename(&hidden, path).unwrap();
+        };
+        let (a11, a15, b11, b15) = ([0xa1; 32], [0xa5; 32], [0xb1; 32], [0xb5; 32]);
+        let (c11, c15) = ([0xc1; 32], [0xc5; 32]);
+        let (file_a, file_b) = (references.join("A.json"), references.join("B.json"));
+        let file_c = dir.path().join("C.json");
+        put(&file_a, pcr_reference(a11, a15));
+        put(&file_b, pcr_reference(b11, b15));
+        put(&file_c, pcr_reference(c11, c15));
+        let node = TpmNode::new();
+        let sources = set::Sources {
+            paths: vec![references.clone(), file_c.clone()],
+            shared: set::Shared::default(),
+        };
+        let (loaded, _) = sources.load().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+        let capture = lines.clone();
+        let broker = Arc::new(
+            Broker::with_references(resources, loaded).with_log(Arc::new(move |l: &str| {
+                capture.lock().unwrap().push(l.into())
+            })),
+        );
+        let took = |lines: &Arc<Mutex<Vec<String>>>| std::mem::take(&mut *lines.lock().unwrap());
+
+        // Evidence of each: released, logged with its reference's name.
+        for (values, name) in [
+            ([a11, a15], "A.json"),
+            ([b11, b15], "B.json"),
+            ([c11, c15], "C.json"),
+        ] {
+            let session = node.auth(&broker);
+            let (attested, released, key) = node.attest(&broker, &session, values);
+            assert_eq!(attested.status, 200, "{}", detail(&attested));
+            assert_eq!(released.status, 200, "{}", detail(&released));
+            assert_eq!(key.as_deref(), Some(&b"the disk key"[..]));
+            let lines = took(&lines);
+            assert_eq!(lines.len(), 2, "{lines:?}");
+            assert!(
+                lines[0].starts_with(&format!(
+                    "kbs-serve: attested a node matching reference=\"{name}\" peer=\"192.0.2.1:1\" session=\"{session}\""
+                )),
+                "{lines:?}"
+            );
+            assert!(
+                lines[1].starts_with(&format!(
+                    "kbs-serve: released resource=\"default/key/disk\" to a node matching reference=\"{name}\""
+                )),
+                "{lines:?}"
+            );
+        }
+        // A mix (PCR 11 of A, PCR 15 of B) matches none whole: refused, each named.
+        let session = node.auth(&broker);
+        let (attested, released, key) = node.attest(&broker, &session, [a11, b15]);
+        assert_eq!((attested.status, released.status), (401, 401));
+        assert!(key.is_none());
+        let why = detail(&attested);
+        assert!(
+            why.starts_with("no loaded reference matches: A.json, B.json, C.json: vTPM quote refused: the quoted PCR digest does not match"),
+            "{why}"
+        );
+        assert!(took(&lines)
+            .iter()
+            .all(|l| l.starts_with("kbs-serve: refused")));
+
+        // A dropped from the directory, then a reload: a session that passed `auth` before
+        // is judged against the set of its `attest`, so A is refused and B still released.
+        let before = node.auth(&broker);
+        std::fs::remove_file(&file_a).unwrap();
+        set::reload(&broker, &sources, "test").unwrap();
+        let logged = took(&lines);
+        assert!(
+            logged[0].starts_with("kbs-serve: reloaded (test): 2 references: B.json (sha256 ")
+                && logged[0].contains(", C.json (sha256 ")
+                && logged[0].ends_with(": 2 PCRs, 0 SNP launch digests, 0 TDX MRTDs)"),
+            "{logged:?}"
+        );
+        let (attested, _, key) = node.attest(&broker, &before, [a11, a15]);
+        assert_eq!(attested.status, 401);
+        assert!(key.is_none());
+        let why = detail(&attested);
+        assert!(
+            why.starts_with("no loaded reference matches: B.json, C.json: "),
+            "{why}"
+        );
+        let session = node.auth(&broker);
+        assert!(node.attest(&broker, &session, [b11, b15]).2.is_some());
+
+        // C (a file named on the command line) missing: the reload fails, the set stays.
+        took(&lines);
+        std::fs::remove_file(&file_c).unwrap();
+        assert!(set::reload(&broker, &sources, "test").is_none());
+        let logged = took(&lines);
+        assert!(
+            logged[0].starts_with("kbs-serve: reload (test) failed, keeping the 2 references loaded before (B.json, C.json): "),
+            "{logged:?}"
+        );
+        assert!(logged[0].contains("C.json: No such file"), "{logged:?}");
+        let session = node.auth(&broker);
+        assert!(node.attest(&broker, &session, [c11, c15]).2.is_some());
+        put(&file_c, pcr_reference(c11, c15));
+        let as_loaded = sources.fingerprint();
+
+        // The file-change path (no signal): a broken file keeps the set, a good one (A back)
+        // is loaded.
+        let (_signal, signals) = std::sync::mpsc::channel();
+        set::watch(
+            broker.clone(),
+            sources,
+            as_loaded,
+            Duration::from_millis(100),
+            signals,
+        );
+        let wait_for = |what: &str| {
+            let start = Instant::now();
+            loop {
+                let got = lines.lock().unwrap().clone();
+                if let Some(line) = got.iter().find(|l| l.contains(what)) {
+                    return line.clone();
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "no {what:?} in {got:?}"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        took(&lines);
+        put(&file_a, "{\"pcr\": {\"11\": ".into());
+        let line = wait_for("failed");
+        assert!(
+            line.starts_with("kbs-serve: reload (a reference file changed) failed, keeping the 2 references loaded before (B.json, C.json): ")
+                && line.contains("A.json: EOF while parsing"),
+            "{line}"
+        );
+        assert_eq!(broker.references().len(), 2);
+        let session = node.auth(&broker);
+        assert!(node.attest(&broker, &session, [b11, b15]).2.is_some());
+        took(&lines);
+        put(&file_a, pcr_reference(a11, a15));
+        let line = wait_for("reloaded");
+        assert!(
+            line.starts_with(
+                "kbs-serve: reloaded (a reference file changed): 3 references: A.json (sha256 "
+            ) && line.contains(", B.json (sha256 ")
+                && line.contains(", C.json (sha256 "),
+            "{line}"
+        );
+        let session = node.auth(&broker);
+        assert!(node.attest(&broker, &session, [a11, a15]).2.is_some());
     }
 
     fn auth(b: &Broker, tee: &str) -> Answer {

@@ -69,4 +69,48 @@ pub enum Refusal {
     InitRtmr2,
     #[error("this broker has no tdx_init_rtmr2 reference value")]
     NoInitRtmr2Reference,
+    /// Each loaded reference's refusal, by its name; the evidence must match one whole.
+    #[error("no loaded reference matches: {}", by_reference(.0))]
+    NoReferenceMatches(Vec<(String, Refusal)>),
+}
+
+/// `A.json: why; B.json, C.json: why`: references refusing for the same reason share it.
+fn by_reference(refusals: &[(String, Refusal)]) -> String {
+    let mut grouped: Vec<(Vec<&str>, String)> = Vec::new();
+    for (name, why) in refusals {
+        let why = why.to_string();
+        match grouped.iter_mut().find(|(_, w)| *w == why) {
+            Some((names, _)) => names.push(name),
+            None => grouped.push((vec![name], why)),
+        }
+    }
+    if grouped.is_empty() {
+        return "no reference is loaded".into();
+    }
+    grouped
+        .iter()
+        .map(|(names, why)| format!("{}: {why}", names.join(", ")))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_reference_is_named_with_its_reason_once() {
+        let refusal = Refusal::NoReferenceMatches(vec![
+            (
+                "A.json".into(),
+                Refusal::PcrsDiffer("PCR 15 is 00, the reference is 11".into()),
+            ),
+            ("B.json".into(), Refusal::LogsDoNotReplayPcrs),
+            ("C.json".into(), Refusal::LogsDoNotReplayPcrs),
+        ]);
+        assert_eq!(
+            refusal.to_string(),
+            "no loaded reference matches: A.json: vTPM quote refused: the quoted PCR digest does not match the reference values (PCR 15 is 00, the reference is 11); B.json, C.json: the event logs do not replay to the quoted PCRs"
+        );
+    }
 }

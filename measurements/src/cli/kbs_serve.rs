@@ -3,7 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cvm_measure::broker::{serve_with, Broker, Limits, Reference};
+use cvm_measure::broker::set::{self, Named, Shared, Sources};
+use cvm_measure::broker::{serve_with, Broker, Limits};
 
 use super::{chain, read, snp_chain, usage, work, Failure};
 
@@ -18,6 +19,11 @@ use super::{chain, read, snp_chain, usage, work, Failure};
 /// reference's snp_measurements and passes the checks of verify snp-report, or whose TDX
 /// quote chains to the Intel root (or a --tdx-root), carries one of tdx_mrtds, the tdx_rtmrs
 /// values, and logs replaying to its RTMRs with cvm-init's part equal to tdx_init_rtmr2.
+///
+/// Several references may be loaded at once (the old and the new image during a rolling
+/// upgrade): a node is released its resources when its evidence matches any one of them
+/// whole. They are re-read on SIGHUP and when a file changes; a reload that fails keeps the
+/// references loaded before.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The address to listen on
@@ -26,9 +32,14 @@ pub struct Args {
     /// The resources, as DIR/<repository>/<type>/<tag>
     #[arg(long, value_name = "DIR")]
     resources: PathBuf,
-    /// The reference values (JSON, as predict, snp and tdx print them)
-    #[arg(long, value_name = "FILE")]
-    reference: PathBuf,
+    /// The reference values (JSON, as predict, snp and tdx print them), or a directory whose
+    /// *.json files are each one (repeatable; each reference is named by its file's name)
+    #[arg(long, value_name = "FILE|DIR", required = true)]
+    reference: Vec<PathBuf>,
+    /// Seconds between looks at the reference files (a changed one reloads them all)
+    #[arg(long, value_name = "SECONDS", default_value_t = 2,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    reload_every: u64,
     /// CA certificates (PEM) that vTPM EK certificates must chain to
     #[arg(long, value_name = "PEM")]
     ek_ca: Option<PathBuf>,
@@ -66,27 +77,22 @@ pub struct Args {
     connection_age: u64,
 }
 
-/// What the broker is given: its reference values and limits.
-fn configure(args: &Args) -> Result<(Reference, Limits), Failure> {
-    let json: serde_json::Value =
-        serde_json::from_slice(&read(&args.reference, "the reference values")?)
-            .map_err(|e| work(format!("{}: {e}", args.reference.display())))?;
-    let mut reference = Reference::from_prediction(&json)
-        .map_err(|e| work(format!("{}: {e}", args.reference.display())))?;
+/// What the broker is given: where its references come from (with what the flags add to
+/// each), the references as they are now, and limits.
+fn configure(args: &Args) -> Result<(Sources, Vec<Named>, set::Fingerprint, Limits), Failure> {
+    let mut shared = Shared::default();
     if let Some(path) = &args.snp_chain {
-        reference.snp_chains.push(snp_chain("--snp-chain", path)?);
+        shared.snp_chains.push(snp_chain("--snp-chain", path)?);
     }
     if let Some(path) = &args.ek_ca {
-        reference
+        shared
             .ek_cas
             .extend(pem_certificates("--ek-ca", path, "the EK CA certificates")?);
     }
     for path in &args.tdx_root {
-        reference.tdx_trust.extra_roots.extend(pem_certificates(
-            "--tdx-root",
-            path,
-            "the TDX root",
-        )?);
+        shared
+            .tdx_roots
+            .extend(pem_certificates("--tdx-root", path, "the TDX root")?);
     }
     if let Some(path) = &args.attestation_keys {
         let keys = String::from_utf8_lossy(&read(path, "the attestation keys")?).into_owned();
@@ -104,18 +110,25 @@ fn configure(args: &Args) -> Result<(Reference, Limits), Failure> {
                         n + 1
                     ))
                 })?;
-            reference
+            shared
                 .attestation_keys
                 .push((point[..32].to_vec(), point[32..].to_vec()));
         }
     }
+    let sources = Sources {
+        paths: args.reference.clone(),
+        shared,
+    };
+    let (references, fingerprint) = sources
+        .load()
+        .map_err(|e| work(format!("--reference {e}")))?;
     let limits = Limits {
         max_sessions: args.max_sessions as usize,
         session_age: Duration::from_secs(args.session_age),
         max_connections: args.max_connections as usize,
         connection_age: Duration::from_secs(args.connection_age),
     };
-    Ok((reference, limits))
+    Ok((sources, references, fingerprint, limits))
 }
 
 /// The certificates (DER) of a PEM file; at least one.
@@ -135,7 +148,14 @@ pub fn run(args: Args) -> Result<(), Failure> {
             args.resources.display()
         )));
     }
-    let (reference, limits) = configure(&args)?;
+    // SIGHUP (a reload) is taken by one thread with sigwait: blocked here, before any thread
+    // starts, so that every thread inherits the mask and none is killed by it.
+    let mut hangup = nix::sys::signal::SigSet::empty();
+    hangup.add(nix::sys::signal::Signal::SIGHUP);
+    hangup
+        .thread_block()
+        .map_err(|e| work(format!("cannot block SIGHUP: {e}")))?;
+    let (sources, references, fingerprint, limits) = configure(&args)?;
     let listen = &args.listen;
     let listener = std::net::TcpListener::bind(listen)
         .map_err(|e| work(format!("cannot listen on {listen}: {e}")))?;
@@ -158,24 +178,42 @@ pub fn run(args: Args) -> Result<(), Failure> {
         _ => return Err(usage("--tls-cert and --tls-key go together")),
     };
     eprintln!(
-        "cvm-measure kbs-serve: listening on {listen} ({}); {} reference PCRs, {} EK CA certificates, {} attestation keys, {} SNP launch digests, {} extra TDX roots, at most {} sessions of {} s and {} connections of {} s, resources in {}",
+        "cvm-measure kbs-serve: listening on {listen} ({}); {} references, {} EK CA certificates, {} attestation keys, {} extra TDX roots, at most {} sessions of {} s and {} connections of {} s, resources in {}",
         if tls.is_some() { "https" } else { "plain http" },
-        reference.pcrs.len(),
-        reference.ek_cas.len(),
-        reference.attestation_keys.len(),
-        reference.snp_measurements.len(),
-        reference.tdx_trust.extra_roots.len(),
+        references.len(),
+        sources.shared.ek_cas.len(),
+        sources.shared.attestation_keys.len(),
+        sources.shared.tdx_roots.len(),
         limits.max_sessions,
         limits.session_age.as_secs(),
         limits.max_connections,
         limits.connection_age.as_secs(),
         args.resources.display()
     );
-    serve_with(
-        listener,
-        std::sync::Arc::new(Broker::new(args.resources.clone(), reference).with_limits(limits)),
-        tls,
+    eprintln!(
+        "kbs-serve: loaded {} references: {}",
+        references.len(),
+        set::describe(&references)
     );
+    let broker = std::sync::Arc::new(
+        Broker::with_references(args.resources.clone(), references).with_limits(limits),
+    );
+    let (signalled, signals) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        while hangup.wait().is_ok() {
+            if signalled.send(()).is_err() {
+                break;
+            }
+        }
+    });
+    set::watch(
+        broker.clone(),
+        sources,
+        fingerprint,
+        Duration::from_secs(args.reload_every),
+        signals,
+    );
+    serve_with(listener, broker, tls);
     Ok(())
 }
 
@@ -220,10 +258,12 @@ mod tests {
             Wrapper::try_parse_from(base.iter().chain(extra)).map(|w| configure(&w.args))
         };
         // Defaults unchanged.
-        let (r, limits) = parse(&[]).unwrap().unwrap();
+        let (_, r, _, limits) = parse(&[]).unwrap().unwrap();
         assert_eq!(limits, Limits::default());
-        assert!(r.tdx_trust.extra_roots.is_empty());
-        let (r, limits) = parse(&[
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].name, "reference.json");
+        assert!(r[0].reference.tdx_trust.extra_roots.is_empty());
+        let (_, r, _, limits) = parse(&[
             "--max-sessions",
             "3",
             "--session-age=7",
@@ -252,6 +292,7 @@ mod tests {
             &std::fs::read(testdata("snp/ask_ark_milan.pem")).unwrap(),
         )
         .unwrap();
+        let r = &r[0].reference;
         assert_eq!(r.tdx_trust.extra_roots.len(), 3);
         assert_eq!(r.tdx_trust.extra_roots[0], ask_ark[0].der());
         // Zero and nonsense are usage errors; a file without a certificate is named.
