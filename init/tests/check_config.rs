@@ -226,7 +226,10 @@ fn a_good_file_gets_a_summary_or_its_json_with_defaults() {
     let join = Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/join.toml");
     let (code, out, err) = run(&join, &["--on", "snp", "--on", "tdx", "--on", "vtpm"]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("(key kbs, mounted at /var/lib/cvm-state)"), "{out}");
+    assert!(
+        out.contains("(key kbs, mounted at /var/lib/cvm-state)"),
+        "{out}"
+    );
 
     let file = write(dir.path(), &format!("{SERVICE}{STATE_TPM}"));
     let (code, out, err) = run(&file, &["--json"]);

@@ -35,6 +35,11 @@ pub fn run(args: &[String]) {
         (Some(kubeconfig), _) if Path::new(&kubeconfig).exists() => {
             println!("kubelet-standin: credentials found at {kubeconfig}: no bootstrap needed")
         }
+        (_, Some(bootstrap)) if !Path::new(&bootstrap).exists() => {
+            println!(
+                "kubelet-standin: no bootstrap kubeconfig at {bootstrap}: not joining a cluster"
+            )
+        }
         (_, Some(bootstrap)) => {
             let mut outcome = Err(String::new());
             for _ in 0..10 {

@@ -26,7 +26,9 @@ fn main() {
         "kubelet-standin: this is a stand-in, not a kubelet; arguments: {}",
         args.join(" ")
     );
-    join::run(&args);
+    // The join steps beside the runtime's: neither waits for the other.
+    let join_args = args.clone();
+    std::thread::spawn(move || join::run(&join_args));
     let endpoint = args
         .iter()
         .find_map(|a| a.strip_prefix("--container-runtime-endpoint="))
