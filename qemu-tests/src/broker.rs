@@ -265,6 +265,43 @@ pub fn snp_test_chain(dir: &Path) -> SnpTestChain {
     }
 }
 
+/// Where the test build's emulated configfs-tsm provider finds its key and launch digest
+/// (`cvm.test-snp-emulator=`).
+pub const SNP_EMULATOR: &str = "/usr/lib/cvm-test/snp";
+
+/// The root's files for the emulated SNP provider: the VCEK's key and certificate of `chain`
+/// and the launch digest its reports carry.
+pub fn snp_emulator_files(
+    chain: &SnpTestChain,
+    measurement: &[u8],
+) -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        (
+            "usr/lib/cvm-test/snp/vcek.key",
+            cvm_formats::hex(&chain.vcek_scalar).into_bytes(),
+        ),
+        ("usr/lib/cvm-test/snp/vcek.der", chain.vcek_der.clone()),
+        (
+            "usr/lib/cvm-test/snp/measurement",
+            cvm_formats::hex(measurement).into_bytes(),
+        ),
+    ]
+}
+
+/// A reference that trusts `chain` and these launch digests, with no minimum TCB: the
+/// emulated provider's reports carry a zero TCB.
+pub fn snp_emulated_reference(chain: &SnpTestChain, measurements: Vec<Vec<u8>>) -> Reference {
+    Reference {
+        snp_chains: vec![chain.trusted()],
+        snp_measurements: measurements,
+        snp_requirements: cvm_measure::snp::Requirements {
+            min_tcb: cvm_measure::snp::MinimumTcb::Waived,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
 /// A CA and a broker certificate for `ip` (EC P-256, two days), made with openssl: (CA PEM,
 /// broker certificate PEM, broker key PEM).
 pub fn tls_test_pki(dir: &Path, ip: &str) -> (Vec<u8>, Vec<u8>, Vec<u8>) {

@@ -147,22 +147,9 @@ fn snp_format_evidence_from_an_emulated_provider_releases_the_key() {
         broker::tls_test_pki(keys.path(), qemu_tests::guest::FORWARD_ADDRESS);
     let chain = broker::snp_test_chain(keys.path());
     let measurement = [0x5au8; 48];
-    let emulator = "/usr/lib/cvm-test/snp";
-    let prepared = prepare_with_files(
-        &config,
-        &[
-            (
-                "usr/lib/cvm-test/snp/vcek.key",
-                cvm_formats::hex(&chain.vcek_scalar).into_bytes(),
-            ),
-            ("usr/lib/cvm-test/snp/vcek.der", chain.vcek_der.clone()),
-            (
-                "usr/lib/cvm-test/snp/measurement",
-                cvm_formats::hex(&measurement).into_bytes(),
-            ),
-            ("etc/cvm/kbs-ca.pem", ca),
-        ],
-    );
+    let mut files = broker::snp_emulator_files(&chain, &measurement);
+    files.push(("etc/cvm/kbs-ca.pem", ca));
+    let prepared = prepare_with_files(&config, &files);
     let resources = tempfile::tempdir().unwrap();
     let bootstrap = resources.path().join("cvm/kubelet");
     std::fs::create_dir_all(&bootstrap).unwrap();
@@ -170,15 +157,7 @@ fn snp_format_evidence_from_an_emulated_provider_releases_the_key() {
     let broker = broker::start_with(
         listener,
         resources.path(),
-        cvm_measure::broker::Reference {
-            snp_chains: vec![chain.trusted()],
-            // The emulated provider's reports carry a zero TCB: no minimum to compare.
-            snp_requirements: cvm_measure::snp::Requirements {
-                min_tcb: cvm_measure::snp::MinimumTcb::Waived,
-                ..Default::default()
-            },
-            ..Default::default()
-        },
+        broker::snp_emulated_reference(&chain, Vec::new()),
         &qemu_tests::pseudo_random_bytes(32, 0x9e3779b97f4a7c15),
         Some(cvm_kbs::tls::server_config(&tls_chain, &tls_key).unwrap()),
     );
@@ -186,7 +165,7 @@ fn snp_format_evidence_from_an_emulated_provider_releases_the_key() {
     let disk = blank_state_disk(work.path());
     let mut guest = prepared.boot(
         "kbs-snp-emulated",
-        &format!("cvm.tee=snp cvm.test-snp-emulator={emulator}"),
+        &format!("cvm.tee=snp cvm.test-snp-emulator={}", broker::SNP_EMULATOR),
         |g| g.state_disk(&disk, "cvm-state").forward(port, port),
     );
     must(guest.wait_for("is not one of the 0 allowed", BOOT));

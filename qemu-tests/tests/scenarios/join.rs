@@ -114,25 +114,15 @@ fn the_kubelet_bootstraps_from_a_released_kubeconfig_with_its_state_on_the_encry
     let measurement = [0x3cu8; 48];
     let standin = std::fs::read(qemu_tests::Artifacts::get().kubelet_standin)
         .expect("the kubelet stand-in (make test-artifacts)");
-    let prepared = prepare_with_files(
-        &config,
-        &[
-            (
-                "usr/lib/cvm-test/snp/vcek.key",
-                cvm_formats::hex(&chain.vcek_scalar).into_bytes(),
-            ),
-            ("usr/lib/cvm-test/snp/vcek.der", chain.vcek_der.clone()),
-            (
-                "usr/lib/cvm-test/snp/measurement",
-                cvm_formats::hex(&measurement).into_bytes(),
-            ),
-            ("etc/cvm/kbs-ca.pem", kbs_ca),
-            ("usr/bin/kubelet", standin),
-            // What the image ships in the CNI directories (Debian's plugins in the node image).
-            ("opt/cni/bin/bridge", b"image plugin".to_vec()),
-            ("etc/cni/net.d/.keep", Vec::new()),
-        ],
-    );
+    let mut files = broker::snp_emulator_files(&chain, &measurement);
+    files.extend([
+        ("etc/cvm/kbs-ca.pem", kbs_ca),
+        ("usr/bin/kubelet", standin),
+        // What the image ships in the CNI directories (Debian's plugins in the node image).
+        ("opt/cni/bin/bridge", b"image plugin".to_vec()),
+        ("etc/cni/net.d/.keep", Vec::new()),
+    ]);
+    let prepared = prepare_with_files(&config, &files);
     let resources = tempfile::tempdir().unwrap();
     let dir = resources.path().join("cvm/kubelet");
     std::fs::create_dir_all(&dir).unwrap();
@@ -144,15 +134,7 @@ fn the_kubelet_bootstraps_from_a_released_kubeconfig_with_its_state_on_the_encry
     let _broker = broker::start_with(
         broker_listener,
         resources.path(),
-        cvm_measure::broker::Reference {
-            snp_chains: vec![chain.trusted()],
-            snp_measurements: vec![measurement.to_vec()],
-            snp_requirements: cvm_measure::snp::Requirements {
-                min_tcb: cvm_measure::snp::MinimumTcb::Waived,
-                ..Default::default()
-            },
-            ..Default::default()
-        },
+        broker::snp_emulated_reference(&chain, vec![measurement.to_vec()]),
         &qemu_tests::pseudo_random_bytes(32, 0x51a7e5d15c0ffee1),
         Some(cvm_kbs::tls::server_config(&kbs_chain, &kbs_key).unwrap()),
     );
@@ -160,7 +142,7 @@ fn the_kubelet_bootstraps_from_a_released_kubeconfig_with_its_state_on_the_encry
     let disk = blank_state_disk(work.path());
     let mut guest = prepared.boot(
         "join",
-        "cvm.tee=snp cvm.test-snp-emulator=/usr/lib/cvm-test/snp",
+        &format!("cvm.tee=snp cvm.test-snp-emulator={}", broker::SNP_EMULATOR),
         |g| {
             g.state_disk(&disk, "cvm-state")
                 .forward(broker_port, broker_port)
