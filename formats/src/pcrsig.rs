@@ -6,7 +6,9 @@
 //! ```
 //!
 //! One array per PCR bank, one entry per signed boot phase: `pcrs` the PCRs the PolicyPCR
-//! covers, `pkfp` SHA-256 of the signing key's DER SubjectPublicKeyInfo, `pol` the SHA-256
+//! covers, `pkfp` SHA-256 of the signing key as OpenSSL's `i2d_PublicKey` writes it (the
+//! PKCS#1 RSAPublicKey DER, or the uncompressed EC point; not the SubjectPublicKeyInfo, as
+//! checked against systemd-measure 254), `pol` the SHA-256
 //! PolicyPCR digest that was signed, `sig` the signature over SHA-256(`pol`) (RSA PKCS#1 v1.5,
 //! or a DER ECDSA signature). The node seals its disk with PolicyAuthorize to that key and
 //! picks the entry whose `pol` matches its current PCRs.
@@ -38,7 +40,7 @@ pub const MAX_ENTRIES: usize = 64;
 pub struct Expect<'a> {
     /// The PCR set every entry must cover, ascending.
     pub pcrs: &'a [u32],
-    /// SHA-256 of the trusted public key's DER SubjectPublicKeyInfo.
+    /// The trusted public key's fingerprint ([`key_fingerprint`]).
     pub pkfp: [u8; 32],
     /// The accepted signature lengths (the modulus size for RSA; 8 to 72 for DER P-256 ECDSA).
     pub sig_len: std::ops::RangeInclusive<usize>,
@@ -110,9 +112,10 @@ pub enum EntryError {
     },
 }
 
-/// SHA-256 of a DER SubjectPublicKeyInfo: systemd's `pkfp`.
-pub fn key_fingerprint(spki_der: &[u8]) -> [u8; 32] {
-    Sha256::digest(spki_der).into()
+/// systemd's `pkfp`: SHA-256 of the public key's `i2d_PublicKey` form (an RSA key's PKCS#1
+/// RSAPublicKey DER, an EC key's uncompressed point).
+pub fn key_fingerprint(public_key: &[u8]) -> [u8; 32] {
+    Sha256::digest(public_key).into()
 }
 
 /// Parses a signature file strictly and returns its sha256 bank's entries, each checked

@@ -3,7 +3,7 @@
 //! is PolicyPCR over the boot-time values; unsealing works only while the PCRs hold them.
 //! The policy digest is computed in software, so no trial session is needed.
 
-use sha2::{Digest, Sha256};
+use cvm_formats::tpm::TPM_CC_POLICY_PCR;
 use zeroize::Zeroizing;
 
 use super::tpm::{self, TpmError, Transport};
@@ -19,7 +19,6 @@ const TPM_CC_LOAD: u32 = 0x157;
 const TPM_CC_UNSEAL: u32 = 0x15e;
 const TPM_CC_FLUSH_CONTEXT: u32 = 0x165;
 const TPM_CC_START_AUTH_SESSION: u32 = 0x176;
-const TPM_CC_POLICY_PCR: u32 = 0x17f;
 const TPM_RH_OWNER: u32 = 0x4000_0001;
 const TPM_RH_NULL: u32 = 0x4000_0007;
 const TPM_RS_PW: u32 = 0x4000_0009;
@@ -69,28 +68,13 @@ pub(crate) fn password_auth() -> Vec<u8> {
 
 /// A TPML_PCR_SELECTION of the sha256 bank.
 pub(crate) fn pcr_selection(pcrs: &[u32]) -> Vec<u8> {
-    let mut select = [0u8; 3];
-    for &p in pcrs {
-        select[p as usize / 8] |= 1 << (p % 8);
-    }
-    let mut o = Out::default();
-    o.u32(1).u16(ALG_SHA256).u8(3).bytes(&select);
-    o.0
+    cvm_formats::tpm::pcr_selection_sha256(pcrs)
 }
 
-/// The PolicyPCR policy digest for these sha256 PCR values (in PCR order), from a zero digest.
+/// The PolicyPCR policy digest for these sha256 PCR values (in PCR order), from a zero digest
+/// (shared with `cvm-measure sign-pcr-policy` through cvm-formats).
 pub fn policy_digest(pcrs: &[u32], values: &[Vec<u8>]) -> [u8; 32] {
-    let mut concat = Sha256::new();
-    for v in values {
-        concat.update(v);
-    }
-    let pcr_digest = concat.finalize();
-    let mut h = Sha256::new();
-    h.update([0u8; 32]);
-    h.update(TPM_CC_POLICY_PCR.to_be_bytes());
-    h.update(pcr_selection(pcrs));
-    h.update(pcr_digest);
-    h.finalize().into()
+    cvm_formats::tpm::policy_pcr_digest(pcrs, values)
 }
 
 /// The storage key template: ECC P-256, AES-128-CFB, restricted decryption. The same template
