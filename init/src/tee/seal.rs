@@ -165,6 +165,16 @@ pub fn seal<T: Transport>(
     pcrs: &[u32],
     values: &[Vec<u8>],
 ) -> Result<SealedBlob, TpmError> {
+    seal_to_policy(t, secret, pcrs, &policy_digest(pcrs, values))
+}
+
+/// Seals `secret` (at most 128 bytes) to a policy digest; `pcrs` is recorded in the blob.
+pub(crate) fn seal_to_policy<T: Transport>(
+    t: &mut T,
+    secret: &[u8],
+    pcrs: &[u32],
+    policy: &[u8; 32],
+) -> Result<SealedBlob, TpmError> {
     assert!(secret.len() <= 128, "a sealed secret is at most 128 bytes");
     let primary = create_primary(t)?;
     let mut sensitive = Out::default();
@@ -174,7 +184,7 @@ pub fn seal<T: Transport>(
         .u16(0x0008) // TPM_ALG_KEYEDHASH
         .u16(ALG_SHA256)
         .u32(0x0000_0012) // fixedTPM fixedParent; no userWithAuth: the policy is the only way in
-        .tpm2b(&policy_digest(pcrs, values))
+        .tpm2b(policy)
         .u16(ALG_NULL)
         .tpm2b(&[]);
     // Room for the whole command up front: a buffer that grew would free a copy of the
@@ -206,6 +216,26 @@ pub fn seal<T: Transport>(
 
 /// Unseals a blob; fails with the TPM's policy error once the PCRs differ from sealing time.
 pub fn unseal<T: Transport>(t: &mut T, blob: &SealedBlob) -> Result<Zeroizing<Vec<u8>>, TpmError> {
+    unseal_with(t, blob, |t, session| policy_pcr(t, session, &blob.pcrs))
+}
+
+/// TPM2_PolicyPCR on a policy session, over the PCRs' current values.
+pub(crate) fn policy_pcr<T: Transport>(
+    t: &mut T,
+    session: u32,
+    pcrs: &[u32],
+) -> Result<(), TpmError> {
+    let mut p = Out::default();
+    p.u32(session).tpm2b(&[]).bytes(&pcr_selection(pcrs));
+    call(t, TPM_ST_NO_SESSIONS, TPM_CC_POLICY_PCR, &p.0).map(drop)
+}
+
+/// Loads a blob, runs `policy` on a fresh policy session and unseals with it.
+pub(crate) fn unseal_with<T: Transport, E: From<TpmError>>(
+    t: &mut T,
+    blob: &SealedBlob,
+    policy: impl FnOnce(&mut T, u32) -> Result<(), E>,
+) -> Result<Zeroizing<Vec<u8>>, E> {
     let primary = create_primary(t)?;
     let mut b = Out::default();
     b.u32(primary)
@@ -218,9 +248,7 @@ pub fn unseal<T: Transport>(t: &mut T, blob: &SealedBlob) -> Result<Zeroizing<Ve
     let object = loaded?;
     let result = (|| {
         let session = start_policy_session(t)?;
-        let mut p = Out::default();
-        p.u32(session).tpm2b(&[]).bytes(&pcr_selection(&blob.pcrs));
-        if let Err(e) = call(t, TPM_ST_NO_SESSIONS, TPM_CC_POLICY_PCR, &p.0) {
+        if let Err(e) = policy(t, session) {
             flush(t, session);
             return Err(e);
         }
