@@ -203,3 +203,88 @@ fn an_ecdsa_p256_key_works_the_same() {
     let err = unseal_with_entry(&mut t, &blob, &other, &theirs).unwrap_err();
     assert!(matches!(err, SignedPolicyError::Unseal(_)), "{err}");
 }
+
+/// The `tpm` key source with `tpm_policy = "signed"` through a LUKS2 header: image A formats
+/// (sealing and checking its own unseal first), image B of the same key opens, image C of
+/// another key is refused with the reason, and the header's bytes are unchanged.
+#[test]
+fn signed_key_source_round_trip_through_a_luks2_header() {
+    use cvm_init::disk::luks2::{self, FormatInput, KdfPolicy, Policy};
+    use cvm_init::keys::{KeyError, KeySource, TpmSigned};
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let k = rsa(d, "k");
+    let c = rsa(d, "c");
+    let swtpm = start_swtpm(2);
+    let port = swtpm.port;
+    extend11(port, b"image A");
+    let a = pcr11(port);
+    let source = |key: &PolicyKey, signer: &str, value: &[u8]| {
+        let file = pcrsig::write(&[signed(d, signer, key, value)]);
+        TpmSigned {
+            transport: connect(port),
+            key: key.clone(),
+            entries: pcrsig::parse(file.as_bytes(), &key.expect()).unwrap(),
+            pcr11: value.to_vec(),
+        }
+    };
+    let provisioned = {
+        let mut image_a = source(&k, "k", &a);
+        image_a.provision().expect("image A seals")
+    };
+    let policy = Policy {
+        integrity: false,
+        kdf: KdfPolicy::Pbkdf2 { iterations: 1000 },
+    };
+    let volume_key = [9u8; 64];
+    let head = luks2::format(FormatInput {
+        policy,
+        uuid: "11111111-2222-4333-8444-555555555555",
+        secret: &provisioned.secret,
+        volume_key: &volume_key,
+        label: "cvm-state",
+        token: provisioned.token.as_deref(),
+        random: &mut luks2::kernel_random,
+    })
+    .unwrap();
+    let kept = head.clone();
+    let header = luks2::parse(&head[..2 * luks2::HDR_SIZE as usize], 64 << 20, &policy).unwrap();
+    let token = header.metadata.tokens.0.get("0");
+    assert_eq!(token.unwrap().kind, "cvm-tpm2-signed");
+    let unlock = |secret: &[u8]| {
+        luks2::unlock(&header, secret, &mut |offset, buf| {
+            buf.copy_from_slice(&head[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        })
+    };
+
+    // Image B: another PCR 11, signed by the same key.
+    extend11(port, b"image B");
+    let b = pcr11(port);
+    let secret = source(&k, "k", &b).recover(token).expect("image B opens");
+    assert_eq!(&unlock(&secret).unwrap()[..], &volume_key[..]);
+
+    // Image C: signed by another key, which it carries.
+    let err = source(&c, "c", &b).recover(token).err().unwrap();
+    assert!(
+        matches!(err, KeyError::Signed(SignedPolicyError::Unseal(_))),
+        "{err}"
+    );
+    // An unsigned image (no entry for this PCR 11) is refused before the TPM.
+    let mut unsigned = source(&k, "k", &a);
+    unsigned.pcr11 = b.clone();
+    let err = unsigned.recover(token).err().unwrap();
+    drop(unsigned); // swtpm serves one connection at a time
+    assert!(
+        matches!(err, KeyError::Signed(SignedPolicyError::NoEntry { .. })),
+        "{err}"
+    );
+    assert_eq!(head, kept);
+
+    // A source whose own signature does not open what it sealed formats nothing.
+    let mut wrong = source(&k, "c", &b);
+    wrong.entries[0].pkfp = k.fingerprint();
+    let err = wrong.provision().err().unwrap();
+    assert!(matches!(err, KeyError::SignedSelfCheck(_)), "{err}");
+}
