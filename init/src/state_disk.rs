@@ -357,25 +357,55 @@ fn tpm_source() -> Result<TpmSealed<DeviceTransport>, StateError> {
 pub const PCR_SIGNATURE_PATH: &str = "/.extra/tpm2-pcr-signature.json";
 pub const PCR_PUBLIC_KEY_PATH: &str = "/.extra/tpm2-pcr-public-key.pem";
 
-/// A file of `/.extra`, at most `max` bytes.
+/// The UKI's signed-policy files as read in the initramfs: after switch_root `/.extra` is out
+/// of reach, and the configuration that says whether they are needed is read only then.
+static EXTRA: std::sync::OnceLock<[Result<Vec<u8>, std::io::ErrorKind>; 2]> =
+    std::sync::OnceLock::new();
+const PUBLIC_KEY_MAX: usize = 16 * 1024;
+
+/// Keeps a copy of `/.extra`'s signed-policy files (absent ones as their error), before
+/// switch_root. Not measured: the TPM checks the signature against the key the seal names,
+/// and systemd-stub measures the key (`.pcrpkey`) into PCR 11.
+pub fn keep_signed_policy_files() {
+    let read = |path: &str, max: usize| {
+        use std::io::Read;
+        let mut bytes = Vec::new();
+        File::open(path)
+            .and_then(|f| f.take(max as u64 + 1).read_to_end(&mut bytes))
+            .map(|_| bytes)
+            .map_err(|e| e.kind())
+    };
+    let _ = EXTRA.set([
+        read(PCR_PUBLIC_KEY_PATH, PUBLIC_KEY_MAX),
+        read(PCR_SIGNATURE_PATH, cvm_formats::pcrsig::MAX_LEN),
+    ]);
+}
+
+/// The kept copy of a file of `/.extra`, at most `max` bytes.
 fn read_extra(path: &'static str, max: usize) -> Result<Vec<u8>, StateError> {
-    use std::io::Read;
-    let mut bytes = Vec::new();
-    File::open(path)
-        .and_then(|f| f.take(max as u64 + 1).read_to_end(&mut bytes))
-        .map_err(|source| StateError::SignedPolicyFile { path, source })?;
+    let index = usize::from(path == PCR_SIGNATURE_PATH);
+    let kept = EXTRA
+        .get()
+        .map(|files| files[index].clone())
+        .unwrap_or(Err(std::io::ErrorKind::NotFound));
+    let bytes = kept.map_err(|kind| StateError::SignedPolicyFile {
+        path,
+        source: kind.into(),
+    })?;
     if bytes.len() > max {
-        return Err(StateError::SignedPolicy {
-            path,
-            source: cvm_formats::pcrsig::PcrSigError::TooLong(bytes.len()).into(),
-        });
+        let source = if index == 0 {
+            crate::tee::signed_policy::SignedPolicyError::TooLong(max)
+        } else {
+            cvm_formats::pcrsig::PcrSigError::TooLong(bytes.len()).into()
+        };
+        return Err(StateError::SignedPolicy { path, source });
     }
     Ok(bytes)
 }
 
 fn tpm_signed_source() -> Result<TpmSigned<DeviceTransport>, StateError> {
     use crate::tee::signed_policy::{PolicyKey, SIGNED_PCRS};
-    let pem = read_extra(PCR_PUBLIC_KEY_PATH, 16 * 1024)?;
+    let pem = read_extra(PCR_PUBLIC_KEY_PATH, PUBLIC_KEY_MAX)?;
     let key = PolicyKey::from_pem(&pem).map_err(|source| StateError::SignedPolicy {
         path: PCR_PUBLIC_KEY_PATH,
         source,
@@ -1035,6 +1065,7 @@ mod tests {
         .is_err());
         // Without a UKI's /.extra files the source is refused by name before any disk write.
         if !Path::new(PCR_PUBLIC_KEY_PATH).exists() {
+            keep_signed_policy_files();
             let err = tpm_signed_source().err().unwrap().to_string();
             assert!(
                 err.starts_with("cannot read /.extra/tpm2-pcr-public-key.pem: state.tpm_policy = \"signed\" needs a UKI"),

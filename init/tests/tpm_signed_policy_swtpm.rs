@@ -40,7 +40,20 @@ fn keypair(dir: &Path, name: &str, algorithm: &[&str]) -> PolicyKey {
     args.extend_from_slice(&["-out", &file]);
     openssl(dir, &args);
     let public = openssl(dir, &["pkey", "-in", &file, "-pubout"]);
-    PolicyKey::from_pem(&public).expect("OpenSSL's PEM public key")
+    let key = PolicyKey::from_pem(&public).expect("OpenSSL's PEM public key");
+    // The fingerprint is systemd's: SHA-256 of i2d_PublicKey (PKCS#1 for RSA, the point for EC).
+    let raw = match key {
+        PolicyKey::Rsa2048 { .. } => openssl(
+            dir,
+            &["rsa", "-in", &file, "-RSAPublicKey_out", "-outform", "DER"],
+        ),
+        PolicyKey::P256 { .. } => {
+            let der = openssl(dir, &["pkey", "-in", &file, "-pubout", "-outform", "DER"]);
+            der[der.len() - 65..].to_vec()
+        }
+    };
+    assert_eq!(key.fingerprint(), pcrsig::key_fingerprint(&raw));
+    key
 }
 
 fn rsa(dir: &Path, name: &str) -> PolicyKey {

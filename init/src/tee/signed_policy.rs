@@ -45,6 +45,8 @@ const OID_P256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 pub enum SignedPolicyError {
     #[error("the PCR public key is not a PEM public key (-----BEGIN PUBLIC KEY-----)")]
     Pem,
+    #[error("the PCR public key is more than {0} bytes, too long for an RSA-2048 or P-256 key")]
+    TooLong(usize),
     #[error("the PCR public key is malformed DER: {0}")]
     Der(&'static str),
     #[error("the PCR public key is not RSA-2048 or ECDSA P-256 ({0})")]
