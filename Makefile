@@ -95,7 +95,7 @@ bench: build test-artifacts
 FUZZ_SECONDS ?= 60
 fuzz: deps
 	bash scripts/fuzz.sh $(FUZZ_SECONDS) firmware snp_report tdx_quote event_log pe_image dhcp_reply device_events \
-	  luks2_header gpt integrity_superblock verity_superblock
+	  luks2_header gpt integrity_superblock verity_superblock pcr_signature
 
 ## The node image: mkosi 25 in a Debian trixie environment that scripts/image-env.sh makes once
 ## (.cache/image-env); outputs in target/image/out. KUBELET=<kubelet binary or .deb> (else the

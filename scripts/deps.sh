@@ -26,7 +26,14 @@ apt_packages=(
   binutils          # objcopy: the UKI's command line after an image build
   curl              # the image build asks whether the Kubernetes repository is reachable
   openssl           # test certificate chains (key-broker TLS, the emulated SNP chain)
+  systemd           # systemd-measure: the tests compare PCR 11 and the signed PCR policy with it
 )
+# The libtss2 libraries systemd-measure loads to compute a PolicyPCR digest (`sign`).
+if [ "$(. /etc/os-release && echo "${VERSION_CODENAME:-}")" = bookworm ]; then
+  apt_packages+=(libtss2-esys-3.0.2-0 libtss2-mu0 libtss2-rc0)
+else
+  apt_packages+=(libtss2-esys-3.0.2-0t64 libtss2-mu-4.0.1-0t64 libtss2-rc0t64)
+fi
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 

@@ -47,7 +47,7 @@ search_seed="$root/.cache/fuzz/search-list.bin"
 seed device_events "$events_seed" "$search_seed"
 # The disk formats the init reads, seeded only from files in the repository (made with
 # cryptsetup luksFormat, sfdisk, veritysetup format; fuzz/seeds/README.md).
-for target in luks2_header gpt integrity_superblock verity_superblock; do
+for target in luks2_header gpt integrity_superblock verity_superblock pcr_signature; do
   seed "$target" "$root"/fuzz/seeds/"$target"/*
 done
 

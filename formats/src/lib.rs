@@ -6,6 +6,7 @@
 pub mod event;
 pub mod evidence;
 pub mod jsonseq;
+pub mod pcrsig;
 pub mod registers;
 pub mod snp;
 pub mod tdx;

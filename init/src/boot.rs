@@ -259,6 +259,7 @@ pub fn run() -> ! {
     });
     phase("mount-root", || root::mount_root(&sys, &verified.device));
     phase("switch-root", || {
+        state_disk::keep_signed_policy_files();
         root::switch_root(&sys).map_err(RootPhaseError::Root)?;
         measure(Event::Phase(Phase::LeaveInitrd)).map_err(RootPhaseError::Measure)
     });

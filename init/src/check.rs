@@ -140,7 +140,7 @@ impl Checked {
             Some(s) => format!(
                 "state disk {:?} (key {}, mounted at {})",
                 s.serial,
-                key_name(s.key),
+                key_name(s.key_choice()),
                 s.mount.display()
             ),
             None => "no state disk".into(),
@@ -170,6 +170,7 @@ impl Checked {
 fn key_name(key: KeySourceChoice) -> &'static str {
     match key {
         KeySourceChoice::Tpm => "tpm",
+        KeySourceChoice::TpmSigned => "tpm with a signed PCR policy",
         KeySourceChoice::Ephemeral => "ephemeral",
         KeySourceChoice::Kbs => "kbs",
         KeySourceChoice::SnpDerived => "snp-derived",

@@ -8,17 +8,24 @@ use zeroize::Zeroizing;
 
 use crate::disk::luks2::Token;
 use crate::tee::seal::{self, SealedBlob};
+use crate::tee::signed_policy::{self, PolicyKey, SignedPolicyError};
 use crate::tee::tpm::{TpmError, Transport};
 
 /// Bytes of a keyslot secret.
 pub const SECRET_LEN: usize = 32;
 /// The LUKS2 token type of TPM-sealed secrets.
 pub const TPM_TOKEN: &str = "cvm-tpm2";
+/// The LUKS2 token type of secrets sealed to a signed PCR policy (`state.tpm_policy = "signed"`).
+pub const TPM_SIGNED_TOKEN: &str = "cvm-tpm2-signed";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("the TPM refused to seal or unseal the state-disk secret")]
     Tpm(#[from] TpmError),
+    #[error("the signed PCR policy did not open the state-disk secret")]
+    Signed(#[from] SignedPolicyError),
+    #[error("the secret just sealed to the signed PCR policy does not unseal with this image's signature, so the disk was not formatted")]
+    SignedSelfCheck(#[source] SignedPolicyError),
     #[error("the SNP secure processor did not derive the key")]
     Snp(#[from] crate::tee::snp::SnpGuestError),
     #[error("the state disk has no {0} token: it was not made by this key source")]
@@ -155,6 +162,87 @@ impl<T: Transport> KeySource for TpmSealed<T> {
             pcrs,
         };
         Ok(seal::unseal(&mut self.transport, &blob)?)
+    }
+}
+
+/// Sealed by the vTPM with PolicyAuthorize to the operator's PCR key (the UKI's `.pcrpkey`):
+/// any image whose PCR 11 that key signed opens it, so an image upgrade keeps the disk.
+pub struct TpmSigned<T: Transport> {
+    pub transport: T,
+    pub key: PolicyKey,
+    /// The UKI's signed policies (`.pcrsig`), already checked against `key`.
+    pub entries: Vec<cvm_formats::pcrsig::Entry>,
+    /// The current sha256 PCR 11.
+    pub pcr11: Vec<u8>,
+}
+
+impl<T: Transport> KeySource for TpmSigned<T> {
+    fn name(&self) -> &'static str {
+        "tpm (signed PCR policy)"
+    }
+
+    fn provision(&mut self) -> Result<Provisioned, KeyError> {
+        let secret = random_secret();
+        let blob = signed_policy::seal_signed(&mut self.transport, &secret, &self.key)?;
+        // A disk this image cannot open again must not be formatted: unseal once now.
+        let again = signed_policy::unseal_signed(
+            &mut self.transport,
+            &blob,
+            &self.key,
+            &self.entries,
+            &self.pcr11,
+        )
+        .map_err(KeyError::SignedSelfCheck)?;
+        if again[..] != secret[..] {
+            return Err(KeyError::BadToken {
+                kind: TPM_SIGNED_TOKEN,
+                detail: "the TPM unsealed another secret than it sealed".into(),
+            });
+        }
+        let token = format!(
+            "{{\"type\":\"{TPM_SIGNED_TOKEN}\",\"keyslots\":[\"0\"],\"private\":\"{}\",\"public\":\"{}\",\"pcrs\":[11],\"pcr_bank\":\"sha256\",\"pkfp\":\"{}\"}}",
+            b64().encode(&blob.private),
+            b64().encode(&blob.public),
+            cvm_formats::hex(&self.key.fingerprint()),
+        );
+        Ok(Provisioned {
+            secret,
+            token: Some(token),
+        })
+    }
+
+    fn recover(&mut self, token: Option<&Token>) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        let token = token
+            .filter(|t| t.kind == TPM_SIGNED_TOKEN)
+            .ok_or(KeyError::NoToken(TPM_SIGNED_TOKEN))?;
+        let bad = |detail: &str| KeyError::BadToken {
+            kind: TPM_SIGNED_TOKEN,
+            detail: detail.to_string(),
+        };
+        let field = |name: &str| -> Result<Vec<u8>, KeyError> {
+            let text = token
+                .fields
+                .get(name)
+                .and_then(|v| v.as_str())
+                .ok_or_else(|| bad(&format!("no {name}")))?;
+            b64()
+                .decode(text)
+                .map_err(|_| bad(&format!("{name} is not base64")))
+        };
+        // The token's fields are the host's to choose; the key and the policy are not read
+        // from it. A wrong blob is refused by the TPM (it was not sealed to this key).
+        let blob = SealedBlob {
+            private: field("private")?,
+            public: field("public")?,
+            pcrs: signed_policy::SIGNED_PCRS.to_vec(),
+        };
+        Ok(signed_policy::unseal_signed(
+            &mut self.transport,
+            &blob,
+            &self.key,
+            &self.entries,
+            &self.pcr11,
+        )?)
     }
 }
 

@@ -17,7 +17,7 @@ use crate::disk::integrity::{self, IntegrityError, SUPERBLOCK_LEN};
 use crate::disk::luks2::{self, FormatInput, KdfPolicy, Luks2Error, Policy, DATA_OFFSET, HDR_SIZE};
 use crate::disk::state::{classify, DiskState, BLANK_PROBE, COMMITTED, UNCOMMITTED};
 use crate::dm::{self, DmError, MappedDevice};
-use crate::keys::{Ephemeral, Kbs, KeyError, KeySource, SnpDerived, TpmSealed};
+use crate::keys::{Ephemeral, Kbs, KeyError, KeySource, SnpDerived, TpmSealed, TpmSigned};
 use crate::measure::MeasureError;
 use crate::sys::System;
 use crate::tee::seal::SEAL_PCRS;
@@ -70,6 +70,18 @@ pub enum StateError {
     },
     #[error("the tpm key source needs the vTPM")]
     Tpm(#[source] TpmError),
+    #[error("cannot read {path}: state.tpm_policy = \"signed\" needs a UKI with .pcrsig and .pcrpkey sections (systemd-stub copies them there); nothing was written")]
+    SignedPolicyFile {
+        path: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is refused (state.tpm_policy = \"signed\"); nothing was written")]
+    SignedPolicy {
+        path: &'static str,
+        #[source]
+        source: crate::tee::signed_policy::SignedPolicyError,
+    },
     #[error("state.key = \"tpm\" is refused with cvm.tee={tee} and nothing was written to any disk: {why}")]
     TpmKeyRefused { tee: Tee, why: &'static str },
     #[error("state.key = \"tpm\" is refused with cvm.tee=tpm on a {under} guest and nothing was written to any disk: a vTPM outside the TEE is the host's and can unseal anything; use key = \"kbs\", or set state.tpm_in_tee = true only if the vTPM runs inside the TEE (an SVSM or paravisor vTPM)")]
@@ -341,6 +353,83 @@ fn tpm_source() -> Result<TpmSealed<DeviceTransport>, StateError> {
     })
 }
 
+/// Where systemd-stub puts the UKI's `.pcrsig` and `.pcrpkey` for the initrd.
+pub const PCR_SIGNATURE_PATH: &str = "/.extra/tpm2-pcr-signature.json";
+pub const PCR_PUBLIC_KEY_PATH: &str = "/.extra/tpm2-pcr-public-key.pem";
+
+/// The UKI's signed-policy files as read in the initramfs: after switch_root `/.extra` is out
+/// of reach, and the configuration that says whether they are needed is read only then.
+static EXTRA: std::sync::OnceLock<[Result<Vec<u8>, std::io::ErrorKind>; 2]> =
+    std::sync::OnceLock::new();
+const PUBLIC_KEY_MAX: usize = 16 * 1024;
+
+/// Keeps a copy of `/.extra`'s signed-policy files (absent ones as their error), before
+/// switch_root. Not measured: the TPM checks the signature against the key the seal names,
+/// and systemd-stub measures the key (`.pcrpkey`) into PCR 11.
+pub fn keep_signed_policy_files() {
+    let read = |path: &str, max: usize| {
+        use std::io::Read;
+        let mut bytes = Vec::new();
+        File::open(path)
+            .and_then(|f| f.take(max as u64 + 1).read_to_end(&mut bytes))
+            .map(|_| bytes)
+            .map_err(|e| e.kind())
+    };
+    let _ = EXTRA.set([
+        read(PCR_PUBLIC_KEY_PATH, PUBLIC_KEY_MAX),
+        read(PCR_SIGNATURE_PATH, cvm_formats::pcrsig::MAX_LEN),
+    ]);
+}
+
+/// The kept copy of a file of `/.extra`, at most `max` bytes.
+fn read_extra(path: &'static str, max: usize) -> Result<Vec<u8>, StateError> {
+    let index = usize::from(path == PCR_SIGNATURE_PATH);
+    let kept = EXTRA
+        .get()
+        .map(|files| files[index].clone())
+        .unwrap_or(Err(std::io::ErrorKind::NotFound));
+    let bytes = kept.map_err(|kind| StateError::SignedPolicyFile {
+        path,
+        source: kind.into(),
+    })?;
+    if bytes.len() > max {
+        let source = if index == 0 {
+            crate::tee::signed_policy::SignedPolicyError::TooLong(max)
+        } else {
+            cvm_formats::pcrsig::PcrSigError::TooLong(bytes.len()).into()
+        };
+        return Err(StateError::SignedPolicy { path, source });
+    }
+    Ok(bytes)
+}
+
+fn tpm_signed_source() -> Result<TpmSigned<DeviceTransport>, StateError> {
+    use crate::tee::signed_policy::{PolicyKey, SIGNED_PCRS};
+    let pem = read_extra(PCR_PUBLIC_KEY_PATH, PUBLIC_KEY_MAX)?;
+    let key = PolicyKey::from_pem(&pem).map_err(|source| StateError::SignedPolicy {
+        path: PCR_PUBLIC_KEY_PATH,
+        source,
+    })?;
+    let text = read_extra(PCR_SIGNATURE_PATH, cvm_formats::pcrsig::MAX_LEN)?;
+    let entries =
+        cvm_formats::pcrsig::parse(&text, &key.expect()).map_err(|e| StateError::SignedPolicy {
+            path: PCR_SIGNATURE_PATH,
+            source: e.into(),
+        })?;
+    let mut tpm =
+        Tpm::new(DeviceTransport::open().map_err(StateError::Tpm)?).map_err(StateError::Tpm)?;
+    let pcr11 = tpm
+        .read_bank(cvm_formats::registers::Bank::Sha256, &SIGNED_PCRS)
+        .map_err(StateError::Tpm)?
+        .remove(0);
+    Ok(TpmSigned {
+        transport: DeviceTransport::open().map_err(StateError::Tpm)?,
+        key,
+        entries,
+        pcr11,
+    })
+}
+
 /// What the state phase did.
 pub struct Opened {
     pub device: String,
@@ -448,6 +537,7 @@ impl StateDisk for RealDisk<'_> {
     ) -> Result<Box<dyn KeySource>, StateError> {
         Ok(match choice {
             KeySourceChoice::Tpm => Box::new(tpm_source()?),
+            KeySourceChoice::TpmSigned => Box::new(tpm_signed_source()?),
             KeySourceChoice::Ephemeral => Box::new(Ephemeral),
             KeySourceChoice::Kbs => Box::new(kbs_source(kbs.ok_or(StateError::NoKbs)?, tee)?),
             KeySourceChoice::SnpDerived => Box::new(SnpDerived),
@@ -539,7 +629,7 @@ pub fn set_up_with(
     let state = classify(&head, size, &policy);
     // Nothing about the disk is measured yet: a key broker asked here checks the evidence
     // `cvm-measure predict --at key-release` computes.
-    let mut source = disk.key_source(cfg.key, kbs, tee)?;
+    let mut source = disk.key_source(cfg.key_choice(), kbs, tee)?;
     let key_err = |source_name: &'static str| {
         move |source| StateError::Key {
             source_name,
@@ -566,9 +656,10 @@ pub fn set_up_with(
             }
             let uuid = random_uuid();
             measure(Event::StateDisk(Some(uuid.as_bytes().to_vec())))?;
-            // The source seals now, with the disk's identity already in the PCRs.
-            if let KeySourceChoice::Tpm = cfg.key {
-                source = disk.key_source(cfg.key, kbs, tee)?;
+            // The source seals now, with the disk's identity already in the PCRs (a signed
+            // policy covers PCR 11 alone, which this does not move).
+            if let KeySourceChoice::Tpm = cfg.key_choice() {
+                source = disk.key_source(cfg.key_choice(), kbs, tee)?;
             }
             let provisioned = source.provision().map_err(key_err(source.name()))?;
             let mut volume_key = Zeroizing::new(vec![0u8; policy.key_size()]);
@@ -1029,6 +1120,48 @@ mod tests {
             assert!(
                 text.contains(&format!("state.overlays = {value:?}")),
                 "{extra}: {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_signed_tpm_policy_is_the_tpm_sources_only() {
+        assert_eq!(state_config("tpm", "").key_choice(), KeySourceChoice::Tpm);
+        let signed = state_config("tpm", "tpm_policy = \"signed\"");
+        assert_eq!(signed.key_choice(), KeySourceChoice::TpmSigned);
+        // The same checks as any tpm key: a host's vTPM under SNP is refused.
+        assert!(tpm_key_decision(&signed, Tee::Snp, None).is_err());
+        assert_eq!(
+            state_config("tpm", "tpm_policy = \"pcrs\"").key_choice(),
+            KeySourceChoice::Tpm
+        );
+        let e = crate::config::parse_config_file(
+            Path::new("/c"),
+            "[state]\nserial = \"s\"\nkey = \"ephemeral\"\ntpm_policy = \"signed\"",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("state.tpm_policy"), "{e}");
+        let e = crate::config::parse_config_file(
+            Path::new("/c"),
+            "[state]\nserial = \"s\"\nkey = \"tpm\"\ntpm_policy = \"sined\"",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("tpm_policy"), "{e}");
+        // Not a key source of its own in the file.
+        assert!(crate::config::parse_config_file(
+            Path::new("/c"),
+            "[state]\nserial = \"s\"\nkey = \"tpm-signed\"",
+        )
+        .is_err());
+        // Without a UKI's /.extra files the source is refused by name before any disk write.
+        if !Path::new(PCR_PUBLIC_KEY_PATH).exists() {
+            keep_signed_policy_files();
+            let err = tpm_signed_source().err().unwrap().to_string();
+            assert!(
+                err.starts_with("cannot read /.extra/tpm2-pcr-public-key.pem: state.tpm_policy = \"signed\" needs a UKI"),
+                "{err}"
             );
         }
     }

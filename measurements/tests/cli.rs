@@ -50,6 +50,7 @@ fn help_and_version() {
             "verity",
             "predict",
             "replay",
+            "sign-pcr-policy",
             "evidence",
             "snp",
             "tdx",

@@ -19,6 +19,9 @@ pub enum KeySourceChoice {
     /// Derived by the SEV-SNP secure processor from the chip key, launch measurement and
     /// policy (the disk cannot move to another machine).
     SnpDerived,
+    /// `tpm` with `tpm_policy = "signed"` ([`StateConfig::key_choice`]); never written in a file.
+    #[serde(skip)]
+    TpmSigned,
 }
 
 /// The state disk.
@@ -59,6 +62,22 @@ pub struct StateConfig {
     /// With it cvm-init also extends its events into the vTPM's PCRs, which the seal binds to.
     #[serde(default)]
     pub tpm_in_tee: bool,
+    /// With `key = "tpm"`: seal to the literal PCR values of this boot (`pcrs`, lost at an
+    /// image upgrade) or to the operator's signed PCR 11 policy the UKI carries (`signed`:
+    /// any image whose PCR 11 the same key signed opens the disk).
+    #[serde(default)]
+    pub tpm_policy: TpmPolicyChoice,
+}
+
+/// What a `tpm` key source seals to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TpmPolicyChoice {
+    /// PolicyPCR over this boot's PCR 11 and 15.
+    #[default]
+    Pcrs,
+    /// PolicyAuthorize to the UKI's `.pcrpkey`, opened with its `.pcrsig` for the current PCR 11.
+    Signed,
 }
 
 /// Whether the state disk's blocks are authenticated.
@@ -73,6 +92,14 @@ pub enum IntegrityChoice {
 }
 
 impl StateConfig {
+    /// The key source to create: `key`, with the `tpm` source's policy applied.
+    pub fn key_choice(&self) -> KeySourceChoice {
+        match (self.key, self.tpm_policy) {
+            (KeySourceChoice::Tpm, TpmPolicyChoice::Signed) => KeySourceChoice::TpmSigned,
+            (key, _) => key,
+        }
+    }
+
     /// The mkfs command, the device still to be appended.
     pub fn mkfs_command(&self) -> Vec<String> {
         self.mkfs
@@ -149,6 +176,13 @@ fn validate_state(state: &StateConfig) -> Result<(), (&'static str, String, &'st
             "tpm_in_tee",
             "true".into(),
             "false (or absent) unless key = \"tpm\": the statement concerns the vTPM the tpm key source seals with",
+        ));
+    }
+    if state.tpm_policy == TpmPolicyChoice::Signed && state.key != KeySourceChoice::Tpm {
+        return Err((
+            "tpm_policy",
+            "signed".into(),
+            "\"pcrs\" (or absent) unless key = \"tpm\": the policy is the tpm key source's",
         ));
     }
     if state.wipe && state.integrity == IntegrityChoice::None {

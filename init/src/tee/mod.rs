@@ -7,6 +7,7 @@ pub mod emulated_snp;
 pub mod evidence;
 pub mod quote;
 pub mod seal;
+pub mod signed_policy;
 pub mod snp;
 pub mod tdx_guest;
 pub mod tpm;

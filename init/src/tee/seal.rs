@@ -3,7 +3,7 @@
 //! is PolicyPCR over the boot-time values; unsealing works only while the PCRs hold them.
 //! The policy digest is computed in software, so no trial session is needed.
 
-use sha2::{Digest, Sha256};
+use cvm_formats::tpm::TPM_CC_POLICY_PCR;
 use zeroize::Zeroizing;
 
 use super::tpm::{self, TpmError, Transport};
@@ -19,7 +19,6 @@ const TPM_CC_LOAD: u32 = 0x157;
 const TPM_CC_UNSEAL: u32 = 0x15e;
 const TPM_CC_FLUSH_CONTEXT: u32 = 0x165;
 const TPM_CC_START_AUTH_SESSION: u32 = 0x176;
-const TPM_CC_POLICY_PCR: u32 = 0x17f;
 const TPM_RH_OWNER: u32 = 0x4000_0001;
 const TPM_RH_NULL: u32 = 0x4000_0007;
 const TPM_RS_PW: u32 = 0x4000_0009;
@@ -69,28 +68,13 @@ pub(crate) fn password_auth() -> Vec<u8> {
 
 /// A TPML_PCR_SELECTION of the sha256 bank.
 pub(crate) fn pcr_selection(pcrs: &[u32]) -> Vec<u8> {
-    let mut select = [0u8; 3];
-    for &p in pcrs {
-        select[p as usize / 8] |= 1 << (p % 8);
-    }
-    let mut o = Out::default();
-    o.u32(1).u16(ALG_SHA256).u8(3).bytes(&select);
-    o.0
+    cvm_formats::tpm::pcr_selection_sha256(pcrs)
 }
 
-/// The PolicyPCR policy digest for these sha256 PCR values (in PCR order), from a zero digest.
+/// The PolicyPCR policy digest for these sha256 PCR values (in PCR order), from a zero digest
+/// (shared with `cvm-measure sign-pcr-policy` through cvm-formats).
 pub fn policy_digest(pcrs: &[u32], values: &[Vec<u8>]) -> [u8; 32] {
-    let mut concat = Sha256::new();
-    for v in values {
-        concat.update(v);
-    }
-    let pcr_digest = concat.finalize();
-    let mut h = Sha256::new();
-    h.update([0u8; 32]);
-    h.update(TPM_CC_POLICY_PCR.to_be_bytes());
-    h.update(pcr_selection(pcrs));
-    h.update(pcr_digest);
-    h.finalize().into()
+    cvm_formats::tpm::policy_pcr_digest(pcrs, values)
 }
 
 /// The storage key template: ECC P-256, AES-128-CFB, restricted decryption. The same template
@@ -181,6 +165,16 @@ pub fn seal<T: Transport>(
     pcrs: &[u32],
     values: &[Vec<u8>],
 ) -> Result<SealedBlob, TpmError> {
+    seal_to_policy(t, secret, pcrs, &policy_digest(pcrs, values))
+}
+
+/// Seals `secret` (at most 128 bytes) to a policy digest; `pcrs` is recorded in the blob.
+pub(crate) fn seal_to_policy<T: Transport>(
+    t: &mut T,
+    secret: &[u8],
+    pcrs: &[u32],
+    policy: &[u8; 32],
+) -> Result<SealedBlob, TpmError> {
     assert!(secret.len() <= 128, "a sealed secret is at most 128 bytes");
     let primary = create_primary(t)?;
     let mut sensitive = Out::default();
@@ -190,7 +184,7 @@ pub fn seal<T: Transport>(
         .u16(0x0008) // TPM_ALG_KEYEDHASH
         .u16(ALG_SHA256)
         .u32(0x0000_0012) // fixedTPM fixedParent; no userWithAuth: the policy is the only way in
-        .tpm2b(&policy_digest(pcrs, values))
+        .tpm2b(policy)
         .u16(ALG_NULL)
         .tpm2b(&[]);
     // Room for the whole command up front: a buffer that grew would free a copy of the
@@ -222,6 +216,26 @@ pub fn seal<T: Transport>(
 
 /// Unseals a blob; fails with the TPM's policy error once the PCRs differ from sealing time.
 pub fn unseal<T: Transport>(t: &mut T, blob: &SealedBlob) -> Result<Zeroizing<Vec<u8>>, TpmError> {
+    unseal_with(t, blob, |t, session| policy_pcr(t, session, &blob.pcrs))
+}
+
+/// TPM2_PolicyPCR on a policy session, over the PCRs' current values.
+pub(crate) fn policy_pcr<T: Transport>(
+    t: &mut T,
+    session: u32,
+    pcrs: &[u32],
+) -> Result<(), TpmError> {
+    let mut p = Out::default();
+    p.u32(session).tpm2b(&[]).bytes(&pcr_selection(pcrs));
+    call(t, TPM_ST_NO_SESSIONS, TPM_CC_POLICY_PCR, &p.0).map(drop)
+}
+
+/// Loads a blob, runs `policy` on a fresh policy session and unseals with it.
+pub(crate) fn unseal_with<T: Transport, E: From<TpmError>>(
+    t: &mut T,
+    blob: &SealedBlob,
+    policy: impl FnOnce(&mut T, u32) -> Result<(), E>,
+) -> Result<Zeroizing<Vec<u8>>, E> {
     let primary = create_primary(t)?;
     let mut b = Out::default();
     b.u32(primary)
@@ -234,9 +248,7 @@ pub fn unseal<T: Transport>(t: &mut T, blob: &SealedBlob) -> Result<Zeroizing<Ve
     let object = loaded?;
     let result = (|| {
         let session = start_policy_session(t)?;
-        let mut p = Out::default();
-        p.u32(session).tpm2b(&[]).bytes(&pcr_selection(&blob.pcrs));
-        if let Err(e) = call(t, TPM_ST_NO_SESSIONS, TPM_CC_POLICY_PCR, &p.0) {
+        if let Err(e) = policy(t, session) {
             flush(t, session);
             return Err(e);
         }

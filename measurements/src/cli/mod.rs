@@ -15,6 +15,7 @@ mod launch;
 mod output;
 mod predict;
 mod replay;
+mod sign_pcr_policy;
 mod snp;
 mod tdx;
 mod verify;
@@ -46,6 +47,7 @@ enum Command {
     Verity(verity::Args),
     Predict(predict::Args),
     Replay(replay::Args),
+    SignPcrPolicy(sign_pcr_policy::Args),
     Evidence(evidence::Args),
     Snp(snp::Args),
     Tdx(tdx::Args),
@@ -64,6 +66,7 @@ impl Command {
             Command::Verity(_) => "verity format",
             Command::Predict(_) => "predict",
             Command::Replay(_) => "replay",
+            Command::SignPcrPolicy(_) => "sign-pcr-policy",
             Command::Evidence(_) => "evidence",
             Command::Snp(_) => "snp",
             Command::Tdx(_) => "tdx",
@@ -81,6 +84,7 @@ impl Command {
             Command::Verity(a) => verity::run(a),
             Command::Predict(a) => predict::run(a),
             Command::Replay(a) => replay::run(a),
+            Command::SignPcrPolicy(a) => sign_pcr_policy::run(a),
             Command::Evidence(a) => evidence::run(a),
             Command::Snp(a) => snp::run(a),
             Command::Tdx(a) => tdx::run(a),
