@@ -97,6 +97,26 @@ fn b64() -> base64::engine::GeneralPurpose {
     base64::engine::general_purpose::STANDARD
 }
 
+/// A base64 field of a TPM token, the token's kind named when it is missing or malformed.
+fn token_bytes(token: &Token, name: &str) -> Result<Vec<u8>, KeyError> {
+    let bad = |detail: String| KeyError::BadToken {
+        kind: if token.kind == TPM_SIGNED_TOKEN {
+            TPM_SIGNED_TOKEN
+        } else {
+            TPM_TOKEN
+        },
+        detail,
+    };
+    let text = token
+        .fields
+        .get(name)
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| bad(format!("no {name}")))?;
+    b64()
+        .decode(text)
+        .map_err(|_| bad(format!("{name} is not base64")))
+}
+
 impl<T: Transport> KeySource for TpmSealed<T> {
     fn name(&self) -> &'static str {
         "tpm"
@@ -125,16 +145,7 @@ impl<T: Transport> KeySource for TpmSealed<T> {
             kind: TPM_TOKEN,
             detail: detail.to_string(),
         };
-        let field = |name: &str| -> Result<Vec<u8>, KeyError> {
-            let text = token
-                .fields
-                .get(name)
-                .and_then(|v| v.as_str())
-                .ok_or_else(|| bad(&format!("no {name}")))?;
-            b64()
-                .decode(text)
-                .map_err(|_| bad(&format!("{name} is not base64")))
-        };
+        let field = |name: &str| token_bytes(token, name);
         let pcrs: Vec<u32> = token
             .fields
             .get("pcrs")
@@ -215,20 +226,7 @@ impl<T: Transport> KeySource for TpmSigned<T> {
         let token = token
             .filter(|t| t.kind == TPM_SIGNED_TOKEN)
             .ok_or(KeyError::NoToken(TPM_SIGNED_TOKEN))?;
-        let bad = |detail: &str| KeyError::BadToken {
-            kind: TPM_SIGNED_TOKEN,
-            detail: detail.to_string(),
-        };
-        let field = |name: &str| -> Result<Vec<u8>, KeyError> {
-            let text = token
-                .fields
-                .get(name)
-                .and_then(|v| v.as_str())
-                .ok_or_else(|| bad(&format!("no {name}")))?;
-            b64()
-                .decode(text)
-                .map_err(|_| bad(&format!("{name} is not base64")))
-        };
+        let field = |name: &str| token_bytes(token, name);
         // The token's fields are the host's to choose; the key and the policy are not read
         // from it. A wrong blob is refused by the TPM (it was not sealed to this key).
         let blob = SealedBlob {
