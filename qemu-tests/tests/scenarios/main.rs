@@ -15,4 +15,5 @@ mod join;
 mod measured;
 mod network;
 mod state;
+mod upgrade;
 mod verity;
