@@ -190,3 +190,76 @@ fn snp_format_evidence_from_an_emulated_provider_releases_the_key() {
     assert!(guest.serial_log().contains("formatted on this boot"));
     power_down(&mut guest);
 }
+
+/// g. A rolling upgrade at the broker: with the references of images A and B loaded at once, a
+/// node of each gets its key; once A's reference is removed (a reload), a node of A is refused,
+/// the refusal naming the reference left, and its disk is never opened.
+#[test]
+fn both_images_get_keys_while_both_references_are_loaded_and_a_removed_one_is_refused() {
+    use cvm_measure::broker::set::Named;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let keys = tempfile::tempdir().unwrap();
+    let chain = broker::snp_test_chain(keys.path());
+    let (digest_a, digest_b) = ([0xa1u8; 48], [0xb2u8; 48]);
+    let image = |name: &str, digest: &[u8]| {
+        prepare_with_files(
+            &format!("{}# image {name}\n", config(port)),
+            &broker::snp_emulator_files(&chain, digest),
+        )
+    };
+    let (a, b) = (image("A", &digest_a), image("B", &digest_b));
+    let named = |name: &str, digest: &[u8]| Named {
+        name: name.into(),
+        digest: String::new(),
+        reference: broker::snp_emulated_reference(&chain, vec![digest.to_vec()]),
+    };
+    let resources = tempfile::tempdir().unwrap();
+    let broker = broker::start(
+        listener,
+        resources.path(),
+        broker::snp_emulated_reference(&chain, Vec::new()),
+        &qemu_tests::pseudo_random_bytes(32, 0x243f6a8885a308d3),
+    );
+    broker.replace_references(vec![named("A.json", &digest_a), named("B.json", &digest_b)]);
+    let cmdline = format!("cvm.tee=snp cvm.test-snp-emulator={}", broker::SNP_EMULATOR);
+    let work = tempfile::tempdir().unwrap();
+    let (disk_a, disk_b) = (work.path().join("a.img"), work.path().join("b.img"));
+    std::fs::rename(blank_state_disk(work.path()), &disk_a).unwrap();
+    std::fs::rename(blank_state_disk(work.path()), &disk_b).unwrap();
+
+    for (prepared, disk, name) in [(&a, &disk_a, "rolling-a"), (&b, &disk_b, "rolling-b")] {
+        let mut guest = prepared.boot(name, &cmdline, |g| {
+            g.state_disk(disk, "cvm-state").forward(port, port)
+        });
+        must(guest.wait_for("kbs: cvm/state-disk/key released", BOOT));
+        must(guest.wait_for("app: payload: marker written", BOOT));
+        power_down(&mut guest);
+    }
+
+    // A's reference removed: A's node is refused by name, its disk untouched; B's still opens.
+    broker.replace_references(vec![named("B.json", &digest_b)]);
+    let before = std::fs::read(&disk_a).unwrap();
+    let mut guest = a.boot("rolling-a-removed", &cmdline, |g| {
+        g.state_disk(&disk_a, "cvm-state").forward(port, port)
+    });
+    must(guest.wait_for("no loaded reference matches: B.json", BOOT));
+    let log = guest.serial_log();
+    assert!(
+        !log.contains("released") && !log.contains("app: payload:"),
+        "A was let in"
+    );
+    drop(guest);
+    assert!(
+        std::fs::read(&disk_a).unwrap() == before,
+        "A's disk changed"
+    );
+    let mut guest = b.boot("rolling-b-again", &cmdline, |g| {
+        g.state_disk(&disk_b, "cvm-state").forward(port, port)
+    });
+    must(guest.wait_for(
+        "app: payload: marker found plaintext-marker-7f3a9c21e5",
+        BOOT,
+    ));
+    power_down(&mut guest);
+}
