@@ -55,6 +55,8 @@ pub enum SignedPolicyError {
     Signature(#[from] pcrsig::PcrSigError),
     #[error("the PCR signature has no entry for the current PCR 11 {pcr11} (policy {policy}): this image was not signed for this boot")]
     NoEntry { pcr11: String, policy: String },
+    #[error("the PCR signature also signs PCR 11 after the `{phase}` phase (policy {policy}): with it a process on the running node could unseal the disk's secret again; sign the key-release point only (systemd-measure sign --phase=enter-initrd:leave-initrd)")]
+    LaterPhase { phase: &'static str, policy: String },
     #[error("the PCR signature's ECDSA signature is not DER (r, s)")]
     EcdsaDer,
     #[error("the TPM did not load the PCR public key (TPM2_LoadExternal)")]
@@ -354,7 +356,28 @@ pub fn unseal_signed<T: Transport>(
         pcr11: cvm_formats::hex(pcr11),
         policy: cvm_formats::hex(&policy),
     })?;
+    refuse_later_phases(entries, pcr11)?;
     unseal_with_entry(t, blob, key, entry)
+}
+
+/// After the key release this boot extends PCR 11 with `sysinit` and later `ready`; the TPM
+/// would honour a signature for those values too, so that anything running on the node could
+/// unseal the secret again. systemd-measure signs them by default: such a file is refused.
+fn refuse_later_phases(entries: &[Entry], pcr11: &[u8]) -> Result<(), SignedPolicyError> {
+    use cvm_formats::event::Phase;
+    use cvm_formats::registers::Bank;
+    let mut value = pcr11.to_vec();
+    for phase in [Phase::Sysinit, Phase::Ready] {
+        value = Bank::Sha256.extend(&value, &Bank::Sha256.hash(phase.word().as_bytes()));
+        let policy = policy_pcr_digest(&SIGNED_PCRS, &[value.clone()]);
+        if pcrsig::find(entries, &policy).is_some() {
+            return Err(SignedPolicyError::LaterPhase {
+                phase: phase.word(),
+                policy: cvm_formats::hex(&policy),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Unseals with one signed policy, whatever the current PCRs: the TPM is the judge.
@@ -610,6 +633,33 @@ mod tests {
                 TPM_CC_UNSEAL
             ]
         );
+    }
+
+    /// A file that also signs PCR 11 after `sysinit` or `ready` (systemd-measure's default
+    /// phases) is refused before the TPM is asked, naming the phase.
+    #[test]
+    fn signatures_of_later_phases_are_refused_before_the_tpm() {
+        use cvm_formats::registers::Bank;
+        let key = ec_key();
+        let pcr11 = [7u8; 32];
+        let sysinit = Bank::Sha256.extend(&pcr11, &Bank::Sha256.hash(b"sysinit"));
+        let ready = Bank::Sha256.extend(&sysinit, &Bank::Sha256.hash(b"ready"));
+        for (later, phase) in [(&sysinit, "sysinit"), (&ready, "ready")] {
+            let (mut t, log) = fake(&key, None);
+            let entries = [entry_for(&key, &pcr11), entry_for(&key, later)];
+            let err = unseal_signed(&mut t, &blob(), &key, &entries, &pcr11).unwrap_err();
+            assert!(
+                err.to_string().starts_with(&format!(
+                    "the PCR signature also signs PCR 11 after the `{phase}` phase"
+                )),
+                "{err}"
+            );
+            assert!(log.borrow().is_empty(), "the TPM was asked");
+        }
+        // The key-release point alone, and other values besides it, are accepted.
+        let (mut t, _) = fake(&key, None);
+        let entries = [entry_for(&key, &pcr11), entry_for(&key, &[9; 32])];
+        assert!(unseal_signed(&mut t, &blob(), &key, &entries, &pcr11).is_ok());
     }
 
     #[test]
