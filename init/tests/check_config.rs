@@ -119,6 +119,9 @@ fn file_and_cmdline_rejections() -> Vec<(String, &'static str, &'static str)> {
         (s(""), "cvm.root-partuuid=nope", "cvm.root-partuuid"),
         (s(""), "cvm.verity-corruption=ignore", "cvm.verity-corruption"),
         (s(""), "cvm.hostname=-bad-", "cvm.hostname"),
+        (s(""), "cvm.modules=a/b", "cvm.modules"),
+        (s(""), "cvm.verity-partuuid=nope", "cvm.verity-partuuid"),
+        (s(""), "cvm.net.interface=", "cvm.net.interface"),
         (s(""), "cvm.test-panic=modules", "cvm.test-panic"),
     ]
 }
