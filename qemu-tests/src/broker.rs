@@ -131,8 +131,9 @@ impl SnpTestChain {
     }
 }
 
-/// Runs openssl in `dir`; a failure panics with its message (test material only).
-fn openssl(dir: &Path, args: &[&str]) {
+/// Runs openssl in `dir` and returns its output; a failure panics with its message (test
+/// material only).
+pub fn openssl(dir: &Path, args: &[&str]) -> Vec<u8> {
     let out = std::process::Command::new("openssl")
         .args(args)
         .current_dir(dir)
@@ -143,6 +144,7 @@ fn openssl(dir: &Path, args: &[&str]) {
         "openssl {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    out.stdout
 }
 
 pub fn snp_test_chain(dir: &Path) -> SnpTestChain {

@@ -6,9 +6,9 @@
 //! is refused with the reason, and the disk's bytes are unchanged.
 
 use std::path::Path;
-use std::process::Command;
 
 use cvm_image::cpio::CpioWriter;
+use qemu_tests::broker::openssl;
 use qemu_tests::support::{
     assert_fatal_before_workload, blank_state_disk, must, power_down, prepare, Prepared, BOOT,
 };
@@ -18,20 +18,6 @@ fn config(comment: &str) -> String {
     format!(
         "# {comment}\n[state]\nserial = \"cvm-state\"\nkey = \"tpm\"\ntpm_policy = \"signed\"\nbinds = [\"/var/lib/kubelet\"]\n\n[[service]]\nname = \"app\"\npath = \"/bin/payload\"\nargs = [\"state-probe\"]\n"
     )
-}
-
-fn openssl(dir: &Path, args: &[&str]) -> Vec<u8> {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("openssl runs");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
 }
 
 /// PCR 11 where the node unseals, on a direct boot (no stub measuring a UKI): the phases
