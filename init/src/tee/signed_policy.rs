@@ -364,11 +364,11 @@ pub fn unseal_signed<T: Transport>(
 /// would honour a signature for those values too, so that anything running on the node could
 /// unseal the secret again. systemd-measure signs them by default: such a file is refused.
 fn refuse_later_phases(entries: &[Entry], pcr11: &[u8]) -> Result<(), SignedPolicyError> {
-    use cvm_formats::event::Phase;
+    use cvm_formats::event::{Event, Phase};
     use cvm_formats::registers::Bank;
     let mut value = pcr11.to_vec();
     for phase in [Phase::Sysinit, Phase::Ready] {
-        value = Bank::Sha256.extend(&value, &Bank::Sha256.hash(phase.word().as_bytes()));
+        value = Bank::Sha256.extend(&value, &Event::Phase(phase).digest(Bank::Sha256));
         let policy = policy_pcr_digest(&SIGNED_PCRS, &[value.clone()]);
         if pcrsig::find(entries, &policy).is_some() {
             return Err(SignedPolicyError::LaterPhase {
