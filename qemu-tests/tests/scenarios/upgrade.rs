@@ -8,11 +8,10 @@
 use std::path::Path;
 
 use cvm_image::cpio::CpioWriter;
-use qemu_tests::broker::openssl;
+use qemu_tests::broker::{self, openssl};
 use qemu_tests::support::{
     assert_fatal_before_workload, blank_state_disk, must, power_down, prepare, Prepared, BOOT,
 };
-use sha2::{Digest, Sha256};
 
 fn config(comment: &str) -> String {
     format!(
@@ -20,22 +19,9 @@ fn config(comment: &str) -> String {
     )
 }
 
-/// PCR 11 where the node unseals, on a direct boot (no stub measuring a UKI): the phases
-/// `enter-initrd` and `leave-initrd`, extended as systemd-pcrphase does.
-fn pcr11_at_key_release() -> Vec<u8> {
-    let mut pcr = [0u8; 32];
-    for word in ["enter-initrd", "leave-initrd"] {
-        let mut h = Sha256::new();
-        h.update(pcr);
-        h.update(Sha256::digest(word.as_bytes()));
-        pcr = h.finalize().into();
-    }
-    pcr.to_vec()
-}
-
 /// An RSA key `name` in `dir`, and the `/.extra` files a UKI signed with it carries: the
-/// public key (PEM) and systemd's `.pcrsig` for PCR 11 at the key release.
-fn signed_extra(dir: &Path, name: &str) -> (Vec<u8>, Vec<u8>) {
+/// public key (PEM) and systemd's `.pcrsig` for `pcr11`, PCR 11 at the key release.
+fn signed_extra(dir: &Path, name: &str, pcr11: &[u8]) -> (Vec<u8>, Vec<u8>) {
     let key = format!("{name}.pem");
     openssl(
         dir,
@@ -55,7 +41,7 @@ fn signed_extra(dir: &Path, name: &str) -> (Vec<u8>, Vec<u8>) {
         dir,
         &["rsa", "-in", &key, "-RSAPublicKey_out", "-outform", "DER"],
     );
-    let pol = cvm_formats::tpm::policy_pcr_digest(&[11], &[pcr11_at_key_release()]);
+    let pol = cvm_formats::tpm::policy_pcr_digest(&[11], &[pcr11.to_vec()]);
     let pol_file = format!("{name}.pol");
     std::fs::write(dir.join(&pol_file), pol).unwrap();
     let sig = openssl(dir, &["dgst", "-sha256", "-sign", &key, &pol_file]);
@@ -84,15 +70,23 @@ fn add_extra(prepared: &Prepared, (public_pem, pcrsig): &(Vec<u8>, Vec<u8>)) {
 
 #[test]
 fn an_image_signed_with_the_same_key_opens_the_disk_and_another_key_does_not() {
+    let (a, b, c) = (
+        prepare(Some(&config("image A"))),
+        prepare(Some(&config("image B"))),
+        prepare(Some(&config("image C"))),
+    );
+    // PCR 11 where the node unseals, as `cvm-measure predict --at key-release` gives it: on a
+    // direct boot (no stub measuring a UKI) only the phases, the same for every image.
+    let reference = broker::key_release_reference(&a.image, &config("image A"));
+    let (_, pcr11) = reference.pcrs.iter().find(|(p, _)| *p == 11).unwrap();
     let keys = tempfile::tempdir().unwrap();
-    let operator = signed_extra(keys.path(), "operator");
-    let other = signed_extra(keys.path(), "other");
+    let operator = signed_extra(keys.path(), "operator", pcr11);
+    let other = signed_extra(keys.path(), "other", pcr11);
     let work = tempfile::tempdir().unwrap();
     let disk = blank_state_disk(work.path());
     let tpm = work.path().join("tpm");
 
     // A: formats the disk, sealed to the operator's key.
-    let a = prepare(Some(&config("image A")));
     add_extra(&a, &operator);
     let mut guest = a.boot("signed-a", "cvm.tee=tpm", |g| {
         g.state_disk(&disk, "cvm-state").tpm_state(&tpm)
@@ -104,7 +98,6 @@ fn an_image_signed_with_the_same_key_opens_the_disk_and_another_key_does_not() {
 
     // B: another root (its configuration differs), signed with the same key: the disk opens
     // and the data written by A is there.
-    let b = prepare(Some(&config("image B")));
     assert_ne!(a.image.roothash_option(), b.image.roothash_option());
     add_extra(&b, &operator);
     let mut guest = b.boot("signed-b", "cvm.tee=tpm", |g| {
@@ -120,7 +113,6 @@ fn an_image_signed_with_the_same_key_opens_the_disk_and_another_key_does_not() {
 
     // C: signed with another key: refused with the reason, before any workload, and the
     // disk's bytes are unchanged.
-    let c = prepare(Some(&config("image C")));
     add_extra(&c, &other);
     let before = std::fs::read(&disk).unwrap();
     let mut guest = c.boot("signed-c", "cvm.tee=tpm", |g| {
