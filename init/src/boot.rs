@@ -204,6 +204,19 @@ fn start_device_drivers(index: ModuleIndex, loaded: &[String], allowed: &[String
     }
 }
 
+/// A node nobody named keeps the name it generated on its first boot (the network phase
+/// generated one for this boot).
+fn keep_node_name(mount: &Path) -> Result<(), crate::net::node_name::NodeNameError> {
+    use crate::net::node_name::{self, Kept};
+    match node_name::settle(mount, &crate::net::files::hostname())? {
+        Kept::Found(name) => log::info!("node name {name} (kept on the state disk)"),
+        Kept::Stored(name) => {
+            log::info!("node name {name} (generated, now kept on the state disk)")
+        }
+    }
+    Ok(())
+}
+
 /// Never returns: PID 1 ends in reboot(2).
 pub fn run() -> ! {
     fatal::install_panic_hook();
@@ -269,7 +282,7 @@ pub fn run() -> ! {
         measure(Event::ConfigFile(bytes.clone()))?;
         parse_config(bytes)
     });
-    phase("network", || {
+    let name_from = phase("network", || {
         crate::net::bring_up(config_file.network.as_ref(), &options.net)
     });
     // The state disk (a later issue) is measured here; without one, its absence is. Then the
@@ -301,6 +314,9 @@ pub fn run() -> ! {
                         ""
                     }
                 );
+                if name_from == crate::net::NameFrom::Generated {
+                    keep_node_name(&cfg.mount)?;
+                }
             }
         }
         measure(Event::SealBarrier)?;

@@ -43,6 +43,8 @@ pub fn policy(cfg: &StateConfig) -> Policy {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
+    #[error(transparent)]
+    NodeName(#[from] crate::net::node_name::NodeNameError),
     #[error("no disk with serial {serial:?} (seen: {seen})")]
     NotFound { serial: String, seen: String },
     #[error("more than one disk has the serial {serial:?} ({disks}): the state disk is ambiguous, nothing was written")]

@@ -201,12 +201,34 @@ pub fn write_in(
     Ok(())
 }
 
-pub fn write(
-    resolver: &Resolver,
-    hostname: &str,
-    address: Option<Ipv4Addr>,
-) -> Result<(), FilesError> {
-    write_in(Path::new("/"), resolver, hostname, address)
+/// What the files under / were last written from: a rename rewrites hosts with them.
+static WRITTEN: std::sync::Mutex<Option<(Resolver, Option<Ipv4Addr>)>> =
+    std::sync::Mutex::new(None);
+
+/// Writes resolv.conf and hosts under / with the kernel's host name: the DHCP thread's
+/// rewrites and [`rename`] hold one lock, so hosts always names the node as the kernel does.
+pub fn write(resolver: &Resolver, address: Option<Ipv4Addr>) -> Result<(), FilesError> {
+    let mut written = WRITTEN.lock().unwrap_or_else(|e| e.into_inner());
+    write_in(Path::new("/"), resolver, &hostname(), address)?;
+    *written = Some((resolver.clone(), address));
+    Ok(())
+}
+
+/// Renames the node: the kernel's host name, and hosts if it was written.
+pub fn rename(name: &str) -> Result<(), FilesError> {
+    let written = WRITTEN.lock().unwrap_or_else(|e| e.into_inner());
+    set_hostname(name)?;
+    if let Some((resolver, address)) = written.as_ref() {
+        write_in(Path::new("/"), resolver, name, *address)?;
+    }
+    Ok(())
+}
+
+/// The kernel's host name.
+pub fn hostname() -> String {
+    nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

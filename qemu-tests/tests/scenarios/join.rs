@@ -201,6 +201,28 @@ fn the_kubelet_bootstraps_from_a_released_kubeconfig_with_its_state_on_the_encry
         bin.contains("/opt/cni/bin writable (1 entries, overlay overlay at /opt/cni/bin)"),
         "{bin}"
     );
+    // Nobody named the node: it registers under the name it generated and keeps on the
+    // encrypted disk, not one the host chose (its MAC address).
+    let kept = line("cvm-init: node name ");
+    let name = kept
+        .split("node name ")
+        .nth(1)
+        .and_then(|rest| {
+            rest.trim_end()
+                .strip_suffix(" (generated, now kept on the state disk)")
+        })
+        .unwrap_or_else(|| panic!("{kept}"));
+    assert!(
+        name.starts_with("node-") && !name.contains("525400"),
+        "{name}"
+    );
+    let registers = line("kubelet-standin: node name");
+    assert!(
+        registers
+            .trim_end()
+            .ends_with(&format!("kubelet-standin: node name {name}")),
+        "{registers}"
+    );
     // The bootstrap token never reaches the console.
     assert!(!log.contains(TOKEN), "the token was printed");
     power_down(&mut guest);

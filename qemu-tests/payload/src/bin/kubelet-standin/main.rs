@@ -26,6 +26,9 @@ fn main() {
         "kubelet-standin: this is a stand-in, not a kubelet; arguments: {}",
         args.join(" ")
     );
+    // A kubelet without --hostname-override registers the node under the kernel's host name.
+    let node_name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    println!("kubelet-standin: node name {}", node_name.trim_end());
     // The join steps beside the runtime's: neither waits for the other.
     let join_args = args.clone();
     std::thread::spawn(move || join::run(&join_args));
