@@ -20,7 +20,7 @@ export CVM_INIT_BIN := $(CURDIR)/$(TEST_DIR)/cvm-init
 export CVM_PAYLOAD_BIN := $(CURDIR)/$(TEST_DIR)/cvm-test-payload
 export CVM_KERNEL_DIR := $(CURDIR)/$(KERNEL_DIR)
 
-.PHONY: fuzz all deps build install check-config test-artifacts check unit boot-tests test run bench clean image image-lock image-reproducible measurements image-test ovmf ovmf-reproducible ovmf-test
+.PHONY: fuzz all deps build install check-config test-artifacts check unit boot-tests test run bench clean image image-lock image-reproducible measurements image-test image-test-signed ovmf ovmf-reproducible ovmf-test
 
 all: build
 
@@ -99,7 +99,9 @@ fuzz: deps
 
 ## The node image: mkosi 25 in a Debian trixie environment that scripts/image-env.sh makes once
 ## (.cache/image-env); outputs in target/image/out. KUBELET=<kubelet binary or .deb> (else the
-## Kubernetes package repository), CONFIG=<cvm-init configuration> (default image/node.toml).
+## Kubernetes package repository), CONFIG=<cvm-init configuration> (default image/node.toml),
+## PCR_KEY=<RSA-2048 or P-256 private key PEM>: sign PCR 11 at the key release (.pcrsig/.pcrpkey)
+## for state.tpm_policy = "signed" (docs/upgrades.md).
 IMAGE_TOOLS = $(CARGO) build -q -p cvm-image --bin cvm-image
 image: build
 	$(IMAGE_TOOLS)
@@ -120,7 +122,8 @@ image-reproducible: build
 	$(IMAGE_TOOLS)
 	bash scripts/image.sh reproducible
 
-## The built image's reference values (PCR 11/15 at ready and at key release, RTMR 2) as JSON.
+## The built image's reference values (PCR 11/15 at ready and at key release, RTMR 2) as JSON,
+## and which key signed its PCR policy (checked against the predicted PCR 11 at key release).
 measurements: build
 	bash scripts/image.sh measurements
 
@@ -129,6 +132,21 @@ measurements: build
 image-test: build test-artifacts
 	$(IMAGE_TOOLS)
 	KUBELET=$${KUBELET:-$(CURDIR)/target/$(TARGET)/test-image/kubelet-standin} bash scripts/image.sh build
+	bash scripts/image.sh measurements
+	$(CARGO) test -p qemu-tests --test image_boot -- --nocapture
+
+## `make image-test` for an image whose PCR 11 is signed (`make image PCR_KEY=...`): a throwaway
+## P-256 key and image/node.toml with state.tpm_policy = "signed" (both in target/image/signed);
+## the boot seals the state disk to the key, a reboot opens it with the UKI's signature.
+SIGNED = $(CURDIR)/target/image/signed
+image-test-signed: build test-artifacts
+	$(IMAGE_TOOLS)
+	mkdir -p $(SIGNED)
+	test -f $(SIGNED)/pcr-key.pem || openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out $(SIGNED)/pcr-key.pem
+	sed 's/^key = "tpm"$$/key = "tpm"\ntpm_policy = "signed"/' image/node.toml > $(SIGNED)/node.toml
+	grep -q '^tpm_policy = "signed"$$' $(SIGNED)/node.toml
+	PCR_KEY=$(SIGNED)/pcr-key.pem CONFIG=$(SIGNED)/node.toml \
+	  KUBELET=$${KUBELET:-$(CURDIR)/target/$(TARGET)/test-image/kubelet-standin} bash scripts/image.sh build
 	bash scripts/image.sh measurements
 	$(CARGO) test -p qemu-tests --test image_boot -- --nocapture
 

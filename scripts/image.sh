@@ -9,7 +9,10 @@
 # Inputs: KUBELET=<kubelet binary or .deb> (else the Kubernetes package repository, when it is
 # reachable), CONFIG=<cvm-init configuration> (default image/node.toml), INIT=<static cvm-init>
 # (default the release build), CHECK_ON=<snp|tdx|vtpm|bare>: the kind of machine the
-# configuration must boot on (`cvm-init check-config --on`; default: at least one).
+# configuration must boot on (`cvm-init check-config --on`; default: at least one),
+# PCR_KEY=<PEM private key, RSA-2048 or ECDSA P-256>: sign the expected PCR 11 at the key
+# release into the UKI (.pcrsig, and the public key as .pcrpkey) for `state.tpm_policy =
+# "signed"` (docs/upgrades.md).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -83,6 +86,57 @@ SRC
       echo "PackageDirectories=$(in_env "$kubelet_repo_dir")"
     fi
   } > "$cfg/mkosi.conf.d/90-build.conf"
+  pcr_signing "$cfg"
+}
+
+# PCR_KEY: mkosi has ukify sign the expected PCR 11 with it. ukify runs through
+# image/tools/ukify, which limits the signature to the key-release point (the node refuses
+# signatures for later phases). The key is copied into the build tree (the environment sees
+# only the project) with mode 0600 and removed when mkosi is done.
+pcr_signing() {
+  local cfg=$1 dir="$work/pcr-key"
+  [ -n "${PCR_KEY:-}" ] || return 0
+  check_pcr_key
+  rm -rf "$dir"; (umask 077; mkdir -p "$dir" && cp "$PCR_KEY" "$dir/key.pem")
+  openssl pkey -in "$PCR_KEY" -pubout -out "$dir/public.pem"
+  # mkosi validates the key against a certificate; only its public key reaches the UKI
+  # (image/tools/ukify), so its dates and serial number change nothing the node measures.
+  openssl req -new -x509 -key "$dir/key.pem" -subj "/CN=cvm-init PCR policy" -days 36500 \
+    -out "$dir/cert.pem" 2>/dev/null || die "PCR_KEY=$PCR_KEY: cannot make a certificate for mkosi"
+  cat >> "$cfg/mkosi.conf.d/90-build.conf" <<CONF
+[Build]
+ExtraSearchPaths=$(in_env "$root/image/tools")
+[Validation]
+SignExpectedPcr=yes
+SignExpectedPcrKey=$(in_env "$dir/key.pem")
+SignExpectedPcrCertificate=$(in_env "$dir/cert.pem")
+CONF
+  say "PCR policy: signing PCR 11 at the key release with $PCR_KEY ($(pcr_key_id "$dir/public.pem"))"
+}
+
+# PCR_KEY is a key a TPM verifies signatures of, or the build stops before it starts.
+check_pcr_key() {
+  local text
+  [ -f "$PCR_KEY" ] || die "PCR_KEY=$PCR_KEY: no such file"
+  text=$(openssl pkey -in "$PCR_KEY" -noout -text 2>/dev/null) \
+    || die "PCR_KEY=$PCR_KEY: not a private key in PEM (expected RSA-2048 or ECDSA P-256)"
+  case "$text" in
+    *"Private-Key: (2048 bit, 2 primes)"*) ;;
+    *"ASN1 OID: prime256v1"*) ;;
+    *) die "PCR_KEY=$PCR_KEY: $(head -1 <<<"$text"): expected RSA-2048 or ECDSA P-256 (what a TPM verifies)" ;;
+  esac
+}
+
+# The key's fingerprint as systemd's .pcrsig names it (pkfp): sha256 of the public key as
+# i2d_PublicKey writes it (PKCS#1 for RSA, the uncompressed point for P-256).
+pcr_key_id() {
+  local fp
+  if openssl rsa -pubin -in "$1" -noout 2>/dev/null; then
+    fp=$(openssl rsa -pubin -in "$1" -RSAPublicKey_out -outform DER 2>/dev/null | openssl dgst -sha256 -r)
+  else
+    fp=$(openssl pkey -pubin -in "$1" -outform DER | tail -c 65 | openssl dgst -sha256 -r)
+  fi
+  echo "key fingerprint ${fp:0:64}"
 }
 
 kubelet_package=""
@@ -156,7 +210,7 @@ mkosi_build() {
   local out=$1
   rm -rf "$out"; mkdir -p "$out"
   inside mkosi -C "$(in_env "$work/config")" --output-directory="$(in_env "$out")" -f build \
-    > "$out.log" 2>&1 || { tail -30 "$out.log" >&2; die "mkosi failed (whole log: $out.log)"; }
+    > "$out.log" 2>&1 || { rm -rf "$work/pcr-key"; tail -30 "$out.log" >&2; die "mkosi failed (whole log: $out.log)"; }
 }
 
 # The installed packages (from mkosi's manifest) with the sha256 of their .deb in the cache.
@@ -246,6 +300,18 @@ check_config() {
   say "checking $config_file (cvm-init check-config, command line: $cmdline)"
   "$init_bin" check-config "$config_file" --cmdline "$cmdline" ${CHECK_ON:+--on "$CHECK_ON"} \
     || die "CONFIG=$config_file is refused by cvm-init check-config (above); nothing was built"
+  # The signed policy and the signing key go together: without the key no boot of the image
+  # could open its state disk.
+  local policy
+  policy=$("$init_bin" check-config "$config_file" --cmdline "$cmdline" --json 2>/dev/null \
+    | python3 -c 'import json, sys; print((json.load(sys.stdin).get("state") or {}).get("tpm_policy", ""))')
+  if [ "$policy" = signed ] && [ -z "${PCR_KEY:-}" ]; then
+    die "CONFIG=$config_file sets state.tpm_policy = \"signed\" but no PCR_KEY was given: the image could never open its state disk; pass PCR_KEY=<private key PEM>; nothing was built"
+  fi
+  if [ -n "${PCR_KEY:-}" ]; then check_pcr_key; fi
+  if [ -n "${PCR_KEY:-}" ] && [ "$policy" != signed ]; then
+    say "PCR_KEY is given but CONFIG=$config_file does not set state.tpm_policy = \"signed\": the image carries the signature, the node does not use it"
+  fi
 }
 
 build() {
@@ -256,6 +322,7 @@ build() {
   assemble pinned
   say "building with mkosi ($(inside mkosi --version)); log in $out.log"
   mkosi_build "$out"
+  rm -rf "$work/pcr-key"
   check_lock "$out"
   # The UKI's command line, for the reference values and for operators.
   objcopy -O binary --only-section=.cmdline "$out/cvm.efi" "$out/cvm.cmdline"
@@ -322,8 +389,20 @@ measurements() {
   # What a key broker loads (`kbs-serve --reference`): the registers when the node asks for
   # its disk key, PCR 15 included (at ready PCR 15 also holds the state disk's random LUKS2
   # UUID); beside them the image's identity and PCR 11 at ready, which nothing random enters.
-  python3 - "$hash" "$(sha256sum "$out/cvm.efi" | cut -c1-64)" "$(cat "$out/cvm.cmdline")" <<PY > "$out/measurements.json"
-import json, sys
+  # The signed PCR policy (PCR_KEY at build): which key, and whether what it signs is PCR 11
+  # at the key release as predicted above.
+  local pcrsig="$work/uki.pcrsig" pcrpkey="$work/uki.pcrpkey"
+  rm -f "$pcrsig" "$pcrpkey"
+  objcopy -O binary --only-section=.pcrsig "$out/cvm.efi" "$pcrsig" 2>/dev/null || true
+  objcopy -O binary --only-section=.pcrpkey "$out/cvm.efi" "$pcrpkey" 2>/dev/null || true
+  if [ -s "$pcrpkey" ]; then
+    sed -i 's/\x0//g' "$pcrpkey"
+    say "PCR policy signed with the $(pcr_key_id "$pcrpkey") (the UKI's .pcrpkey)"
+  else
+    say "PCR policy: not signed (built without PCR_KEY; state.tpm_policy = \"signed\" will refuse this image)"
+  fi
+  python3 - "$hash" "$(sha256sum "$out/cvm.efi" | cut -c1-64)" "$(cat "$out/cvm.cmdline")" "$pcrsig" "$pcrpkey" <<PY > "$out/measurements.json"
+import hashlib, json, os, struct, sys
 values = json.loads(r"""$key_release""")
 at_ready = json.loads(r"""$ready""")
 values["image"] = {"root_hash": sys.argv[1], "uki_sha256": sys.argv[2], "cmdline": sys.argv[3]}
@@ -338,6 +417,23 @@ values["tdx_rtmr1_events"] = tdx["rtmr1_events"]
 values["tdx_rtmr2_before_init"] = tdx["tdx_rtmr2_before_init"]
 values["tdx_rtmr2_before_init_events"] = tdx["rtmr2_events"]
 values["not_predicted"] = "TDX RTMR 0 (the ACPI tables of the exact QEMU and the firmware's variables)"
+pcrsig_path, pcrpkey_path = sys.argv[4], sys.argv[5]
+if os.path.getsize(pcrpkey_path) if os.path.exists(pcrpkey_path) else 0:
+    text = open(pcrsig_path, "rb").read().rstrip(b"\0") if os.path.exists(pcrsig_path) else b""
+    signed = json.loads(text) if text else {}
+    # TPM2_PolicyPCR's digest of PCR 11 (sha256 bank) at the key release.
+    pcr11 = bytes.fromhex(values["pcr"]["11"]["sha256"])
+    selection = struct.pack(">IHB3s", 1, 0x000B, 3, bytes([0, 0x08, 0]))
+    policy = hashlib.sha256(bytes(32) + struct.pack(">I", 0x17F) + selection + hashlib.sha256(pcr11).digest()).hexdigest()
+    entries = signed.get("sha256", [])
+    if not any(e.get("pol") == policy and e.get("pcrs") == [11] for e in entries):
+        sys.exit(f"image: the UKI's .pcrsig does not sign PCR 11 at the key release ({values['pcr']['11']['sha256']}, policy {policy}): signed policies {[e.get('pol') for e in entries]}")
+    values["pcr_signature"] = {
+        "key_fingerprints": sorted({e.get("pkfp") for e in entries}),
+        "public_key_pem": open(pcrpkey_path).read(),
+        "signed_policies": [e.get("pol") for e in entries],
+        "key_release_policy": policy,
+    }
 print(json.dumps(values, indent=2))
 PY
   say "reference values: $out/measurements.json"

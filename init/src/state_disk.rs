@@ -418,6 +418,10 @@ fn tpm_signed_source() -> Result<TpmSigned<DeviceTransport>, StateError> {
             path: PCR_SIGNATURE_PATH,
             source: e.into(),
         })?;
+    log::info!(
+        "state: signed PCR policy of the UKI, key fingerprint {}",
+        cvm_formats::hex(&key.fingerprint())
+    );
     let mut tpm =
         Tpm::new(DeviceTransport::open().map_err(StateError::Tpm)?).map_err(StateError::Tpm)?;
     let pcr11 = tpm

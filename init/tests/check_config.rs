@@ -306,3 +306,76 @@ fn the_image_build_checks_its_configuration_first() {
     );
     assert!(text.contains("command line: console=ttyS0"), "{text}");
 }
+
+/// `make image PCR_KEY=`: a configuration with the signed policy needs the key (no boot of an
+/// unsigned image could open its disk), and the key must be one a TPM verifies; both are
+/// refused before anything is built.
+#[test]
+fn the_image_build_refuses_a_signed_policy_without_a_usable_key() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = tempfile::tempdir().unwrap();
+    let signed = write(
+        dir.path(),
+        "[state]\nserial = \"s\"\nkey = \"tpm\"\ntpm_policy = \"signed\"\n",
+    );
+    let key = |name: &str, args: &[&str]| {
+        let path = dir.path().join(name);
+        let out = Command::new("openssl")
+            .args(["genpkey", "-out"])
+            .arg(&path)
+            .args(args)
+            .output()
+            .expect("openssl");
+        assert!(out.status.success(), "{out:?}");
+        path
+    };
+    let p256 = key(
+        "p256.pem",
+        &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
+    );
+    let rsa1024 = key(
+        "rsa1024.pem",
+        &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024"],
+    );
+    let image = |config: &Path, pcr_key: Option<&Path>| {
+        let mut command = Command::new("bash");
+        command
+            .arg(root.join("scripts/image.sh"))
+            .arg("check")
+            .env("CONFIG", config)
+            .env("INIT", env!("CARGO_BIN_EXE_cvm-init"))
+            .env_remove("PCR_KEY");
+        if let Some(k) = pcr_key {
+            command.env("PCR_KEY", k);
+        }
+        let out = command.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, text) = image(&signed, None);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("sets state.tpm_policy = \"signed\" but no PCR_KEY was given")
+            && text.contains("nothing was built"),
+        "{text}"
+    );
+    let (ok, text) = image(&signed, Some(&rsa1024));
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("(1024 bit, 2 primes): expected RSA-2048 or ECDSA P-256"),
+        "{text}"
+    );
+    let not_a_key = dir.path().join("not-a-key.pem");
+    std::fs::write(&not_a_key, "not a key\n").unwrap();
+    let (ok, text) = image(&signed, Some(&not_a_key));
+    assert!(!ok && text.contains("not a private key in PEM"), "{text}");
+    let (ok, text) = image(&signed, Some(&p256));
+    assert!(ok, "{text}");
+    // The key without the policy: built, and the builder is told the node will not use it.
+    let (ok, text) = image(&root.join("image/node.toml"), Some(&p256));
+    assert!(ok, "{text}");
+    assert!(text.contains("the node does not use it"), "{text}");
+}

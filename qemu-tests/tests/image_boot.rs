@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use qemu_tests::support::{blank_state_disk, must, power_down};
+use qemu_tests::support::{blank_state_disk, must, power_down, press_ctrl_alt_del};
 use qemu_tests::Guest;
 
 const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
@@ -47,6 +47,7 @@ fn the_image_boots_through_uefi_to_ready_and_measures_what_was_predicted() {
         .state_disk(&disk, "cvm-state")
         .network(true)
         .memory_mib(1024)
+        .allow_reboot(true)
         .start();
     must(guest.wait_for("cvm-init: ready", BOOT));
     let to_ready = started.elapsed();
@@ -130,5 +131,30 @@ fn the_image_boots_through_uefi_to_ready_and_measures_what_was_predicted() {
         "image boot: QEMU start to `cvm-init: ready` in {:.1} s (OVMF, TCG, 1 vCPU)",
         to_ready.as_secs_f64()
     );
+    // An image built with PCR_KEY (`make image-test-signed`): the state disk was sealed to the
+    // UKI's signing key, and the next boot opens it with the UKI's signature.
+    if let Some(signature) = measurements.get("pcr_signature") {
+        let fingerprint = signature["key_fingerprints"][0].as_str().unwrap();
+        assert!(
+            log.contains(&format!(
+                "cvm-init: state: signed PCR policy of the UKI, key fingerprint {fingerprint}"
+            )),
+            "the boot did not use the UKI's signed policy (key {fingerprint})"
+        );
+        press_ctrl_alt_del(&mut guest);
+        must(guest.wait_for_count("cvm-init: ready", 2, BOOT));
+        let log = guest.serial_log();
+        assert_eq!(
+            log.matches("formatted on this boot").count(),
+            1,
+            "the second boot did not open the disk the first one formatted"
+        );
+        assert_eq!(
+            log.matches("signed PCR policy of the UKI, key fingerprint")
+                .count(),
+            2
+        );
+        eprintln!("image boot: the second boot opened the state disk with the signed PCR policy");
+    }
     power_down(&mut guest);
 }
