@@ -1,6 +1,9 @@
 //! Initramfs images (the production one and the boot tests'): cvm-init as /init, for tests the
-//! payload and a configuration file, and the kernel modules the init will load (with filtered modules.dep/.alias and the full
-//! modules.builtin/.softdep, so the init resolves them exactly as on a real image).
+//! payload and a configuration file, and the kernel modules the init will load (with filtered
+//! modules.dep/.alias and the full modules.builtin/.softdep, so the init resolves them exactly
+//! as on a real image). The modules are stored unpacked: the UKI carries the initramfs
+//! uncompressed, and the kernel unpacking xz at every boot was most of the `modules` phase
+//! (docs/benchmarks.md).
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -44,6 +47,33 @@ pub enum InitramfsError {
     Modules(#[from] cvm_init::modules::ModuleError),
     #[error("cannot write the archive")]
     Write(#[from] io::Error),
+    #[error("cannot unpack the module {path}")]
+    Unpack {
+        path: PathBuf,
+        #[source]
+        source: lzma_rs::error::Error,
+    },
+}
+
+/// The path a module has in the archive: `.ko.xz` unpacked to `.ko`.
+fn unpacked_path(rel: &str) -> &str {
+    rel.strip_suffix(".xz").unwrap_or(rel)
+}
+
+/// The module's bytes as the archive holds them (an xz module unpacked).
+fn module_bytes(path: &Path) -> Result<Vec<u8>, InitramfsError> {
+    let bytes = read(path)?;
+    if path.extension().is_some_and(|e| e == "xz") {
+        let mut out = Vec::with_capacity(bytes.len() * 4);
+        lzma_rs::xz_decompress(&mut io::BufReader::new(&bytes[..]), &mut out).map_err(
+            |source| InitramfsError::Unpack {
+                path: path.to_path_buf(),
+                source,
+            },
+        )?;
+        return Ok(out);
+    }
+    Ok(bytes)
 }
 
 /// What goes into a test initramfs.
@@ -125,16 +155,17 @@ fn add_modules(
             }
         }
         w.file(
-            &format!("{base}/{rel}"),
+            &format!("{base}/{}", unpacked_path(rel)),
             0o644,
-            &read(&kernel.modules_dir.join(rel))?,
+            &module_bytes(&kernel.modules_dir.join(rel))?,
         )?;
         let deps: Vec<&str> = index
             .dependencies(name)
             .iter()
             .filter_map(|d| index.relative_path(d))
+            .map(unpacked_path)
             .collect();
-        dep.push_str(&format!("{rel}: {}\n", deps.join(" ")));
+        dep.push_str(&format!("{}: {}\n", unpacked_path(rel), deps.join(" ")));
     }
     w.file(&format!("{base}/modules.dep"), 0o644, dep.as_bytes())?;
     for file in ["modules.builtin", "modules.softdep"] {
@@ -158,4 +189,37 @@ fn add_modules(
         .collect();
     w.file(&format!("{base}/modules.alias"), 0o644, aliases.as_bytes())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xz_modules_are_stored_unpacked_under_their_ko_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let module = b"\x7fELF a module's bytes".repeat(100);
+        let mut packed = Vec::new();
+        lzma_rs::xz_compress(&mut &module[..], &mut packed).unwrap();
+        let path = dir.path().join("dm-verity.ko.xz");
+        fs::write(&path, &packed).unwrap();
+        assert_eq!(module_bytes(&path).unwrap(), module);
+        assert_eq!(
+            unpacked_path("kernel/drivers/md/dm-verity.ko.xz"),
+            "kernel/drivers/md/dm-verity.ko"
+        );
+        // An unpacked module is taken as it is.
+        let plain = dir.path().join("erofs.ko");
+        fs::write(&plain, &module).unwrap();
+        assert_eq!(module_bytes(&plain).unwrap(), module);
+        assert_eq!(
+            unpacked_path("kernel/fs/erofs/erofs.ko"),
+            "kernel/fs/erofs/erofs.ko"
+        );
+        // A damaged one is an error naming it, not a module the kernel would refuse at boot.
+        let damaged = dir.path().join("ext4.ko.xz");
+        fs::write(&damaged, &packed[..packed.len() / 2]).unwrap();
+        let e = module_bytes(&damaged).unwrap_err();
+        assert!(e.to_string().contains("ext4.ko.xz"), "{e}");
+    }
 }
