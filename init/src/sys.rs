@@ -77,21 +77,63 @@ impl System for Linux {
     }
 }
 
+/// The trailer of a signed module (the kernel's `MODULE_SIG_STRING`), after a 12-byte
+/// `struct module_signature` whose last field is the signature's length (big-endian).
+const SIGNATURE_MAGIC: &[u8] = b"~Module signature appended~\n";
+
+/// Cleared when the kernel refuses a module without its signature (`module.sig_enforce`, or
+/// lockdown under Secure Boot): from then on every module is loaded with it.
+static UNSIGNED_ACCEPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// The module without its appended signature, if it has a well-formed one.
+pub fn without_signature(module: &[u8]) -> Option<&[u8]> {
+    let body = module.strip_suffix(SIGNATURE_MAGIC)?;
+    let header = body.len().checked_sub(12)?;
+    let length = u32::from_be_bytes(body[header + 8..].try_into().ok()?) as usize;
+    let start = header.checked_sub(length)?;
+    Some(&module[..start])
+}
+
 /// Loads an open module file (`path` names it: its extension tells whether the kernel must
 /// decompress it). A module already loaded counts as loaded.
+///
+/// An uncompressed module is handed over without its signature while the kernel accepts that:
+/// checking the signature is an RSA verification per module, most of the time modules took
+/// (docs/benchmarks.md), and it adds nothing here, because every module this init loads comes
+/// from the measured initramfs or the dm-verity root, whose contents the measurements already
+/// cover. A kernel that requires signatures gets them.
 pub fn load_module_file(file: &fs::File, path: &Path) -> Result<(), ModuleLoadError> {
+    use std::io::Read as _;
+    use std::sync::atomic::Ordering;
     let compressed = path
         .extension()
         .is_some_and(|e| e == "xz" || e == "zst" || e == "gz");
-    let flags = if compressed {
-        ModuleInitFlags::from_bits_retain(MODULE_INIT_COMPRESSED_FILE as _)
-    } else {
-        ModuleInitFlags::empty()
-    };
-    match finit_module(file.as_fd(), c"", flags) {
+    let done = |result: nix::Result<()>| match result {
         Ok(()) | Err(Errno::EEXIST) => Ok(()),
         Err(e) => Err(ModuleLoadError::Kernel(e)),
+    };
+    if compressed {
+        let flags = ModuleInitFlags::from_bits_retain(MODULE_INIT_COMPRESSED_FILE as _);
+        return done(finit_module(file.as_fd(), c"", flags));
     }
+    let mut module = Vec::new();
+    (&*file)
+        .read_to_end(&mut module)
+        .map_err(ModuleLoadError::Open)?;
+    if UNSIGNED_ACCEPTED.load(Ordering::Relaxed) {
+        if let Some(body) = without_signature(&module) {
+            match nix::kmod::init_module(body, c"") {
+                Err(Errno::EKEYREJECTED | Errno::ENOKEY | Errno::EPERM) => {
+                    UNSIGNED_ACCEPTED.store(false, Ordering::Relaxed);
+                    log::info!(
+                        "modules: the kernel requires their signatures (module.sig_enforce or lockdown); loading them signed"
+                    );
+                }
+                result => return done(result),
+            }
+        }
+    }
+    done(nix::kmod::init_module(&module, c""))
 }
 
 #[cfg(test)]
@@ -172,5 +214,40 @@ pub mod fake {
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signed(body: &[u8], signature: &[u8]) -> Vec<u8> {
+        let mut module = body.to_vec();
+        module.extend_from_slice(signature);
+        // algo, hash, id_type (PKCS#7), signer_len, key_id_len, pad[3], sig_len.
+        module.extend_from_slice(&[0, 0, 2, 0, 0, 0, 0, 0]);
+        module.extend_from_slice(&(signature.len() as u32).to_be_bytes());
+        module.extend_from_slice(SIGNATURE_MAGIC);
+        module
+    }
+
+    #[test]
+    fn the_signature_is_cut_only_from_a_well_formed_trailer() {
+        let body = b"\x7fELF the module";
+        assert_eq!(
+            without_signature(&signed(body, &[0x30; 40])),
+            Some(&body[..])
+        );
+        assert_eq!(without_signature(&signed(b"", &[0x30; 4])), Some(&b""[..]));
+        // Unsigned, a length beyond the file, a trailer too short for its header.
+        assert_eq!(without_signature(body), None);
+        let mut long = signed(body, &[0x30; 40]);
+        let at = long.len() - SIGNATURE_MAGIC.len() - 4;
+        long[at..at + 4].copy_from_slice(&1000u32.to_be_bytes());
+        assert_eq!(without_signature(&long), None);
+        let mut short = vec![0u8; 5];
+        short.extend_from_slice(SIGNATURE_MAGIC);
+        assert_eq!(without_signature(&short), None);
+        assert_eq!(without_signature(SIGNATURE_MAGIC), None);
     }
 }
