@@ -259,6 +259,26 @@ fn f_bad_option_is_named_then_power_off() {
     }
 }
 
+/// h. Modules are loaded without their signatures only while the kernel accepts that: a kernel
+/// that enforces them (`module.sig_enforce=1`, as lockdown does under Secure Boot) refuses the
+/// first, and every module is then loaded signed; the node boots either way.
+#[test]
+fn h_a_kernel_that_enforces_module_signatures_gets_them() {
+    let (mut guest, _dir) = boot("sig-enforce", Some(SERVE), "module.sig_enforce=1", |g| g);
+    must(guest.wait_for("web: payload: serving", BOOT));
+    let log = guest.serial_log();
+    assert!(
+        log.contains("cvm-init: modules: the kernel requires their signatures"),
+        "the refusal of an unsigned module was not taken as the kernel's rule"
+    );
+    assert!(log.contains("cvm-init: ready"));
+    assert!(
+        !log.contains("optional module sha256_ssse3 not loaded")
+            && !log.contains("optional module aesni_intel not loaded"),
+        "a module was left out instead of loaded signed"
+    );
+}
+
 /// f'. With cvm.debug the same failure holds the machine instead.
 #[test]
 fn f_debug_holds_instead_of_power_off() {
