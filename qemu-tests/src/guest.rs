@@ -1,10 +1,15 @@
 //! A QEMU guest for boot tests: a builder for the machine, readiness by console markers, and
 //! cleanup of every process it started. When a test fails (panics) while a guest is alive, the
-//! guest's serial log is printed.
+//! guest's serial log is printed. Beside `serial.log`, `serial.timed.log` has each console
+//! line with its arrival time since QEMU's start (`cvm-measure timeline` draws it).
 
 use std::fs;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::qmp::Qmp;
@@ -394,6 +399,7 @@ impl Guest {
         let mut guest = RunningGuest {
             name: self.name.clone(),
             serial,
+            timer: None,
             qemu: None,
             swtpm: None,
             qmp: None,
@@ -432,10 +438,14 @@ impl Guest {
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped());
         }
+        let started = Instant::now();
         let qemu = cmd
             .spawn()
             .expect("qemu-system-x86_64 is installed by make deps");
         guest.qemu = Some(qemu);
+        if !self.interactive {
+            guest.timer = Some(ConsoleTimer::start(&guest.serial, started));
+        }
         match Qmp::connect(&qmp_socket, Duration::from_secs(20)) {
             Ok(qmp) => guest.qmp = Some(qmp),
             Err(e) => panic!("guest {}: cannot connect to QMP: {e}", guest.name),
@@ -452,9 +462,93 @@ fn wait_for_path(path: &Path, timeout: Duration) {
     }
 }
 
+/// Copies the console, as QEMU writes it to `serial.log`, to `serial.timed.log`: each line
+/// `<seconds since QEMU's start, 3 decimals> <line>`, the time when the line was read (the file
+/// is polled every 5 ms). QEMU's `file:` backend keeps no times; the copy adds them without
+/// changing how the console is written or read.
+struct ConsoleTimer {
+    stop: Arc<AtomicBool>,
+    /// Bytes of `serial.log` copied so far.
+    copied: Arc<AtomicU64>,
+    thread: Option<JoinHandle<()>>,
+    timed: PathBuf,
+}
+
+impl ConsoleTimer {
+    fn start(serial: &Path, started: Instant) -> ConsoleTimer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let copied = Arc::new(AtomicU64::new(0));
+        let timed = serial.with_file_name("serial.timed.log");
+        let thread = {
+            let (serial, timed, stop, copied) = (
+                serial.to_path_buf(),
+                timed.clone(),
+                stop.clone(),
+                copied.clone(),
+            );
+            std::thread::spawn(move || {
+                let Ok(mut out) = fs::File::create(&timed) else {
+                    return;
+                };
+                let mut input = None;
+                let mut pending = Vec::new();
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let stopping = stop.load(Ordering::Acquire);
+                    if input.is_none() {
+                        input = fs::File::open(&serial).ok();
+                    }
+                    let mut read_any = false;
+                    if let Some(file) = input.as_mut() {
+                        while let Ok(n @ 1..) = file.read(&mut buf) {
+                            read_any = true;
+                            let at = started.elapsed().as_secs_f64();
+                            for &byte in &buf[..n] {
+                                pending.push(byte);
+                                if byte == b'\n' {
+                                    let _ = write!(out, "{at:.3} ");
+                                    let _ = out.write_all(&pending);
+                                    pending.clear();
+                                }
+                            }
+                            copied.fetch_add(n as u64, Ordering::Release);
+                        }
+                    }
+                    if stopping {
+                        if !pending.is_empty() {
+                            let at = started.elapsed().as_secs_f64();
+                            let _ = write!(out, "{at:.3} ");
+                            let _ = out.write_all(&pending);
+                            let _ = out.write_all(b"\n");
+                        }
+                        return;
+                    }
+                    if !read_any {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+            })
+        };
+        ConsoleTimer {
+            stop,
+            copied,
+            thread: Some(thread),
+            timed,
+        }
+    }
+
+    fn finish(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 pub struct RunningGuest {
     pub name: String,
     serial: PathBuf,
+    timer: Option<ConsoleTimer>,
     qemu: Option<Child>,
     swtpm: Option<Child>,
     qmp: Option<Qmp>,
@@ -468,6 +562,20 @@ impl RunningGuest {
         fs::read(&self.serial)
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default()
+    }
+
+    /// The timed copy of the console (`serial.timed.log`, see [`ConsoleTimer`]) once it holds
+    /// everything `serial.log` holds now (waiting at most a second for the copy to catch up).
+    pub fn timed_serial_log(&self) -> Vec<u8> {
+        let Some(timer) = self.timer.as_ref() else {
+            return Vec::new();
+        };
+        let written = fs::metadata(&self.serial).map_or(0, |m| m.len());
+        let end = Instant::now() + Duration::from_secs(1);
+        while timer.copied.load(Ordering::Acquire) < written && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        fs::read(&timer.timed).unwrap_or_default()
     }
 
     /// Waits until `marker` has appeared `count` times on the console. Fails early when QEMU
@@ -570,6 +678,9 @@ impl Drop for RunningGuest {
         if let Some(mut swtpm) = self.swtpm.take() {
             let _ = swtpm.kill();
             let _ = swtpm.wait();
+        }
+        if let Some(mut timer) = self.timer.take() {
+            timer.finish();
         }
         if std::thread::panicking() {
             eprintln!(
