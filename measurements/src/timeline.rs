@@ -69,7 +69,7 @@ pub enum TimelineError {
     EndWithoutStart { line: usize, name: String },
     #[error("line {line}: phase {name} starts again while it runs")]
     StartedTwice { line: usize, name: String },
-    #[error("line {line}: expected `phase NAME start`, `phase NAME ok <N>ms` or `phase NAME failed: …`, found `{text}`")]
+    #[error("line {line}: expected `phase NAME start`, `phase NAME ok <N>ms` or `error: phase NAME failed: …`, found `{text}`")]
     BadPhase { line: usize, text: String },
     #[error("line {line}: service {name} ready (or not) without its start")]
     ReadyWithoutStart { line: usize, name: String },
@@ -413,6 +413,12 @@ pub fn parse(bytes: &[u8]) -> Result<Timeline, TimelineError> {
             // A second boot: this picture is of the first.
             break;
         }
+        // A failed phase and a service killed for not becoming ready are errors
+        // (`cvm-init: error: phase NAME failed: …`); their start and end are not.
+        let (is_error, init) = match init.strip_prefix("error: ") {
+            Some(rest) => (true, rest),
+            None => (false, init),
+        };
         if let Some(rest) = init.strip_prefix("phase ") {
             let bad = || TimelineError::BadPhase {
                 line: line.number,
@@ -420,6 +426,9 @@ pub fn parse(bytes: &[u8]) -> Result<Timeline, TimelineError> {
             };
             let (name, verb) = rest.split_once(' ').ok_or_else(bad)?;
             let open = open_phases.iter().position(|(n, _)| n == name);
+            if is_error != verb.starts_with("failed") {
+                return Err(bad());
+            }
             if verb == "start" {
                 let t = clock.at_or_last(line)?;
                 if open.is_some() {
@@ -463,6 +472,11 @@ pub fn parse(bytes: &[u8]) -> Result<Timeline, TimelineError> {
                 continue;
             };
             let known = services.iter().find(|(n, _)| n == name).map(|(_, i)| *i);
+            if is_error != what.starts_with("not ready: ") {
+                // Other errors about a service (it could not be measured, or started) leave
+                // its bar as it is; its restarts show on the console.
+                continue;
+            }
             if what.starts_with("started: ") {
                 let t = clock.at_or_last(line)?;
                 // A restart keeps the first start: the wait for ready includes it.
@@ -850,7 +864,9 @@ mod tests {
             }
         );
         assert_eq!(e.to_string(), "line 4: phase mounts ends without its start");
-        let e = error(&format!("{HEAD}1.010 cvm-init: phase mounts failed: no\n"));
+        let e = error(&format!(
+            "{HEAD}1.010 cvm-init: error: phase mounts failed: no\n"
+        ));
         assert!(matches!(e, TimelineError::EndWithoutStart { line: 4, .. }));
     }
 
@@ -936,10 +952,10 @@ mod tests {
     #[test]
     fn unfinished_and_failed_work_is_drawn_as_such() {
         let log = format!(
-            "{HEAD}1.010 cvm-init: phase a start\n1.020 cvm-init: phase a failed: x\n\
+            "{HEAD}1.010 cvm-init: phase a start\n1.020 cvm-init: error: phase a failed: x\n\
              1.030 cvm-init: phase b start\n\
              1.040 cvm-init: service s started: pid 3 (/s)\n\
-             1.050 cvm-init: service s not ready: /s did not accept connections within 9ms\n\
+             1.050 cvm-init: error: service s not ready: /s did not accept connections within 9ms\n\
              2.000 console noise\n"
         );
         let t = parse(log.as_bytes()).unwrap();
