@@ -631,6 +631,17 @@ impl Timeline {
             n += 1;
             tick = f64::from(n) * step;
         }
+        // The ready line under the bars, so that their labels stay readable across it.
+        if let Some(r) = self.ready {
+            let rx = x(r);
+            let _ = writeln!(
+                svg,
+                r##"<line x1="{rx:.1}" y1="{:.1}" x2="{rx:.1}" y2="{bottom:.1}" stroke="#d62728" stroke-width="2"/>
+<text x="{rx:.1}" y="{:.1}" fill="#d62728" text-anchor="middle">ready {r:.3} s</text>"##,
+                TOP - 8.0,
+                bottom + 16.0,
+            );
+        }
         for (row, bar) in self.bars.iter().enumerate() {
             let y = TOP + ROW * row as f64 + (ROW - BAR) / 2.0;
             let x0 = x(bar.start);
@@ -655,16 +666,6 @@ impl Timeline {
                 x0 + w + 4.0,
                 y + BAR - 4.0,
                 label,
-            );
-        }
-        if let Some(r) = self.ready {
-            let rx = x(r);
-            let _ = writeln!(
-                svg,
-                r##"<line x1="{rx:.1}" y1="{:.1}" x2="{rx:.1}" y2="{bottom:.1}" stroke="#d62728" stroke-width="2"/>
-<text x="{rx:.1}" y="{:.1}" fill="#d62728" text-anchor="middle">ready {r:.3} s</text>"##,
-                TOP - 8.0,
-                bottom + 16.0,
             );
         }
         svg.push_str("</svg>\n");
