@@ -692,3 +692,47 @@ impl Drop for RunningGuest {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The timed copy has every line of the console, in order, each after its arrival time;
+    /// a last line without its newline is kept when the guest ends.
+    #[test]
+    fn the_timed_console_copies_each_line_with_its_arrival_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let serial = dir.path().join("serial.log");
+        let started = Instant::now();
+        let mut timer = ConsoleTimer::start(&serial, started);
+        std::thread::sleep(Duration::from_millis(50));
+        let mut console = fs::File::create(&serial).unwrap();
+        console
+            .write_all(b"[    0.000000] Linux\r\ncvm-init: start")
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        console
+            .write_all(b"ing version 0.1.0\n\xffpartial")
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        timer.finish();
+        let timed = fs::read(dir.path().join("serial.timed.log")).unwrap();
+        let lines: Vec<&[u8]> = timed.split(|&b| b == b'\n').collect();
+        assert_eq!(lines.len(), 4, "{}", String::from_utf8_lossy(&timed));
+        assert!(lines[3].is_empty());
+        let split = |line: &[u8]| {
+            let space = line.iter().position(|&b| b == b' ').unwrap();
+            let time = std::str::from_utf8(&line[..space]).unwrap();
+            assert_eq!(time.split_once('.').unwrap().1.len(), 3, "{time}");
+            (time.parse::<f64>().unwrap(), line[space + 1..].to_vec())
+        };
+        let (t0, l0) = split(lines[0]);
+        let (t1, l1) = split(lines[1]);
+        let (t2, l2) = split(lines[2]);
+        assert_eq!(l0, b"[    0.000000] Linux\r");
+        assert_eq!(l1, b"cvm-init: starting version 0.1.0");
+        assert_eq!(l2, b"\xffpartial");
+        assert!(t0 >= 0.04 && t1 >= t0 + 0.25 && t2 >= t1, "{t0} {t1} {t2}");
+        assert!(t2 <= started.elapsed().as_secs_f64());
+    }
+}
