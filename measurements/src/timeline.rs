@@ -32,6 +32,7 @@
 //! a library would add, escaping, is a short function here that must also drop what XML cannot
 //! hold.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 
 /// The prefix of the init's own console lines (`init/src/logger.rs`).
@@ -39,6 +40,9 @@ const PREFIX: &str = "cvm-init: ";
 
 /// Times beyond this many seconds are not a boot (and would make an SVG kilometres wide).
 const MAX_SECONDS: f64 = 1.0e6;
+
+/// More phases and services than this are not one boot (and would make an SVG of megabytes).
+const MAX_BARS: usize = 1000;
 
 /// The longest name shown; longer ones are cut with an ellipsis.
 const MAX_NAME: usize = 48;
@@ -71,6 +75,8 @@ pub enum TimelineError {
     StartedTwice { line: usize, name: String },
     #[error("line {line}: expected `phase NAME start`, `phase NAME ok <N>ms` or `error: phase NAME failed: …`, found `{text}`")]
     BadPhase { line: usize, text: String },
+    #[error("line {line}: more than {MAX_BARS} phases and services: not the console of one boot")]
+    TooMany { line: usize },
     #[error("line {line}: service {name} ready (or not) without its start")]
     ReadyWithoutStart { line: usize, name: String },
 }
@@ -400,8 +406,8 @@ pub fn parse(bytes: &[u8]) -> Result<Timeline, TimelineError> {
 
     let mut ready = None;
     // Open phases and known services: name → index in `bars`.
-    let mut open_phases: Vec<(String, usize)> = Vec::new();
-    let mut services: Vec<(String, usize)> = Vec::new();
+    let mut open_phases: HashMap<&str, usize> = HashMap::new();
+    let mut services: HashMap<&str, usize> = HashMap::new();
     for line in &lines[start_index + 1..] {
         let Some(init) = line.text.strip_prefix(PREFIX) else {
             if let Some(t) = line.time {
@@ -425,7 +431,7 @@ pub fn parse(bytes: &[u8]) -> Result<Timeline, TimelineError> {
                 text: escape_for_error(line.text),
             };
             let (name, verb) = rest.split_once(' ').ok_or_else(bad)?;
-            let open = open_phases.iter().position(|(n, _)| n == name);
+            let open = open_phases.get(name).copied();
             if is_error != verb.starts_with("failed") {
                 return Err(bad());
             }
@@ -437,19 +443,20 @@ pub fn parse(bytes: &[u8]) -> Result<Timeline, TimelineError> {
                         name: escape_for_error(name),
                     });
                 }
-                open_phases.push((name.to_string(), bars.len()));
+                too_many(&bars, line)?;
+                open_phases.insert(name, bars.len());
                 let mut bar = span(Kind::Phase, name, t, t);
                 bar.outcome = Outcome::Unfinished;
                 bars.push(bar);
             } else if verb == "ok" || verb.starts_with("ok ") || verb.starts_with("failed") {
-                let Some(open) = open else {
+                let Some(index) = open else {
                     return Err(TimelineError::EndWithoutStart {
                         line: line.number,
                         name: escape_for_error(name),
                     });
                 };
                 let given = clock.at(line)?;
-                let (_, index) = open_phases.remove(open);
+                open_phases.remove(name);
                 let bar = &mut bars[index];
                 if let Some(duration) = verb.strip_prefix("ok ") {
                     let ms = parse_ms(duration).ok_or_else(bad)?;
@@ -471,7 +478,7 @@ pub fn parse(bytes: &[u8]) -> Result<Timeline, TimelineError> {
             let Some((name, what)) = rest.split_once(' ') else {
                 continue;
             };
-            let known = services.iter().find(|(n, _)| n == name).map(|(_, i)| *i);
+            let known = services.get(name).copied();
             if is_error != what.starts_with("not ready: ") {
                 // Other errors about a service (it could not be measured, or started) leave
                 // its bar as it is; its restarts show on the console.
@@ -481,7 +488,8 @@ pub fn parse(bytes: &[u8]) -> Result<Timeline, TimelineError> {
                 let t = clock.at_or_last(line)?;
                 // A restart keeps the first start: the wait for ready includes it.
                 if known.is_none() {
-                    services.push((name.to_string(), bars.len()));
+                    too_many(&bars, line)?;
+                    services.insert(name, bars.len());
                     let mut bar = span(Kind::Service, name, t, t);
                     bar.outcome = Outcome::StartedOnly;
                     bars.push(bar);
@@ -517,7 +525,7 @@ pub fn parse(bytes: &[u8]) -> Result<Timeline, TimelineError> {
         });
     }
     let end = clock.last;
-    for (_, index) in open_phases {
+    for index in open_phases.into_values() {
         bars[index].end = end;
         bars[index].label_ms = (end - bars[index].start) * 1000.0;
     }
@@ -533,6 +541,13 @@ pub fn parse(bytes: &[u8]) -> Result<Timeline, TimelineError> {
         ready,
         end,
     })
+}
+
+fn too_many(bars: &[Bar], line: &Line) -> Result<(), TimelineError> {
+    if bars.len() >= MAX_BARS {
+        return Err(TimelineError::TooMany { line: line.number });
+    }
+    Ok(())
 }
 
 fn span(kind: Kind, name: &str, start: f64, end: f64) -> Bar {
@@ -1013,6 +1028,30 @@ mod tests {
         assert!(!svg.contains(&"n".repeat(MAX_NAME + 1)));
         assert!(svg.contains("after QEMU&apos;s start<"));
         well_formed(&svg);
+    }
+
+    #[test]
+    fn a_flood_of_phases_is_refused() {
+        let mut log = HEAD.to_string();
+        for i in 0..MAX_BARS {
+            log.push_str(&format!("1.100 cvm-init: phase p{i} start\n"));
+        }
+        let e = error(&log);
+        // Firmware, kernel and cvm-init take three bars: the phase on line 3 + 998 is the last.
+        assert_eq!(
+            e,
+            TimelineError::TooMany {
+                line: 3 + MAX_BARS - 2
+            }
+        );
+        // Ended phases count too.
+        let mut log = HEAD.to_string();
+        for i in 0..MAX_BARS {
+            log.push_str(&format!(
+                "1.100 cvm-init: phase p{i} start\n1.100 cvm-init: phase p{i} ok 0ms\n"
+            ));
+        }
+        assert!(matches!(error(&log), TimelineError::TooMany { .. }));
     }
 
     #[test]
