@@ -1031,6 +1031,16 @@ mod tests {
     }
 
     #[test]
+    fn without_kernel_stamps_firmware_and_kernel_are_one_bar() {
+        let log = "0.500 BdsDxe: loading Boot0001\n2.000 cvm-init: starting version 0.1.0\n\
+                   2.100 cvm-init: ready\n";
+        let t = parse(log.as_bytes()).unwrap();
+        assert_eq!(t.bars[0].kind, Kind::FirmwareAndKernel);
+        assert!(close(t.bars[0].end, 2.0));
+        assert!(t.to_svg("x").contains(">firmware and kernel 2.00 s<"));
+    }
+
+    #[test]
     fn a_flood_of_phases_is_refused() {
         let mut log = HEAD.to_string();
         for i in 0..MAX_BARS {
