@@ -10,6 +10,7 @@ pub mod mapped;
 pub mod predict;
 pub mod snp;
 pub mod tdx;
+pub mod timeline;
 pub mod tpm;
 pub mod uefi;
 pub mod x509;

@@ -1,10 +1,15 @@
 //! A QEMU guest for boot tests: a builder for the machine, readiness by console markers, and
 //! cleanup of every process it started. When a test fails (panics) while a guest is alive, the
-//! guest's serial log is printed.
+//! guest's serial log is printed. Beside `serial.log`, `serial.timed.log` has each console
+//! line with its arrival time since QEMU's start (`cvm-measure timeline` draws it).
 
 use std::fs;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::qmp::Qmp;
@@ -394,6 +399,7 @@ impl Guest {
         let mut guest = RunningGuest {
             name: self.name.clone(),
             serial,
+            timer: None,
             qemu: None,
             swtpm: None,
             qmp: None,
@@ -432,10 +438,14 @@ impl Guest {
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped());
         }
+        let started = Instant::now();
         let qemu = cmd
             .spawn()
             .expect("qemu-system-x86_64 is installed by make deps");
         guest.qemu = Some(qemu);
+        if !self.interactive {
+            guest.timer = Some(ConsoleTimer::start(&guest.serial, started));
+        }
         match Qmp::connect(&qmp_socket, Duration::from_secs(20)) {
             Ok(qmp) => guest.qmp = Some(qmp),
             Err(e) => panic!("guest {}: cannot connect to QMP: {e}", guest.name),
@@ -452,9 +462,93 @@ fn wait_for_path(path: &Path, timeout: Duration) {
     }
 }
 
+/// Copies the console, as QEMU writes it to `serial.log`, to `serial.timed.log`: each line
+/// `<seconds since QEMU's start, 3 decimals> <line>`, the time when the line was read (the file
+/// is polled every 5 ms). QEMU's `file:` backend keeps no times; the copy adds them without
+/// changing how the console is written or read.
+struct ConsoleTimer {
+    stop: Arc<AtomicBool>,
+    /// Bytes of `serial.log` copied so far.
+    copied: Arc<AtomicU64>,
+    thread: Option<JoinHandle<()>>,
+    timed: PathBuf,
+}
+
+impl ConsoleTimer {
+    fn start(serial: &Path, started: Instant) -> ConsoleTimer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let copied = Arc::new(AtomicU64::new(0));
+        let timed = serial.with_file_name("serial.timed.log");
+        let thread = {
+            let (serial, timed, stop, copied) = (
+                serial.to_path_buf(),
+                timed.clone(),
+                stop.clone(),
+                copied.clone(),
+            );
+            std::thread::spawn(move || {
+                let Ok(mut out) = fs::File::create(&timed) else {
+                    return;
+                };
+                let mut input = None;
+                let mut pending = Vec::new();
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let stopping = stop.load(Ordering::Acquire);
+                    if input.is_none() {
+                        input = fs::File::open(&serial).ok();
+                    }
+                    let mut read_any = false;
+                    if let Some(file) = input.as_mut() {
+                        while let Ok(n @ 1..) = file.read(&mut buf) {
+                            read_any = true;
+                            let at = started.elapsed().as_secs_f64();
+                            for &byte in &buf[..n] {
+                                pending.push(byte);
+                                if byte == b'\n' {
+                                    let _ = write!(out, "{at:.3} ");
+                                    let _ = out.write_all(&pending);
+                                    pending.clear();
+                                }
+                            }
+                            copied.fetch_add(n as u64, Ordering::Release);
+                        }
+                    }
+                    if stopping {
+                        if !pending.is_empty() {
+                            let at = started.elapsed().as_secs_f64();
+                            let _ = write!(out, "{at:.3} ");
+                            let _ = out.write_all(&pending);
+                            let _ = out.write_all(b"\n");
+                        }
+                        return;
+                    }
+                    if !read_any {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+            })
+        };
+        ConsoleTimer {
+            stop,
+            copied,
+            thread: Some(thread),
+            timed,
+        }
+    }
+
+    fn finish(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 pub struct RunningGuest {
     pub name: String,
     serial: PathBuf,
+    timer: Option<ConsoleTimer>,
     qemu: Option<Child>,
     swtpm: Option<Child>,
     qmp: Option<Qmp>,
@@ -468,6 +562,20 @@ impl RunningGuest {
         fs::read(&self.serial)
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default()
+    }
+
+    /// The timed copy of the console (`serial.timed.log`, see [`ConsoleTimer`]) once it holds
+    /// everything `serial.log` holds now (waiting at most a second for the copy to catch up).
+    pub fn timed_serial_log(&self) -> Vec<u8> {
+        let Some(timer) = self.timer.as_ref() else {
+            return Vec::new();
+        };
+        let written = fs::metadata(&self.serial).map_or(0, |m| m.len());
+        let end = Instant::now() + Duration::from_secs(1);
+        while timer.copied.load(Ordering::Acquire) < written && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        fs::read(&timer.timed).unwrap_or_default()
     }
 
     /// Waits until `marker` has appeared `count` times on the console. Fails early when QEMU
@@ -571,6 +679,9 @@ impl Drop for RunningGuest {
             let _ = swtpm.kill();
             let _ = swtpm.wait();
         }
+        if let Some(mut timer) = self.timer.take() {
+            timer.finish();
+        }
         if std::thread::panicking() {
             eprintln!(
                 "----- serial log of guest {} -----\n{}\n----- end of serial log of guest {} -----",
@@ -579,5 +690,49 @@ impl Drop for RunningGuest {
                 self.name
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The timed copy has every line of the console, in order, each after its arrival time;
+    /// a last line without its newline is kept when the guest ends.
+    #[test]
+    fn the_timed_console_copies_each_line_with_its_arrival_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let serial = dir.path().join("serial.log");
+        let started = Instant::now();
+        let mut timer = ConsoleTimer::start(&serial, started);
+        std::thread::sleep(Duration::from_millis(50));
+        let mut console = fs::File::create(&serial).unwrap();
+        console
+            .write_all(b"[    0.000000] Linux\r\ncvm-init: start")
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        console
+            .write_all(b"ing version 0.1.0\n\xffpartial")
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        timer.finish();
+        let timed = fs::read(dir.path().join("serial.timed.log")).unwrap();
+        let lines: Vec<&[u8]> = timed.split(|&b| b == b'\n').collect();
+        assert_eq!(lines.len(), 4, "{}", String::from_utf8_lossy(&timed));
+        assert!(lines[3].is_empty());
+        let split = |line: &[u8]| {
+            let space = line.iter().position(|&b| b == b' ').unwrap();
+            let time = std::str::from_utf8(&line[..space]).unwrap();
+            assert_eq!(time.split_once('.').unwrap().1.len(), 3, "{time}");
+            (time.parse::<f64>().unwrap(), line[space + 1..].to_vec())
+        };
+        let (t0, l0) = split(lines[0]);
+        let (t1, l1) = split(lines[1]);
+        let (t2, l2) = split(lines[2]);
+        assert_eq!(l0, b"[    0.000000] Linux\r");
+        assert_eq!(l1, b"cvm-init: starting version 0.1.0");
+        assert_eq!(l2, b"\xffpartial");
+        assert!(t0 >= 0.04 && t1 >= t0 + 0.25 && t2 >= t1, "{t0} {t1} {t2}");
+        assert!(t2 <= started.elapsed().as_secs_f64());
     }
 }

@@ -18,6 +18,7 @@ mod replay;
 mod sign_pcr_policy;
 mod snp;
 mod tdx;
+mod timeline;
 mod verify;
 mod verity;
 
@@ -51,6 +52,7 @@ enum Command {
     Evidence(evidence::Args),
     Snp(snp::Args),
     Tdx(tdx::Args),
+    Timeline(timeline::Args),
     Launch(launch::Args),
     Verify(verify::Args),
     KbsServe(kbs_serve::Args),
@@ -70,6 +72,7 @@ impl Command {
             Command::Evidence(_) => "evidence",
             Command::Snp(_) => "snp",
             Command::Tdx(_) => "tdx",
+            Command::Timeline(_) => "timeline",
             Command::Launch(a) => return format!("launch {}", a.name()),
             Command::Verify(a) => return format!("verify {}", a.name()),
             Command::KbsServe(_) => "kbs-serve",
@@ -88,6 +91,7 @@ impl Command {
             Command::Evidence(a) => evidence::run(a),
             Command::Snp(a) => snp::run(a),
             Command::Tdx(a) => tdx::run(a),
+            Command::Timeline(a) => timeline::run(a),
             Command::Launch(a) => launch::run(a),
             Command::Verify(a) => verify::run(a),
             Command::KbsServe(a) => kbs_serve::run(a),

@@ -9,6 +9,9 @@
 //!   cvm-harness bench-state <release cvm-init>   only the state-disk figures
 //!   cvm-harness bench-node <release cvm-init>    only containerd + kubelet stand-in figures
 //!   cvm-harness bench-snp <release cvm-measure>  only the SNP launch digest vs sev-snp-measure
+//!
+//! The boot benches draw one boot of each kind (`cvm-measure timeline`'s picture) into
+//! `target/bench/boot-<kind>.svg`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -16,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use cvm_measure::launch::{Launch, Tee};
 use qemu_tests::support::sparse_disk;
-use qemu_tests::{broker, kernel_time_of, Artifacts, Guest};
+use qemu_tests::{broker, kernel_time_of, Artifacts, Guest, RunningGuest};
 
 /// The QEMU harness's command line, for `make run` and `make bench`
 #[derive(Debug, clap::Parser)]
@@ -311,6 +314,9 @@ fn bench(release_init: &Path, release_measure: &Path) -> Result<(), String> {
             .cmdline("loglevel=7")
             .start();
         guest.wait_for("probe: payload: pid1-rss-kib=", Duration::from_secs(120))?;
+        if run == runs {
+            draw_boot(&guest, "bench");
+        }
         let log = guest.serial_log();
         let ready = kernel_time_of(&log, "cvm-init: ready").ok_or("no timestamped ready line")?;
         // The kernel's own line for the start of PID 1.
@@ -388,6 +394,7 @@ fn workload_bench(artifacts: &Artifacts) -> Result<(), String> {
         .start();
         guest.wait_for("probe: payload: pid1-rss-kib=", Duration::from_secs(300))?;
         guest.wait_for("kubelet-standin: reached", Duration::from_secs(60))?;
+        draw_boot(&guest, &format!("node-{boot}"));
         let log = guest.serial_log();
         let at = |marker: &str| {
             kernel_time_of(&log, marker).ok_or(format!("no timestamped line for {marker:?}"))
@@ -420,6 +427,32 @@ const STATE_OPTIONS: [(&str, &str, &[u64]); 3] = [
     ("xts + hmac-sha256, no wipe (default)", "", &[1, 8, 32]),
     ("xts + hmac-sha256, full wipe", "wipe = true\n", &[1, 8]),
 ];
+
+/// Draws the boot `guest` made from its timed console into `target/bench/boot-<kind>.svg`,
+/// the console beside it (`boot-<kind>.timed.log`, for `cvm-measure timeline`). A log the
+/// timeline cannot read is reported, and the figures go on.
+fn draw_boot(guest: &RunningGuest, kind: &str) {
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+        .join("bench");
+    let path = dir.join(format!("boot-{kind}.svg"));
+    let log = guest.timed_serial_log();
+    let drawn = std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(dir.join(format!("boot-{kind}.timed.log")), &log))
+        .map_err(|e| format!("cannot write the console to {}: {e}", dir.display()))
+        .and_then(|()| {
+            cvm_measure::timeline::svg_from_log(&log, &format!("{kind} boot"))
+                .map_err(|e| e.to_string())
+        })
+        .and_then(|svg| {
+            std::fs::write(&path, svg).map_err(|e| format!("cannot write {}: {e}", path.display()))
+        });
+    match drawn {
+        Ok(()) => println!("timeline of the {kind} boot: {}", path.display()),
+        Err(e) => println!("cannot draw the timeline of the {kind} boot: {e}"),
+    }
+}
 
 fn phase_ms(log: &str, name: &str) -> Option<u64> {
     log.lines().find_map(|l| {
@@ -458,6 +491,9 @@ fn state_disk_bench(artifacts: &Artifacts) -> Result<(), String> {
                 .cmdline(&image.roothash_option())
                 .start();
                 guest.wait_for("cvm-init: ready", Duration::from_secs(3600))?;
+                if extra.is_empty() {
+                    draw_boot(&guest, &format!("state-{gib}g-{boot}"));
+                }
                 phase_times
                     .push(phase_ms(&guest.serial_log(), "state").ok_or("no state phase time")?);
             }
