@@ -38,7 +38,7 @@ in_env() { echo "/build/src/${1#"$root"/}"; }
 assemble() {
   local mode=$1 cfg="$work/config"
   rm -rf "$cfg"; mkdir -p "$cfg" "$pkg_cache"
-  cp -r "$root/image/mkosi.conf" "$root/image/mkosi.postinst" "$root/image/mkosi.repart" "$root/image/extra" "$cfg/"
+  cp -r "$root/image/mkosi.conf" "$root/image/mkosi.postinst" "$root/image/mkosi.finalize" "$root/image/mkosi.repart" "$root/image/extra" "$cfg/"
   # Package sources exactly as the build host reaches them, without the debug archive mkosi
   # would add (unreachable here).
   mkdir -p "$cfg/mkosi.sandbox/etc/apt/sources.list.d"

@@ -3,6 +3,7 @@
 //! SEV-SNP report and TDX report layouts, the evidence JSON shapes, the escape of host text.
 //! No network and no verifier: the static PID 1 links this crate, not `cvm-measure`.
 
+pub mod digests;
 pub mod event;
 pub mod evidence;
 pub mod jsonseq;

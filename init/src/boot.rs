@@ -342,6 +342,17 @@ pub fn run() -> ! {
 
     let supervisor = phase("services", || {
         let workload_measurer = measurer.clone();
+        let digests = crate::service_digests::ServiceDigests::load(
+            Path::new("/"),
+            config_file.services.iter().map(|s| s.path.as_path()),
+        );
+        if !digests.is_empty() {
+            log::info!(
+                "services: the digests of {} of {} binaries from the verified root's manifest",
+                digests.len(),
+                config_file.services.len()
+            );
+        }
         let mut supervisor =
             Supervisor::new(
                 OsProcesses,
@@ -350,8 +361,9 @@ pub fn run() -> ! {
             )
             .with_measure(Box::new(move |service| {
                 let path = service.path.display().to_string();
-                let sha256 =
-                    cvm_formats::sha256_file(&service.path).map_err(|e| logger::chain(&e))?;
+                let (sha256, _) = digests
+                    .sha256(&service.path)
+                    .map_err(|e| logger::chain(&e))?;
                 let event = Event::Workload {
                     name: service.name.clone(),
                     path,

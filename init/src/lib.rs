@@ -20,6 +20,7 @@ pub mod nofollow;
 pub mod power;
 pub mod root;
 pub mod runtime;
+pub mod service_digests;
 pub mod shutdown;
 pub mod state_disk;
 pub mod supervise;

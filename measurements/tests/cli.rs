@@ -521,3 +521,53 @@ fn kbs_serve_limits_and_roots() {
         "{log}"
     );
 }
+
+/// `predict --root-tree` with the root's digest manifest: the node measures a listed binary
+/// with the manifest's digest, so a line that is not the file's digest is an error naming the
+/// file and both digests; a matching manifest predicts what reading the binary predicts.
+#[test]
+fn predict_checks_the_roots_digest_manifest() {
+    let tree = tempfile::tempdir().unwrap();
+    let bin = tree.path().join("usr/bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::write(bin.join("containerd"), b"abc").unwrap();
+    let config = tree.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "[[service]]\nname = \"containerd\"\npath = \"/usr/bin/containerd\"\n",
+    )
+    .unwrap();
+    let predict = || {
+        measure(&[
+            "predict".to_string(),
+            "--root-hash".to_string(),
+            "ab".repeat(32),
+            "--config".to_string(),
+            config.display().to_string(),
+            "--root-tree".to_string(),
+            tree.path().display().to_string(),
+            "--json".to_string(),
+        ])
+    };
+    let (code, without, err) = predict();
+    assert_eq!(code, 0, "{err}");
+    let manifest = tree.path().join("usr/lib/cvm-init/sha256sums");
+    std::fs::create_dir_all(manifest.parent().unwrap()).unwrap();
+    let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+    std::fs::write(&manifest, format!("{abc}  /usr/bin/containerd\n")).unwrap();
+    let (code, with, err) = predict();
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(with, without);
+    let wrong = "11".repeat(32);
+    std::fs::write(&manifest, format!("{wrong}  /usr/bin/containerd\n")).unwrap();
+    let (code, out, err) = predict();
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        err.contains("sha256sums: lists 1111") && err.contains(&format!("SHA-256 is {abc}")),
+        "{err}"
+    );
+    std::fs::write(&manifest, format!("{abc} /usr/bin/containerd\n")).unwrap();
+    let (code, _, err) = predict();
+    assert_eq!(code, 1);
+    assert!(err.contains("line 1: expected two spaces"), "{err}");
+}

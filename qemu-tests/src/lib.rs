@@ -207,6 +207,14 @@ impl Artifacts {
             );
             runtime::install(&tree, &self.kubelet_standin);
         }
+        // The digest manifest of the root's programs, as the image build writes it last.
+        let manifest = tree.join(cvm_formats::digests::PATH.trim_start_matches('/'));
+        cvm_formats::digests::Manifest::of_tree(&tree)
+            .and_then(|text| {
+                std::fs::create_dir_all(manifest.parent().expect("a directory"))?;
+                std::fs::write(&manifest, text)
+            })
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", manifest.display()));
         let root = image::build_root_disk(&tree, dir)
             .unwrap_or_else(|e| panic!("cannot build the root disk: {}", chain(&e)));
         TestImage {

@@ -148,9 +148,22 @@ pub fn run(args: Args) -> Result<(), Failure> {
             )));
         }
         let tree = args.root_tree.as_deref().unwrap_or(Path::new("/"));
+        let manifest = root_manifest(tree)?;
         for (name, path) in services {
             let on_host = tree.join(path.trim_start_matches('/'));
             let digest = cvm_formats::sha256_file(&on_host).map_err(|e| work(chain(&e)))?;
+            // The node takes a listed binary's digest from the root's manifest: a wrong line
+            // would be measured as it stands, so it is an error here, before any node boots.
+            if let Some(listed) = manifest.as_ref().and_then(|m| m.get(&path)) {
+                if listed != digest {
+                    return Err(work(format!(
+                        "{}: lists {} for {path}, but the file's SHA-256 is {}: a node would measure the manifest's digest",
+                        tree.join(cvm_formats::digests::PATH.trim_start_matches('/')).display(),
+                        cvm_formats::hex(&listed),
+                        cvm_formats::hex(&digest)
+                    )));
+                }
+            }
             inputs.workloads.push((name, path, digest));
         }
         inputs.config_file = Some(bytes);
@@ -179,4 +192,16 @@ pub fn run(args: Args) -> Result<(), Failure> {
         },
     );
     Ok(())
+}
+
+/// The root tree's digest manifest, if it has one.
+fn root_manifest(tree: &Path) -> Result<Option<cvm_formats::digests::Manifest>, Failure> {
+    let path = tree.join(cvm_formats::digests::PATH.trim_start_matches('/'));
+    match std::fs::read(&path) {
+        Ok(bytes) => cvm_formats::digests::Manifest::parse(&bytes)
+            .map(Some)
+            .map_err(|e| work(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(work(format!("cannot read {}: {e}", path.display()))),
+    }
 }

@@ -91,6 +91,13 @@ fn a_boots_to_ready_and_runs_the_workload() {
     // The harness's swtpm reached the guest.
     assert_eq!(field(&log, "web: payload: state", "tpm"), "true");
     assert!(!log.contains("failed"), "a phase failed");
+    // The workload's digest came from the verified root's manifest, not from reading it.
+    assert!(
+        log.contains(
+            "cvm-init: services: the digests of 1 of 1 binaries from the verified root's manifest"
+        ),
+        "the manifest was not used"
+    );
 }
 
 /// b. The ACPI power button: TERM to services, unmount, power off within 10 s.
