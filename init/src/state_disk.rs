@@ -577,7 +577,7 @@ impl StateDisk for RealDisk<'_> {
         if cfg.wipe {
             wipe(node, bytes)
         } else if cfg.unwritten_blocks_fail() {
-            write_superblock_slots(node, bytes)
+            write_superblock_slots(node, bytes, cfg.mkfs.is_some())
         } else {
             Ok(())
         }
@@ -893,17 +893,37 @@ const EXT4_GROUP_BYTES: u64 = 32768 * 4096;
 /// Without a wipe, a block never written fails to read. mke2fs reads exactly two kinds of
 /// block before writing them: block 0 (the primary superblock at byte 1024, and the sectors it
 /// clears of old partition labels) and the first block of the groups with a backup superblock.
-/// Writing zeros to block 0 and the first block of every group makes them readable, at one
-/// block per 128 MiB.
-fn write_superblock_slots(node: &str, bytes: u64) -> Result<(), StateError> {
+/// With the default mkfs (4096-byte blocks, `sparse_super`) those are groups 0, 1 and the
+/// powers of 3, 5 and 7: 12 blocks on a 32 GiB disk, where writing the first block of every
+/// group (one per 128 MiB, each a synchronous write through the integrity journal) made the
+/// first boot grow with the disk. A configured mkfs may place backups anywhere: every group's
+/// first block is written then.
+fn write_superblock_slots(node: &str, bytes: u64, every_group: bool) -> Result<(), StateError> {
     let writer = DirectWriter::open("prepare", node)?;
     let zeros = Block([0u8; SUPERBLOCK_LEN]);
-    let mut offset = 0;
-    while offset < bytes {
-        writer.write_at(&zeros.0, offset)?;
-        offset += EXT4_GROUP_BYTES;
+    let groups = bytes.div_ceil(EXT4_GROUP_BYTES);
+    let slots: Vec<u64> = if every_group {
+        (0..groups).collect()
+    } else {
+        backup_groups(groups)
+    };
+    for group in slots {
+        writer.write_at(&zeros.0, group * EXT4_GROUP_BYTES)?;
     }
     writer.sync()
+}
+
+/// The block groups that hold a superblock with `sparse_super`, of `groups` groups.
+fn backup_groups(groups: u64) -> Vec<u64> {
+    let mut found = std::collections::BTreeSet::from([0, 1]);
+    for base in [3u64, 5, 7] {
+        let mut power = base;
+        while power < groups {
+            found.insert(power);
+            power *= base;
+        }
+    }
+    found.into_iter().filter(|&g| g < groups).collect()
 }
 
 /// Writes every block of the new crypt device once, so that every integrity tag is valid.
@@ -1065,6 +1085,18 @@ mod sim;
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn backup_superblocks_are_in_groups_0_1_and_the_powers_of_3_5_7() {
+        // 32 GiB: 256 groups of 128 MiB.
+        assert_eq!(
+            backup_groups(256),
+            vec![0, 1, 3, 5, 7, 9, 25, 27, 49, 81, 125, 243]
+        );
+        assert_eq!(backup_groups(1), vec![0]);
+        assert_eq!(backup_groups(8), vec![0, 1, 3, 5, 7]);
+        assert_eq!(backup_groups(2), vec![0, 1]);
+    }
     use super::*;
 
     fn state_config(key: &str, extra: &str) -> StateConfig {

@@ -52,6 +52,26 @@ fn the_image_boots_through_uefi_to_ready_and_measures_what_was_predicted() {
     must(guest.wait_for("cvm-init: ready", BOOT));
     let to_ready = started.elapsed();
     let log = guest.serial_log();
+    // The boot drawn (`cvm-measure timeline`) beside the image's outputs.
+    let timed = guest.timed_serial_log();
+    std::fs::write(out.join("boot.timed.log"), &timed).unwrap();
+    match cvm_measure::timeline::svg_from_log(&timed, "make image-test boot") {
+        Ok(svg) => {
+            std::fs::write(out.join("boot-timeline.svg"), svg).unwrap();
+            eprintln!(
+                "image boot: timeline in {}",
+                out.join("boot-timeline.svg").display()
+            );
+        }
+        Err(e) => panic!("the boot's console cannot be drawn: {e}"),
+    }
+    // containerd's and the kubelet's digests came from the root's manifest.
+    assert!(
+        log.contains(
+            "cvm-init: services: the digests of 2 of 2 binaries from the verified root's manifest"
+        ),
+        "the image's digest manifest was not used"
+    );
     for phase in [
         "verity-root",
         "switch-root",

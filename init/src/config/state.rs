@@ -134,6 +134,12 @@ fn default_mkfs(integrity: IntegrityChoice, wipe: bool) -> Vec<String> {
         "-q",
         "-t",
         "ext4",
+        // The block size and the backup superblocks' places are what the state phase
+        // prepares for (4096-byte blocks, also below 512 MiB; `sparse_super`).
+        "-b",
+        "4096",
+        "-O",
+        "sparse_super",
         "-J",
         "size=64",
         "-E",

@@ -49,7 +49,12 @@ enum Harness {
         tee: Option<String>,
     },
     /// Only the state-disk figures
-    BenchState { init: PathBuf },
+    BenchState {
+        init: PathBuf,
+        /// Only the default option (integrity, no wipe), without the throughput runs
+        #[arg(long)]
+        default_only: bool,
+    },
     /// Only the containerd + kubelet stand-in figures
     BenchNode { init: PathBuf },
     /// Only the SNP launch digest against sev-snp-measure
@@ -73,10 +78,10 @@ fn main() -> ExitCode {
         },
         Harness::BenchSnp { measure } => snp_bench(&measure),
         Harness::Forward { address } => forward(&address),
-        Harness::BenchState { init } => {
+        Harness::BenchState { init, default_only } => {
             let mut artifacts = Artifacts::get();
             artifacts.init = init;
-            state_disk_bench(&artifacts)
+            state_disk_bench(&artifacts, default_only)
         }
         Harness::BenchNode { init } => {
             let mut artifacts = Artifacts::get();
@@ -350,7 +355,7 @@ fn bench(release_init: &Path, release_measure: &Path) -> Result<(), String> {
         times[runs / 2]
     );
     workload_bench(&artifacts)?;
-    state_disk_bench(&artifacts)?;
+    state_disk_bench(&artifacts, false)?;
     Ok(())
 }
 
@@ -468,8 +473,11 @@ fn phase_ms(log: &str, name: &str) -> Option<u64> {
 /// dm-crypt, wipe if any, mkfs, commit, mount) on sparse disks of several sizes, the second
 /// boot that only opens it, and sequential throughput against the same kind of disk
 /// unencrypted, from one guest run.
-fn state_disk_bench(artifacts: &Artifacts) -> Result<(), String> {
+fn state_disk_bench(artifacts: &Artifacts, default_only: bool) -> Result<(), String> {
     for (option, extra, sizes) in STATE_OPTIONS {
+        if default_only && !extra.is_empty() {
+            continue;
+        }
         let config = STATE_CONFIG.replace("key = \"tpm\"\n", &format!("key = \"tpm\"\n{extra}"));
         for &gib in sizes {
             let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
@@ -504,7 +512,9 @@ fn state_disk_bench(artifacts: &Artifacts) -> Result<(), String> {
                 allocated_kib(&disk) / 1024
             );
         }
-        throughput_bench(artifacts, option, &config)?;
+        if !default_only {
+            throughput_bench(artifacts, option, &config)?;
+        }
     }
     Ok(())
 }
