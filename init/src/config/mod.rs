@@ -478,7 +478,7 @@ restart = "on-failure"
         assert!(cfg.unwritten_blocks_fail());
         let mkfs = cfg.mkfs_command().join(" ");
         assert!(mkfs.contains("lazy_journal_init=0"), "{mkfs}");
-        assert!(mkfs.contains("-J size=64"), "{mkfs}");
+        assert!(mkfs.contains("-J size=16"), "{mkfs}");
         let plain = state("integrity = \"none\"").unwrap().state.unwrap();
         assert!(!plain.unwritten_blocks_fail());
         assert!(plain

@@ -118,7 +118,7 @@ fn default_state_mount() -> PathBuf {
 }
 
 /// ext4 with lazy inode-table initialisation (the kernel zeroes inode tables in the
-/// background) and a fixed 64 MiB journal, so that first-boot setup does not grow with the
+/// background) and a fixed 16 MiB journal, so that first-boot setup does not grow with the
 /// disk. The journal is written out at mkfs time only where a block never written reads as an
 /// I/O error (integrity without wipe): the journal's recovery reads the block after the last
 /// transaction, and must not fail on it after a power cut.
@@ -141,7 +141,7 @@ fn default_mkfs(integrity: IntegrityChoice, wipe: bool) -> Vec<String> {
         "-O",
         "sparse_super",
         "-J",
-        "size=64",
+        "size=16",
         "-E",
         extended,
         "-F",

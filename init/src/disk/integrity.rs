@@ -41,12 +41,18 @@ pub struct Superblock {
     pub provided_data_sectors: u64,
 }
 
+/// The dm-integrity journal of a new disk, in 512-byte sectors: 8 MiB at every disk size. The
+/// kernel's default is 1/128 of the disk up to 64 MiB, and the kernel writes the whole journal
+/// out when it formats the device, so the first boot grew with the disk. An existing disk keeps
+/// the journal its superblock records.
+pub const JOURNAL_SECTORS: u64 = 16384;
+
 /// The dm-integrity parameters: the data segment of `device`, tags supplied by dm-crypt
 /// (AEAD), journalled writes (a power cut never leaves a block whose tag does not match),
-/// 4096-byte blocks, the padding layout current kernels and cryptsetup use.
+/// 4096-byte blocks, the padding layout current kernels and cryptsetup use, a fixed journal.
 pub fn params(device: (u32, u32)) -> String {
     format!(
-        "{}:{} {} {TAG_SIZE} J 2 block_size:{SECTOR_SIZE} fix_padding",
+        "{}:{} {} {TAG_SIZE} J 3 block_size:{SECTOR_SIZE} fix_padding journal_sectors:{JOURNAL_SECTORS}",
         device.0,
         device.1,
         DATA_OFFSET / 512
@@ -149,7 +155,7 @@ mod tests {
     fn the_table_is_fixed() {
         assert_eq!(
             params((254, 16)),
-            "254:16 32768 32 J 2 block_size:4096 fix_padding"
+            "254:16 32768 32 J 3 block_size:4096 fix_padding journal_sectors:16384"
         );
     }
 
