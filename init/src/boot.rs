@@ -143,6 +143,7 @@ fn report_registers(measurer: &mut Measurer) {
 fn load_modules(
     sys: &dyn System,
     wanted: &[String],
+    optional: &[&str],
 ) -> Result<(Vec<String>, ModuleIndex), ModulesPhaseError> {
     let release = nix::sys::utsname::uname()
         .map_err(ModulesPhaseError::Release)?
@@ -152,8 +153,13 @@ fn load_modules(
     let dir = PathBuf::from("/lib/modules").join(&release);
     let index = ModuleIndex::load(sys, &dir, &release)?;
     let mut loaded = index.load_all(sys, wanted)?;
-    // The TEE guest drivers refuse machines that are not their TEE: best effort.
-    for optional in modules::OPTIONAL {
+    // The TEE guest drivers refuse machines that are not their TEE: best effort, and not tried
+    // where the kernel itself found no such TEE (each refused load costs tens of milliseconds).
+    for optional in optional {
+        if let Some(why) = not_this_tee(optional) {
+            log::info!("optional module {optional} not loaded: {why}");
+            continue;
+        }
         match index.load_all(sys, &[optional.to_string()]) {
             Ok(more) => loaded.extend(
                 more.into_iter()
@@ -167,6 +173,27 @@ fn load_modules(
         }
     }
     Ok((loaded, index))
+}
+
+/// Why a TEE guest driver cannot bind here, from what the kernel decided at boot: it registers
+/// the `sev-guest` platform device only in an SEV-SNP guest (its own check of the SEV status
+/// MSR), and sets the `tdx_guest` CPU flag only in a TDX guest; the drivers check the same.
+fn not_this_tee(module: &str) -> Option<&'static str> {
+    match module {
+        "sev_guest" if !Path::new("/sys/bus/platform/devices/sev-guest").exists() => {
+            Some("the kernel found no SEV-SNP (no sev-guest platform device)")
+        }
+        "tdx_guest"
+            if !std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| {
+                info.lines()
+                    .filter(|l| l.starts_with("flags"))
+                    .any(|l| l.split_whitespace().any(|f| f == "tdx_guest"))
+            }) =>
+        {
+            Some("the kernel found no TDX (no tdx_guest CPU flag)")
+        }
+        _ => None,
+    }
 }
 
 /// Drivers for the disks and NICs present, then a thread for those that appear later.
@@ -217,6 +244,10 @@ fn keep_node_name(mount: &Path) -> Result<(), crate::net::node_name::NodeNameErr
     Ok(())
 }
 
+fn strings(names: &[&str]) -> Vec<String> {
+    names.iter().map(|n| n.to_string()).collect()
+}
+
 /// Never returns: PID 1 ends in reboot(2).
 pub fn run() -> ! {
     fatal::install_panic_hook();
@@ -250,10 +281,32 @@ pub fn run() -> ! {
         log::warn!("cvm.debug is set: a fatal error holds the machine instead of powering off");
     }
 
-    let mut wanted: Vec<String> = modules::REQUIRED.iter().map(|m| m.to_string()).collect();
+    // What the root needs now; the rest is opened here and loaded by a thread meanwhile.
+    let mut wanted: Vec<String> = modules::REQUIRED
+        .iter()
+        .filter(|m| !modules::AFTER_ROOT.contains(m))
+        .map(|m| m.to_string())
+        .collect();
     wanted.extend(options.modules.iter().cloned());
-    let (loaded, index) = phase("modules", || load_modules(&sys, &wanted));
+    let (loaded, index, pending) = phase("modules", || {
+        let optional: Vec<&str> = modules::OPTIONAL
+            .iter()
+            .filter(|m| !modules::OPTIONAL_AFTER_ROOT.contains(m))
+            .copied()
+            .collect();
+        let (loaded, index) = load_modules(&sys, &wanted, &optional)?;
+        let pending = index.open_for_later(
+            &strings(modules::AFTER_ROOT),
+            &strings(modules::OPTIONAL_AFTER_ROOT),
+        )?;
+        Ok::<_, ModulesPhaseError>((loaded, index, pending))
+    });
     log::info!("modules loaded: {}", loaded.join(" "));
+    log::info!("modules loading meanwhile: {}", pending.names().join(" "));
+    let later_modules = std::thread::Builder::new()
+        .name("modules".into())
+        .spawn(move || pending.load())
+        .unwrap_or_else(|e| fatal(&format!("cannot start the thread that loads modules: {e}")));
     phase("devices", || {
         start_device_drivers(index, &loaded, &options.drivers);
         Ok::<(), std::convert::Infallible>(())
@@ -288,6 +341,13 @@ pub fn run() -> ! {
     // The state disk (a later issue) is measured here; without one, its absence is. Then the
     // seal barrier: nothing sealed to the values so far unseals later in this boot.
     phase("state", || {
+        let later = later_modules
+            .join()
+            .unwrap_or(Err(modules::ModuleError::Background))?;
+        for note in &later.notes {
+            log::info!("{note}");
+        }
+        log::info!("modules loaded meanwhile: {}", later.names.join(" "));
         match &config_file.state {
             None => measure(Event::StateDisk(None))?,
             Some(cfg) => {
@@ -324,7 +384,9 @@ pub fn run() -> ! {
     });
     if !config_file.modules.is_empty() {
         // From the verified root's /lib/modules: the initramfs is gone.
-        let (loaded, _) = phase("modules-late", || load_modules(&sys, &config_file.modules));
+        let (loaded, _) = phase("modules-late", || {
+            load_modules(&sys, &config_file.modules, &[])
+        });
         log::info!("modules loaded: {}", loaded.join(" "));
     }
 

@@ -27,6 +27,24 @@ pub const REQUIRED: &[&str] = &[
     "overlay",
 ];
 
+/// The modules of [`REQUIRED`] that nothing needs before the root is mounted: the power
+/// button's, the state disk's (dm-crypt, dm-integrity, their ciphers, ext4) and overlay for
+/// containerd. The `modules` phase opens them and a thread loads them while the root is set up;
+/// the `state` phase waits for it.
+pub const AFTER_ROOT: &[&str] = &[
+    "button",
+    "evdev",
+    "dm_crypt",
+    "dm_integrity",
+    "xts",
+    "authenc",
+    "ext4",
+    "overlay",
+];
+
+/// The modules of [`OPTIONAL`] loaded with [`AFTER_ROOT`].
+pub const OPTIONAL_AFTER_ROOT: &[&str] = &["aesni_intel", "sha256_ssse3"];
+
 /// Modules loaded when the machine has what they drive: the SEV-SNP and TDX guest drivers
 /// (their devices tell the measurement backend which TEE this is), and the AES-NI and SSSE3
 /// ciphers, without which dm-crypt falls back to the generic C code (the crypto API's own
@@ -75,6 +93,52 @@ pub enum ModuleError {
         #[source]
         source: ModuleLoadError,
     },
+    #[error("the thread loading modules in the background stopped before it was done")]
+    Background,
+}
+
+/// Module files opened now and loaded later, in order: an open descriptor keeps a file's
+/// contents after switch_root empties the initramfs.
+#[derive(Debug, Default)]
+pub struct Pending {
+    /// (name, required, path, file)
+    files: Vec<(String, bool, PathBuf, std::fs::File)>,
+    /// What was left out, said when the load is reported.
+    pub notes: Vec<String>,
+}
+
+/// What [`Pending::load`] did.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub names: Vec<String>,
+    pub notes: Vec<String>,
+}
+
+impl Pending {
+    /// The modules to load, in order.
+    pub fn names(&self) -> Vec<&str> {
+        self.files.iter().map(|(n, ..)| n.as_str()).collect()
+    }
+
+    /// Loads the opened modules into the running kernel, in order; an optional one the kernel
+    /// refuses is noted, a required one stops the load.
+    pub fn load(self) -> Result<Loaded, ModuleError> {
+        let mut done = Loaded {
+            names: Vec::new(),
+            notes: self.notes,
+        };
+        for (name, required, path, file) in self.files {
+            match crate::sys::load_module_file(&file, &path) {
+                Ok(()) => done.names.push(name),
+                Err(source) if !required => done.notes.push(format!(
+                    "optional module {name} not loaded: {}",
+                    crate::logger::chain(&source)
+                )),
+                Err(source) => return Err(ModuleError::Load { name, path, source }),
+            }
+        }
+        Ok(done)
+    }
 }
 
 /// `modules.dep` and friends of one kernel release.
@@ -318,6 +382,51 @@ impl ModuleIndex {
         Ok(())
     }
 
+    /// Opens `required` and `optional` with their dependencies, in load order, for
+    /// [`Pending::load`]: a required module that is missing or cannot be opened is an error now,
+    /// an optional one is noted.
+    pub fn open_for_later(
+        &self,
+        required: &[String],
+        optional: &[String],
+    ) -> Result<Pending, ModuleError> {
+        let mut order = self.resolve_marked(required)?;
+        let mut pending = Pending::default();
+        for name in optional {
+            match self.resolve_marked(std::slice::from_ref(name)) {
+                Ok(chain) => {
+                    for (module, _) in chain {
+                        if !order.iter().any(|(n, _)| *n == module) {
+                            order.push((module, false));
+                        }
+                    }
+                }
+                Err(e) => pending.notes.push(format!(
+                    "optional module {name} not loaded: {}",
+                    crate::logger::chain(&e)
+                )),
+            }
+        }
+        for (name, required) in order {
+            let path = self.dir.join(&self.paths[&name]);
+            match std::fs::File::open(&path) {
+                Ok(file) => pending.files.push((name, required, path, file)),
+                Err(e) if !required => pending.notes.push(format!(
+                    "optional module {name} not loaded: cannot open {}: {e}",
+                    path.display()
+                )),
+                Err(e) => {
+                    return Err(ModuleError::Load {
+                        name,
+                        path,
+                        source: ModuleLoadError::Open(e),
+                    })
+                }
+            }
+        }
+        Ok(pending)
+    }
+
     /// Loads `wanted` and their dependencies in order; returns the names loaded.
     pub fn load_all(
         &self,
@@ -442,6 +551,54 @@ kernel/drivers/acpi/button.ko.xz:
 
     fn names(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn modules_for_later_are_opened_now_in_order_and_survive_their_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = ModuleIndex::parse(dir.path(), "6.12", DEP, BUILTIN, SOFTDEP, ALIAS);
+        for rel in DEP.lines().filter_map(|l| l.split(':').next()) {
+            let path = dir.path().join(rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, rel).unwrap();
+        }
+        let pending = index
+            .open_for_later(
+                &names(&["erofs", "button"]),
+                &names(&["nosuch", "dm_verity"]),
+            )
+            .unwrap();
+        assert_eq!(
+            pending.names(),
+            [
+                "crc32c_generic",
+                "crc32c_intel",
+                "libcrc32c",
+                "erofs",
+                "button",
+                "dm_mod",
+                "dm_bufio",
+                "reed_solomon",
+                "dm_verity"
+            ]
+        );
+        assert!(
+            pending
+                .notes
+                .iter()
+                .any(|n| n.starts_with("optional module nosuch not loaded")),
+            "{:?}",
+            pending.notes
+        );
+        // The files are open: removing them (switch_root empties the initramfs) loses nothing.
+        std::fs::remove_dir_all(dir.path().join("kernel")).unwrap();
+        let mut first = String::new();
+        use std::io::Read as _;
+        (&pending.files[3].3).read_to_string(&mut first).unwrap();
+        assert_eq!(first, "kernel/fs/erofs/erofs.ko.xz");
+        // A required module that is missing is an error now, not in the thread.
+        let e = index.open_for_later(&names(&["nosuch"]), &[]).unwrap_err();
+        assert!(matches!(e, ModuleError::Missing { .. }), "{e}");
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::tee::Tee;
 const DM_NAME: &str = "cvm-state";
 const DM_INTEGRITY_NAME: &str = "cvm-state-integrity";
 /// The smallest disk cvm-init formats: the LUKS2 metadata, the integrity journal and the file
-/// system's 64 MiB journal need room.
+/// system's 16 MiB journal need room.
 const MIN_FORMAT_SIZE: u64 = 256 << 20;
 /// The wipe writes this much per request.
 const WIPE_CHUNK: usize = 4 << 20;
@@ -45,6 +45,8 @@ pub fn policy(cfg: &StateConfig) -> Policy {
 pub enum StateError {
     #[error(transparent)]
     NodeName(#[from] crate::net::node_name::NodeNameError),
+    #[error(transparent)]
+    Modules(#[from] crate::modules::ModuleError),
     #[error("no disk with serial {serial:?} (seen: {seen})")]
     NotFound { serial: String, seen: String },
     #[error("more than one disk has the serial {serial:?} ({disks}): the state disk is ambiguous, nothing was written")]

@@ -45,23 +45,40 @@ fn a_boots_to_ready_and_runs_the_workload() {
             .any(|l| l.starts_with(&format!("cvm-init: phase {phase} ok ")) && l.ends_with("ms"));
         assert!(ok, "phase {phase} ok line missing");
     }
-    let loaded = lines
-        .iter()
-        .find(|l| l.starts_with("cvm-init: modules loaded:"))
-        .expect("modules line");
-    for module in [
-        "button",
-        "evdev",
-        "configfs",
-        "dm_mod",
-        "dm_verity",
-        "erofs",
-    ] {
+    // What the root needs in the `modules` phase; the rest loaded meanwhile, before `state`.
+    let line = |start: &str| {
+        let found = lines
+            .iter()
+            .position(|l| l.starts_with(start))
+            .unwrap_or_else(|| panic!("no line {start}"));
+        (found, lines[found].to_string())
+    };
+    let (_, loaded) = line("cvm-init: modules loaded: ");
+    for module in ["configfs", "dm_mod", "dm_verity", "erofs"] {
         assert!(
             loaded.split_whitespace().any(|m| m == module),
             "module {module} not loaded: {loaded}"
         );
     }
+    let (at, meanwhile) = line("cvm-init: modules loaded meanwhile: ");
+    for module in [
+        "button",
+        "evdev",
+        "dm_crypt",
+        "dm_integrity",
+        "ext4",
+        "overlay",
+    ] {
+        assert!(
+            meanwhile.split_whitespace().any(|m| m == module),
+            "module {module} not loaded meanwhile: {meanwhile}"
+        );
+    }
+    let (state, _) = line("cvm-init: phase state start");
+    assert!(
+        state < at,
+        "the state phase did not wait for the modules loaded meanwhile"
+    );
     // The disk's driver came because the disk asked for it, and nothing else did.
     let drivers = lines
         .iter()
