@@ -9,6 +9,8 @@
 //!   cvm-harness bench-state <release cvm-init>   only the state-disk figures
 //!   cvm-harness bench-node <release cvm-init>    only containerd + kubelet stand-in figures
 //!   cvm-harness bench-snp <release cvm-measure>  only the SNP launch digest vs sev-snp-measure
+//!   cvm-harness bench-compare    the node image against the systemd comparison image (both
+//!                                booted through OVMF; CVM_COMPARE_BOOTS boots each, default 3)
 //!
 //! The boot benches draw one boot of each kind (`cvm-measure timeline`'s picture) into
 //! `target/bench/boot-<kind>.svg`.
@@ -54,6 +56,9 @@ enum Harness {
     BenchNode { init: PathBuf },
     /// Only the SNP launch digest against sev-snp-measure
     BenchSnp { measure: PathBuf },
+    /// The node image (`make image`) against the systemd comparison image (`make
+    /// image-systemd`): QEMU start and kernel start to containerd ready, medians and ratios
+    BenchCompare,
     /// Join stdin/stdout to HOST:PORT (QEMU's guestfwd runs this per connection)
     Forward { address: String },
 }
@@ -72,6 +77,7 @@ fn main() -> ExitCode {
             None => Err(format!("--tee {tee:?}: expected snp or tdx")),
         },
         Harness::BenchSnp { measure } => snp_bench(&measure),
+        Harness::BenchCompare => compare_bench(),
         Harness::Forward { address } => forward(&address),
         Harness::BenchState { init } => {
             let mut artifacts = Artifacts::get();
@@ -351,6 +357,7 @@ fn bench(release_init: &Path, release_measure: &Path) -> Result<(), String> {
     );
     workload_bench(&artifacts)?;
     state_disk_bench(&artifacts)?;
+    compare_bench()?;
     Ok(())
 }
 
@@ -745,4 +752,205 @@ fn verity_format_bench(measure: &Path) -> Result<(), String> {
         return Err("cvm-measure and veritysetup disagree on the root hash".into());
     }
     Ok(())
+}
+
+/// The two images `bench-compare` boots, as `scripts/image.sh` and `scripts/image-systemd.sh`
+/// write them: (what, disk, the console line that means containerd's socket accepts, the make
+/// target that builds it).
+fn compare_images() -> [(&'static str, PathBuf, &'static str, &'static str); 2] {
+    let images = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/image");
+    [
+        (
+            "node",
+            images.join("out/cvm.raw"),
+            "service containerd ready",
+            "make image",
+        ),
+        (
+            "systemd",
+            images.join("systemd-out/systemd-compare.raw"),
+            "systemd-compare: containerd ready",
+            "make image-systemd",
+        ),
+    ]
+}
+
+/// The goal of issue 22 for both ratios (node / systemd).
+const COMPARE_GOAL: f64 = 0.1;
+
+/// The node image against the systemd comparison image, booted alike (`make image-test`'s
+/// machine: OVMF + swtpm, TCG, 1 vCPU, 1 GiB, user network), in alternation: QEMU start →
+/// containerd's socket accepting, and the kernel's start → the same line, medians of
+/// CVM_COMPARE_BOOTS boots each (default 3). The node boots with a state disk a first (untimed)
+/// boot formatted: the node's every later boot, and the systemd image keeps containerd's state
+/// in memory. Skipped, naming what is missing, when an image is not built.
+fn compare_bench() -> Result<(), String> {
+    const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+    const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+    const BOOT: Duration = Duration::from_secs(600);
+    let images = compare_images();
+    for (what, disk, _, target) in &images {
+        if !disk.exists() {
+            println!(
+                "comparison with systemd: skipped, the {what} image {} is missing (`{target}` builds it)",
+                disk.display()
+            );
+            return Ok(());
+        }
+    }
+    let boots = match std::env::var("CVM_COMPARE_BOOTS") {
+        Ok(v) => match v.parse::<usize>() {
+            Ok(n) if n > 0 => n,
+            _ => {
+                return Err(format!(
+                    "CVM_COMPARE_BOOTS={v:?}: expected a number of boots, at least 1"
+                ))
+            }
+        },
+        Err(_) => 3,
+    };
+    let work = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let state = qemu_tests::support::blank_state_disk(work.path());
+    let tpm = work.path().join("tpm");
+    std::fs::create_dir_all(&tpm).map_err(|e| e.to_string())?;
+    let boot = |what: &str, disk: &Path| {
+        let guest = Guest::uefi(
+            &format!("compare-{what}"),
+            Path::new(OVMF_CODE),
+            Path::new(OVMF_VARS),
+            disk,
+        )
+        .network(true)
+        .memory_mib(1024);
+        if what == "node" {
+            guest.state_disk(&state, "cvm-state").tpm_state(&tpm)
+        } else {
+            guest
+        }
+        .start()
+    };
+    // The node's state disk, formatted and sealed once, as on its first boot.
+    {
+        let (_, disk, marker, _) = &images[0];
+        let mut guest = boot("node", disk);
+        guest.wait_for(marker, BOOT)?;
+        qemu_tests::support::power_down(&mut guest);
+    }
+    // (QEMU start, kernel start) → containerd ready, per image.
+    let mut figures: [Vec<(f64, f64)>; 2] = [Vec::new(), Vec::new()];
+    for run in 1..=boots {
+        for (i, (what, disk, marker, _)) in images.iter().enumerate() {
+            let mut guest = boot(what, disk);
+            guest.wait_for(marker, BOOT)?;
+            let timed = guest.timed_serial_log();
+            if run == boots {
+                draw_boot(&guest, &format!("compare-{what}"));
+            }
+            drop(guest);
+            let (qemu, kernel) = time_to_marker(&String::from_utf8_lossy(&timed), marker)
+                .map_err(|e| format!("{what} boot {run}: {e}"))?;
+            println!(
+                "compare boot {run}, {what}: QEMU start -> containerd ready {qemu:.1} s, kernel start -> containerd ready {kernel:.1} s"
+            );
+            figures[i].push((qemu, kernel));
+        }
+    }
+    let median = |values: &mut Vec<f64>| {
+        values.sort_by(|a, b| a.total_cmp(b));
+        values[values.len() / 2]
+    };
+    let mut medians = [(0.0, 0.0); 2];
+    for (i, (what, _, marker, _)) in images.iter().enumerate() {
+        let qemu = median(&mut figures[i].iter().map(|f| f.0).collect());
+        let kernel = median(&mut figures[i].iter().map(|f| f.1).collect());
+        println!(
+            "{what} image ({marker:?}), median of {boots}: QEMU start -> containerd ready {qemu:.1} s, kernel start -> containerd ready {kernel:.1} s"
+        );
+        medians[i] = (qemu, kernel);
+    }
+    let verdict = |ratio: f64| {
+        if ratio <= COMPARE_GOAL {
+            "met"
+        } else {
+            "not met"
+        }
+    };
+    let (node, systemd) = (medians[0], medians[1]);
+    for (figure, ratio) in [
+        ("kernel start -> containerd ready", node.1 / systemd.1),
+        ("QEMU start -> containerd ready", node.0 / systemd.0),
+    ] {
+        println!(
+            "node / systemd, {figure}: {ratio:.3} (goal <= {COMPARE_GOAL}: {})",
+            verdict(ratio)
+        );
+    }
+    Ok(())
+}
+
+/// From a timed console (`serial.timed.log`: `<seconds since QEMU's start> <line>`): when the
+/// first line holding `marker` arrived (seconds since QEMU's start), and that less the kernel's
+/// start. The kernel's start on QEMU's clock is the smallest arrival time less kernel timestamp
+/// over the kernel's stamped lines: a line arrives after the kernel stamped it, never before,
+/// and lines the kernel buffers before its console is up arrive late, so the smallest is the
+/// closest. The marker need not carry a stamp of its own.
+fn time_to_marker(timed: &str, marker: &str) -> Result<(f64, f64), String> {
+    let mut kernel_zero: Option<f64> = None;
+    for (number, line) in timed.lines().enumerate() {
+        let (arrival, text) = line
+            .split_once(' ')
+            .and_then(|(at, text)| Some((at.parse::<f64>().ok()?, text)))
+            .ok_or_else(|| {
+                format!(
+                    "timed console line {}: expected `<seconds> <console line>`",
+                    number + 1
+                )
+            })?;
+        let stamp = text
+            .trim_start_matches('\r')
+            .strip_prefix('[')
+            .and_then(|rest| rest.split_once(']'))
+            .and_then(|(stamp, _)| stamp.trim().parse::<f64>().ok());
+        if let Some(stamp) = stamp.filter(|s| *s > 0.0) {
+            let zero = arrival - stamp;
+            kernel_zero = Some(kernel_zero.map_or(zero, |z: f64| z.min(zero)));
+        }
+        if text.contains(marker) {
+            let zero = kernel_zero.ok_or_else(|| {
+                format!("no kernel-stamped line before {marker:?}: cannot tell the kernel's start")
+            })?;
+            return Ok((arrival, arrival - zero));
+        }
+    }
+    Err(format!("no console line holds {marker:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::time_to_marker;
+
+    #[test]
+    fn the_kernel_start_is_the_closest_stamped_line() {
+        // The first two lines were buffered until the console came up (they arrive late);
+        // the third is the closest: the kernel started at 10.0 s on QEMU's clock.
+        let timed = "9.000 BdsDxe: loading Boot0001\n\
+                     12.500 [    0.000000] Linux version 6.12\n\
+                     12.500 [    0.500000] early line\n\
+                     13.000 [    3.000000] late line\r\n\
+                     20.000 service containerd ready\n\
+                     21.000 service containerd ready\n";
+        let (qemu, kernel) = time_to_marker(timed, "service containerd ready").unwrap();
+        assert_eq!(qemu, 20.0);
+        assert!((kernel - 10.0).abs() < 1e-9, "{kernel}");
+    }
+
+    #[test]
+    fn a_console_without_the_marker_or_stamps_is_refused() {
+        let err = time_to_marker("1.000 hello\n", "ready").unwrap_err();
+        assert!(err.contains("no console line holds \"ready\""), "{err}");
+        let err = time_to_marker("1.000 ready\n", "ready").unwrap_err();
+        assert!(err.contains("no kernel-stamped line"), "{err}");
+        let err = time_to_marker("x ready\n", "ready").unwrap_err();
+        assert!(err.contains("timed console line 1"), "{err}");
+    }
 }
