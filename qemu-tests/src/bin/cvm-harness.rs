@@ -844,7 +844,12 @@ fn compare_bench() -> Result<(), String> {
             guest.wait_for(marker, BOOT)?;
             let timed = guest.timed_serial_log();
             if run == boots {
-                draw_boot(&guest, &format!("compare-{what}"));
+                if *what == "node" {
+                    draw_boot(&guest, "compare-node");
+                } else {
+                    // The timeline draws cvm-init boots only; the console is kept to read.
+                    keep_console(&timed, "compare-systemd");
+                }
             }
             drop(guest);
             let (qemu, kernel) = time_to_marker(&String::from_utf8_lossy(&timed), marker)
@@ -886,6 +891,19 @@ fn compare_bench() -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+/// Writes a timed console to `target/bench/boot-<kind>.timed.log`, where `draw_boot` puts its.
+fn keep_console(timed: &[u8], kind: &str) {
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+        .join("bench");
+    let path = dir.join(format!("boot-{kind}.timed.log"));
+    match std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, timed)) {
+        Ok(()) => println!("console of the {kind} boot: {}", path.display()),
+        Err(e) => println!("cannot write the console to {}: {e}", path.display()),
+    }
 }
 
 /// The kernel's first console line on a UEFI boot: its EFI stub, which runs once the firmware
