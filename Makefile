@@ -20,7 +20,7 @@ export CVM_INIT_BIN := $(CURDIR)/$(TEST_DIR)/cvm-init
 export CVM_PAYLOAD_BIN := $(CURDIR)/$(TEST_DIR)/cvm-test-payload
 export CVM_KERNEL_DIR := $(CURDIR)/$(KERNEL_DIR)
 
-.PHONY: fuzz all deps build install check-config test-artifacts check unit boot-tests test run bench clean image image-lock image-reproducible measurements image-test image-test-signed ovmf ovmf-reproducible ovmf-test
+.PHONY: fuzz all deps build install check-config test-artifacts check unit boot-tests test run bench clean image image-lock image-reproducible measurements image-test image-test-signed image-systemd ovmf ovmf-reproducible ovmf-test
 
 all: build
 
@@ -111,6 +111,12 @@ image: build
 ## command line, as `make image` does first; CHECK_ON=snp|tdx|vtpm|bare: the machine it must boot on.
 check-config: build
 	bash scripts/image.sh check
+
+## The systemd comparison image `make bench` boots beside the node image: the same locked packages
+## and kernel, mkosi's default initrd, systemd as PID 1 (scripts/image-systemd.sh; outputs in
+## target/image/systemd-out, `bash scripts/image-systemd.sh lock` re-pins what only it installs).
+image-systemd:
+	bash scripts/image-systemd.sh build
 
 ## Re-resolve the image's packages and write image/packages.lock (names, versions, sha256).
 image-lock: build

@@ -9,6 +9,8 @@
 //!   cvm-harness bench-state <release cvm-init>   only the state-disk figures
 //!   cvm-harness bench-node <release cvm-init>    only containerd + kubelet stand-in figures
 //!   cvm-harness bench-snp <release cvm-measure>  only the SNP launch digest vs sev-snp-measure
+//!   cvm-harness bench-compare    the node image against the systemd comparison image (both
+//!                                booted through OVMF; CVM_COMPARE_BOOTS boots each, default 3)
 //!
 //! The boot benches draw one boot of each kind (`cvm-measure timeline`'s picture) into
 //! `target/bench/boot-<kind>.svg`.
@@ -59,6 +61,9 @@ enum Harness {
     BenchNode { init: PathBuf },
     /// Only the SNP launch digest against sev-snp-measure
     BenchSnp { measure: PathBuf },
+    /// The node image (`make image`) against the systemd comparison image (`make
+    /// image-systemd`): QEMU start and kernel start to containerd ready, medians and ratios
+    BenchCompare,
     /// Join stdin/stdout to HOST:PORT (QEMU's guestfwd runs this per connection)
     Forward { address: String },
 }
@@ -77,6 +82,7 @@ fn main() -> ExitCode {
             None => Err(format!("--tee {tee:?}: expected snp or tdx")),
         },
         Harness::BenchSnp { measure } => snp_bench(&measure),
+        Harness::BenchCompare => compare_bench(),
         Harness::Forward { address } => forward(&address),
         Harness::BenchState { init, default_only } => {
             let mut artifacts = Artifacts::get();
@@ -356,6 +362,7 @@ fn bench(release_init: &Path, release_measure: &Path) -> Result<(), String> {
     );
     workload_bench(&artifacts)?;
     state_disk_bench(&artifacts, false)?;
+    compare_bench()?;
     Ok(())
 }
 
@@ -795,4 +802,218 @@ fn verity_format_bench(measure: &Path) -> Result<(), String> {
         return Err("cvm-measure and veritysetup disagree on the root hash".into());
     }
     Ok(())
+}
+
+/// The two images `bench-compare` boots, as `scripts/image.sh` and `scripts/image-systemd.sh`
+/// write them: (what, disk, the console line that means containerd's socket accepts, the make
+/// target that builds it).
+fn compare_images() -> [(&'static str, PathBuf, &'static str, &'static str); 2] {
+    let images = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/image");
+    [
+        (
+            "node",
+            images.join("out/cvm.raw"),
+            "service containerd ready",
+            "make image",
+        ),
+        (
+            "systemd",
+            images.join("systemd-out/systemd-compare.raw"),
+            "systemd-compare: containerd ready",
+            "make image-systemd",
+        ),
+    ]
+}
+
+/// The goal of issue 22 for both ratios (node / systemd).
+const COMPARE_GOAL: f64 = 0.1;
+
+/// The node image against the systemd comparison image, booted alike (`make image-test`'s
+/// machine: OVMF + swtpm, TCG, 1 vCPU, 1 GiB, user network), in alternation: QEMU start →
+/// containerd's socket accepting, and the kernel's start → the same line, medians of
+/// CVM_COMPARE_BOOTS boots each (default 3). The node boots with a state disk a first (untimed)
+/// boot formatted: the node's every later boot, and the systemd image keeps containerd's state
+/// in memory. Skipped, naming what is missing, when an image is not built.
+fn compare_bench() -> Result<(), String> {
+    const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+    const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+    const BOOT: Duration = Duration::from_secs(600);
+    let images = compare_images();
+    for (what, disk, _, target) in &images {
+        if !disk.exists() {
+            println!(
+                "comparison with systemd: skipped, the {what} image {} is missing (`{target}` builds it)",
+                disk.display()
+            );
+            return Ok(());
+        }
+    }
+    let boots = match std::env::var("CVM_COMPARE_BOOTS") {
+        Ok(v) => match v.parse::<usize>() {
+            Ok(n) if n > 0 => n,
+            _ => {
+                return Err(format!(
+                    "CVM_COMPARE_BOOTS={v:?}: expected a number of boots, at least 1"
+                ))
+            }
+        },
+        Err(_) => 3,
+    };
+    let work = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let state = qemu_tests::support::blank_state_disk(work.path());
+    let tpm = work.path().join("tpm");
+    std::fs::create_dir_all(&tpm).map_err(|e| e.to_string())?;
+    let boot = |what: &str, disk: &Path| {
+        let guest = Guest::uefi(
+            &format!("compare-{what}"),
+            Path::new(OVMF_CODE),
+            Path::new(OVMF_VARS),
+            disk,
+        )
+        .network(true)
+        .memory_mib(1024);
+        if what == "node" {
+            guest.state_disk(&state, "cvm-state").tpm_state(&tpm)
+        } else {
+            guest
+        }
+        .start()
+    };
+    // The node's state disk, formatted and sealed once, as on its first boot.
+    {
+        let (_, disk, marker, _) = &images[0];
+        let mut guest = boot("node", disk);
+        guest.wait_for(marker, BOOT)?;
+        qemu_tests::support::power_down(&mut guest);
+    }
+    // (QEMU start, kernel start) → containerd ready, per image.
+    let mut figures: [Vec<(f64, f64)>; 2] = [Vec::new(), Vec::new()];
+    for run in 1..=boots {
+        for (i, (what, disk, marker, _)) in images.iter().enumerate() {
+            let mut guest = boot(what, disk);
+            guest.wait_for(marker, BOOT)?;
+            let timed = guest.timed_serial_log();
+            if run == boots {
+                if *what == "node" {
+                    draw_boot(&guest, "compare-node");
+                } else {
+                    // The timeline draws cvm-init boots only; the console is kept to read.
+                    keep_console(&timed, "compare-systemd");
+                }
+            }
+            drop(guest);
+            let (qemu, kernel) = time_to_marker(&String::from_utf8_lossy(&timed), marker)
+                .map_err(|e| format!("{what} boot {run}: {e}"))?;
+            println!(
+                "compare boot {run}, {what}: QEMU start -> containerd ready {qemu:.1} s, kernel start -> containerd ready {kernel:.1} s"
+            );
+            figures[i].push((qemu, kernel));
+        }
+    }
+    let median = |values: &mut Vec<f64>| {
+        values.sort_by(|a, b| a.total_cmp(b));
+        values[values.len() / 2]
+    };
+    let mut medians = [(0.0, 0.0); 2];
+    for (i, (what, _, marker, _)) in images.iter().enumerate() {
+        let qemu = median(&mut figures[i].iter().map(|f| f.0).collect());
+        let kernel = median(&mut figures[i].iter().map(|f| f.1).collect());
+        println!(
+            "{what} image ({marker:?}), median of {boots}: QEMU start -> containerd ready {qemu:.1} s, kernel start -> containerd ready {kernel:.1} s"
+        );
+        medians[i] = (qemu, kernel);
+    }
+    let verdict = |ratio: f64| {
+        if ratio <= COMPARE_GOAL {
+            "met"
+        } else {
+            "not met"
+        }
+    };
+    let (node, systemd) = (medians[0], medians[1]);
+    for (figure, ratio) in [
+        ("kernel start -> containerd ready", node.1 / systemd.1),
+        ("QEMU start -> containerd ready", node.0 / systemd.0),
+    ] {
+        println!(
+            "node / systemd, {figure}: {ratio:.3} (goal <= {COMPARE_GOAL}: {})",
+            verdict(ratio)
+        );
+    }
+    Ok(())
+}
+
+/// Writes a timed console to `target/bench/boot-<kind>.timed.log`, where `draw_boot` puts its.
+fn keep_console(timed: &[u8], kind: &str) {
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+        .join("bench");
+    let path = dir.join(format!("boot-{kind}.timed.log"));
+    match std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, timed)) {
+        Ok(()) => println!("console of the {kind} boot: {}", path.display()),
+        Err(e) => println!("cannot write the console to {}: {e}", path.display()),
+    }
+}
+
+/// The kernel's first console line on a UEFI boot: its EFI stub, which runs once the firmware
+/// (and systemd-stub) handed over and before the kernel decompresses itself. Neither image's
+/// kernel prints stamped lines at `loglevel=4`, so this line is the kernel's start on both.
+const KERNEL_FIRST_LINE: &str = "EFI stub: ";
+
+/// From a timed console (`serial.timed.log`: `<seconds since QEMU's start> <line>`): when the
+/// first line holding `marker` arrived (seconds since QEMU's start), and that less the arrival
+/// of the kernel's first line ([`KERNEL_FIRST_LINE`]).
+fn time_to_marker(timed: &str, marker: &str) -> Result<(f64, f64), String> {
+    let mut kernel_start: Option<f64> = None;
+    for (number, line) in timed.lines().enumerate() {
+        let (arrival, text) = line
+            .split_once(' ')
+            .and_then(|(at, text)| Some((at.parse::<f64>().ok()?, text)))
+            .ok_or_else(|| {
+                format!(
+                    "timed console line {}: expected `<seconds> <console line>`",
+                    number + 1
+                )
+            })?;
+        if kernel_start.is_none() && text.contains(KERNEL_FIRST_LINE) {
+            kernel_start = Some(arrival);
+        }
+        if text.contains(marker) {
+            let start = kernel_start.ok_or_else(|| {
+                format!(
+                    "no {KERNEL_FIRST_LINE:?} line before {marker:?}: cannot tell the kernel's start"
+                )
+            })?;
+            return Ok((arrival, arrival - start));
+        }
+    }
+    Err(format!("no console line holds {marker:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::time_to_marker;
+
+    #[test]
+    fn the_kernel_starts_at_its_efi_stub_line() {
+        let timed = "9.000 BdsDxe: loading Boot0001\n\
+                     10.000 EFI stub: Loaded initrd from LINUX_EFI_INITRD_MEDIA_GUID device path\r\n\
+                     10.500 EFI stub: a second line\n\
+                     20.000 service containerd ready\n\
+                     21.000 service containerd ready\n";
+        let (qemu, kernel) = time_to_marker(timed, "service containerd ready").unwrap();
+        assert_eq!(qemu, 20.0);
+        assert!((kernel - 10.0).abs() < 1e-9, "{kernel}");
+    }
+
+    #[test]
+    fn a_console_without_the_marker_or_the_kernel_is_refused() {
+        let err = time_to_marker("1.000 hello\n", "ready").unwrap_err();
+        assert!(err.contains("no console line holds \"ready\""), "{err}");
+        let err = time_to_marker("1.000 ready\n", "ready").unwrap_err();
+        assert!(err.contains("no \"EFI stub: \" line before"), "{err}");
+        let err = time_to_marker("x ready\n", "ready").unwrap_err();
+        assert!(err.contains("timed console line 1"), "{err}");
+    }
 }
