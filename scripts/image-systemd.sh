@@ -15,17 +15,11 @@
 # mkosi's default initrd too: its build shares the sandbox's apt configuration.
 set -euo pipefail
 
-root=$(cd "$(dirname "$0")/.." && pwd)
-env_sh="$root/scripts/image-env.sh"
-work="$root/target/image"
+prog=image-systemd
+# shellcheck source=scripts/image-lib.sh
+. "$(dirname "$0")/image-lib.sh"
 node_lock="$root/image/packages.lock"
 lock="$root/image/systemd/packages.lock"
-pkg_cache="$root/.cache/image-packages"
-
-die() { echo "image-systemd: $*" >&2; exit 1; }
-say() { echo "image-systemd: $*"; }
-inside() { "$env_sh" run "$@"; }
-in_env() { echo "/build/src/${1#"$root"/}"; }
 
 # Apt preferences pinning every package of the lock files given to its locked version.
 pins() {

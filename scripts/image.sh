@@ -15,11 +15,10 @@
 # "signed"` (docs/upgrades.md).
 set -euo pipefail
 
-root=$(cd "$(dirname "$0")/.." && pwd)
-env_sh="$root/scripts/image-env.sh"
-work="$root/target/image"
+prog=image
+# shellcheck source=scripts/image-lib.sh
+. "$(dirname "$0")/image-lib.sh"
 lock="$root/image/packages.lock"
-pkg_cache="$root/.cache/image-packages"
 config_file="${CONFIG:-$root/image/node.toml}"
 init_bin="${INIT:-$root/target/x86_64-unknown-linux-musl/release/cvm-init}"
 measure_bin="$root/target/x86_64-unknown-linux-musl/release/cvm-measure"
@@ -27,11 +26,6 @@ image_tool="$root/target/debug/cvm-image"
 # The Kubernetes package repository (minor version 1.32), used when no KUBELET is given.
 k8s_repo="https://pkgs.k8s.io/core:/stable:/v1.32/deb/"
 
-die() { echo "image: $*" >&2; exit 1; }
-say() { echo "image: $*"; }
-inside() { "$env_sh" run "$@"; }
-# A project path as the environment sees it (the project is mounted at /build/src).
-in_env() { echo "/build/src/${1#"$root"/}"; }
 
 # Assembles the mkosi directory in $work/config: image/ as committed, plus what the build
 # depends on. $1 = pinned|unpinned.

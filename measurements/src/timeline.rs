@@ -767,13 +767,7 @@ mod tests {
         assert!(close(bar(&t, "cvm-init").start, 6.147));
         assert!(close(bar(&t, "cvm-init").end, 19.016));
         assert_eq!(t.ready, Some(19.016));
-        let phases: Vec<(&str, f64)> = t
-            .bars
-            .iter()
-            .filter(|b| b.kind == Kind::Phase)
-            .map(|b| (b.name.as_str(), b.label_ms))
-            .collect();
-        assert_eq!(phases, PHASES);
+        assert_eq!(phase_labels(&t), PHASES);
         let modules = bar(&t, "modules");
         assert!(close(modules.start, 6.228) && close(modules.end, 8.898));
         assert!(t
@@ -793,6 +787,15 @@ mod tests {
         assert!(t.bars.iter().all(|b| b.end >= b.start && b.end <= t.end));
     }
 
+    /// Each phase's name and the duration written beside it.
+    fn phase_labels(t: &Timeline) -> Vec<(&str, f64)> {
+        t.bars
+            .iter()
+            .filter(|b| b.kind == Kind::Phase)
+            .map(|b| (b.name.as_str(), b.label_ms))
+            .collect()
+    }
+
     #[test]
     fn the_same_boot_from_the_plain_console_starts_at_the_kernel() {
         let t = parse(PLAIN).unwrap();
@@ -806,13 +809,7 @@ mod tests {
         assert!(close(bar(&t, "modules").start, 4.298209));
         assert!(close(bar(&t, "modules").end, 6.971763));
         assert_eq!(t.ready, Some(17.086588));
-        let phases: Vec<(&str, f64)> = t
-            .bars
-            .iter()
-            .filter(|b| b.kind == Kind::Phase)
-            .map(|b| (b.name.as_str(), b.label_ms))
-            .collect();
-        assert_eq!(phases, PHASES);
+        assert_eq!(phase_labels(&t), PHASES);
         let containerd = bar(&t, "containerd");
         assert!(close(containerd.start, 14.995175) && close(containerd.end, 16.778794));
     }

@@ -1,0 +1,12 @@
+# Sourced by scripts/image.sh and scripts/image-systemd.sh: the project's paths as both builds
+# see them and their small helpers. $prog names the script in its messages.
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+env_sh="$root/scripts/image-env.sh"
+work="$root/target/image"
+pkg_cache="$root/.cache/image-packages"
+
+die() { echo "$prog: $*" >&2; exit 1; }
+say() { echo "$prog: $*"; }
+inside() { "$env_sh" run "$@"; }
+# A project path as the environment sees it (the project is mounted at /build/src).
+in_env() { echo "/build/src/${1#"$root"/}"; }
