@@ -24,33 +24,30 @@ pub enum ManifestError {
     TooLong,
     #[error("line {line}: {what}")]
     Line { line: usize, what: &'static str },
-    #[error("line {line}: {path} is listed twice")]
-    Duplicate { line: usize, path: String },
+    #[error("line {line}: {path} does not come after the line before it (the paths are sorted and each is listed once)")]
+    Order { line: usize, path: String },
 }
 
-/// A parsed manifest: absolute path to SHA-256.
+/// A parsed manifest: absolute path to SHA-256, sorted by path (a vector rather than a map:
+/// the static init links this, and every map type costs it code).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Manifest {
-    entries: BTreeMap<String, [u8; 32]>,
+    entries: Vec<(String, [u8; 32])>,
 }
 
 impl Manifest {
     /// Parses `sha256sum` text output, strictly: every line is 64 lower-case hex digits, two
     /// spaces (text mode) and an absolute path without `.`/`..` components, control characters
     /// or a trailing `/`; no line is escaped (`sha256sum` starts a line with `\` for names it
-    /// had to escape), none is empty, no path is listed twice, and the text ends with a newline.
+    /// had to escape), none is empty, the paths are in byte order (as `LC_ALL=C sort` and the
+    /// image build write them) with none listed twice, and the text ends with a newline.
     pub fn parse(text: &[u8]) -> Result<Manifest, ManifestError> {
         if text.len() > MAX_LEN {
             return Err(ManifestError::TooLong);
         }
-        let text = std::str::from_utf8(text).map_err(|_| ManifestError::Line {
-            line: 1 + text
+        let text = std::str::from_utf8(text).map_err(|e| ManifestError::Line {
+            line: 1 + text[..e.valid_up_to()]
                 .iter()
-                .take(
-                    std::str::from_utf8(text)
-                        .err()
-                        .map_or(0, |e| e.valid_up_to()),
-                )
                 .filter(|&&b| b == b'\n')
                 .count(),
             what: "not UTF-8",
@@ -61,7 +58,7 @@ impl Manifest {
                 what: "no newline at the end",
             });
         }
-        let mut entries = BTreeMap::new();
+        let mut entries: Vec<(String, [u8; 32])> = Vec::new();
         for (i, line) in text.lines().enumerate() {
             let line_no = i + 1;
             let bad = |what| ManifestError::Line {
@@ -74,36 +71,39 @@ impl Manifest {
             let path = path.strip_prefix("  ").ok_or(bad(
                 "expected two spaces after the digest (sha256sum's text mode)",
             ))?;
-            let mut bytes = [0u8; 32];
-            for (k, pair) in digest.as_bytes().chunks(2).enumerate() {
-                let nibble = |c: u8| match c {
-                    b'0'..=b'9' => Some(c - b'0'),
-                    b'a'..=b'f' => Some(c - b'a' + 10),
-                    _ => None,
-                };
-                bytes[k] = match (nibble(pair[0]), nibble(pair[1])) {
-                    (Some(h), Some(l)) => h << 4 | l,
-                    _ => return Err(bad("the digest is not 64 lower-case hex digits")),
-                };
-            }
+            // Lower case only, as sha256sum writes it.
+            let bytes: [u8; 32] = digest
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+                .then(|| crate::verity::parse_hex(digest))
+                .flatten()
+                .and_then(|v| v.try_into().ok())
+                .ok_or(bad("the digest is not 64 lower-case hex digits"))?;
             if !valid_path(path) {
                 return Err(bad(
                     "the path is not absolute and clean (no `.` or `..`, no empty component, no control character)",
                 ));
             }
-            if entries.insert(path.to_string(), bytes).is_some() {
-                return Err(ManifestError::Duplicate {
+            if entries
+                .last()
+                .is_some_and(|(last, _)| last.as_str() >= path)
+            {
+                return Err(ManifestError::Order {
                     line: line_no,
                     path: crate::text::escape(path).into_owned(),
                 });
             }
+            entries.push((path.to_string(), bytes));
         }
         Ok(Manifest { entries })
     }
 
     /// The digest listed for an absolute path.
     pub fn get(&self, path: &str) -> Option<[u8; 32]> {
-        self.entries.get(path).copied()
+        self.entries
+            .binary_search_by(|(p, _)| p.as_str().cmp(path))
+            .ok()
+            .map(|i| self.entries[i].1)
     }
 
     pub fn len(&self) -> usize {
@@ -211,7 +211,11 @@ mod tests {
             (line(""), "line 2: expected 64 hex digits"),
             (
                 line(&format!("{ABC}  /usr/bin/ok")),
-                "line 2: /usr/bin/ok is listed twice",
+                "line 2: /usr/bin/ok does not come after",
+            ),
+            (
+                line(&format!("{ABC}  /usr/bin/a")),
+                "line 2: /usr/bin/a does not come after",
             ),
             (
                 format!("{ABC}  /usr/bin/ok"),

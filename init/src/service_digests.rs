@@ -9,7 +9,6 @@
 //! inode): a mount over the path since then (by a service that ran first) makes the node read
 //! and hash what is there now, as it would without a manifest.
 
-use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -25,8 +24,9 @@ pub enum Source {
 /// The digests of the services' binaries that the root's manifest vouches for.
 #[derive(Debug, Default)]
 pub struct ServiceDigests {
-    /// Configured path → (device, inode) when the phase began, and the manifest's digest.
-    known: BTreeMap<PathBuf, ((u64, u64), [u8; 32])>,
+    /// Configured path, (device, inode) when the phase began, and the manifest's digest (a
+    /// handful of services: a vector costs the static init less code than a map).
+    known: Vec<(PathBuf, (u64, u64), [u8; 32])>,
 }
 
 impl ServiceDigests {
@@ -35,7 +35,7 @@ impl ServiceDigests {
     /// nothing (said once); a binary it does not list, or that is not a file of the root, is
     /// read at its exec.
     pub fn load<'a>(root: &Path, paths: impl IntoIterator<Item = &'a Path>) -> ServiceDigests {
-        let mut known = BTreeMap::new();
+        let mut known = Vec::new();
         let Ok(root_dev) = std::fs::metadata(root).map(|m| m.dev()) else {
             return ServiceDigests { known };
         };
@@ -65,7 +65,7 @@ impl ServiceDigests {
             };
             let key = Path::new("/").join(inside);
             if let Some(digest) = manifest.get(&key.to_string_lossy()) {
-                known.insert(path.to_path_buf(), ((meta.dev(), meta.ino()), digest));
+                known.push((path.to_path_buf(), (meta.dev(), meta.ino()), digest));
             }
         }
         ServiceDigests { known }
@@ -73,7 +73,7 @@ impl ServiceDigests {
 
     /// The SHA-256 of the binary at `path`, and where it came from.
     pub fn sha256(&self, path: &Path) -> Result<([u8; 32], Source), cvm_formats::DigestError> {
-        if let Some((identity, digest)) = self.known.get(path) {
+        if let Some((_, identity, digest)) = self.known.iter().find(|(p, ..)| p == path) {
             if std::fs::metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == *identity) {
                 return Ok((*digest, Source::Manifest));
             }

@@ -39,11 +39,8 @@ pub enum NodeNameError {
 /// nodes of a 10,000-node cluster share one with a chance of about 1 in 5 million).
 pub fn generate() -> String {
     let mut bytes = [0u8; 6];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .expect("/dev/urandom is readable");
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("node-{hex}")
+    crate::disk::luks2::kernel_random(&mut bytes);
+    format!("node-{}", cvm_formats::hex(&bytes))
 }
 
 /// Whether `name` is a name this module writes or accepts back: a single lower-case DNS label,
