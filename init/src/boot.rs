@@ -231,19 +231,6 @@ fn start_device_drivers(index: ModuleIndex, loaded: &[String], allowed: &[String
     }
 }
 
-/// A node nobody named keeps the name it generated on its first boot (the network phase
-/// generated one for this boot).
-fn keep_node_name(mount: &Path) -> Result<(), crate::net::node_name::NodeNameError> {
-    use crate::net::node_name::{self, Kept};
-    match node_name::settle(mount, &crate::net::files::hostname())? {
-        Kept::Found(name) => log::info!("node name {name} (kept on the state disk)"),
-        Kept::Stored(name) => {
-            log::info!("node name {name} (generated, now kept on the state disk)")
-        }
-    }
-    Ok(())
-}
-
 fn strings(names: &[&str]) -> Vec<String> {
     names.iter().map(|n| n.to_string()).collect()
 }
@@ -375,7 +362,8 @@ pub fn run() -> ! {
                     }
                 );
                 if name_from == crate::net::NameFrom::Generated {
-                    keep_node_name(&cfg.mount)?;
+                    crate::net::files::rename(&opened.node_name)?;
+                    log::info!("node name {} (from the state disk's key)", opened.node_name);
                 }
             }
         }

@@ -124,11 +124,6 @@ impl Parent {
     pub fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         Ok(renameat(&self.dir, from, &self.dir, to)?)
     }
-
-    /// Flushes the directory (a rename in it) to the disk.
-    pub fn sync(&self) -> io::Result<()> {
-        Ok(nix::unistd::fsync(&self.dir)?)
-    }
 }
 
 /// Opens `path` for writing: created (mode `mode`) or truncated, parents created 0755.

@@ -43,8 +43,8 @@ pub fn policy(cfg: &StateConfig) -> Policy {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error(transparent)]
-    NodeName(#[from] crate::net::node_name::NodeNameError),
+    #[error("cannot rename the node")]
+    NodeName(#[from] crate::net::files::FilesError),
     #[error(transparent)]
     Modules(#[from] crate::modules::ModuleError),
     #[error("no disk with serial {serial:?} (seen: {seen})")]
@@ -444,6 +444,8 @@ pub struct Opened {
     pub uuid: String,
     pub formatted: bool,
     pub mapped: MappedDevice,
+    /// The node's name when nobody named it ([`crate::net::node_name::derive`]).
+    pub node_name: String,
 }
 
 /// The steps of the state phase that touch the machine (the disk's bytes, the key sources,
@@ -703,6 +705,7 @@ pub fn set_up_with(
         }
     };
     let (mapped, sectors) = disk.map(&policy, &device, dev, size, formatted, &volume_key)?;
+    let node_name = crate::net::node_name::derive(&volume_key);
     drop(volume_key);
     if formatted {
         disk.prepare(cfg, &mapped.node(), sectors * 512)?;
@@ -717,6 +720,7 @@ pub fn set_up_with(
         uuid,
         formatted,
         mapped,
+        node_name,
     })
 }
 

@@ -40,7 +40,7 @@ pub struct NetworkConfig {
     #[serde(default)]
     pub search: Vec<String>,
     /// The host name, unless `cvm.hostname=` gives one; else (with `hostname_from_dhcp`)
-    /// DHCP's, else one the node generates and keeps on the state disk.
+    /// DHCP's, else one the node derives from its state disk's key.
     #[serde(default)]
     pub hostname: Option<String>,
     /// Take the host name DHCP offers when neither the command line nor `hostname` names the
@@ -339,7 +339,7 @@ pub enum NameFrom {
     Config,
     Dhcp,
     /// Nobody named the node: [`node_name::generate`], replaced in the state phase by the name
-    /// kept on the state disk.
+    /// the state disk's key gives.
     Generated,
 }
 

@@ -201,16 +201,13 @@ fn the_kubelet_bootstraps_from_a_released_kubeconfig_with_its_state_on_the_encry
         bin.contains("/opt/cni/bin writable (1 entries, overlay overlay at /opt/cni/bin)"),
         "{bin}"
     );
-    // Nobody named the node: it registers under the name it generated and keeps on the
-    // encrypted disk, not one the host chose (its MAC address).
+    // Nobody named the node: it registers under the name its state disk's key gives, not one
+    // the host chose (its MAC address).
     let kept = line("cvm-init: node name ");
     let name = kept
         .split("node name ")
         .nth(1)
-        .and_then(|rest| {
-            rest.trim_end()
-                .strip_suffix(" (generated, now kept on the state disk)")
-        })
+        .and_then(|rest| rest.trim_end().strip_suffix(" (from the state disk's key)"))
         .unwrap_or_else(|| panic!("{kept}"));
     assert!(
         name.starts_with("node-") && !name.contains("525400"),

@@ -75,7 +75,7 @@ fn dhcp_configures_the_node_and_a_workload_reaches_a_forwarded_server() {
         .map(|(name, _)| name)
         .expect("the node generates its name");
     assert!(
-        name.starts_with("node-") && name.len() == 17 && !name.contains("525400123456"),
+        name.starts_with("node-") && name.len() == 21 && !name.contains("525400123456"),
         "{name}"
     );
     assert!(log.contains("DHCP offers the host name dhcp-node, not used"));
