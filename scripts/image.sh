@@ -91,7 +91,10 @@ pcr_signing() {
   local cfg=$1 dir="$work/pcr-key"
   [ -n "${PCR_KEY:-}" ] || return 0
   check_pcr_key
-  rm -rf "$dir"; (umask 077; mkdir -p "$dir" && cp "$PCR_KEY" "$dir/key.pem")
+  rm -rf "$dir"
+  # The copy goes whatever way the script ends (an error, a signal, or after mkosi).
+  trap 'rm -rf "$work/pcr-key"' EXIT
+  (umask 077; mkdir -p "$dir" && cp "$PCR_KEY" "$dir/key.pem")
   openssl pkey -in "$PCR_KEY" -pubout -out "$dir/public.pem"
   # mkosi validates the key against a certificate; only its public key reaches the UKI
   # (image/tools/ukify), so its dates and serial number change nothing the node measures.
@@ -105,7 +108,24 @@ SignExpectedPcr=yes
 SignExpectedPcrKey=$(in_env "$dir/key.pem")
 SignExpectedPcrCertificate=$(in_env "$dir/cert.pem")
 CONF
-  say "PCR policy: signing PCR 11 at the key release with $PCR_KEY ($(pcr_key_id "$dir/public.pem"))"
+  pcr_key_expected=$(pcr_key_id "$dir/public.pem")
+  say "PCR policy: signing PCR 11 at the key release with $PCR_KEY ($pcr_key_expected)"
+}
+
+# With PCR_KEY the UKI carries the key's public half and a signature: a build where signing
+# silently did not happen would ship an image that can never open its disk.
+pcr_key_expected=""
+check_signed() {
+  local pcrpkey="$work/built.pcrpkey"
+  [ -n "$pcr_key_expected" ] || return 0
+  rm -f "$pcrpkey"
+  objcopy -O binary --only-section=.pcrpkey "$1/cvm.efi" "$pcrpkey" 2>/dev/null || true
+  objcopy -O binary --only-section=.pcrsig "$1/cvm.efi" "$work/built.pcrsig" 2>/dev/null || true
+  [ -s "$pcrpkey" ] && [ -s "$work/built.pcrsig" ] \
+    || die "PCR_KEY was given but the UKI has no .pcrpkey or .pcrsig: mkosi did not sign it"
+  sed -i 's/\x0//g' "$pcrpkey"
+  [ "$(pcr_key_id "$pcrpkey")" = "$pcr_key_expected" ] \
+    || die "the UKI's .pcrpkey is not PCR_KEY's public key ($(pcr_key_id "$pcrpkey"), expected $pcr_key_expected)"
 }
 
 # PCR_KEY is a key a TPM verifies signatures of, or the build stops before it starts.
@@ -298,7 +318,8 @@ check_config() {
   # could open its state disk.
   local policy
   policy=$("$init_bin" check-config "$config_file" --cmdline "$cmdline" --json 2>/dev/null \
-    | python3 -c 'import json, sys; print((json.load(sys.stdin).get("state") or {}).get("tpm_policy", ""))')
+    | python3 -c 'import json, sys; print((json.load(sys.stdin).get("state") or {}).get("tpm_policy", ""))') \
+    || die "cannot read state.tpm_policy from \`cvm-init check-config --json\` of $config_file"
   if [ "$policy" = signed ] && [ -z "${PCR_KEY:-}" ]; then
     die "CONFIG=$config_file sets state.tpm_policy = \"signed\" but no PCR_KEY was given: the image could never open its state disk; pass PCR_KEY=<private key PEM>; nothing was built"
   fi
@@ -317,6 +338,7 @@ build() {
   say "building with mkosi ($(inside mkosi --version)); log in $out.log"
   mkosi_build "$out"
   rm -rf "$work/pcr-key"
+  check_signed "$out"
   check_lock "$out"
   # The UKI's command line, for the reference values and for operators.
   objcopy -O binary --only-section=.cmdline "$out/cvm.efi" "$out/cvm.cmdline"

@@ -52,14 +52,15 @@ impl Manifest {
                 .count(),
             what: "not UTF-8",
         })?;
-        if !text.is_empty() && !text.ends_with('\n') {
+        let Some(body) = text.strip_suffix('\n').or(text.is_empty().then_some("")) else {
             return Err(ManifestError::Line {
-                line: text.lines().count(),
+                line: text.split('\n').count(),
                 what: "no newline at the end",
             });
-        }
+        };
         let mut entries: Vec<(String, [u8; 32])> = Vec::new();
-        for (i, line) in text.lines().enumerate() {
+        // Split on newlines alone: a carriage return stays in its line, and is refused.
+        for (i, line) in body.split('\n').enumerate().filter(|_| !text.is_empty()) {
             let line_no = i + 1;
             let bad = |what| ManifestError::Line {
                 line: line_no,
@@ -175,6 +176,7 @@ mod tests {
         assert_eq!(crate::hex(&m.get("/usr/bin/kubelet").unwrap()), ABC);
         assert_eq!(m.get("/usr/bin/runc"), None);
         assert!(Manifest::parse(b"").unwrap().is_empty());
+        assert!(Manifest::parse(b"\n").is_err(), "an empty line");
     }
 
     #[test]
@@ -220,6 +222,10 @@ mod tests {
             (
                 format!("{ABC}  /usr/bin/ok"),
                 "line 1: no newline at the end",
+            ),
+            (
+                format!("{ABC}  /usr/bin/ok\r\n"),
+                "line 1: the path is not absolute",
             ),
         ] {
             let e = Manifest::parse(text.as_bytes()).unwrap_err().to_string();

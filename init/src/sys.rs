@@ -123,7 +123,9 @@ pub fn load_module_file(file: &fs::File, path: &Path) -> Result<(), ModuleLoadEr
     if UNSIGNED_ACCEPTED.load(Ordering::Relaxed) {
         if let Some(body) = without_signature(&module) {
             match nix::kmod::init_module(body, c"") {
-                Err(Errno::EKEYREJECTED | Errno::ENOKEY | Errno::EPERM) => {
+                // Refused as unsigned (sig_enforce, lockdown), or refused as a load from memory
+                // (IMA appraisal, LoadPin): from now on the file itself, signed.
+                Err(Errno::EKEYREJECTED | Errno::ENOKEY | Errno::EPERM | Errno::EACCES) => {
                     UNSIGNED_ACCEPTED.store(false, Ordering::Relaxed);
                     log::info!(
                         "modules: the kernel requires their signatures (module.sig_enforce or lockdown); loading them signed"
@@ -133,7 +135,7 @@ pub fn load_module_file(file: &fs::File, path: &Path) -> Result<(), ModuleLoadEr
             }
         }
     }
-    done(nix::kmod::init_module(&module, c""))
+    done(finit_module(file.as_fd(), c"", ModuleInitFlags::empty()))
 }
 
 #[cfg(test)]
