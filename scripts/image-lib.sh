@@ -10,3 +10,22 @@ say() { echo "$prog: $*"; }
 inside() { "$env_sh" run "$@"; }
 # A project path as the environment sees it (the project is mounted at /build/src).
 in_env() { echo "/build/src/${1#"$root"/}"; }
+
+# Debian's package sources exactly as the build host reaches them (trixie, its updates and its
+# security archive, no debug archive) into the mkosi sandbox of the mkosi directory $1.
+write_sources() {
+  mkdir -p "$1/mkosi.sandbox/etc/apt/sources.list.d"
+  cat > "$1/mkosi.sandbox/etc/apt/sources.list.d/mkosi.sources" <<SRC
+Types: deb
+URIs: $("$env_sh" mirror)
+Suites: trixie trixie-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: $("$env_sh" security-mirror)
+Suites: trixie-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+}

@@ -37,19 +37,7 @@ assemble() {
   cp -r "$root/image/extra/." "$cfg/extra/"
   cp -r "$root/image/systemd/extra/." "$cfg/extra/"
   mkdir -p "$cfg/mkosi.sandbox/etc/apt/sources.list.d" "$cfg/mkosi.sandbox/etc/apt/preferences.d"
-  cat > "$cfg/mkosi.sandbox/etc/apt/sources.list.d/mkosi.sources" <<SRC
-Types: deb
-URIs: $("$env_sh" mirror)
-Suites: trixie trixie-updates
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-
-Types: deb
-URIs: $("$env_sh" security-mirror)
-Suites: trixie-security
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
+  write_sources "$cfg"
   pins "$@" > "$cfg/mkosi.sandbox/etc/apt/preferences.d/locked.pref"
   local packages=()
   mapfile -t packages < <(sed -e 's/#.*//' -e '/^\s*$/d' -e 's/\s//g' "$root/image/packages.list")

@@ -35,20 +35,7 @@ assemble() {
   cp -r "$root/image/mkosi.conf" "$root/image/mkosi.postinst" "$root/image/mkosi.finalize" "$root/image/mkosi.repart" "$root/image/extra" "$cfg/"
   # Package sources exactly as the build host reaches them, without the debug archive mkosi
   # would add (unreachable here).
-  mkdir -p "$cfg/mkosi.sandbox/etc/apt/sources.list.d"
-  cat > "$cfg/mkosi.sandbox/etc/apt/sources.list.d/mkosi.sources" <<SRC
-Types: deb
-URIs: $("$env_sh" mirror)
-Suites: trixie trixie-updates
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-
-Types: deb
-URIs: $("$env_sh" security-mirror)
-Suites: trixie-security
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
+  write_sources "$cfg"
   # The root's own files: cvm-init's configuration, the mount points of the state disk.
   [ -f "$config_file" ] || die "CONFIG=$config_file: no such file"
   install -D -m 0644 "$config_file" "$cfg/extra/etc/cvm-init/config.toml"
