@@ -447,6 +447,7 @@ fn integrity_probe(path: &Path) {
                 f.write_all(&expected).expect("write the probe file");
                 // Every MiB durable: a power cut then leaves committed transactions to replay.
                 f.sync_data().expect("sync the probe file");
+                println!("payload: probe synced MiB {index}");
             }
             f.sync_all().expect("sync the probe file");
             println!("payload: probe written");
