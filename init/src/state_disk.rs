@@ -15,7 +15,9 @@ use crate::config::{IntegrityChoice, KbsConfig, KeySourceChoice, StateConfig};
 use crate::disk::crypt::{crypt_params, KeyringError, LogonKey};
 use crate::disk::integrity::{self, IntegrityError, SUPERBLOCK_LEN};
 use crate::disk::luks2::{self, FormatInput, KdfPolicy, Luks2Error, Policy, DATA_OFFSET, HDR_SIZE};
-use crate::disk::state::{classify, DiskState, BLANK_PROBE, COMMITTED, UNCOMMITTED};
+use crate::disk::state::{
+    classify, header_probe_suffices, DiskState, BLANK_PROBE, COMMITTED, HEADER_PROBE, UNCOMMITTED,
+};
 use crate::dm::{self, DmError, MappedDevice};
 use crate::keys::{Ephemeral, Kbs, KeyError, KeySource, SnpDerived, TpmSealed, TpmSigned};
 use crate::measure::MeasureError;
@@ -633,9 +635,15 @@ pub fn set_up_with(
         }
     };
     let policy = policy(cfg);
-    let mut head = vec![0u8; BLANK_PROBE.min(size) as usize];
+    let mut head = vec![0u8; HEADER_PROBE.min(size) as usize];
     disk.read_at(&mut head, 0)
         .map_err(io("read the start of"))?;
+    if !header_probe_suffices(&head, size) {
+        let read = head.len();
+        head.resize(BLANK_PROBE.min(size) as usize, 0);
+        disk.read_at(&mut head[read..], read as u64)
+            .map_err(io("read the start of"))?;
+    }
     let state = classify(&head, size, &policy);
     // Nothing about the disk is measured yet: a key broker asked here checks the evidence
     // `cvm-measure predict --at key-release` computes.

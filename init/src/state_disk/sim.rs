@@ -46,6 +46,7 @@ impl StateDisk for SimDisk {
     }
 
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.step(format!("read {offset} {}", buf.len()));
         buf.fill(0);
         let start = (offset as usize).min(self.bytes.len());
         let end = (offset as usize + buf.len()).min(self.bytes.len());
@@ -239,6 +240,38 @@ fn a_disk_of_ours_is_measured_before_its_key_is_derived_and_never_written() {
     assert_eq!(position(&steps, "write"), None, "{:?}", steps.borrow());
     assert_eq!(position(&steps, "mkfs"), None);
     assert_eq!(disk.bytes, bytes);
+    // The header is classified from its two copies: the metadata area is not read whole.
+    assert_eq!(steps.borrow()[1], format!("read 0 {HEADER_PROBE}"));
+    let rest = format!("read {HEADER_PROBE} {}", BLANK_PROBE - HEADER_PROBE);
+    assert_eq!(position(&steps, &rest), None, "{:?}", steps.borrow());
+}
+
+#[test]
+fn a_disk_is_blank_only_when_its_whole_metadata_area_is_zero() {
+    // Zeros where both header copies would be, data further on: not blank, never written.
+    for at in [HEADER_PROBE as usize, BLANK_PROBE as usize - 1] {
+        let mut bytes = vec![0u8; BLANK_PROBE as usize];
+        bytes[at] = 1;
+        let steps = Steps::default();
+        let mut disk = SimDisk::new(bytes.clone(), &steps);
+        let err = run(&mut disk, None).err().unwrap();
+        assert!(matches!(err, StateError::Foreign { .. }), "{at}: {err}");
+        assert_eq!(position(&steps, "write"), None, "{:?}", steps.borrow());
+        assert_eq!(disk.bytes[..bytes.len()], bytes[..]);
+    }
+    // All zeros: read whole, then formatted.
+    let steps = Steps::default();
+    let mut disk = SimDisk::new(Vec::new(), &steps);
+    assert!(run(&mut disk, None).unwrap().formatted);
+    assert_eq!(
+        position(
+            &steps,
+            &format!("read {HEADER_PROBE} {}", BLANK_PROBE - HEADER_PROBE)
+        ),
+        Some(2),
+        "{:?}",
+        steps.borrow()
+    );
 }
 
 #[test]
