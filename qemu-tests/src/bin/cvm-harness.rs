@@ -415,14 +415,19 @@ fn workload_bench(artifacts: &Artifacts) -> Result<(), String> {
         let ready = at("cvm-init: ready")?;
         let rss = log
             .lines()
-            .find_map(|l| l.split("pid1-rss-kib=").nth(1)?.split_whitespace().next())
-            .unwrap_or("?");
+            .find_map(|l| l.split("pid1-rss-kib=").nth(1))
+            .map_or("?".to_string(), |v| {
+                let mut parts = v.split_whitespace();
+                let total = parts.next().unwrap_or("?");
+                let rest: Vec<String> = parts.map(|p| p.replace('=', " ")).collect();
+                format!("{total} KiB ({})", rest.join(", "))
+            });
         match pid1_work(&guest.timed_serial_log()) {
             Ok(summary) => println!("node ({boot} boot): {summary}"),
             Err(e) => println!("node ({boot} boot): cannot split PID 1's work: {e}"),
         }
         println!(
-            "node ({boot} boot, 8 GiB state disk{}): kernel start -> containerd socket accepts {socket:.3} s, -> cvm-init: ready {ready:.3} s; state phase {} ms; PID 1 RSS with containerd and kubelet running {rss} KiB",
+            "node ({boot} boot, 8 GiB state disk{}): kernel start -> containerd socket accepts {socket:.3} s, -> cvm-init: ready {ready:.3} s; state phase {} ms; PID 1 RSS with containerd and kubelet running {rss}",
             if boot == "first" { ", formatted" } else { "" },
             phase_ms(&log, "state").map_or("?".into(), |v| v.to_string()),
         );

@@ -77,12 +77,21 @@ fn run(args: Vec<String>) {
             // starting its services).
             std::thread::sleep(Duration::from_millis(500));
             let status = std::fs::read_to_string("/proc/1/status").unwrap_or_default();
-            let rss = status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .map(|v| v.trim().trim_end_matches("kB").trim().to_string())
-                .unwrap_or_default();
-            println!("payload: pid1-rss-kib={rss}");
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(|v| v.trim().trim_end_matches("kB").trim().to_string())
+                    .unwrap_or_default()
+            };
+            // The parts say whether PID 1's own memory or the pages of its binary grew.
+            println!(
+                "payload: pid1-rss-kib={} anon={} file={} shmem={}",
+                field("VmRSS:"),
+                field("RssAnon:"),
+                field("RssFile:"),
+                field("RssShmem:")
+            );
             serve();
         }
         "root-probe" => {
