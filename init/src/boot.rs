@@ -322,14 +322,6 @@ pub fn run() -> ! {
         measure(Event::ConfigFile(bytes.clone()))?;
         parse_config(bytes)
     });
-    // While DHCP and the state disk wait on the host, the services' binaries are read ahead.
-    crate::read_ahead::start(
-        config_file
-            .services
-            .iter()
-            .map(|s| s.path.clone())
-            .collect(),
-    );
     let name_from = phase("network", || {
         crate::net::bring_up(config_file.network.as_ref(), &options.net)
     });

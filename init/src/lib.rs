@@ -18,7 +18,6 @@ pub mod mounts;
 pub mod net;
 pub mod nofollow;
 pub mod power;
-pub mod read_ahead;
 pub mod root;
 pub mod runtime;
 pub mod service_digests;
