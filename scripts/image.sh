@@ -61,7 +61,7 @@ assemble() {
     echo "[Build]"
     echo "PackageCacheDirectory=$(in_env "$pkg_cache")"
     echo "[Content]"
-    echo "Initrds=$(in_env "$cfg/initrd.cpio")"
+    echo "Initrds=$(in_env "$cfg/initrd.cpio.zst")"
     echo "Packages=$(IFS=,; echo "${packages[*]}")"
     if [ -n "$kubelet_repo_dir" ]; then
       echo "PackageDirectories=$(in_env "$kubelet_repo_dir")"
@@ -203,8 +203,8 @@ initramfs() {
   ln -sfn "root/boot/vmlinuz-$kver" "$kdir/vmlinuz"
   ln -sfn "root/usr/lib/modules/$kver" "$kdir/modules"
   echo "$kver" > "$kdir/ready"
-  "$image_tool" initramfs "$kdir" "$init_bin" "$cfg/initrd.cpio" >/dev/null
-  say "initramfs: cvm-init $(stat -c %s "$init_bin") bytes + modules of $kver = $(stat -c %s "$cfg/initrd.cpio") bytes"
+  "$image_tool" initramfs "$kdir" "$init_bin" "$cfg/initrd.cpio.zst" >/dev/null
+  say "initramfs: cvm-init $(stat -c %s "$init_bin") bytes + modules of $kver = $(stat -c %s "$cfg/initrd.cpio.zst") bytes as one zstd frame"
 }
 
 mkosi_build() {

@@ -13,7 +13,7 @@ usage:
   cvm-image initramfs <kernel dir> <cvm-init> <out.cpio>
       the production initramfs: cvm-init as /init and the modules it loads, taken from an
       unpacked kernel (vmlinuz, modules/ with modules.dep and modules.alias, ready with the
-      release); the same inputs give the same archive byte for byte
+      release), written as one zstd frame; the same inputs give the same bytes
   cvm-image -h | --help
   cvm-image -V | --version";
 
@@ -51,6 +51,7 @@ fn build_initramfs(kernel: &Path, init: &Path, out: &Path) -> Result<(), String>
     })?;
     let spec = InitramfsSpec {
         init: init.to_path_buf(),
+        zstd: true,
         ..Default::default()
     };
     initramfs::build(&spec, &kernel, out).map_err(|e| cvm_init::logger::chain(&e))?;
