@@ -1,9 +1,9 @@
 //! Initramfs images (the production one and the boot tests'): cvm-init as /init, for tests the
 //! payload and a configuration file, and the kernel modules the init will load (with filtered
 //! modules.dep/.alias and the full modules.builtin/.softdep, so the init resolves them exactly
-//! as on a real image). The modules are stored unpacked: the UKI carries the initramfs
-//! uncompressed, and the kernel unpacking xz at every boot was most of the `modules` phase
-//! (docs/benchmarks.md).
+//! as on a real image). The modules are stored unpacked, so cvm-init never unpacks xz (which was
+//! most of the `modules` phase); the node image's archive is one zstd frame, which the kernel
+//! unpacks once (docs/benchmarks.md).
 
 use std::collections::BTreeSet;
 use std::fs;
