@@ -32,11 +32,19 @@ pub enum DigestError {
 
 /// SHA-256 of a file, streamed.
 pub fn sha256_file(path: &Path) -> Result<[u8; 32], DigestError> {
+    let file = std::fs::File::open(path).map_err(|source| DigestError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    sha256_open_file(file, path)
+}
+
+/// SHA-256 of an open file (read from its current offset), streamed; `path` names it in errors.
+pub fn sha256_open_file(mut file: std::fs::File, path: &Path) -> Result<[u8; 32], DigestError> {
     let err = |source| DigestError::Read {
         path: path.display().to_string(),
         source,
     };
-    let mut file = std::fs::File::open(path).map_err(err)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {

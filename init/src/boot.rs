@@ -411,7 +411,7 @@ pub fn run() -> ! {
             )
             .with_measure(Box::new(move |service| {
                 let path = service.path.display().to_string();
-                let (sha256, _) = digests
+                let (sha256, _, identity) = digests
                     .sha256(&service.path)
                     .map_err(|e| logger::chain(&e))?;
                 let event = Event::Workload {
@@ -422,7 +422,8 @@ pub fn run() -> ! {
                 workload_measurer
                     .borrow_mut()
                     .measure(&event)
-                    .map_err(|e| logger::chain(&e))
+                    .map_err(|e| logger::chain(&e))?;
+                Ok(identity)
             }))
             .with_logs(config_file.service_log_dir.clone().map(|dir| {
                 crate::supervise::LogSettings {

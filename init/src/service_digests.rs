@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 
 use cvm_formats::digests::{Manifest, MAX_LEN, PATH};
 
+use crate::supervise::FileIdentity;
+
 /// Where a digest came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
@@ -26,7 +28,7 @@ pub enum Source {
 pub struct ServiceDigests {
     /// Configured path, (device, inode) when the phase began, and the manifest's digest (a
     /// handful of services: a vector costs the static init less code than a map).
-    known: Vec<(PathBuf, (u64, u64), [u8; 32])>,
+    known: Vec<(PathBuf, FileIdentity, [u8; 32])>,
 }
 
 impl ServiceDigests {
@@ -71,14 +73,29 @@ impl ServiceDigests {
         ServiceDigests { known }
     }
 
-    /// The SHA-256 of the binary at `path`, and where it came from.
-    pub fn sha256(&self, path: &Path) -> Result<([u8; 32], Source), cvm_formats::DigestError> {
+    /// The SHA-256 of the binary at `path`, where it came from, and the file it is of (device
+    /// and inode of the file opened here): the supervisor runs the service only from that file.
+    pub fn sha256(
+        &self,
+        path: &Path,
+    ) -> Result<([u8; 32], Source, FileIdentity), cvm_formats::DigestError> {
+        let err = |source| cvm_formats::DigestError::Read {
+            path: path.display().to_string(),
+            source,
+        };
+        let file = std::fs::File::open(path).map_err(err)?;
+        let meta = file.metadata().map_err(err)?;
+        let opened = (meta.dev(), meta.ino());
         if let Some((_, identity, digest)) = self.known.iter().find(|(p, ..)| p == path) {
-            if std::fs::metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == *identity) {
-                return Ok((*digest, Source::Manifest));
+            if opened == *identity {
+                return Ok((*digest, Source::Manifest, opened));
             }
         }
-        Ok((cvm_formats::sha256_file(path)?, Source::Read))
+        Ok((
+            cvm_formats::sha256_open_file(file, path)?,
+            Source::Read,
+            opened,
+        ))
     }
 
     /// How many binaries the manifest vouches for.
@@ -138,13 +155,15 @@ mod tests {
         let kubelet = root.join("usr/bin/kubelet");
         let digests = ServiceDigests::load(&root, [containerd.as_path(), kubelet.as_path()]);
         assert_eq!(digests.len(), 1);
-        let (digest, source) = digests.sha256(&containerd).unwrap();
+        let (digest, source, _) = digests.sha256(&containerd).unwrap();
         assert_eq!(
             (cvm_formats::hex(&digest).as_str(), source),
             (LISTED, Source::Manifest)
         );
-        let (digest, source) = digests.sha256(&kubelet).unwrap();
+        let (digest, source, identity) = digests.sha256(&kubelet).unwrap();
         assert_eq!(source, Source::Read);
+        let meta = std::fs::metadata(&kubelet).unwrap();
+        assert_eq!(identity, (meta.dev(), meta.ino()), "the file that was hashed");
         assert_eq!(digest, cvm_formats::sha256_file(&kubelet).unwrap());
     }
 
@@ -158,7 +177,7 @@ mod tests {
         let other = root.join("usr/bin/other");
         std::fs::write(&other, b"abc").unwrap();
         std::fs::rename(&other, &containerd).unwrap();
-        let (digest, source) = digests.sha256(&containerd).unwrap();
+        let (digest, source, _) = digests.sha256(&containerd).unwrap();
         assert_eq!(
             (cvm_formats::hex(&digest).as_str(), source),
             (ABC, Source::Read)
@@ -173,7 +192,7 @@ mod tests {
             let containerd = root.join("usr/bin/containerd");
             let digests = ServiceDigests::load(&root, [containerd.as_path()]);
             assert!(digests.is_empty());
-            let (digest, source) = digests.sha256(&containerd).unwrap();
+            let (digest, source, _) = digests.sha256(&containerd).unwrap();
             assert_eq!(
                 (cvm_formats::hex(&digest).as_str(), source),
                 (ABC, Source::Read)

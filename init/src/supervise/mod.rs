@@ -98,9 +98,19 @@ pub struct Spawned {
     pub outputs: Vec<OwnedFd>,
 }
 
+/// A file as the kernel names it: (device, inode). On the read-only verified root the same
+/// identity is the same bytes.
+pub type FileIdentity = (u64, u64);
+
 /// Starting and signalling processes; the real one forks, tests record.
 pub trait Processes {
-    fn spawn(&mut self, service: &ServiceConfig) -> io::Result<Spawned>;
+    /// Starts `service`; with `measured`, only from that file (the one measured before the
+    /// service's first start), refusing whatever else its path leads to now.
+    fn spawn(
+        &mut self,
+        service: &ServiceConfig,
+        measured: Option<FileIdentity>,
+    ) -> io::Result<Spawned>;
     fn signal_group(&mut self, pid: Pid, signal: Signal);
     /// True when the unix socket accepts a connection.
     fn socket_accepts(&mut self, socket: &Path) -> bool;
@@ -139,6 +149,8 @@ struct Service {
     starts: u32,
     /// Measured once, right before the first exec; restarts run the same measured binary.
     measured: bool,
+    /// The file measured (without a measure hook, none): every start runs only it.
+    identity: Option<FileIdentity>,
     /// Its readiness socket accepted at least once.
     was_ready: bool,
     /// Killed because it did not become ready in time.
@@ -146,8 +158,9 @@ struct Service {
     log: Option<Rc<RefCell<ServiceLog>>>,
 }
 
-/// Measures a service's binary before its first exec; an error keeps it from starting.
-pub type MeasureHook = Box<dyn FnMut(&ServiceConfig) -> Result<(), String>>;
+/// Measures a service's binary before its first exec and says which file it measured; an
+/// error keeps it from starting.
+pub type MeasureHook = Box<dyn FnMut(&ServiceConfig) -> Result<FileIdentity, String>>;
 
 /// The supervised services, in start order.
 pub struct Supervisor<P: Processes> {
@@ -178,6 +191,7 @@ impl<P: Processes> Supervisor<P> {
                     failures: 0,
                     starts: 0,
                     measured: false,
+                    identity: None,
                     was_ready: false,
                     not_ready: false,
                     log: None,
@@ -307,19 +321,22 @@ impl<P: Processes> Supervisor<P> {
         service.starts += 1;
         if !service.measured {
             if let Some(measure) = self.measure.as_mut() {
-                if let Err(e) = measure(&service.config) {
-                    log::error!(
-                        "cannot measure service {} ({}), so it does not start: {e}",
-                        service.config.name,
-                        service.config.path.display()
-                    );
-                    self.after_exit(i, None, now, Duration::ZERO);
-                    return;
+                match measure(&service.config) {
+                    Ok(identity) => service.identity = Some(identity),
+                    Err(e) => {
+                        log::error!(
+                            "cannot measure service {} ({}), so it does not start: {e}",
+                            service.config.name,
+                            service.config.path.display()
+                        );
+                        self.after_exit(i, None, now, Duration::ZERO);
+                        return;
+                    }
                 }
             }
             service.measured = true;
         }
-        match self.processes.spawn(&service.config) {
+        match self.processes.spawn(&service.config, service.identity) {
             Ok(spawned) => {
                 log::info!(
                     "service {} started: pid {} ({}{})",
@@ -529,18 +546,25 @@ mod tests {
     struct Recorder {
         next_pid: i32,
         spawned: Vec<String>,
+        /// The measured file each start was held to.
+        identities: Vec<Option<FileIdentity>>,
         signals: Vec<(i32, Signal)>,
         fail_spawn: bool,
         accepting: Rc<RefCell<Vec<PathBuf>>>,
     }
 
     impl Processes for &mut Recorder {
-        fn spawn(&mut self, service: &ServiceConfig) -> io::Result<Spawned> {
+        fn spawn(
+            &mut self,
+            service: &ServiceConfig,
+            measured: Option<FileIdentity>,
+        ) -> io::Result<Spawned> {
             if self.fail_spawn {
                 return Err(io::Error::from(io::ErrorKind::NotFound));
             }
             self.next_pid += 1;
             self.spawned.push(service.name.clone());
+            self.identities.push(measured);
             Ok(Spawned {
                 pid: Pid::from_raw(100 + self.next_pid),
                 outputs: Vec::new(),
@@ -739,7 +763,7 @@ mod tests {
             if s.name == "bad" {
                 Err("I/O error".into())
             } else {
-                Ok(())
+                Ok((254, 42))
             }
         }));
         sup.tick(now);
@@ -750,6 +774,8 @@ mod tests {
         // "a" measured once though started twice; "bad" never started, measured again on retry.
         assert_eq!(*measured.borrow(), vec!["a", "bad", "bad"]);
         assert_eq!(rec.spawned, vec!["a", "a"]);
+        // The restart too runs only the file measured at the first start.
+        assert_eq!(rec.identities, vec![Some((254, 42)); 2]);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use nix::sys::resource::Resource;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
-use super::{Processes, Spawned};
+use super::{FileIdentity, Processes, Spawned};
 use crate::config::ServiceConfig;
 
 /// The environment every service starts with, before its own configured variables.
@@ -36,13 +36,19 @@ pub enum BinaryError {
         found: String,
         root: String,
     },
+    #[error("{path} is not the file measured before the service's first start (inode {measured} on the root, now inode {found}): something was mounted or moved over it since, so it does not run")]
+    Replaced {
+        path: PathBuf,
+        measured: u64,
+        found: u64,
+    },
 }
 
 /// Opening a service's binary for exec, and the devices that say where it lives (a trait, so
 /// the check is tested without a verity root).
 pub trait Binaries {
-    /// The file opened for exec, and the device it is on.
-    fn open(&self, path: &Path) -> io::Result<(OwnedFd, u64)>;
+    /// The file opened for exec, and its device and inode.
+    fn open(&self, path: &Path) -> io::Result<(OwnedFd, FileIdentity)>;
     /// The device of the root file system (the dm-verity device once the root is switched).
     fn root_device(&self) -> io::Result<u64>;
 }
@@ -51,7 +57,7 @@ pub trait Binaries {
 pub struct OsBinaries;
 
 impl Binaries for OsBinaries {
-    fn open(&self, path: &Path) -> io::Result<(OwnedFd, u64)> {
+    fn open(&self, path: &Path) -> io::Result<(OwnedFd, FileIdentity)> {
         use nix::fcntl::OFlag;
         let fd = nix::fcntl::open(
             path,
@@ -59,7 +65,7 @@ impl Binaries for OsBinaries {
             nix::sys::stat::Mode::empty(),
         )?;
         let st = nix::sys::stat::fstat(&fd)?;
-        Ok((fd, st.st_dev))
+        Ok((fd, (st.st_dev, st.st_ino)))
     }
 
     fn root_device(&self) -> io::Result<u64> {
@@ -67,15 +73,20 @@ impl Binaries for OsBinaries {
     }
 }
 
-/// Opens a service's binary and keeps it only if the opened file is on the root's device: the
-/// check is made on what was opened (not on the name), and the service is exec'd through this
-/// descriptor, so what was checked is what runs.
-pub fn open_binary(binaries: &dyn Binaries, path: &Path) -> Result<OwnedFd, BinaryError> {
+/// Opens a service's binary and keeps it only if the opened file is on the root's device and,
+/// once measured, is the file that was measured: the checks are made on what was opened (not
+/// on the name), and the service is exec'd through this descriptor, so what was checked is
+/// what runs.
+pub fn open_binary(
+    binaries: &dyn Binaries,
+    path: &Path,
+    measured: Option<FileIdentity>,
+) -> Result<OwnedFd, BinaryError> {
     let open_err = |source| BinaryError::Open {
         path: path.to_path_buf(),
         source,
     };
-    let (fd, device) = binaries.open(path).map_err(open_err)?;
+    let (fd, (device, inode)) = binaries.open(path).map_err(open_err)?;
     let root = binaries.root_device().map_err(open_err)?;
     if device != root {
         let show = |d: u64| format!("{}:{}", nix::sys::stat::major(d), nix::sys::stat::minor(d));
@@ -85,7 +96,14 @@ pub fn open_binary(binaries: &dyn Binaries, path: &Path) -> Result<OwnedFd, Bina
             root: show(root),
         });
     }
-    Ok(fd)
+    match measured {
+        Some(identity) if identity != (device, inode) => Err(BinaryError::Replaced {
+            path: path.to_path_buf(),
+            measured: identity.1,
+            found: inode,
+        }),
+        _ => Ok(fd),
+    }
 }
 
 /// execveat(2) of an open binary, everything prepared before the fork: the child only makes
@@ -192,7 +210,11 @@ struct ChildSetup {
 }
 
 impl Processes for OsProcesses {
-    fn spawn(&mut self, service: &ServiceConfig) -> io::Result<Spawned> {
+    fn spawn(
+        &mut self,
+        service: &ServiceConfig,
+        measured: Option<FileIdentity>,
+    ) -> io::Result<Spawned> {
         let cgroup = match service_cgroup(service) {
             Ok(file) => Some(file),
             Err(e) if Path::new(CGROUP_ROOT).join("cgroup.controllers").exists() => {
@@ -216,7 +238,7 @@ impl Processes for OsProcesses {
             .collect(),
         };
         // Checked (on the verified root) and run through the same open file.
-        let binary = open_binary(&OsBinaries, &service.path)
+        let binary = open_binary(&OsBinaries, &service.path, measured)
             .map_err(|e| io::Error::other(crate::logger::chain(&e)))?;
         let plan = ExecPlan::new(binary, service)?;
         // std sets up the pipes, the working directory and the report of a failed exec; the
@@ -324,7 +346,9 @@ mod tests {
     struct FakeBinaries;
 
     impl Binaries for FakeBinaries {
-        fn open(&self, path: &Path) -> io::Result<(OwnedFd, u64)> {
+        fn open(&self, path: &Path) -> io::Result<(OwnedFd, FileIdentity)> {
+            // The inode: kubelet's 42, any other file's 7.
+            let inode = if path.ends_with("kubelet") { 42 } else { 7 };
             let device = if path.starts_with("/run") {
                 nix::sys::stat::makedev(0, 23)
             } else if path.starts_with("/usr") {
@@ -332,7 +356,7 @@ mod tests {
             } else {
                 return Err(io::ErrorKind::NotFound.into());
             };
-            Ok((File::open("/dev/null")?.into(), device))
+            Ok((File::open("/dev/null")?.into(), (device, inode)))
         }
         fn root_device(&self) -> io::Result<u64> {
             Ok(nix::sys::stat::makedev(254, 0))
@@ -341,13 +365,27 @@ mod tests {
 
     #[test]
     fn only_binaries_on_the_verified_root_are_run() {
-        assert!(open_binary(&FakeBinaries, Path::new("/usr/bin/kubelet")).is_ok());
-        let e = open_binary(&FakeBinaries, Path::new("/run/payload")).unwrap_err();
+        assert!(open_binary(&FakeBinaries, Path::new("/usr/bin/kubelet"), None).is_ok());
+        let e = open_binary(&FakeBinaries, Path::new("/run/payload"), None).unwrap_err();
         assert_eq!(
             e.to_string(),
             "/run/payload is not on the verified root (it is on device 0:23, the root on 254:0): a binary elsewhere can be changed after it was measured"
         );
-        let e = open_binary(&FakeBinaries, Path::new("/missing")).unwrap_err();
+        let e = open_binary(&FakeBinaries, Path::new("/missing"), None).unwrap_err();
         assert!(matches!(e, BinaryError::Open { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_measured_binary_runs_only_from_the_file_that_was_measured() {
+        let root = nix::sys::stat::makedev(254, 0);
+        let kubelet = Path::new("/usr/bin/kubelet");
+        assert!(open_binary(&FakeBinaries, kubelet, Some((root, 42))).is_ok());
+        // Another file of the verified root now at the path (a bind mount over it by a
+        // service that ran first): same device, another inode.
+        let e = open_binary(&FakeBinaries, kubelet, Some((root, 41))).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/usr/bin/kubelet is not the file measured before the service's first start (inode 41 on the root, now inode 42): something was mounted or moved over it since, so it does not run"
+        );
     }
 }
