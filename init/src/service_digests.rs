@@ -163,7 +163,11 @@ mod tests {
         let (digest, source, identity) = digests.sha256(&kubelet).unwrap();
         assert_eq!(source, Source::Read);
         let meta = std::fs::metadata(&kubelet).unwrap();
-        assert_eq!(identity, (meta.dev(), meta.ino()), "the file that was hashed");
+        assert_eq!(
+            identity,
+            (meta.dev(), meta.ino()),
+            "the file that was hashed"
+        );
         assert_eq!(digest, cvm_formats::sha256_file(&kubelet).unwrap());
     }
 

@@ -256,6 +256,48 @@ args = ["cpu-probe"]
 }
 
 /// f. A malformed or unknown cvm.* option: named on the console, then power-off.
+/// e. A service restarts only from the file measured before its first start: another file of
+/// the verified root bound over its path by a service that ran after it is refused by name.
+#[test]
+fn e_a_restart_runs_only_the_measured_binary() {
+    let config = r#"
+[[service]]
+name = "victim"
+path = "/bin/victim"
+args = ["exit-after", "/run/bound"]
+restart = "on-failure"
+
+[[service]]
+name = "binder"
+path = "/bin/payload"
+args = ["bind-over", "/bin/other", "/bin/victim", "/run/bound"]
+restart = "never"
+"#;
+    let payload = std::fs::read(&qemu_tests::Artifacts::get().payload).unwrap();
+    // The same bytes at another path: the refusal is by the file, not by its contents.
+    let prepared = qemu_tests::support::prepare_with_files(
+        config,
+        &[("/bin/victim", payload.clone()), ("/bin/other", payload)],
+    );
+    let mut guest = prepared.boot("measured-restart", "", |g| g);
+    must(guest.wait_for("binder: payload: bound /bin/other over /bin/victim", BOOT));
+    must(guest.wait_for(
+        "cvm-init: error: cannot start service victim",
+        Duration::from_secs(60),
+    ));
+    let log = guest.serial_log();
+    assert!(
+        log.contains("/bin/victim is not the file measured before the service's first start"),
+        "the refusal does not name the replaced binary"
+    );
+    assert_eq!(
+        log.matches("victim: payload: started, waiting for").count(),
+        1,
+        "the victim ran again from the bound file"
+    );
+    assert_eq!(log.matches("measured workload victim").count(), 1);
+}
+
 #[test]
 fn f_bad_option_is_named_then_power_off() {
     for (name, option, expect) in [

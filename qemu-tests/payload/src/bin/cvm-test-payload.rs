@@ -58,6 +58,39 @@ fn run(args: Vec<String>) {
             println!("payload: copied to {to}");
             serve();
         }
+        "bind-over" => {
+            // A service that mounts another file of the root over a later service's binary
+            // (what a compromised workload with CAP_SYS_ADMIN could do), then says so.
+            let (Some(from), Some(over), Some(done)) = (args.get(1), args.get(2), args.get(3))
+            else {
+                eprintln!("payload: bind-over needs FROM OVER DONE-MARKER");
+                std::process::exit(2);
+            };
+            nix::mount::mount(
+                Some(from.as_str()),
+                over.as_str(),
+                None::<&str>,
+                nix::mount::MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .expect("bind mount");
+            std::fs::write(done, b"").expect("write marker");
+            println!("payload: bound {from} over {over}");
+            serve();
+        }
+        "exit-after" => {
+            // Runs until MARKER exists, then fails, so that the supervisor restarts it.
+            let Some(marker) = args.get(1) else {
+                eprintln!("payload: exit-after needs MARKER");
+                std::process::exit(2);
+            };
+            println!("payload: started, waiting for {marker}");
+            while !Path::new(marker).exists() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            println!("payload: exiting after {marker}");
+            std::process::exit(1);
+        }
         "crash" => {
             println!("payload: crashing with status 3");
             std::process::exit(3);
@@ -260,7 +293,7 @@ fn run(args: Vec<String>) {
             serve();
         }
         _ => {
-            eprintln!("payload: unknown mode {mode:?}: expected serve, orphans [n], crash, crash-once, rss-probe, root-probe, dump-log, dump-firmware-log, net-probe <addr>, net-stream <addr> <s>, cpu-probe, integrity-probe, container-probe or throughput [MiB]");
+            eprintln!("payload: unknown mode {mode:?}: expected serve, orphans [n], crash, crash-once, bind-over <from> <over> <marker>, exit-after <marker>, rss-probe, root-probe, dump-log, dump-firmware-log, net-probe <addr>, net-stream <addr> <s>, cpu-probe, integrity-probe, container-probe or throughput [MiB]");
             std::process::exit(2);
         }
     }
