@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use cvm_image::initramfs::{self, InitramfsSpec, Kernel};
 
-const USAGE: &str = "usage: cvm-image initramfs <kernel dir> <cvm-init> <out.cpio>";
+const USAGE: &str =
+    "usage: cvm-image initramfs <kernel dir> <cvm-init> <out.cpio> | check-root <tree> [--report-only]";
 
 const HELP: &str = "cvm-image: builds the parts of a cvm-init node image
 
@@ -14,6 +15,10 @@ usage:
       the production initramfs: cvm-init as /init and the modules it loads, taken from an
       unpacked kernel (vmlinuz, modules/ with modules.dep and modules.alias, ready with the
       release), written as one zstd frame; the same inputs give the same bytes
+  cvm-image check-root <tree> [--report-only]
+      what a root tree holds (regular files, their bytes, the ten largest) and whether it holds
+      a shell, an interpreter, a package manager or a setuid/setgid file: each is named, and
+      the exit status is 1 (0 with --report-only)
   cvm-image -h | --help
   cvm-image -V | --version";
 
@@ -31,6 +36,8 @@ fn main() -> ExitCode {
         ["initramfs", kernel, init, out] => {
             build_initramfs(Path::new(kernel), Path::new(init), Path::new(out))
         }
+        ["check-root", tree] => check_root(Path::new(tree), false),
+        ["check-root", tree, "--report-only"] => check_root(Path::new(tree), true),
         _ => Err(format!("{USAGE} (cvm-image --help for more)")),
     };
     match result {
@@ -64,4 +71,34 @@ fn build_initramfs(kernel: &Path, init: &Path, out: &Path) -> Result<(), String>
         kernel.release
     );
     Ok(())
+}
+
+fn check_root(tree: &Path, report_only: bool) -> Result<(), String> {
+    let report = cvm_image::root_check::check(tree).map_err(|e| cvm_init::logger::chain(&e))?;
+    println!(
+        "root {}: {} files, {} bytes uncompressed",
+        tree.display(),
+        report.files,
+        report.bytes
+    );
+    for (path, bytes) in &report.largest {
+        println!("  {bytes:>12}  {}", path.display());
+    }
+    for finding in &report.findings {
+        println!("  not allowed in the root: {finding}");
+    }
+    match report.findings.len() {
+        0 => {
+            println!("root: no shell, interpreter, package manager or setuid/setgid file");
+            Ok(())
+        }
+        n if report_only => {
+            println!("root: {n} files that should not be there (reported only)");
+            Ok(())
+        }
+        n => Err(format!(
+            "{}: {n} files that must not be in the root (a shell, an interpreter, a package manager or a setuid/setgid file)",
+            tree.display()
+        )),
+    }
 }
