@@ -83,8 +83,12 @@ impl ServiceDigests {
             path: path.display().to_string(),
             source,
         };
-        let file = std::fs::File::open(path).map_err(err)?;
+        let file = open_nonblocking(path).map_err(err)?;
         let meta = file.metadata().map_err(err)?;
+        if !meta.is_file() {
+            // A FIFO would block PID 1 in the read, a device such as /dev/zero never end it.
+            return Err(err(std::io::Error::other("not a regular file")));
+        }
         let opened = (meta.dev(), meta.ino());
         if let Some((_, identity, digest)) = self.known.iter().find(|(p, ..)| p == path) {
             if opened == *identity {
@@ -108,10 +112,21 @@ impl ServiceDigests {
     }
 }
 
+/// Opens `path` for reading without waiting: opening a FIFO (bound over a binary's path by a
+/// service that ran first) must not block PID 1, nor make a terminal its controlling one.
+fn open_nonblocking(path: &Path) -> std::io::Result<std::fs::File> {
+    use nix::fcntl::OFlag;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((OFlag::O_NONBLOCK | OFlag::O_NOCTTY).bits())
+        .open(path)
+}
+
 /// The manifest, if the root has one on its own file system; an error says why it is unusable.
 fn read_manifest(path: &Path, root_dev: u64) -> Result<Option<Manifest>, String> {
     use std::io::Read as _;
-    let file = match std::fs::File::open(path) {
+    let file = match open_nonblocking(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("cannot open it: {e}")),
@@ -121,6 +136,9 @@ fn read_manifest(path: &Path, root_dev: u64) -> Result<Option<Manifest>, String>
         .map_err(|e| format!("cannot stat it: {e}"))?;
     if meta.dev() != root_dev {
         return Err("it is not on the verified root's file system".into());
+    }
+    if !meta.is_file() {
+        return Err("it is not a regular file".into());
     }
     let mut bytes = Vec::new();
     file.take(MAX_LEN as u64 + 1)
@@ -207,6 +225,28 @@ mod tests {
         std::fs::remove_file(root.join(PATH.trim_start_matches('/'))).unwrap();
         let containerd = root.join("usr/bin/containerd");
         assert!(ServiceDigests::load(&root, [containerd.as_path()]).is_empty());
+    }
+
+    #[test]
+    fn a_fifo_or_a_device_at_a_binary_path_is_refused_without_blocking() {
+        let tree = tree_with("");
+        let fifo = tree.path().join("usr/bin/fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        for path in [fifo, PathBuf::from("/dev/zero")] {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let shown = path.display().to_string();
+            std::thread::spawn(move || {
+                let _ = tx.send(ServiceDigests::default().sha256(&path).map(|_| ()));
+            });
+            let result = rx
+                .recv_timeout(std::time::Duration::from_secs(5))
+                .unwrap_or_else(|_| panic!("{shown}: still reading after 5 s"));
+            let e = result.expect_err("not a binary");
+            assert!(
+                format!("{:?}", e).contains("not a regular file"),
+                "{shown}: {e:?}"
+            );
+        }
     }
 
     #[test]

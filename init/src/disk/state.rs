@@ -56,9 +56,18 @@ fn identify(head: &[u8]) -> String {
     }
 }
 
-/// Classifies a disk from its first [`BLANK_PROBE`] bytes (or all of it when smaller).
+/// Classifies a disk from its first bytes: [`HEADER_PROBE`] of them when they start with the
+/// LUKS2 magic, else [`BLANK_PROBE`] (or all of it when smaller). Zeros shorter than that
+/// prove nothing: such a disk is refused, never called blank.
 pub fn classify(head: &[u8], device_size: u64, policy: &Policy) -> DiskState {
     if !head.starts_with(b"LUKS\xba\xbe") {
+        if !header_probe_suffices(head, device_size) {
+            return DiskState::Foreign(format!(
+                "only its first {} bytes were read, and a disk is blank only when its first {} are zero",
+                head.len(),
+                BLANK_PROBE.min(device_size)
+            ));
+        }
         if head.iter().all(|&b| b == 0) {
             return DiskState::Blank;
         }
@@ -138,6 +147,20 @@ mod tests {
             why.contains(&format!("offset {}", BLANK_PROBE - 1)),
             "{why}"
         );
+        // Zeros only as far as the header copies: not proof of a blank disk.
+        let DiskState::Foreign(why) = classify(&zeros[..HEADER_PROBE as usize], SIZE, &policy())
+        else {
+            panic!("a short run of zeros called blank")
+        };
+        assert!(
+            why.contains("only its first 32768 bytes were read"),
+            "{why}"
+        );
+        // A disk smaller than the metadata area, read whole.
+        assert!(matches!(
+            classify(&zeros[..4096], 4096, &policy()),
+            DiskState::Blank
+        ));
     }
 
     #[test]

@@ -59,12 +59,16 @@ pub struct OsBinaries;
 impl Binaries for OsBinaries {
     fn open(&self, path: &Path) -> io::Result<(OwnedFd, FileIdentity)> {
         use nix::fcntl::OFlag;
+        // Without waiting: a FIFO bound over the path must not block PID 1.
         let fd = nix::fcntl::open(
             path,
-            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK | OFlag::O_NOCTTY,
             nix::sys::stat::Mode::empty(),
         )?;
         let st = nix::sys::stat::fstat(&fd)?;
+        if st.st_mode & nix::libc::S_IFMT != nix::libc::S_IFREG {
+            return Err(io::Error::other("not a regular file"));
+        }
         Ok((fd, (st.st_dev, st.st_ino)))
     }
 
@@ -373,6 +377,25 @@ mod tests {
         );
         let e = open_binary(&FakeBinaries, Path::new("/missing"), None).unwrap_err();
         assert!(matches!(e, BinaryError::Open { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_fifo_or_a_device_is_not_opened_as_a_binary_and_does_not_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("kubelet");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        for path in [fifo, PathBuf::from("/dev/zero")] {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let shown = path.display().to_string();
+            std::thread::spawn(move || {
+                let _ = tx.send(OsBinaries.open(&path).map(|_| ()));
+            });
+            let result = rx
+                .recv_timeout(std::time::Duration::from_secs(5))
+                .unwrap_or_else(|_| panic!("{shown}: the open still waits after 5 s"));
+            let e = result.expect_err("not a binary");
+            assert_eq!(e.to_string(), "not a regular file", "{shown}");
+        }
     }
 
     #[test]
