@@ -19,6 +19,9 @@ KERNEL_DIR := .cache/kernel
 export CVM_INIT_BIN := $(CURDIR)/$(TEST_DIR)/cvm-init
 export CVM_PAYLOAD_BIN := $(CURDIR)/$(TEST_DIR)/cvm-test-payload
 export CVM_KERNEL_DIR := $(CURDIR)/$(KERNEL_DIR)
+# The initramfs's zstd frame comes from the libzstd vendored in Cargo.lock, never the system's
+# (zstd-sys takes the system's when this is set): another version writes other bytes.
+unexport ZSTD_SYS_USE_PKG_CONFIG
 
 .PHONY: fuzz all deps build install check-config test-artifacts check unit boot-tests test run bench clean image image-lock image-reproducible measurements image-test image-test-signed image-systemd ovmf ovmf-reproducible ovmf-test
 

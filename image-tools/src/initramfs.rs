@@ -226,6 +226,14 @@ mod tests {
         assert!(packed.len() < archive.len() / 10);
         assert_eq!(encode(archive.clone(), true).unwrap(), packed);
         assert_eq!(zstd::decode_all(&packed[..]).unwrap(), archive);
+        // The same bytes as every other build: a different libzstd (zstd-sys links the
+        // system's when ZSTD_SYS_USE_PKG_CONFIG is set) would change the UKI and its PCRs.
+        use sha2::Digest;
+        assert_eq!(
+            format!("{:x}", sha2::Sha256::digest(&packed)),
+            "20647bb88be4293b72a340690e74453e6a02752f0c932e7f64f5874d90c7f0fb",
+            "zstd wrote other bytes for the same archive"
+        );
         assert_eq!(encode(archive.clone(), false).unwrap(), archive);
     }
 
