@@ -32,7 +32,7 @@ k8s_repo="https://pkgs.k8s.io/core:/stable:/v1.32/deb/"
 assemble() {
   local mode=$1 cfg="$work/config"
   rm -rf "$cfg"; mkdir -p "$cfg" "$pkg_cache"
-  cp -r "$root/image/mkosi.conf" "$root/image/mkosi.postinst" "$root/image/mkosi.finalize" "$root/image/mkosi.repart" "$root/image/extra" "$cfg/"
+  cp -r "$root/image/mkosi.conf" "$root/image/mkosi.postinst" "$root/image/mkosi.finalize" "$root/image/trim-root.py" "$root/image/mkosi.repart" "$root/image/extra" "$cfg/"
   # Package sources exactly as the build host reaches them, without the debug archive mkosi
   # would add (unreachable here).
   write_sources "$cfg"
@@ -338,15 +338,14 @@ build() {
 
 # What the verified root holds, read back from the built erofs: file count, bytes uncompressed
 # and as erofs, the ten largest files, and any shell, interpreter, package manager or setuid
-# file (cvm-image check-root). ROOT_CHECK=enforce stops the build on one; the default reports
-# them until the trimmed root of issue 23 lands.
+# file (cvm-image check-root), which stop the build (ROOT_CHECK=report only reports them).
 check_root() {
   local out=$1 tree="$work/root-tree"
   rm -rf "$tree"; mkdir -p "$tree"
   inside fsck.erofs --extract="$(in_env "$tree")" "$(in_env "$out/cvm.root-x86-64.raw")" >/dev/null \
     || die "cannot extract the root from $out/cvm.root-x86-64.raw"
   say "root as erofs: $(stat -c %s "$out/cvm.root-x86-64.raw") bytes"
-  if [ "${ROOT_CHECK:-report}" = enforce ]; then
+  if [ "${ROOT_CHECK:-enforce}" = enforce ]; then
     "$image_tool" check-root "$tree" | sed 's/^/image: /' || die "the root holds what it must not (above)"
   else
     "$image_tool" check-root "$tree" --report-only | sed 's/^/image: /'

@@ -1,0 +1,183 @@
+#!/usr/bin/python3
+"""Deny by default: keeps in the root tree only what the node runs and reads, and removes every
+other file and link (directories stay: they are mount points or hold kept files).
+
+What is kept: the services' binaries named in /etc/cvm-init/config.toml and the state disk's
+mkfs; what containerd and the CNI plugins execute (the runc shim, runc, iptables and its
+extensions); the shared libraries these link, found from their ELF headers (PT_INTERP and
+DT_NEEDED, recursively), not by hand; every link on the way to a kept file; and the data files
+the node reads (KEEP_TREES, KEEP_FILES). Usage: trim-root.py ROOT. Prints what it kept and
+removed; fails naming a root program it cannot find.
+"""
+import os
+import stat
+import struct
+import sys
+import tomllib
+
+# Programs the services start beside their own binary (containerd's runtime and the CNI
+# plugins' helpers), whole directories of data the node reads, and single files.
+EXTRA_PROGRAMS = [
+    "/usr/bin/containerd-shim-runc-v2",
+    "/usr/sbin/runc",
+    "/usr/sbin/iptables", "/usr/sbin/iptables-save", "/usr/sbin/iptables-restore",
+    "/usr/sbin/ip6tables", "/usr/sbin/ip6tables-save", "/usr/sbin/ip6tables-restore",
+]
+PROGRAM_TREES = ["/usr/lib/cni", "/opt/cni/bin", "/usr/lib/x86_64-linux-gnu/xtables"]
+KEEP_TREES = [
+    "/etc/cvm-init", "/etc/containerd", "/etc/cni", "/etc/kubernetes", "/etc/ssl/certs",
+    "/usr/share/ca-certificates", "/usr/lib/cvm-init",
+    # mkosi makes the UKI from these after this script; mkosi.repart/10-root.conf keeps them
+    # out of the root partition.
+    "/usr/lib/modules", "/usr/lib/systemd/boot/efi",
+]
+KEEP_FILES = [
+    "/etc/passwd", "/etc/group", "/etc/nsswitch.conf", "/etc/os-release", "/usr/lib/os-release",
+    "/etc/hosts", "/etc/resolv.conf", "/etc/mke2fs.conf", "/etc/protocols", "/etc/services",
+    "/etc/ethertypes", "/etc/ld.so.cache", "/etc/machine-id", "/etc/debian_version",
+]
+LIBRARY_DIRS = ["/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64",
+                "/lib", "/usr/lib"]
+
+root = os.path.realpath(sys.argv[1])
+keep = set()
+
+
+def host(path):
+    return os.path.join(root, path.lstrip("/"))
+
+
+def resolve(path, hops=0):
+    """The path inside the root a path leads to, keeping each link on the way; None if missing."""
+    if hops > 40:
+        return None
+    parts = [p for p in path.split("/") if p]
+    current = "/"
+    for i, part in enumerate(parts):
+        candidate = os.path.join(current, part)
+        try:
+            st = os.lstat(host(candidate))
+        except FileNotFoundError:
+            return None
+        if stat.S_ISLNK(st.st_mode):
+            keep.add(candidate)
+            target = os.readlink(host(candidate))
+            base = "/" if target.startswith("/") else current
+            rest = "/".join(parts[i + 1:])
+            return resolve(os.path.normpath(os.path.join(base, target, rest)), hops + 1)
+        current = candidate
+    return current
+
+
+def elf_needs(path):
+    """(interpreter, [DT_NEEDED names]) of a 64-bit little-endian ELF file, or None."""
+    with open(host(path), "rb") as f:
+        data = f.read()
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return None
+    phoff, = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    loads, dynamic, interp = [], None, None
+    for i in range(phnum):
+        p_type, _, p_offset, p_vaddr, _, p_filesz, _, _ = struct.unpack_from(
+            "<IIQQQQQQ", data, phoff + i * phentsize)
+        if p_type == 1:
+            loads.append((p_vaddr, p_offset, p_filesz))
+        elif p_type == 2:
+            dynamic = (p_offset, p_filesz)
+        elif p_type == 3:
+            interp = data[p_offset:p_offset + p_filesz].rstrip(b"\0").decode()
+    needed, strtab = [], None
+    if dynamic:
+        off, size = dynamic
+        for j in range(0, size, 16):
+            tag, val = struct.unpack_from("<qQ", data, off + j)
+            if tag == 0:
+                break
+            if tag == 1:
+                needed.append(val)
+            elif tag == 5:
+                strtab = val
+    names = []
+    if strtab is not None:
+        base = next((o + strtab - v for v, o, s in loads if v <= strtab < v + s), None)
+        if base is None:
+            raise SystemExit(f"trim-root: {path}: its string table is outside its segments")
+        for n in needed:
+            end = data.index(b"\0", base + n)
+            names.append(data[base + n:end].decode())
+    return interp, names
+
+
+def keep_program(path, required=True):
+    real = resolve(path)
+    if real is None:
+        if required:
+            raise SystemExit(f"trim-root: {path} is not in the root, and the node needs it")
+        return
+    if real in keep:
+        return
+    keep.add(real)
+    if not os.path.isfile(host(real)):
+        return
+    found = elf_needs(real)
+    if found is None:
+        return
+    interp, names = found
+    if interp:
+        keep_program(interp)
+    for name in names:
+        for d in LIBRARY_DIRS:
+            if resolve(os.path.join(d, name)) is not None:
+                keep_program(os.path.join(d, name))
+                break
+        else:
+            raise SystemExit(f"trim-root: {real} needs {name}, which no library directory holds")
+
+
+def walk_files(top):
+    for dirpath, dirnames, filenames in os.walk(host(top)):
+        dirnames.sort()
+        for name in sorted(filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]):
+            yield "/" + os.path.relpath(os.path.join(dirpath, name), root)
+
+
+config = tomllib.loads(open(host("/etc/cvm-init/config.toml")).read())
+for service in config.get("service", []):
+    keep_program(service["path"])
+state = config.get("state")
+if state is not None:
+    mkfs = state.get("mkfs") or ["/sbin/mke2fs"]
+    keep_program(mkfs[0] if isinstance(mkfs, list) else mkfs.split()[0])
+for program in EXTRA_PROGRAMS:
+    keep_program(program)
+for top in PROGRAM_TREES:
+    if resolve(top) is not None:
+        for path in walk_files(resolve(top)):
+            keep_program(path)
+for top in KEEP_TREES:
+    real = resolve(top)
+    if real is not None:
+        for path in walk_files(real):
+            real_file = resolve(path)
+            if real_file is not None:
+                keep.add(real_file)
+            keep.add(path)
+for path in KEEP_FILES:
+    real = resolve(path)
+    if real is not None:
+        keep.add(real)
+
+removed = kept = 0
+for dirpath, dirnames, filenames in os.walk(root):
+    entries = filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+    dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
+    for name in entries:
+        full = os.path.join(dirpath, name)
+        inside = "/" + os.path.relpath(full, root)
+        if inside in keep:
+            kept += 1
+        else:
+            os.unlink(full)
+            removed += 1
+print(f"trim-root: kept {kept} files and links, removed {removed}")
