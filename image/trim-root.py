@@ -150,7 +150,7 @@ if state is not None:
     mkfs = state.get("mkfs") or ["/sbin/mke2fs"]
     keep_program(mkfs[0] if isinstance(mkfs, list) else mkfs.split()[0])
 for program in EXTRA_PROGRAMS:
-    keep_program(program)
+    keep_program(program, required=False)
 for top in PROGRAM_TREES:
     if resolve(top) is not None:
         for path in walk_files(resolve(top)):

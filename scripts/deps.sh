@@ -27,6 +27,7 @@ apt_packages=(
   curl              # the image build asks whether the Kubernetes repository is reachable
   openssl           # test certificate chains (key-broker TLS, the emulated SNP chain)
   systemd           # systemd-measure: the tests compare PCR 11 and the signed PCR policy with it
+  python3           # image/trim-root.py (3.11: tomllib), which the image-tools tests run
 )
 # The libtss2 libraries systemd-measure loads to compute a PolicyPCR digest (`sign`).
 if [ "$(. /etc/os-release && echo "${VERSION_CODENAME:-}")" = bookworm ]; then

@@ -1,0 +1,146 @@
+//! `image/trim-root.py` on a small tree: a dynamically linked service keeps its loader and
+//! libraries (found from its ELF header), everything else goes, and what remains passes the
+//! check `make image` runs; a library the service needs and the tree lacks stops it by name.
+
+use std::fs;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+
+/// The host's /bin/true and the libraries it links, laid out as Debian lays out a root.
+fn tree_with_a_service(root: &Path) {
+    for dir in [
+        "usr/bin",
+        "usr/lib/x86_64-linux-gnu",
+        "usr/lib64",
+        "etc/cvm-init",
+        "var/lib/kubelet",
+    ] {
+        fs::create_dir_all(root.join(dir)).unwrap();
+    }
+    symlink("usr/bin", root.join("bin")).unwrap();
+    symlink("usr/lib", root.join("lib")).unwrap();
+    symlink("usr/lib64", root.join("lib64")).unwrap();
+    let exe = |path: &str, from: &str| {
+        fs::copy(from, root.join(path)).unwrap();
+        fs::set_permissions(root.join(path), fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    exe("usr/bin/service", "/bin/true");
+    exe(
+        "usr/lib/x86_64-linux-gnu/libc.so.6",
+        "/lib/x86_64-linux-gnu/libc.so.6",
+    );
+    exe(
+        "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+        "/lib64/ld-linux-x86-64.so.2",
+    );
+    symlink(
+        "../lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+        root.join("usr/lib64/ld-linux-x86-64.so.2"),
+    )
+    .unwrap();
+    // What the node does not run.
+    exe("usr/bin/bash", "/bin/true");
+    symlink("bash", root.join("usr/bin/sh")).unwrap();
+    exe("usr/bin/perl", "/bin/true");
+    exe("usr/bin/mount", "/bin/true");
+    fs::set_permissions(
+        root.join("usr/bin/mount"),
+        fs::Permissions::from_mode(0o4755),
+    )
+    .unwrap();
+    fs::write(root.join("usr/lib/x86_64-linux-gnu/libperl.so.5"), b"").unwrap();
+    fs::write(root.join("etc/passwd"), b"root:x:0:0::/root:/bin/sh\n").unwrap();
+    fs::write(root.join("etc/motd"), b"hello\n").unwrap();
+    fs::write(
+        root.join("etc/cvm-init/config.toml"),
+        "[[service]]\nname = \"svc\"\npath = \"/usr/bin/service\"\n",
+    )
+    .unwrap();
+}
+
+fn trim(root: &Path) -> std::process::Output {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/trim-root.py");
+    // Debian's (3.11 or newer, with tomllib; `make deps` installs it) before another on PATH.
+    let python = if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    };
+    Command::new(python)
+        .arg(script)
+        .arg(root)
+        .output()
+        .expect("python3 (make deps installs it)")
+}
+
+#[test]
+fn only_the_service_and_what_it_links_remain() {
+    if !Path::new("/lib64/ld-linux-x86-64.so.2").exists() {
+        eprintln!("skipped: no x86-64 glibc loader on this machine");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    tree_with_a_service(root);
+    let before = cvm_image::root_check::check(root).unwrap();
+    assert!(before.findings.len() >= 4, "{:?}", before.findings);
+    let out = trim(root);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for kept in [
+        "usr/bin/service",
+        "usr/lib/x86_64-linux-gnu/libc.so.6",
+        "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+        "usr/lib64/ld-linux-x86-64.so.2",
+        "lib64",
+        "etc/passwd",
+        "etc/cvm-init/config.toml",
+    ] {
+        assert!(
+            root.join(kept).symlink_metadata().is_ok(),
+            "{kept} was removed"
+        );
+    }
+    for removed in [
+        "usr/bin/bash",
+        "usr/bin/sh",
+        "usr/bin/perl",
+        "usr/bin/mount",
+        "usr/lib/x86_64-linux-gnu/libperl.so.5",
+        "etc/motd",
+    ] {
+        assert!(
+            root.join(removed).symlink_metadata().is_err(),
+            "{removed} was kept"
+        );
+    }
+    // Directories stay: they are mount points.
+    assert!(root.join("var/lib/kubelet").is_dir());
+    let after = cvm_image::root_check::check(root).unwrap();
+    assert!(after.findings.is_empty(), "{:?}", after.findings);
+}
+
+#[test]
+fn a_library_the_tree_lacks_stops_it_by_name() {
+    if !Path::new("/lib64/ld-linux-x86-64.so.2").exists() {
+        eprintln!("skipped: no x86-64 glibc loader on this machine");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    tree_with_a_service(root);
+    fs::remove_file(root.join("usr/lib/x86_64-linux-gnu/libc.so.6")).unwrap();
+    let out = trim(root);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("/usr/bin/service needs libc.so.6"),
+        "{stderr}"
+    );
+    // Nothing was removed before the refusal.
+    assert!(root.join("usr/bin/bash").exists());
+}
