@@ -59,6 +59,17 @@ fn tree_with_a_service(root: &Path) {
     .unwrap();
 }
 
+/// The tree in a temporary directory, or None (said) where the host has no glibc to copy.
+fn tree() -> Option<tempfile::TempDir> {
+    if !Path::new("/lib64/ld-linux-x86-64.so.2").exists() {
+        eprintln!("skipped: no x86-64 glibc loader on this machine");
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    tree_with_a_service(dir.path());
+    Some(dir)
+}
+
 fn trim(root: &Path) -> std::process::Output {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/trim-root.py");
     // Debian's (3.11 or newer, with tomllib; `make deps` installs it) before another on PATH.
@@ -76,13 +87,10 @@ fn trim(root: &Path) -> std::process::Output {
 
 #[test]
 fn only_the_service_and_what_it_links_remain() {
-    if !Path::new("/lib64/ld-linux-x86-64.so.2").exists() {
-        eprintln!("skipped: no x86-64 glibc loader on this machine");
+    let Some(dir) = tree() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
+    };
     let root = dir.path();
-    tree_with_a_service(root);
     let before = cvm_image::root_check::check(root).unwrap();
     assert!(before.findings.len() >= 4, "{:?}", before.findings);
     let out = trim(root);
@@ -126,13 +134,10 @@ fn only_the_service_and_what_it_links_remain() {
 
 #[test]
 fn a_library_the_tree_lacks_stops_it_by_name() {
-    if !Path::new("/lib64/ld-linux-x86-64.so.2").exists() {
-        eprintln!("skipped: no x86-64 glibc loader on this machine");
+    let Some(dir) = tree() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
+    };
     let root = dir.path();
-    tree_with_a_service(root);
     fs::remove_file(root.join("usr/lib/x86_64-linux-gnu/libc.so.6")).unwrap();
     let out = trim(root);
     assert!(!out.status.success());
