@@ -10,7 +10,10 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use cvm_init::modules::{ModuleIndex, HARDWARE, OPTIONAL, REQUIRED};
+use cvm_init::modules::{
+    ModuleIndex, HARDWARE, OPTIONAL_AFTER_ROOT, OPTIONAL_BEFORE_ROOT, REQUIRED_AFTER_ROOT,
+    REQUIRED_BEFORE_ROOT,
+};
 use cvm_init::sys::Linux;
 
 use crate::cpio::CpioWriter;
@@ -149,9 +152,11 @@ fn add_modules(
     kernel: &Kernel,
 ) -> Result<(), InitramfsError> {
     let index = ModuleIndex::load(&Linux, &kernel.modules_dir, &kernel.release)?;
-    let mut wanted: Vec<String> = REQUIRED
+    let mut wanted: Vec<String> = REQUIRED_BEFORE_ROOT
         .iter()
-        .chain(OPTIONAL)
+        .chain(REQUIRED_AFTER_ROOT)
+        .chain(OPTIONAL_BEFORE_ROOT)
+        .chain(OPTIONAL_AFTER_ROOT)
         .chain(HARDWARE)
         .map(|m| m.to_string())
         .collect();

@@ -269,21 +269,12 @@ pub fn run() -> ! {
     }
 
     // What the root needs now; the rest is opened here and loaded by a thread meanwhile.
-    let mut wanted: Vec<String> = modules::REQUIRED
-        .iter()
-        .filter(|m| !modules::AFTER_ROOT.contains(m))
-        .map(|m| m.to_string())
-        .collect();
+    let mut wanted = strings(modules::REQUIRED_BEFORE_ROOT);
     wanted.extend(options.modules.iter().cloned());
     let (loaded, index, pending) = phase("modules", || {
-        let optional: Vec<&str> = modules::OPTIONAL
-            .iter()
-            .filter(|m| !modules::OPTIONAL_AFTER_ROOT.contains(m))
-            .copied()
-            .collect();
-        let (loaded, index) = load_modules(&sys, &wanted, &optional)?;
+        let (loaded, index) = load_modules(&sys, &wanted, modules::OPTIONAL_BEFORE_ROOT)?;
         let pending = index.open_for_later(
-            &strings(modules::AFTER_ROOT),
+            &strings(modules::REQUIRED_AFTER_ROOT),
             &strings(modules::OPTIONAL_AFTER_ROOT),
         )?;
         Ok::<_, ModulesPhaseError>((loaded, index, pending))

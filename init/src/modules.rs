@@ -7,31 +7,18 @@ use std::path::{Path, PathBuf};
 
 use crate::sys::{ModuleLoadError, System};
 
-/// Modules the init itself always needs: the ACPI power button and the input device that
-/// delivers its key presses; configfs (configfs-tsm attestation reports live there);
-/// dm-verity and erofs for the verified root (its disk's driver is in [`HARDWARE`]);
-/// dm-crypt, dm-integrity and the ciphers they ask the crypto API for (no modprobe answers
-/// its requests), ext4 for the state disk, and overlay for containerd's snapshots (every node
-/// runs containerd).
-pub const REQUIRED: &[&str] = &[
-    "button",
-    "evdev",
-    "configfs",
-    "dm_verity",
-    "erofs",
-    "dm_crypt",
-    "dm_integrity",
-    "xts",
-    "authenc",
-    "ext4",
-    "overlay",
-];
+/// Modules the init itself always needs, in two lists by when: configfs (configfs-tsm
+/// attestation reports live there), dm-verity and erofs for the verified root (its disk's
+/// driver is in [`HARDWARE`]) are loaded by the `modules` phase; the rest in
+/// [`REQUIRED_AFTER_ROOT`].
+pub const REQUIRED_BEFORE_ROOT: &[&str] = &["configfs", "dm_verity", "erofs"];
 
-/// The modules of [`REQUIRED`] that nothing needs before the root is mounted: the power
-/// button's, the state disk's (dm-crypt, dm-integrity, their ciphers, ext4) and overlay for
-/// containerd. The `modules` phase opens them and a thread loads them while the root is set up;
-/// the `state` phase waits for it.
-pub const AFTER_ROOT: &[&str] = &[
+/// The required modules that nothing needs before the root is mounted: the ACPI power button
+/// and the input device that delivers its key presses; dm-crypt, dm-integrity and the ciphers
+/// they ask the crypto API for (no modprobe answers its requests), ext4 for the state disk,
+/// and overlay for containerd's snapshots (every node runs containerd). The `modules` phase
+/// opens them and a thread loads them while the root is set up; the `state` phase waits for it.
+pub const REQUIRED_AFTER_ROOT: &[&str] = &[
     "button",
     "evdev",
     "dm_crypt",
@@ -42,14 +29,15 @@ pub const AFTER_ROOT: &[&str] = &[
     "overlay",
 ];
 
-/// The modules of [`OPTIONAL`] loaded with [`AFTER_ROOT`].
+/// Modules loaded when the machine has what they drive, in two lists by when: the SEV-SNP and
+/// TDX guest drivers (their devices tell the measurement backend which TEE this is) before the
+/// root; the AES-NI and SSSE3 ciphers in [`OPTIONAL_AFTER_ROOT`].
+pub const OPTIONAL_BEFORE_ROOT: &[&str] = &["sev_guest", "tdx_guest"];
+
+/// The AES-NI and SSSE3 ciphers, loaded with [`REQUIRED_AFTER_ROOT`]: without them dm-crypt
+/// falls back to the generic C code (the crypto API's own module requests need a modprobe this
+/// system does not have).
 pub const OPTIONAL_AFTER_ROOT: &[&str] = &["aesni_intel", "sha256_ssse3"];
-
-/// Modules loaded when the machine has what they drive: the SEV-SNP and TDX guest drivers
-/// (their devices tell the measurement backend which TEE this is), and the AES-NI and SSSE3
-/// ciphers, without which dm-crypt falls back to the generic C code (the crypto API's own
-/// module requests need a modprobe this system does not have).
-pub const OPTIONAL: &[&str] = &["sev_guest", "tdx_guest", "aesni_intel", "sha256_ssse3"];
 
 /// The disk and network drivers of QEMU and of the clouds that offer confidential VMs: virtio
 /// (QEMU, GCE's N2D), NVMe (AWS, GCE's C3, Azure's v6), SCSI disks behind virtio-scsi or
