@@ -453,16 +453,12 @@ const STATE_OPTIONS: [(&str, &str, &[u64]); 3] = [
 /// the console beside it (`boot-<kind>.timed.log`, for `cvm-measure timeline`). A log the
 /// timeline cannot read is reported, and the figures go on.
 fn draw_boot(guest: &RunningGuest, kind: &str) {
-    let dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
-        .join("bench");
+    let dir = bench_dir();
     let path = dir.join(format!("boot-{kind}.svg"));
     let log = guest.timed_serial_log();
-    let drawn = std::fs::create_dir_all(&dir)
-        .and_then(|()| std::fs::write(dir.join(format!("boot-{kind}.timed.log")), &log))
+    let drawn = write_console(&log, kind)
         .map_err(|e| format!("cannot write the console to {}: {e}", dir.display()))
-        .and_then(|()| {
+        .and_then(|_| {
             cvm_measure::timeline::svg_from_log(&log, &format!("{kind} boot"))
                 .map_err(|e| e.to_string())
         })
@@ -950,15 +946,30 @@ fn compare_bench() -> Result<(), String> {
 
 /// Writes a timed console to `target/bench/boot-<kind>.timed.log`, where `draw_boot` puts its.
 fn keep_console(timed: &[u8], kind: &str) {
-    let dir = std::env::var_os("CARGO_TARGET_DIR")
+    match write_console(timed, kind) {
+        Ok(path) => println!("console of the {kind} boot: {}", path.display()),
+        Err(e) => println!(
+            "cannot write the console to {}: {e}",
+            bench_dir().join(format!("boot-{kind}.timed.log")).display()
+        ),
+    }
+}
+
+/// Where the benches put their pictures and consoles: `target/bench`.
+fn bench_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
-        .join("bench");
+        .join("bench")
+}
+
+/// `target/bench/boot-<kind>.timed.log`, written; its path.
+fn write_console(timed: &[u8], kind: &str) -> std::io::Result<PathBuf> {
+    let dir = bench_dir();
     let path = dir.join(format!("boot-{kind}.timed.log"));
-    match std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, timed)) {
-        Ok(()) => println!("console of the {kind} boot: {}", path.display()),
-        Err(e) => println!("cannot write the console to {}: {e}", path.display()),
-    }
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(&path, timed)?;
+    Ok(path)
 }
 
 /// The kernel's first console line on a UEFI boot: its EFI stub, which runs once the firmware
