@@ -83,12 +83,7 @@ impl ServiceDigests {
             path: path.display().to_string(),
             source,
         };
-        let file = open_nonblocking(path).map_err(err)?;
-        let meta = file.metadata().map_err(err)?;
-        if !meta.is_file() {
-            // A FIFO would block PID 1 in the read, a device such as /dev/zero never end it.
-            return Err(err(std::io::Error::other("not a regular file")));
-        }
+        let (file, meta) = crate::sys::open_regular_file(path).map_err(err)?;
         let opened = (meta.dev(), meta.ino());
         if let Some((_, identity, digest)) = self.known.iter().find(|(p, ..)| p == path) {
             if opened == *identity {
@@ -112,33 +107,16 @@ impl ServiceDigests {
     }
 }
 
-/// Opens `path` for reading without waiting: opening a FIFO (bound over a binary's path by a
-/// service that ran first) must not block PID 1, nor make a terminal its controlling one.
-fn open_nonblocking(path: &Path) -> std::io::Result<std::fs::File> {
-    use nix::fcntl::OFlag;
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags((OFlag::O_NONBLOCK | OFlag::O_NOCTTY).bits())
-        .open(path)
-}
-
 /// The manifest, if the root has one on its own file system; an error says why it is unusable.
 fn read_manifest(path: &Path, root_dev: u64) -> Result<Option<Manifest>, String> {
     use std::io::Read as _;
-    let file = match open_nonblocking(path) {
-        Ok(f) => f,
+    let (file, meta) = match crate::sys::open_regular_file(path) {
+        Ok(opened) => opened,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("cannot open it: {e}")),
     };
-    let meta = file
-        .metadata()
-        .map_err(|e| format!("cannot stat it: {e}"))?;
     if meta.dev() != root_dev {
         return Err("it is not on the verified root's file system".into());
-    }
-    if !meta.is_file() {
-        return Err("it is not a regular file".into());
     }
     let mut bytes = Vec::new();
     file.take(MAX_LEN as u64 + 1)

@@ -85,6 +85,23 @@ const SIGNATURE_MAGIC: &[u8] = b"~Module signature appended~\n";
 /// lockdown under Secure Boot): from then on every module is loaded with it.
 static UNSIGNED_ACCEPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
+/// Opens `path` for reading without waiting and keeps it only if it is a regular file: a FIFO
+/// (bound over a service's binary by a service that ran first) must not block PID 1 in the
+/// open, a device such as /dev/zero must not keep it reading, and no terminal becomes its
+/// controlling one.
+pub fn open_regular_file(path: &Path) -> io::Result<(fs::File, fs::Metadata)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_NOCTTY).bits())
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::other("not a regular file"));
+    }
+    Ok((file, meta))
+}
+
 /// The module without its appended signature, if it has a well-formed one.
 pub fn without_signature(module: &[u8]) -> Option<&[u8]> {
     let body = module.strip_suffix(SIGNATURE_MAGIC)?;

@@ -58,18 +58,9 @@ pub struct OsBinaries;
 
 impl Binaries for OsBinaries {
     fn open(&self, path: &Path) -> io::Result<(OwnedFd, FileIdentity)> {
-        use nix::fcntl::OFlag;
-        // Without waiting: a FIFO bound over the path must not block PID 1.
-        let fd = nix::fcntl::open(
-            path,
-            OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK | OFlag::O_NOCTTY,
-            nix::sys::stat::Mode::empty(),
-        )?;
-        let st = nix::sys::stat::fstat(&fd)?;
-        if st.st_mode & nix::libc::S_IFMT != nix::libc::S_IFREG {
-            return Err(io::Error::other("not a regular file"));
-        }
-        Ok((fd, (st.st_dev, st.st_ino)))
+        use std::os::unix::fs::MetadataExt;
+        let (file, meta) = crate::sys::open_regular_file(path)?;
+        Ok((file.into(), (meta.dev(), meta.ino())))
     }
 
     fn root_device(&self) -> io::Result<u64> {
