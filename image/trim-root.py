@@ -135,10 +135,16 @@ def keep_program(path, required=True):
             raise SystemExit(f"trim-root: {real} needs {name}, which no library directory holds")
 
 
+def files_and_links(dirpath, dirnames, filenames):
+    """What os.walk found in one directory that is not a directory to descend into: its files
+    and its links, links to directories included (os.walk lists those with the directories)."""
+    return filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+
+
 def walk_files(top):
     for dirpath, dirnames, filenames in os.walk(host(top)):
         dirnames.sort()
-        for name in sorted(filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]):
+        for name in sorted(files_and_links(dirpath, dirnames, filenames)):
             yield "/" + os.path.relpath(os.path.join(dirpath, name), root)
 
 
@@ -170,7 +176,7 @@ for path in KEEP_FILES:
 
 removed = kept = 0
 for dirpath, dirnames, filenames in os.walk(root):
-    entries = filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+    entries = files_and_links(dirpath, dirnames, filenames)
     dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
     for name in entries:
         full = os.path.join(dirpath, name)
