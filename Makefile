@@ -103,6 +103,7 @@ fuzz: deps
 ## The node image: mkosi 25 in a Debian trixie environment that scripts/image-env.sh makes once
 ## (.cache/image-env); outputs in target/image/out. KUBELET=<kubelet binary or .deb> (else the
 ## Kubernetes package repository), CONFIG=<cvm-init configuration> (default image/node.toml),
+## CNI_PLUGINS="<names>" (default loopback bridge host-local portmap): the CNI plugins the root keeps,
 ## PCR_KEY=<RSA-2048 or P-256 private key PEM>: sign PCR 11 at the key release (.pcrsig/.pcrpkey)
 ## for state.tpm_policy = "signed" (docs/upgrades.md).
 IMAGE_TOOLS = $(CARGO) build -q -p cvm-image --bin cvm-image
@@ -137,10 +138,12 @@ measurements: build
 	bash scripts/image.sh measurements
 
 ## Boot the image under OVMF + swtpm to ready and compare its PCRs with `make measurements`.
-## Uses the kubelet stand-in unless KUBELET is given.
+## Uses the kubelet stand-in unless KUBELET is given; the test image adds TEST_TREE (the
+## registry configuration with which the stand-in runs a test pod through CRI).
+TEST_TREE = $(CURDIR)/qemu-tests/image-tree
 image-test: build test-artifacts
 	$(IMAGE_TOOLS)
-	KUBELET=$${KUBELET:-$(CURDIR)/target/$(TARGET)/test-image/kubelet-standin} bash scripts/image.sh build
+	TEST_TREE=$(TEST_TREE) KUBELET=$${KUBELET:-$(CURDIR)/target/$(TARGET)/test-image/kubelet-standin} bash scripts/image.sh build
 	bash scripts/image.sh measurements
 	$(CARGO) test -p qemu-tests --test image_boot -- --nocapture
 
@@ -154,7 +157,7 @@ image-test-signed: build test-artifacts
 	test -f $(SIGNED)/pcr-key.pem || openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out $(SIGNED)/pcr-key.pem
 	sed 's/^key = "tpm"$$/key = "tpm"\ntpm_policy = "signed"/' image/node.toml > $(SIGNED)/node.toml
 	grep -q '^tpm_policy = "signed"$$' $(SIGNED)/node.toml
-	PCR_KEY=$(SIGNED)/pcr-key.pem CONFIG=$(SIGNED)/node.toml \
+	PCR_KEY=$(SIGNED)/pcr-key.pem CONFIG=$(SIGNED)/node.toml TEST_TREE=$(TEST_TREE) \
 	  KUBELET=$${KUBELET:-$(CURDIR)/target/$(TARGET)/test-image/kubelet-standin} bash scripts/image.sh build
 	bash scripts/image.sh measurements
 	$(CARGO) test -p qemu-tests --test image_boot -- --nocapture

@@ -23,7 +23,12 @@ EXTRA_PROGRAMS = [
     "/usr/sbin/iptables", "/usr/sbin/iptables-save", "/usr/sbin/iptables-restore",
     "/usr/sbin/ip6tables", "/usr/sbin/ip6tables-save", "/usr/sbin/ip6tables-restore",
 ]
-PROGRAM_TREES = ["/usr/lib/cni", "/opt/cni/bin", "/usr/lib/x86_64-linux-gnu/xtables"]
+PROGRAM_TREES = ["/usr/lib/x86_64-linux-gnu/xtables"]
+# The standard CNI plugins the root keeps (CNI_PLUGINS in the environment, from `make image
+# CNI_PLUGINS=...`, replaces the list): containerd's CRI runs `loopback` for every pod, and
+# bridge, host-local and portmap are what a plain bridge network and flannel call. Every other
+# plugin a CNI needs, its DaemonSet installs into /opt/cni/bin, a writable overlay.
+DEFAULT_CNI_PLUGINS = ["loopback", "bridge", "host-local", "portmap"]
 KEEP_TREES = [
     "/etc/cvm-init", "/etc/containerd", "/etc/cni", "/etc/kubernetes", "/etc/ssl/certs",
     "/usr/share/ca-certificates", "/usr/lib/cvm-init",
@@ -157,6 +162,21 @@ if state is not None:
     keep_program(mkfs[0] if isinstance(mkfs, list) else mkfs.split()[0])
 for program in EXTRA_PROGRAMS:
     keep_program(program, required=False)
+plugins = os.environ.get("CNI_PLUGINS", ",".join(DEFAULT_CNI_PLUGINS)).replace(",", " ").split()
+if not plugins:
+    raise SystemExit("trim-root: CNI_PLUGINS is empty (expected at least loopback, which "
+                     "containerd runs for every pod)")
+for name in plugins:
+    if not name.replace("-", "").replace("_", "").isalnum() or not name.isascii():
+        raise SystemExit(f"trim-root: CNI_PLUGINS: {name!r} is not a plugin name "
+                         "(expected letters, digits, '-' and '_')")
+    if resolve(f"/usr/lib/cni/{name}") is None:
+        have = " ".join(sorted(os.listdir(host("/usr/lib/cni")))) if os.path.isdir(
+            host("/usr/lib/cni")) else "none"
+        raise SystemExit(f"trim-root: CNI_PLUGINS: no plugin {name} in /usr/lib/cni "
+                         f"(the image has: {have})")
+    keep_program(f"/usr/lib/cni/{name}")
+    keep_program(f"/opt/cni/bin/{name}", required=False)
 for top in PROGRAM_TREES:
     if resolve(top) is not None:
         for path in walk_files(resolve(top)):

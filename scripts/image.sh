@@ -10,7 +10,9 @@
 # reachable), CONFIG=<cvm-init configuration> (default image/node.toml), INIT=<static cvm-init>
 # (default the release build), CHECK_ON=<snp|tdx|vtpm|bare>: the kind of machine the
 # configuration must boot on (`cvm-init check-config --on`; default: at least one),
-# PCR_KEY=<PEM private key, RSA-2048 or ECDSA P-256>: sign the expected PCR 11 at the key
+# TEST_TREE=<directory>: files added to the root of a test image (make image-test),
+# CNI_PLUGINS="<names>": the standard CNI plugins the root keeps (default: loopback bridge
+# host-local portmap; image/trim-root.py), PCR_KEY=<PEM private key, RSA-2048 or ECDSA P-256>: sign the expected PCR 11 at the key
 # release into the UKI (.pcrsig, and the public key as .pcrpkey) for `state.tpm_policy =
 # "signed"` (docs/upgrades.md).
 set -euo pipefail
@@ -56,6 +58,11 @@ assemble() {
     fi
   fi
   initramfs "$cfg"
+  if [ -n "${TEST_TREE:-}" ]; then
+    [ -d "$TEST_TREE" ] || die "TEST_TREE=$TEST_TREE: no such directory"
+    cp -r "$TEST_TREE" "$cfg/test-tree"
+    say "TEST_TREE: a test image, with the files of $TEST_TREE added to the root: $(cd "$TEST_TREE" && find . -type f | sed 's#^\.##' | sort | tr '\n' ' ')"
+  fi
   mkdir -p "$cfg/mkosi.conf.d"
   {
     echo "[Build]"
@@ -65,6 +72,14 @@ assemble() {
     echo "Packages=$(IFS=,; echo "${packages[*]}")"
     if [ -n "$kubelet_repo_dir" ]; then
       echo "PackageDirectories=$(in_env "$kubelet_repo_dir")"
+    fi
+    if [ -n "${TEST_TREE:-}" ]; then
+      echo "ExtraTrees=$(in_env "$cfg/test-tree")"
+    fi
+    if [ -n "${CNI_PLUGINS:-}" ]; then
+      # mkosi splits Environment= at spaces: trim-root.py takes the names comma-separated.
+      echo "[Build]"
+      echo "Environment=CNI_PLUGINS=$(echo "$CNI_PLUGINS" | tr -s ' ' ',')"
     fi
   } > "$cfg/mkosi.conf.d/90-build.conf"
   pcr_signing "$cfg"

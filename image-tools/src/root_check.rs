@@ -2,7 +2,8 @@
 //! a setuid/setgid file is something a workload that escapes its container could use, and
 //! nothing the node runs needs one. The check is by name (any executable file or link of that
 //! name, in any directory) and by mode; the build runs it on the tree it extracted from the
-//! image.
+//! image, and the image test's privileged container on the node's root as it sees it (the test
+//! image's kubelet stand-in includes this file, so both run the same check).
 
 use std::fs;
 use std::io;
@@ -97,6 +98,9 @@ pub struct Report {
     /// The largest regular files, largest first (path in the root, bytes).
     pub largest: Vec<(PathBuf, u64)>,
     pub findings: Vec<Finding>,
+    /// Directories that are another file system's mount point, not descended into
+    /// ([`check_one_filesystem`] only).
+    pub other_filesystems: Vec<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -112,9 +116,26 @@ pub const LARGEST: usize = 10;
 
 /// Walks `root` without following links.
 pub fn check(root: &Path) -> Result<Report, CheckError> {
+    walk_from(root, None)
+}
+
+/// Walks `root` without following links or entering another file system: on a running node,
+/// the root file system alone, without /proc, /sys or what the state disk and the container
+/// runtime mounted (their mount points are listed in the report).
+pub fn check_one_filesystem(root: &Path) -> Result<Report, CheckError> {
+    let device = fs::symlink_metadata(root)
+        .map_err(|source| CheckError {
+            path: root.to_path_buf(),
+            source,
+        })?
+        .dev();
+    walk_from(root, Some(device))
+}
+
+fn walk_from(root: &Path, device: Option<u64>) -> Result<Report, CheckError> {
     let mut report = Report::default();
     let mut all = Vec::new();
-    walk(root, root, &mut report, &mut all)?;
+    walk(root, root, device, &mut report, &mut all)?;
     all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     all.truncate(LARGEST);
     report.largest = all;
@@ -125,6 +146,7 @@ pub fn check(root: &Path) -> Result<Report, CheckError> {
 fn walk(
     root: &Path,
     dir: &Path,
+    device: Option<u64>,
     report: &mut Report,
     all: &mut Vec<(PathBuf, u64)>,
 ) -> Result<(), CheckError> {
@@ -142,7 +164,11 @@ fn walk(
         let meta = fs::symlink_metadata(&path).map_err(err(&path))?;
         let inside = Path::new("/").join(path.strip_prefix(root).unwrap_or(&path));
         if meta.is_dir() {
-            walk(root, &path, report, all)?;
+            if device.is_some_and(|d| d != meta.dev()) {
+                report.other_filesystems.push(inside);
+            } else {
+                walk(root, &path, device, report, all)?;
+            }
             continue;
         }
         // By name: links (what they lead to runs) and executable files; a configuration file

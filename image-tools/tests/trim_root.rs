@@ -15,6 +15,8 @@ fn tree_with_a_service(root: &Path) {
         "usr/lib64",
         "etc/cvm-init",
         "var/lib/kubelet",
+        "usr/lib/cni",
+        "opt/cni/bin",
     ] {
         fs::create_dir_all(root.join(dir)).unwrap();
     }
@@ -39,6 +41,22 @@ fn tree_with_a_service(root: &Path) {
         root.join("usr/lib64/ld-linux-x86-64.so.2"),
     )
     .unwrap();
+    // Debian's CNI plugins, linked into /opt/cni/bin as mkosi.postinst links them.
+    for plugin in [
+        "loopback",
+        "bridge",
+        "host-local",
+        "portmap",
+        "dhcp",
+        "macvlan",
+    ] {
+        exe(&format!("usr/lib/cni/{plugin}"), "/bin/true");
+        symlink(
+            format!("/usr/lib/cni/{plugin}"),
+            root.join("opt/cni/bin").join(plugin),
+        )
+        .unwrap();
+    }
     // What the node does not run.
     exe("usr/bin/bash", "/bin/true");
     symlink("bash", root.join("usr/bin/sh")).unwrap();
@@ -71,6 +89,11 @@ fn tree() -> Option<tempfile::TempDir> {
 }
 
 fn trim(root: &Path) -> std::process::Output {
+    trim_with(root, None)
+}
+
+/// trim-root.py with CNI_PLUGINS set to `plugins`, or unset.
+fn trim_with(root: &Path, plugins: Option<&str>) -> std::process::Output {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/trim-root.py");
     // Debian's (3.11 or newer, with tomllib; `make deps` installs it) before another on PATH.
     let python = if Path::new("/usr/bin/python3").exists() {
@@ -78,11 +101,12 @@ fn trim(root: &Path) -> std::process::Output {
     } else {
         "python3"
     };
-    Command::new(python)
-        .arg(script)
-        .arg(root)
-        .output()
-        .expect("python3 (make deps installs it)")
+    let mut command = Command::new(python);
+    command.arg(script).arg(root).env_remove("CNI_PLUGINS");
+    if let Some(plugins) = plugins {
+        command.env("CNI_PLUGINS", plugins);
+    }
+    command.output().expect("python3 (make deps installs it)")
 }
 
 #[test]
@@ -107,6 +131,13 @@ fn only_the_service_and_what_it_links_remain() {
         "lib64",
         "etc/passwd",
         "etc/cvm-init/config.toml",
+        // The default CNI plugins, and their links.
+        "usr/lib/cni/loopback",
+        "usr/lib/cni/bridge",
+        "usr/lib/cni/host-local",
+        "usr/lib/cni/portmap",
+        "opt/cni/bin/loopback",
+        "opt/cni/bin/portmap",
     ] {
         assert!(
             root.join(kept).symlink_metadata().is_ok(),
@@ -120,6 +151,10 @@ fn only_the_service_and_what_it_links_remain() {
         "usr/bin/mount",
         "usr/lib/x86_64-linux-gnu/libperl.so.5",
         "etc/motd",
+        // Plugins not asked for: a CNI that needs one installs it into /opt/cni/bin.
+        "usr/lib/cni/dhcp",
+        "usr/lib/cni/macvlan",
+        "opt/cni/bin/dhcp",
     ] {
         assert!(
             root.join(removed).symlink_metadata().is_err(),
@@ -148,4 +183,48 @@ fn a_library_the_tree_lacks_stops_it_by_name() {
     );
     // Nothing was removed before the refusal.
     assert!(root.join("usr/bin/bash").exists());
+}
+
+#[test]
+fn cni_plugins_chooses_the_plugins_and_a_missing_one_stops_it_by_name() {
+    let Some(dir) = tree() else {
+        return;
+    };
+    let root = dir.path();
+    let out = trim_with(root, Some("loopback,macvlan"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (plugin, kept) in [("loopback", true), ("macvlan", true), ("bridge", false)] {
+        for path in [
+            format!("usr/lib/cni/{plugin}"),
+            format!("opt/cni/bin/{plugin}"),
+        ] {
+            assert_eq!(root.join(&path).symlink_metadata().is_ok(), kept, "{path}");
+        }
+    }
+
+    let Some(dir) = tree() else {
+        return;
+    };
+    let root = dir.path();
+    for (plugins, expected) in [
+        (
+            "loopback,flannel",
+            "no plugin flannel in /usr/lib/cni (the image has: bridge dhcp",
+        ),
+        ("../../bin/bash", "'../../bin/bash' is not a plugin name"),
+        (" ", "CNI_PLUGINS is empty"),
+    ] {
+        let out = trim_with(root, Some(plugins));
+        assert!(!out.status.success(), "{plugins}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{plugins}: {stderr}");
+        assert!(
+            root.join("usr/bin/bash").exists(),
+            "{plugins}: files were removed"
+        );
+    }
 }

@@ -9,12 +9,55 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use qemu_tests::support::{blank_state_disk, must, power_down, press_ctrl_alt_del};
-use qemu_tests::Guest;
+use qemu_tests::{Guest, RunningGuest};
 
 const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 /// Firmware, a 20 MB UKI and the whole node under TCG.
 const BOOT: Duration = Duration::from_secs(600);
+
+/// The test image (`TEST_TREE`): the kubelet stand-in runs a pod through CRI from an image it
+/// serves on the node; containerd pulls and runs it, the stand-in reaches both containers, and
+/// the privileged one, with the node's root at /host, finds nothing an escaped workload could
+/// use there.
+fn test_pod(guest: &mut RunningGuest) {
+    must(guest.wait_for("kubelet-standin: test pod: serving", BOOT));
+    let deadline = Instant::now() + BOOT;
+    while !["test pod: failed", "stopped and removed"]
+        .iter()
+        .any(|m| guest.serial_log().contains(m))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the test pod did not end in {BOOT:?}:\n{}",
+            guest.serial_log()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let log = guest.serial_log();
+    let pod: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("kubelet-standin: test pod: "))
+        .collect();
+    eprintln!("image boot: the test pod:\n{}", pod.join("\n"));
+    assert!(
+        !log.contains("kubelet-standin: test pod: failed"),
+        "the test pod failed"
+    );
+    for expected in [
+        "test pod: pulled cvm-test.invalid/probe:1 as sha256:",
+        "test pod: serve at 127.0.0.1:5555: a container of the test image",
+        "test pod: scan at 127.0.0.1:5556: effective capabilities 000001ffffffffff",
+        "test pod: scan at 127.0.0.1:5556: /host/usr/bin/containerd is there: this is the node's root",
+        "test pod: scan at 127.0.0.1:5556: no shell, interpreter, package manager or setuid/setgid file under /host",
+    ] {
+        assert!(log.contains(expected), "missing: {expected}");
+    }
+    assert!(
+        !log.contains("test pod: scan at 127.0.0.1:5556: found "),
+        "the privileged container found something under /host"
+    );
+}
 
 fn registers(log: &str) -> Vec<(String, String, String)> {
     log.lines()
@@ -151,6 +194,7 @@ fn the_image_boots_through_uefi_to_ready_and_measures_what_was_predicted() {
         "image boot: QEMU start to `cvm-init: ready` in {:.1} s (OVMF, TCG, 1 vCPU)",
         to_ready.as_secs_f64()
     );
+    test_pod(&mut guest);
     // An image built with PCR_KEY (`make image-test-signed`): the state disk was sealed to the
     // UKI's signing key, and the next boot opens it with the UKI's signature.
     if let Some(signature) = measurements.get("pcr_signature") {
