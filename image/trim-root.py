@@ -33,13 +33,15 @@ KEEP_TREES = [
     "/etc/cvm-init", "/etc/containerd", "/etc/cni", "/etc/kubernetes", "/etc/ssl/certs",
     "/usr/share/ca-certificates", "/usr/lib/cvm-init",
     # mkosi makes the UKI from these after this script; mkosi.repart/10-root.conf keeps them
-    # out of the root partition.
-    "/usr/lib/modules", "/usr/lib/systemd/boot/efi",
+    # out of the root partition (and scripts/image.sh the kernel in /usr/lib/modules/<release>).
+    "/usr/lib/systemd/boot/efi",
 ]
 KEEP_FILES = [
     "/etc/passwd", "/etc/group", "/etc/nsswitch.conf", "/etc/os-release", "/usr/lib/os-release",
     "/etc/hosts", "/etc/resolv.conf", "/etc/mke2fs.conf", "/etc/protocols", "/etc/services",
     "/etc/ethertypes", "/etc/ld.so.cache", "/etc/machine-id", "/etc/debian_version",
+    # Debian's links into /run: containerd makes pods' network namespaces in /var/run/netns.
+    "/var/run", "/var/lock",
 ]
 LIBRARY_DIRS = ["/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64",
                 "/lib", "/usr/lib"]
@@ -193,6 +195,73 @@ for path in KEEP_FILES:
     real = resolve(path)
     if real is not None:
         keep.add(real)
+
+
+def keep_modules(names):
+    """The kernel modules the configuration's `modules` names, with what modules.dep says they
+    need and their soft dependencies, for cvm-init's modules-late phase (there is no modprobe:
+    nothing else loads a module after the initramfs is gone). The index files cvm-init reads
+    are rewritten to list only those; every other module goes."""
+    top = host("/usr/lib/modules")
+    if not os.path.isdir(top):
+        if names:
+            raise SystemExit("trim-root: the configuration names modules, and the root has no "
+                             "/usr/lib/modules")
+        return
+    for release in sorted(os.listdir(top)):
+        moddir = f"/usr/lib/modules/{release}"
+        if os.path.isfile(host(f"{moddir}/vmlinuz")):
+            keep.add(f"{moddir}/vmlinuz")  # for mkosi's UKI; not in the root partition
+        def lines(name):
+            path = host(f"{moddir}/{name}")
+            return open(path).read().splitlines() if os.path.isfile(path) else []
+        module_of = lambda path: os.path.basename(path).split(".ko")[0].replace("-", "_")
+        deps, paths = {}, {}
+        for line in lines("modules.dep"):
+            if ":" not in line:
+                continue
+            path, rest = line.split(":", 1)
+            paths[module_of(path)] = path
+            deps[module_of(path)] = [module_of(d) for d in rest.split()]
+        builtin = {module_of(p) for p in lines("modules.builtin")}
+        soft = {}
+        for line in lines("modules.softdep"):
+            words = line.split()
+            if len(words) >= 2 and words[0] == "softdep":
+                soft[words[1].replace("-", "_")] = [
+                    w.replace("-", "_") for w in words[2:] if w not in ("pre:", "post:")]
+        wanted, todo = set(), [n.replace("-", "_") for n in names]
+        while todo:
+            name = todo.pop()
+            if name in wanted or name in builtin:
+                continue
+            if name not in paths:
+                if name in [n.replace("-", "_") for n in names]:
+                    raise SystemExit(f"trim-root: the configuration's modules name {name}, which "
+                                     f"kernel {release} has neither as a module nor built in")
+                continue  # a soft dependency this kernel does not have
+            wanted.add(name)
+            todo.extend(deps[name] + soft.get(name, []))
+        for name in wanted:
+            keep.add(f"{moddir}/{paths[name]}")
+        kept_paths = {paths[n] for n in wanted}
+        rewrites = {
+            "modules.dep": [l for l in lines("modules.dep") if l.split(":", 1)[0] in kept_paths],
+            "modules.builtin": lines("modules.builtin"),
+            "modules.softdep": [l for l in lines("modules.softdep")
+                                if len(l.split()) >= 2 and l.split()[1].replace("-", "_") in wanted],
+            "modules.alias": [l for l in lines("modules.alias")
+                              if len(l.split()) == 3 and l.split()[2].replace("-", "_") in wanted],
+        }
+        for name, content in rewrites.items():
+            with open(host(f"{moddir}/{name}"), "w") as f:
+                f.write("".join(l + "\n" for l in content))
+            keep.add(f"{moddir}/{name}")
+        print(f"trim-root: kernel {release}: {len(wanted)} modules for the configuration's "
+              f"{len(names)}: {' '.join(sorted(wanted))}")
+
+
+keep_modules(config.get("modules", []))
 
 removed = kept = 0
 for dirpath, dirnames, filenames in os.walk(root):

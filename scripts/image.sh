@@ -41,7 +41,7 @@ assemble() {
   # The root's own files: cvm-init's configuration, the mount points of the state disk.
   [ -f "$config_file" ] || die "CONFIG=$config_file: no such file"
   install -D -m 0644 "$config_file" "$cfg/extra/etc/cvm-init/config.toml"
-  for d in var/lib/cvm-state var/lib/containerd var/lib/kubelet etc/kubernetes var/log etc/cni/net.d opt/cni/bin; do
+  for d in var/lib/cvm-state var/lib/containerd var/lib/kubelet var/lib/cni etc/kubernetes var/log etc/cni/net.d opt/cni/bin; do
     mkdir -p "$cfg/extra/$d"
   done
   local packages=()
@@ -219,6 +219,8 @@ initramfs() {
   ln -sfn "root/usr/lib/modules/$kver" "$kdir/modules"
   echo "$kver" > "$kdir/ready"
   "$image_tool" initramfs "$kdir" "$init_bin" "$cfg/initrd.cpio.zst" >/dev/null
+  # The kernel is in the UKI; the root keeps only the modules the configuration names.
+  echo "ExcludeFiles=/usr/lib/modules/$kver/vmlinuz" >> "$cfg/mkosi.repart/10-root.conf"
   say "initramfs: cvm-init $(stat -c %s "$init_bin") bytes + modules of $kver = $(stat -c %s "$cfg/initrd.cpio.zst") bytes as one zstd frame"
 }
 

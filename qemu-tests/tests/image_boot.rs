@@ -44,17 +44,25 @@ fn test_pod(guest: &mut RunningGuest) {
         !log.contains("kubelet-standin: test pod: failed"),
         "the test pod failed"
     );
+    // The pod's address, from the bridge network's host-local range.
+    let ip = log
+        .split("test pod: pod sandbox ")
+        .nth(1)
+        .and_then(|rest| rest.split(", pod IP ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("no pod IP on the console");
+    assert!(ip.starts_with("10.88.0."), "pod IP {ip}");
     for expected in [
-        "test pod: pulled cvm-test.invalid/probe:1 as sha256:",
-        "test pod: serve at 127.0.0.1:5555: a container of the test image",
-        "test pod: scan at 127.0.0.1:5556: effective capabilities 000001ffffffffff",
-        "test pod: scan at 127.0.0.1:5556: /host/usr/bin/containerd is there: this is the node's root",
-        "test pod: scan at 127.0.0.1:5556: no shell, interpreter, package manager or setuid/setgid file under /host",
+        "test pod: pulled cvm-test.invalid/probe:1 as sha256:".to_string(),
+        format!("test pod: serve at {ip}:5555: a container of the test image"),
+        format!("test pod: scan at {ip}:5556: effective capabilities 000001ffffffffff"),
+        format!("test pod: scan at {ip}:5556: /host/usr/bin/containerd is there: this is the node's root"),
+        format!("test pod: scan at {ip}:5556: no shell, interpreter, package manager or setuid/setgid file under /host"),
     ] {
-        assert!(log.contains(expected), "missing: {expected}");
+        assert!(log.contains(&expected), "missing: {expected}");
     }
     assert!(
-        !log.contains("test pod: scan at 127.0.0.1:5556: found "),
+        !log.contains(&format!("test pod: scan at {ip}:5556: found ")),
         "the privileged container found something under /host"
     );
 }

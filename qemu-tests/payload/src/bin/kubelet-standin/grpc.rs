@@ -224,15 +224,20 @@ pub fn fields(mut bytes: &[u8]) -> Vec<(u64, Field)> {
     out
 }
 
-/// The first length-delimited field `number`, as UTF-8 (lossy), or "".
-pub fn string_field(message: &[u8], number: u64) -> String {
+/// The first length-delimited field `number` (a string, bytes or a message), or nothing.
+pub fn bytes_field(message: &[u8], number: u64) -> Vec<u8> {
     fields(message)
         .into_iter()
         .find_map(|(n, f)| match f {
-            Field::Bytes(b) if n == number => Some(String::from_utf8_lossy(&b).into_owned()),
+            Field::Bytes(b) if n == number => Some(b),
             _ => None,
         })
         .unwrap_or_default()
+}
+
+/// The first length-delimited field `number`, as UTF-8 (lossy), or "".
+pub fn string_field(message: &[u8], number: u64) -> String {
+    String::from_utf8_lossy(&bytes_field(message, number)).into_owned()
 }
 
 #[cfg(test)]

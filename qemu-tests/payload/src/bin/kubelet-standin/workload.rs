@@ -1,9 +1,10 @@
 //! STAND-IN: a kubelet's way of running a pod, reduced to one test pod. When the test image's
 //! containerd names the stand-in's registry (`/etc/containerd/certs.d/cvm-test.invalid`), the
 //! stand-in serves its image there ([`crate::registry`]) and asks the runtime over CRI, as a
-//! kubelet does: pull the image, run a pod (host network, privileged), create and start two
-//! containers (`serve`, and `scan` with the node's root at `/host`), then it connects to each
-//! and prints what they answer; finally it stops and removes the pod.
+//! kubelet does: pull the image, run a pod (privileged, on a CNI bridge network whose
+//! configuration the stand-in writes as a CNI DaemonSet would), create and start two containers
+//! (`serve`, and `scan` with the node's root at `/host`), then it connects to each at the pod's
+//! address and prints what they answer; finally it stops and removes the pod.
 
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
@@ -11,20 +12,25 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::grpc::{string_field, unary, Msg};
+use crate::grpc::{bytes_field, string_field, unary, Msg};
 use crate::registry::{self, Image};
 
 /// Present only in the test image: containerd's mirror configuration for the test registry.
 pub const TRIGGER: &str = "/etc/containerd/certs.d/cvm-test.invalid/hosts.toml";
 const REGISTRY: &str = "127.0.0.1:5000";
 const IMAGE: &str = "cvm-test.invalid/probe:1";
-const SERVE_ADDR: &str = "127.0.0.1:5555";
-const SCAN_ADDR: &str = "127.0.0.1:5556";
+const SERVE_PORT: u16 = 5555;
+const SCAN_PORT: u16 = 5556;
+/// The pod network, as a CNI DaemonSet installs one: Debian's bridge, host-local and portmap
+/// plugins (the image keeps them), masquerading through iptables.
+const CNI_CONFIG: &str = "/etc/cni/net.d/10-cvm-test.conflist";
+const CNI_NETWORK: &str = r#"{"cniVersion":"1.0.0","name":"cvm-test","plugins":[{"type":"bridge","bridge":"cni0","isGateway":true,"ipMasq":true,"ipam":{"type":"host-local","ranges":[[{"subnet":"10.88.0.0/24"}]],"routes":[{"dst":"0.0.0.0/0"}]}},{"type":"portmap","capabilities":{"portMappings":true}}]}
+"#;
 const LOG_DIR: &str = "/var/log/pods/cvm-test_probe_0";
 /// A pull and unpack, or a container's start, under TCG.
 const CALL: Duration = Duration::from_secs(300);
 
-const NAMESPACE_NODE: u64 = 2;
+const NAMESPACE_POD: u64 = 0;
 const NAMESPACE_CONTAINER: u64 = 1;
 
 fn say(text: &str) {
@@ -40,9 +46,9 @@ pub fn run(socket: &str) {
 
 fn namespaces() -> Msg {
     Msg::new()
-        .varint(1, NAMESPACE_NODE) // network
+        .varint(1, NAMESPACE_POD) // network
         .varint(2, NAMESPACE_CONTAINER) // pid
-        .varint(3, NAMESPACE_NODE) // ipc
+        .varint(3, NAMESPACE_POD) // ipc
 }
 
 fn sandbox_config() -> Msg {
@@ -104,6 +110,8 @@ fn run_pod(socket: &str) -> Result<(), String> {
     let served = Arc::clone(&image);
     std::thread::spawn(move || registry::serve(listener, served));
     std::fs::create_dir_all(LOG_DIR).map_err(|e| format!("cannot create {LOG_DIR}: {e}"))?;
+    std::fs::write(CNI_CONFIG, CNI_NETWORK)
+        .map_err(|e| format!("cannot write {CNI_CONFIG}: {e}"))?;
 
     let started = Instant::now();
     let pulled = call(
@@ -116,28 +124,55 @@ fn run_pod(socket: &str) -> Result<(), String> {
         string_field(&pulled, 1),
         started.elapsed().as_millis()
     ));
-    let ran = call(
-        socket,
-        "RuntimeService/RunPodSandbox",
-        Msg::new().message(1, sandbox_config()),
-    )?;
+    // containerd takes up the new network configuration when it sees the file: until then a
+    // pod is refused ("cni plugin not initialized").
+    let mut tries = 0;
+    let ran = loop {
+        match call(
+            socket,
+            "RuntimeService/RunPodSandbox",
+            Msg::new().message(1, sandbox_config()),
+        ) {
+            Ok(ran) => break ran,
+            Err(e) if tries < 10 => {
+                tries += 1;
+                say(&format!("{e}; trying again"));
+                std::thread::sleep(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let pod = string_field(&ran, 1);
-    say(&format!("pod sandbox {pod} running"));
+    // PodSandboxStatusResponse.status (1) → PodSandboxStatus.network (5) → .ip (1)
+    let status = call(
+        socket,
+        "RuntimeService/PodSandboxStatus",
+        Msg::new().string(1, &pod),
+    )?;
+    let ip = string_field(&bytes_field(&bytes_field(&status, 1), 5), 1);
+    if ip.is_empty() {
+        return Err(format!("pod sandbox {pod} has no IP address"));
+    }
+    say(&format!(
+        "pod sandbox {pod} running, pod IP {ip} (the CNI bridge network of {CNI_CONFIG})"
+    ));
+    let serve_listen = format!("0.0.0.0:{SERVE_PORT}");
+    let scan_listen = format!("0.0.0.0:{SCAN_PORT}");
     let mut containers = Vec::new();
-    for (name, args, privileged, host_root, addr) in [
+    for (name, args, privileged, host_root, port) in [
         (
             "serve",
-            &["serve", SERVE_ADDR][..],
+            vec!["serve", &serve_listen],
             false,
             false,
-            SERVE_ADDR,
+            SERVE_PORT,
         ),
         (
             "scan",
-            &["scan", "/host", SCAN_ADDR][..],
+            vec!["scan", "/host", &scan_listen],
             true,
             true,
-            SCAN_ADDR,
+            SCAN_PORT,
         ),
     ] {
         let created = call(
@@ -145,7 +180,7 @@ fn run_pod(socket: &str) -> Result<(), String> {
             "RuntimeService/CreateContainer",
             Msg::new()
                 .string(1, &pod)
-                .message(2, container_config(name, args, privileged, host_root))
+                .message(2, container_config(name, &args, privileged, host_root))
                 .message(3, sandbox_config()),
         )?;
         let id = string_field(&created, 1);
@@ -167,10 +202,10 @@ fn run_pod(socket: &str) -> Result<(), String> {
                 ""
             }
         ));
-        containers.push((name, addr));
+        containers.push((name, format!("{ip}:{port}")));
     }
     for (name, addr) in containers {
-        let answer = reach(addr)?;
+        let answer = reach(&addr)?;
         for line in answer.lines() {
             say(&format!("{name} at {addr}: {}", printable(line)));
         }
@@ -189,6 +224,7 @@ fn run_pod(socket: &str) -> Result<(), String> {
         "pod sandbox {pod} stopped and removed, {} ms after the pull began",
         started.elapsed().as_millis()
     ));
+    let _ = std::fs::remove_file(CNI_CONFIG);
     Ok(())
 }
 
