@@ -15,6 +15,7 @@ fn tree_with_a_service(root: &Path) {
         "usr/lib64",
         "etc/cvm-init",
         "var/lib/kubelet",
+        "var",
         "usr/lib/cni",
         "opt/cni/bin",
     ] {
@@ -227,4 +228,96 @@ fn cni_plugins_chooses_the_plugins_and_a_missing_one_stops_it_by_name() {
             "{plugins}: files were removed"
         );
     }
+}
+
+/// A kernel's modules as Debian installs them, with an index depmod would write.
+fn with_modules(root: &Path) {
+    let dir = root.join("usr/lib/modules/6.12.0-test");
+    fs::create_dir_all(dir.join("kernel/net")).unwrap();
+    for module in ["bridge", "stp", "llc", "veth", "br_netfilter"] {
+        fs::write(dir.join(format!("kernel/net/{module}.ko.xz")), module).unwrap();
+    }
+    fs::write(dir.join("vmlinuz"), b"kernel").unwrap();
+    fs::write(
+        dir.join("modules.dep"),
+        "kernel/net/bridge.ko.xz: kernel/net/stp.ko.xz kernel/net/llc.ko.xz\n\
+         kernel/net/stp.ko.xz: kernel/net/llc.ko.xz\nkernel/net/llc.ko.xz:\n\
+         kernel/net/veth.ko.xz:\nkernel/net/br_netfilter.ko.xz: kernel/net/bridge.ko.xz \
+         kernel/net/stp.ko.xz kernel/net/llc.ko.xz\n",
+    )
+    .unwrap();
+    fs::write(dir.join("modules.builtin"), "kernel/net/unix.ko\n").unwrap();
+    fs::write(
+        dir.join("modules.alias"),
+        "alias rtnl-link-bridge bridge\nalias rtnl-link-veth veth\n",
+    )
+    .unwrap();
+    fs::write(
+        dir.join("modules.softdep"),
+        "softdep bridge post: br_netfilter\n",
+    )
+    .unwrap();
+    fs::write(dir.join("modules.symbols"), "alias symbol:x bridge\n").unwrap();
+}
+
+#[test]
+fn the_configurations_modules_stay_with_their_dependencies_and_nothing_else() {
+    let Some(dir) = tree() else {
+        return;
+    };
+    let root = dir.path();
+    with_modules(root);
+    symlink("/run", root.join("var/run")).unwrap();
+    fs::write(
+        root.join("etc/cvm-init/config.toml"),
+        "modules = [\"bridge\", \"unix\"]\n[[service]]\nname = \"svc\"\npath = \"/usr/bin/service\"\n",
+    )
+    .unwrap();
+    let out = trim(root);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = root.join("usr/lib/modules/6.12.0-test");
+    // bridge, what modules.dep says it needs, and its soft dependency (with its own needs).
+    for kept in ["bridge", "stp", "llc", "br_netfilter"] {
+        assert!(
+            m.join(format!("kernel/net/{kept}.ko.xz")).exists(),
+            "{kept}"
+        );
+    }
+    assert!(!m.join("kernel/net/veth.ko.xz").exists());
+    assert!(!m.join("modules.symbols").exists());
+    // mkosi still makes the UKI from the kernel (the root partition leaves it out).
+    assert!(m.join("vmlinuz").exists());
+    let dep = fs::read_to_string(m.join("modules.dep")).unwrap();
+    assert!(
+        dep.contains("kernel/net/bridge.ko.xz: kernel/net/stp.ko.xz"),
+        "{dep}"
+    );
+    assert!(!dep.contains("veth"), "{dep}");
+    let alias = fs::read_to_string(m.join("modules.alias")).unwrap();
+    assert_eq!(alias, "alias rtnl-link-bridge bridge\n");
+    // Debian's /var/run link: containerd makes network namespaces under it.
+    assert!(root.join("var/run").symlink_metadata().is_ok());
+
+    let Some(dir) = tree() else {
+        return;
+    };
+    let root = dir.path();
+    with_modules(root);
+    fs::write(
+        root.join("etc/cvm-init/config.toml"),
+        "modules = [\"bridge\", \"wireguard\"]\n",
+    )
+    .unwrap();
+    let out = trim(root);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the configuration's modules name wireguard, which kernel 6.12.0-test has neither as a module nor built in"),
+        "{stderr}"
+    );
+    assert!(root.join("usr/bin/bash").exists(), "files were removed");
 }
