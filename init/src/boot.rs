@@ -175,6 +175,20 @@ fn load_modules(
     Ok((loaded, index))
 }
 
+/// The configuration's modules and their dependencies, opened for [`modules::Pending::load`].
+fn open_late_modules(
+    sys: &dyn System,
+    wanted: &[String],
+) -> Result<modules::Pending, ModulesPhaseError> {
+    let release = nix::sys::utsname::uname()
+        .map_err(ModulesPhaseError::Release)?
+        .release()
+        .to_string_lossy()
+        .into_owned();
+    let index = ModuleIndex::load(sys, &PathBuf::from("/lib/modules").join(&release), &release)?;
+    Ok(index.open_for_later(wanted, &[])?)
+}
+
 /// Why a TEE guest driver cannot bind here, from what the kernel decided at boot: it registers
 /// the `sev-guest` platform device only in an SEV-SNP guest (its own check of the SEV status
 /// MSR), and sets the `tdx_guest` CPU flag only in a TDX guest; the drivers check the same.
@@ -313,6 +327,19 @@ pub fn run() -> ! {
         measure(Event::ConfigFile(bytes.clone()))?;
         parse_config(bytes)
     });
+    // The configuration's modules, from the verified root's /lib/modules (the initramfs is
+    // gone): opened now, so that a missing one stops the boot here, and loaded by a thread
+    // while the network and the state disk are set up.
+    let late_modules = (!config_file.modules.is_empty()).then(|| {
+        let pending = phase("modules-late", || {
+            open_late_modules(&sys, &config_file.modules)
+        });
+        log::info!("modules loading meanwhile: {}", pending.names().join(" "));
+        std::thread::Builder::new()
+            .name("modules-late".into())
+            .spawn(move || pending.load())
+            .unwrap_or_else(|e| fatal(&format!("cannot start the thread that loads modules: {e}")))
+    });
     let name_from = phase("network", || {
         crate::net::bring_up(config_file.network.as_ref(), &options.net)
     });
@@ -361,12 +388,17 @@ pub fn run() -> ! {
         measure(Event::SealBarrier)?;
         Ok::<_, state_disk::StateError>(measure(Event::Phase(Phase::Sysinit))?)
     });
-    if !config_file.modules.is_empty() {
-        // From the verified root's /lib/modules: the initramfs is gone.
-        let (loaded, _) = phase("modules-late", || {
-            load_modules(&sys, &config_file.modules, &[])
+    if let Some(late_modules) = late_modules {
+        // Before any service starts: a required module that did not load stops the boot here.
+        let later = phase("modules-late-wait", || {
+            late_modules
+                .join()
+                .unwrap_or(Err(modules::ModuleError::Background))
         });
-        log::info!("modules loaded: {}", loaded.join(" "));
+        for note in &later.notes {
+            log::info!("{note}");
+        }
+        log::info!("modules loaded meanwhile: {}", later.names.join(" "));
     }
 
     let buttons = phase("power-button", || {

@@ -127,8 +127,10 @@ fn the_image_boots_through_uefi_to_ready_and_measures_what_was_predicted() {
         "verity-root",
         "switch-root",
         "config-file",
+        "modules-late",
         "network",
         "state",
+        "modules-late-wait",
     ] {
         assert!(
             log.contains(&format!("cvm-init: phase {phase} ok")),
