@@ -138,12 +138,13 @@ measurements: build
 	bash scripts/image.sh measurements
 
 ## Boot the image under OVMF + swtpm to ready and compare its PCRs with `make measurements`.
-## Uses the kubelet stand-in unless KUBELET is given; the test image adds TEST_TREE (the
-## registry configuration with which the stand-in runs a test pod through CRI).
-TEST_TREE = $(CURDIR)/qemu-tests/image-tree
+## Uses the kubelet stand-in unless KUBELET is given; the test image adds IMAGE_TEST_TREE (the
+## registry configuration with which the stand-in runs a test pod through CRI). TEST_TREE in
+## the environment of any other image target is refused.
+IMAGE_TEST_TREE = $(CURDIR)/qemu-tests/image-tree
 image-test: build test-artifacts
 	$(IMAGE_TOOLS)
-	TEST_TREE=$(TEST_TREE) KUBELET=$${KUBELET:-$(CURDIR)/target/$(TARGET)/test-image/kubelet-standin} bash scripts/image.sh build
+	TEST_TREE=$(IMAGE_TEST_TREE) KUBELET=$${KUBELET:-$(CURDIR)/target/$(TARGET)/test-image/kubelet-standin} bash scripts/image.sh build-test
 	bash scripts/image.sh measurements
 	$(CARGO) test -p qemu-tests --test image_boot -- --nocapture
 
@@ -157,8 +158,8 @@ image-test-signed: build test-artifacts
 	test -f $(SIGNED)/pcr-key.pem || openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out $(SIGNED)/pcr-key.pem
 	sed 's/^key = "tpm"$$/key = "tpm"\ntpm_policy = "signed"/' image/node.toml > $(SIGNED)/node.toml
 	grep -q '^tpm_policy = "signed"$$' $(SIGNED)/node.toml
-	PCR_KEY=$(SIGNED)/pcr-key.pem CONFIG=$(SIGNED)/node.toml TEST_TREE=$(TEST_TREE) \
-	  KUBELET=$${KUBELET:-$(CURDIR)/target/$(TARGET)/test-image/kubelet-standin} bash scripts/image.sh build
+	PCR_KEY=$(SIGNED)/pcr-key.pem CONFIG=$(SIGNED)/node.toml TEST_TREE=$(IMAGE_TEST_TREE) \
+	  KUBELET=$${KUBELET:-$(CURDIR)/target/$(TARGET)/test-image/kubelet-standin} bash scripts/image.sh build-test
 	bash scripts/image.sh measurements
 	$(CARGO) test -p qemu-tests --test image_boot -- --nocapture
 

@@ -2,6 +2,7 @@
 # Builds the node image with mkosi 25 in the trixie environment of scripts/image-env.sh.
 #
 #   image.sh build [OUT]       the image (default target/image/out), pinned to image/packages.lock
+#   image.sh build-test [OUT]  the same with TEST_TREE's files added (a test image)
 #   image.sh lock              build unpinned and write image/packages.lock from what was installed
 #   image.sh reproducible      build twice and compare every output byte for byte
 #   image.sh measurements OUT  the reference values of a built image, as JSON
@@ -10,7 +11,9 @@
 # reachable), CONFIG=<cvm-init configuration> (default image/node.toml), INIT=<static cvm-init>
 # (default the release build), CHECK_ON=<snp|tdx|vtpm|bare>: the kind of machine the
 # configuration must boot on (`cvm-init check-config --on`; default: at least one),
-# TEST_TREE=<directory>: files added to the root of a test image (make image-test),
+# TEST_TREE=<directory>: files added to the root of a test image, with `image.sh build-test`
+# only (make image-test); every other command refuses it, so that no production build takes
+# a test tree from the environment;
 # CNI_PLUGINS="<names>": the standard CNI plugins the root keeps (default: loopback bridge
 # host-local portmap; image/trim-root.py), PCR_KEY=<PEM private key, RSA-2048 or ECDSA P-256>: sign the expected PCR 11 at the key
 # release into the UKI (.pcrsig, and the public key as .pcrpkey) for `state.tpm_policy =
@@ -58,10 +61,10 @@ assemble() {
     fi
   fi
   initramfs "$cfg"
-  if [ -n "${TEST_TREE:-}" ]; then
-    [ -d "$TEST_TREE" ] || die "TEST_TREE=$TEST_TREE: no such directory"
-    cp -r "$TEST_TREE" "$cfg/test-tree"
-    say "TEST_TREE: a test image, with the files of $TEST_TREE added to the root: $(cd "$TEST_TREE" && find . -type f | sed 's#^\.##' | sort | tr '\n' ' ')"
+  if [ -n "$test_tree" ]; then
+    [ -d "$test_tree" ] || die "TEST_TREE=$test_tree: no such directory"
+    cp -r "$test_tree" "$cfg/test-tree"
+    say "TEST_TREE: a test image, with the files of $test_tree added to the root: $(cd "$test_tree" && find . -type f | sed 's#^\.##' | sort | tr '\n' ' ')"
   fi
   mkdir -p "$cfg/mkosi.conf.d"
   {
@@ -73,7 +76,7 @@ assemble() {
     if [ -n "$kubelet_repo_dir" ]; then
       echo "PackageDirectories=$(in_env "$kubelet_repo_dir")"
     fi
-    if [ -n "${TEST_TREE:-}" ]; then
+    if [ -n "$test_tree" ]; then
       echo "ExtraTrees=$(in_env "$cfg/test-tree")"
     fi
     if [ -n "${CNI_PLUGINS:-}" ]; then
@@ -476,11 +479,22 @@ PY
   say "reference values: $out/measurements.json"
 }
 
+# A test tree only where asked for by name: TEST_TREE left in an environment must not turn a
+# production build into a test image (its registry configuration points at the loopback).
+test_tree=""
+if [ -n "${TEST_TREE:-}" ] && [ "${1:-}" != build-test ]; then
+  die "TEST_TREE=$TEST_TREE is set, but only \`image.sh build-test\` (make image-test) builds a test image; unset it for \`${1:-}\`; nothing was built"
+fi
 case "${1:-}" in
   build) shift; build "$@" ;;
+  build-test)
+    shift
+    [ -n "${TEST_TREE:-}" ] || die "build-test needs TEST_TREE=<directory of files to add to the root>"
+    test_tree=$TEST_TREE
+    build "$@" ;;
   check) check_config ;;
   lock) lock ;;
   reproducible) reproducible ;;
   measurements) shift; measurements "$@" ;;
-  *) echo "usage: $0 build [OUT] | check | lock | reproducible | measurements [OUT]" >&2; exit 2 ;;
+  *) echo "usage: $0 build [OUT] | build-test [OUT] | check | lock | reproducible | measurements [OUT]" >&2; exit 2 ;;
 esac
