@@ -72,6 +72,14 @@ pub enum ModuleError {
         dir: PathBuf,
         release: String,
     },
+    #[error(
+        "module {name} is an alias of {modules} in {dir}/modules.alias: name the module itself"
+    )]
+    Alias {
+        name: String,
+        modules: String,
+        dir: PathBuf,
+    },
     #[error("module {name} has a dependency cycle")]
     Cycle { name: String },
     #[error("cannot load module {name} from {path}")]
@@ -234,9 +242,10 @@ impl ModuleIndex {
                 (words.next(), words.next(), words.next())
             {
                 if !alias.contains(['*', '?', '[']) {
+                    // Stored as kmod compares them: '-' and '_' alike (`crypto-crc32c`).
                     index
                         .aliases
-                        .entry(alias.to_string())
+                        .entry(normalize(alias))
                         .or_default()
                         .push(normalize(module));
                 } else {
@@ -252,7 +261,7 @@ impl ModuleIndex {
     pub fn modules_for_modalias(&self, modalias: &str) -> Vec<String> {
         let mut found: BTreeSet<String> = self
             .aliases
-            .get(modalias)
+            .get(&normalize(modalias))
             .into_iter()
             .flatten()
             .cloned()
@@ -293,6 +302,20 @@ impl ModuleIndex {
     /// dependency of one) or optional (reached only through soft dependencies: a CPU-specific
     /// crc32c driver, say, which may refuse this CPU).
     pub fn resolve_marked(&self, wanted: &[String]) -> Result<Vec<(String, bool)>, ModuleError> {
+        // A wanted name is a module's own: through an alias, what it leads to would be loaded
+        // as optional, and its failure would go unnoticed.
+        for name in wanted {
+            let name = normalize(name);
+            if !self.paths.contains_key(&name) && !self.builtin.contains(&name) {
+                if let Some(targets) = self.aliases.get(&name) {
+                    return Err(ModuleError::Alias {
+                        name,
+                        modules: targets.join(" "),
+                        dir: self.dir.clone(),
+                    });
+                }
+            }
+        }
         let mut order = Vec::new();
         let mut done = BTreeSet::new();
         let mut visiting = BTreeSet::new();
@@ -525,6 +548,44 @@ kernel/drivers/acpi/button.ko.xz:
     const BUILTIN: &str = "kernel/drivers/virtio/virtio_pci.ko\n";
     const SOFTDEP: &str = "softdep libcrc32c pre: crc32c\nsoftdep erofs pre: crypto-nothing\n";
     const ALIAS: &str = "alias crc32c crc32c_generic\nalias pci:v00001AF4d* virtio_pci\nalias crc32c crc32c_intel\n";
+
+    #[test]
+    fn a_wanted_alias_is_refused_naming_the_module() {
+        let err = index()
+            .resolve_marked(&names(&["button", "crc32c"]))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "module crc32c is an alias of crc32c_generic crc32c_intel in /lib/modules/6.12/modules.alias: name the module itself"
+        );
+        // The modules themselves, by their names.
+        let order = index().resolve_marked(&names(&["crc32c-intel"])).unwrap();
+        assert_eq!(order, vec![("crc32c_intel".to_string(), true)]);
+    }
+
+    #[test]
+    fn an_alias_with_a_dash_resolves_as_kmod_resolves_it() {
+        let index = ModuleIndex::parse(
+            Path::new("/lib/modules/6.12"),
+            "6.12",
+            "kernel/fs/ext4.ko.xz:\nkernel/crypto/crc32c_generic.ko.xz:\n",
+            "",
+            "softdep ext4 pre: crypto-crc32c\n",
+            "alias crypto-crc32c crc32c_generic\nalias platform:sev-guest crc32c_generic\n",
+        );
+        let order = index.resolve_marked(&names(&["ext4"])).unwrap();
+        assert_eq!(
+            order,
+            vec![
+                ("crc32c_generic".to_string(), false),
+                ("ext4".to_string(), true)
+            ]
+        );
+        assert_eq!(
+            index.modules_for_modalias("platform:sev-guest"),
+            vec!["crc32c_generic".to_string()]
+        );
+    }
 
     fn index() -> ModuleIndex {
         ModuleIndex::parse(
