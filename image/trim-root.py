@@ -199,66 +199,113 @@ for path in KEEP_FILES:
 
 def keep_modules(names):
     """The kernel modules the configuration's `modules` names, with what modules.dep says they
-    need and their soft dependencies, for cvm-init's modules-late phase (there is no modprobe:
-    nothing else loads a module after the initramfs is gone). The index files cvm-init reads
-    are rewritten to list only those; every other module goes."""
+    need and their soft dependencies (resolved through modules.alias, as cvm-init resolves
+    them), for cvm-init's modules-late phase (there is no modprobe: nothing else loads a module
+    after the initramfs is gone). The index files cvm-init reads are rewritten to list only
+    those; every other module goes. A name the kernel lacks, an alias instead of a module's
+    name, or a cycle cvm-init would refuse stops the build."""
+    norm = lambda name: name.replace("-", "_")
     top = host("/usr/lib/modules")
-    if not os.path.isdir(top):
+    releases = sorted(os.listdir(top)) if os.path.isdir(top) else []
+    if not releases:
         if names:
-            raise SystemExit("trim-root: the configuration names modules, and the root has no "
-                             "/usr/lib/modules")
+            raise SystemExit("trim-root: /etc/cvm-init/config.toml names modules, and the root "
+                             "has no /usr/lib/modules")
         return
-    for release in sorted(os.listdir(top)):
-        moddir = f"/usr/lib/modules/{release}"
-        if os.path.isfile(host(f"{moddir}/vmlinuz")):
-            keep.add(f"{moddir}/vmlinuz")  # for mkosi's UKI; not in the root partition
-        def lines(name):
-            path = host(f"{moddir}/{name}")
-            return open(path).read().splitlines() if os.path.isfile(path) else []
-        module_of = lambda path: os.path.basename(path).split(".ko")[0].replace("-", "_")
-        deps, paths = {}, {}
-        for line in lines("modules.dep"):
-            if ":" not in line:
-                continue
-            path, rest = line.split(":", 1)
-            paths[module_of(path)] = path
-            deps[module_of(path)] = [module_of(d) for d in rest.split()]
-        builtin = {module_of(p) for p in lines("modules.builtin")}
-        soft = {}
-        for line in lines("modules.softdep"):
-            words = line.split()
-            if len(words) >= 2 and words[0] == "softdep":
-                soft[words[1].replace("-", "_")] = [
-                    w.replace("-", "_") for w in words[2:] if w not in ("pre:", "post:")]
-        wanted, todo = set(), [n.replace("-", "_") for n in names]
-        while todo:
-            name = todo.pop()
-            if name in wanted or name in builtin:
-                continue
-            if name not in paths:
-                if name in [n.replace("-", "_") for n in names]:
-                    raise SystemExit(f"trim-root: the configuration's modules name {name}, which "
-                                     f"kernel {release} has neither as a module nor built in")
-                continue  # a soft dependency this kernel does not have
-            wanted.add(name)
-            todo.extend(deps[name] + soft.get(name, []))
-        for name in wanted:
-            keep.add(f"{moddir}/{paths[name]}")
-        kept_paths = {paths[n] for n in wanted}
-        rewrites = {
-            "modules.dep": [l for l in lines("modules.dep") if l.split(":", 1)[0] in kept_paths],
-            "modules.builtin": lines("modules.builtin"),
-            "modules.softdep": [l for l in lines("modules.softdep")
-                                if len(l.split()) >= 2 and l.split()[1].replace("-", "_") in wanted],
-            "modules.alias": [l for l in lines("modules.alias")
-                              if len(l.split()) == 3 and l.split()[2].replace("-", "_") in wanted],
-        }
-        for name, content in rewrites.items():
-            with open(host(f"{moddir}/{name}"), "w") as f:
-                f.write("".join(l + "\n" for l in content))
-            keep.add(f"{moddir}/{name}")
-        print(f"trim-root: kernel {release}: {len(wanted)} modules for the configuration's "
-              f"{len(names)}: {' '.join(sorted(wanted))}")
+    if len(releases) > 1:
+        raise SystemExit(f"trim-root: the root has the modules of {len(releases)} kernels "
+                         f"({' '.join(releases)}): the image boots one")
+    release = releases[0]
+    moddir = f"/usr/lib/modules/{release}"
+    # cvm-init reads them as /lib/modules/<release>: keep the links on the way.
+    resolve(f"/lib/modules/{release}")
+    if os.path.isfile(host(f"{moddir}/vmlinuz")):
+        keep.add(f"{moddir}/vmlinuz")  # for mkosi's UKI; not in the root partition
+
+    def lines(name):
+        path = host(f"{moddir}/{name}")
+        return open(path).read().splitlines() if os.path.isfile(path) else []
+    module_of = lambda path: norm(os.path.basename(path).split(".ko")[0])
+    deps, paths = {}, {}
+    for line in lines("modules.dep"):
+        if ":" not in line:
+            continue
+        path, rest = line.split(":", 1)
+        paths[module_of(path)] = path.strip()
+        deps[module_of(path)] = [module_of(d) for d in rest.split()]
+    builtin = {module_of(p) for p in lines("modules.builtin") if p.strip()}
+    pre, post = {}, {}
+    for line in lines("modules.softdep"):
+        words = line.split()
+        if len(words) < 2 or words[0] != "softdep":
+            continue
+        after = False
+        for word in words[2:]:
+            if word in ("pre:", "post:"):
+                after = word == "post:"
+            else:
+                (post if after else pre).setdefault(norm(words[1]), []).append(norm(word))
+    aliases = {}
+    for line in lines("modules.alias"):
+        words = line.split()
+        if len(words) == 3 and words[0] == "alias" and not any(c in words[1] for c in "*?["):
+            aliases.setdefault(norm(words[1]), []).append(norm(words[2]))
+
+    wanted = set()
+
+    def visit(name, stack, soft):
+        if name in wanted:
+            return
+        if name in builtin:
+            return
+        if name not in paths:
+            if soft and name in aliases:
+                for target in aliases[name]:
+                    visit(target, stack, True)
+            elif not soft:
+                raise SystemExit(f"trim-root: modules.dep of kernel {release} names {name}, "
+                                 "which it does not list")
+            return  # a soft dependency this kernel does not have
+        if name in stack:
+            raise SystemExit(f"trim-root: module {name} has a dependency cycle (cvm-init "
+                             "would refuse it)")
+        stack = stack | {name}
+        for soft_dep in pre.get(name, []):
+            visit(soft_dep, stack, True)
+        for dep in deps[name]:
+            visit(dep, stack, False)
+        wanted.add(name)
+        for soft_dep in post.get(name, []):
+            visit(soft_dep, frozenset(), True)
+
+    for given in names:
+        name = norm(given)
+        if name not in paths and name not in builtin:
+            if name in aliases:
+                raise SystemExit(
+                    f"trim-root: /etc/cvm-init/config.toml: modules: {given!r} is an alias of "
+                    f"{' '.join(aliases[name])}: name the module itself (cvm-init refuses aliases)")
+            raise SystemExit(f"trim-root: /etc/cvm-init/config.toml: modules: {given!r}: kernel "
+                             f"{release} has no such module, neither loadable nor built in")
+        visit(name, frozenset(), False)
+    for name in wanted:
+        keep.add(f"{moddir}/{paths[name]}")
+    kept_paths = {paths[n] for n in wanted}
+    rewrites = {
+        "modules.dep": [l for l in lines("modules.dep") if l.split(":", 1)[0].strip() in kept_paths],
+        "modules.builtin": lines("modules.builtin"),
+        "modules.softdep": [l for l in lines("modules.softdep")
+                            if len(l.split()) >= 2 and norm(l.split()[1]) in wanted],
+        # Every alias of a kept module: cvm-init resolves soft dependencies through them.
+        "modules.alias": [l for l in lines("modules.alias")
+                          if len(l.split()) == 3 and norm(l.split()[2]) in wanted],
+    }
+    for name, content in rewrites.items():
+        with open(host(f"{moddir}/{name}"), "w") as f:
+            f.write("".join(l + "\n" for l in content))
+        keep.add(f"{moddir}/{name}")
+    print(f"trim-root: kernel {release}: {len(wanted)} modules for the configuration's "
+          f"{len(names)}: {' '.join(sorted(wanted))}")
 
 
 keep_modules(config.get("modules", []))

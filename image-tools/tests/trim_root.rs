@@ -249,14 +249,19 @@ fn with_modules(root: &Path) {
     fs::write(dir.join("modules.builtin"), "kernel/net/unix.ko\n").unwrap();
     fs::write(
         dir.join("modules.alias"),
-        "alias rtnl-link-bridge bridge\nalias rtnl-link-veth veth\n",
+        "alias rtnl-link-bridge bridge\nalias rtnl-link-veth veth\nalias crypto-sum sum_generic\n",
     )
     .unwrap();
+    // Two lines for one module, and a soft dependency named by an alias with a dash.
     fs::write(
         dir.join("modules.softdep"),
-        "softdep bridge post: br_netfilter\n",
+        "softdep bridge post: br_netfilter\nsoftdep bridge pre: crypto-sum\n",
     )
     .unwrap();
+    fs::write(dir.join("kernel/net/sum_generic.ko.xz"), "sum").unwrap();
+    let mut dep = fs::read_to_string(dir.join("modules.dep")).unwrap();
+    dep.push_str("kernel/net/sum_generic.ko.xz:\n");
+    fs::write(dir.join("modules.dep"), dep).unwrap();
     fs::write(dir.join("modules.symbols"), "alias symbol:x bridge\n").unwrap();
 }
 
@@ -281,7 +286,7 @@ fn the_configurations_modules_stay_with_their_dependencies_and_nothing_else() {
     );
     let m = root.join("usr/lib/modules/6.12.0-test");
     // bridge, what modules.dep says it needs, and its soft dependency (with its own needs).
-    for kept in ["bridge", "stp", "llc", "br_netfilter"] {
+    for kept in ["bridge", "stp", "llc", "br_netfilter", "sum_generic"] {
         assert!(
             m.join(format!("kernel/net/{kept}.ko.xz")).exists(),
             "{kept}"
@@ -298,7 +303,25 @@ fn the_configurations_modules_stay_with_their_dependencies_and_nothing_else() {
     );
     assert!(!dep.contains("veth"), "{dep}");
     let alias = fs::read_to_string(m.join("modules.alias")).unwrap();
-    assert_eq!(alias, "alias rtnl-link-bridge bridge\n");
+    assert_eq!(
+        alias,
+        "alias rtnl-link-bridge bridge\nalias crypto-sum sum_generic\n"
+    );
+    // cvm-init's own resolver, on what the root keeps, finds every module it will load.
+    let index =
+        cvm_init::modules::ModuleIndex::load(&cvm_init::sys::Linux, &m, "6.12.0-test").unwrap();
+    let order = index
+        .resolve_marked(&["bridge".to_string(), "unix".to_string()])
+        .unwrap();
+    let names: Vec<&str> = order.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        ["sum_generic", "llc", "stp", "bridge", "br_netfilter"]
+    );
+    for (name, _) in &order {
+        let path = index.relative_path(name).unwrap();
+        assert!(m.join(path).exists(), "{name}: {path} not kept");
+    }
     // Debian's /var/run link: containerd makes network namespaces under it.
     assert!(root.join("var/run").symlink_metadata().is_ok());
 
@@ -316,8 +339,56 @@ fn the_configurations_modules_stay_with_their_dependencies_and_nothing_else() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("the configuration's modules name wireguard, which kernel 6.12.0-test has neither as a module nor built in"),
+        stderr.contains("/etc/cvm-init/config.toml: modules: 'wireguard': kernel 6.12.0-test has no such module, neither loadable nor built in"),
         "{stderr}"
     );
     assert!(root.join("usr/bin/bash").exists(), "files were removed");
+}
+
+#[test]
+fn an_alias_several_kernels_or_a_cycle_in_the_modules_stop_it_by_name() {
+    for (config, prepare, expected) in [
+        (
+            "modules = [\"rtnl-link-veth\"]\n",
+            None,
+            "modules: 'rtnl-link-veth' is an alias of veth: name the module itself",
+        ),
+        (
+            "modules = [\"veth\"]\n",
+            Some("two kernels"),
+            "the root has the modules of 2 kernels (6.12.0-test 6.13.0-test)",
+        ),
+        (
+            "modules = [\"bridge\"]\n",
+            Some("cycle"),
+            "module bridge has a dependency cycle",
+        ),
+    ] {
+        let Some(dir) = tree() else {
+            return;
+        };
+        let root = dir.path();
+        with_modules(root);
+        let m = root.join("usr/lib/modules/6.12.0-test");
+        match prepare {
+            Some("two kernels") => {
+                fs::create_dir_all(root.join("usr/lib/modules/6.13.0-test")).unwrap()
+            }
+            Some(_) => fs::write(
+                m.join("modules.softdep"),
+                "softdep bridge pre: llc\nsoftdep llc pre: bridge\n",
+            )
+            .unwrap(),
+            None => {}
+        }
+        fs::write(root.join("etc/cvm-init/config.toml"), config).unwrap();
+        let out = trim(root);
+        assert!(!out.status.success(), "{config}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{config}: {stderr}");
+        assert!(
+            root.join("usr/bin/bash").exists(),
+            "{config}: files were removed"
+        );
+    }
 }

@@ -117,7 +117,7 @@ fn scan(dir: &Path) -> String {
             ));
             if report.findings.is_empty() {
                 out.push_str(&format!(
-                    "no shell, interpreter, package manager or setuid/setgid file under {}\n",
+                    "no shell, interpreter, package manager or setuid/setgid file on the file system at {} (the node's root)\n",
                     dir.display()
                 ));
             }
