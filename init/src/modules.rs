@@ -304,12 +304,12 @@ impl ModuleIndex {
     pub fn resolve_marked(&self, wanted: &[String]) -> Result<Vec<(String, bool)>, ModuleError> {
         // A wanted name is a module's own: through an alias, what it leads to would be loaded
         // as optional, and its failure would go unnoticed.
-        for name in wanted {
-            let name = normalize(name);
+        for given in wanted {
+            let name = normalize(given);
             if !self.paths.contains_key(&name) && !self.builtin.contains(&name) {
                 if let Some(targets) = self.aliases.get(&name) {
                     return Err(ModuleError::Alias {
-                        name,
+                        name: given.clone(),
                         modules: targets.join(" "),
                         dir: self.dir.clone(),
                     });

@@ -380,3 +380,75 @@ fn g_panic_goes_through_the_fatal_path() {
     assert!(!log.contains("Attempted to kill init"), "PID 1 died");
     assert!(!log.contains("Kernel panic"), "kernel panic");
 }
+
+/// The root's /lib/modules for the test kernel, holding `veth` and `dummy` with their index
+/// lines (as the node image's trim-root.py leaves the modules its configuration names).
+fn root_modules() -> Vec<(String, Vec<u8>)> {
+    let kernel = &qemu_tests::Artifacts::get().kernel;
+    let dir = format!("lib/modules/{}", kernel.release);
+    let mut files = Vec::new();
+    let mut dep = String::new();
+    for module in ["veth", "dummy"] {
+        let path = format!("kernel/drivers/net/{module}.ko.xz");
+        let bytes = std::fs::read(kernel.modules_dir.join(&path))
+            .unwrap_or_else(|e| panic!("the test kernel's {path}: {e}"));
+        files.push((format!("{dir}/{path}"), bytes));
+        dep.push_str(&format!("{path}:\n"));
+    }
+    files.push((format!("{dir}/modules.dep"), dep.into_bytes()));
+    files.push((
+        format!("{dir}/modules.alias"),
+        b"alias rtnl-link-veth veth\nalias rtnl-link-dummy dummy\n".to_vec(),
+    ));
+    files
+}
+
+/// i. The configuration's modules come from the verified root: opened in `modules-late`
+/// (before the network), loaded by a thread while the network and the state disk are set up,
+/// and waited for in `modules-late-wait`, before the first service starts. A module named by
+/// an alias is refused there by name, before any workload: it would load as optional.
+#[test]
+fn i_the_configurations_modules_load_beside_network_and_state() {
+    let files = root_modules();
+    let files: Vec<(&str, Vec<u8>)> = files.iter().map(|(p, b)| (p.as_str(), b.clone())).collect();
+    let config = format!("modules = [\"veth\", \"dummy\"]\n{SERVE}");
+    let prepared = qemu_tests::support::prepare_with_files(&config, &files);
+    let mut guest = prepared.boot("modules-late", "", |g| g);
+    must(guest.wait_for("web: payload: serving", BOOT));
+    let log = guest.serial_log();
+    let lines = console_lines(&log);
+    let at = |start: &str| {
+        lines
+            .iter()
+            .position(|l| l.starts_with(start))
+            .unwrap_or_else(|| panic!("no line {start:?}"))
+    };
+    let opened = at("cvm-init: phase modules-late ok");
+    let network = at("cvm-init: phase network start");
+    let state = at("cvm-init: phase state ok");
+    let waited = at("cvm-init: phase modules-late-wait ok");
+    let services = at("cvm-init: phase services start");
+    assert!(opened < network && network < state && state < waited && waited < services);
+    assert!(
+        lines
+            .iter()
+            .any(|l| *l == "cvm-init: modules loading meanwhile: veth dummy"),
+        "the modules were not opened for the thread"
+    );
+    let loaded = lines[..services]
+        .iter()
+        .rfind(|l| l.starts_with("cvm-init: modules loaded meanwhile: "))
+        .expect("no line for the modules loaded meanwhile");
+    assert_eq!(*loaded, "cvm-init: modules loaded meanwhile: veth dummy");
+    drop(guest);
+
+    let config = format!("modules = [\"rtnl-link-veth\"]\n{SERVE}");
+    let prepared = qemu_tests::support::prepare_with_files(&config, &files);
+    let mut guest = prepared.boot("modules-alias", "", |g| g);
+    let log = qemu_tests::support::assert_fatal_before_workload(
+        &mut guest,
+        "module rtnl-link-veth is an alias of veth in /lib/modules/",
+        "web: payload: serving",
+    );
+    assert!(log.contains("cvm-init: error: phase modules-late failed: "));
+}
