@@ -430,9 +430,7 @@ fn i_the_configurations_modules_load_beside_network_and_state() {
     let services = at("cvm-init: phase services start");
     assert!(opened < network && network < state && state < waited && waited < services);
     assert!(
-        lines
-            .iter()
-            .any(|l| *l == "cvm-init: modules loading meanwhile: veth dummy"),
+        lines.contains(&"cvm-init: modules loading meanwhile: veth dummy"),
         "the modules were not opened for the thread"
     );
     let loaded = lines[..services]
