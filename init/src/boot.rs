@@ -145,13 +145,7 @@ fn load_modules(
     wanted: &[String],
     optional: &[&str],
 ) -> Result<(Vec<String>, ModuleIndex), ModulesPhaseError> {
-    let release = nix::sys::utsname::uname()
-        .map_err(ModulesPhaseError::Release)?
-        .release()
-        .to_string_lossy()
-        .into_owned();
-    let dir = PathBuf::from("/lib/modules").join(&release);
-    let index = ModuleIndex::load(sys, &dir, &release)?;
+    let index = running_kernels_modules(sys)?;
     let mut loaded = index.load_all(sys, wanted)?;
     // The TEE guest drivers refuse machines that are not their TEE: best effort, and not tried
     // where the kernel itself found no such TEE (each refused load costs tens of milliseconds).
@@ -175,18 +169,43 @@ fn load_modules(
     Ok((loaded, index))
 }
 
-/// The configuration's modules and their dependencies, opened for [`modules::Pending::load`].
-fn open_late_modules(
-    sys: &dyn System,
-    wanted: &[String],
-) -> Result<modules::Pending, ModulesPhaseError> {
+/// The index of the running kernel's modules in /lib/modules (the initramfs's before
+/// switch_root, the verified root's after).
+fn running_kernels_modules(sys: &dyn System) -> Result<ModuleIndex, ModulesPhaseError> {
     let release = nix::sys::utsname::uname()
         .map_err(ModulesPhaseError::Release)?
         .release()
         .to_string_lossy()
         .into_owned();
-    let index = ModuleIndex::load(sys, &PathBuf::from("/lib/modules").join(&release), &release)?;
-    Ok(index.open_for_later(wanted, &[])?)
+    let dir = PathBuf::from("/lib/modules").join(&release);
+    Ok(ModuleIndex::load(sys, &dir, &release)?)
+}
+
+/// A thread that loads opened modules while the boot goes on; [`wait_for_modules`] joins it.
+fn load_meanwhile(
+    name: &str,
+    pending: modules::Pending,
+) -> std::thread::JoinHandle<Result<modules::Loaded, modules::ModuleError>> {
+    log::info!("modules loading meanwhile: {}", pending.names().join(" "));
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || pending.load())
+        .unwrap_or_else(|e| fatal(&format!("cannot start the thread that loads modules: {e}")))
+}
+
+/// Waits for a [`load_meanwhile`] thread and says what it loaded; a required module it could
+/// not load is the error.
+fn wait_for_modules(
+    thread: std::thread::JoinHandle<Result<modules::Loaded, modules::ModuleError>>,
+) -> Result<(), modules::ModuleError> {
+    let loaded = thread
+        .join()
+        .unwrap_or(Err(modules::ModuleError::Background))?;
+    for note in &loaded.notes {
+        log::info!("{note}");
+    }
+    log::info!("modules loaded meanwhile: {}", loaded.names.join(" "));
+    Ok(())
 }
 
 /// Why a TEE guest driver cannot bind here, from what the kernel decided at boot: it registers
@@ -294,11 +313,7 @@ pub fn run() -> ! {
         Ok::<_, ModulesPhaseError>((loaded, index, pending))
     });
     log::info!("modules loaded: {}", loaded.join(" "));
-    log::info!("modules loading meanwhile: {}", pending.names().join(" "));
-    let later_modules = std::thread::Builder::new()
-        .name("modules".into())
-        .spawn(move || pending.load())
-        .unwrap_or_else(|e| fatal(&format!("cannot start the thread that loads modules: {e}")));
+    let later_modules = load_meanwhile("modules", pending);
     phase("devices", || {
         start_device_drivers(index, &loaded, &options.drivers);
         Ok::<(), std::convert::Infallible>(())
@@ -332,13 +347,10 @@ pub fn run() -> ! {
     // while the network and the state disk are set up.
     let late_modules = (!config_file.modules.is_empty()).then(|| {
         let pending = phase("modules-late", || {
-            open_late_modules(&sys, &config_file.modules)
+            let index = running_kernels_modules(&sys)?;
+            Ok::<_, ModulesPhaseError>(index.open_for_later(&config_file.modules, &[])?)
         });
-        log::info!("modules loading meanwhile: {}", pending.names().join(" "));
-        std::thread::Builder::new()
-            .name("modules-late".into())
-            .spawn(move || pending.load())
-            .unwrap_or_else(|e| fatal(&format!("cannot start the thread that loads modules: {e}")))
+        load_meanwhile("modules-late", pending)
     });
     let name_from = phase("network", || {
         crate::net::bring_up(config_file.network.as_ref(), &options.net)
@@ -346,13 +358,7 @@ pub fn run() -> ! {
     // The state disk (a later issue) is measured here; without one, its absence is. Then the
     // seal barrier: nothing sealed to the values so far unseals later in this boot.
     phase("state", || {
-        let later = later_modules
-            .join()
-            .unwrap_or(Err(modules::ModuleError::Background))?;
-        for note in &later.notes {
-            log::info!("{note}");
-        }
-        log::info!("modules loaded meanwhile: {}", later.names.join(" "));
+        wait_for_modules(later_modules)?;
         match &config_file.state {
             None => measure(Event::StateDisk(None))?,
             Some(cfg) => {
@@ -390,15 +396,7 @@ pub fn run() -> ! {
     });
     if let Some(late_modules) = late_modules {
         // Before any service starts: a required module that did not load stops the boot here.
-        let later = phase("modules-late-wait", || {
-            late_modules
-                .join()
-                .unwrap_or(Err(modules::ModuleError::Background))
-        });
-        for note in &later.notes {
-            log::info!("{note}");
-        }
-        log::info!("modules loaded meanwhile: {}", later.names.join(" "));
+        phase("modules-late-wait", || wait_for_modules(late_modules));
     }
 
     let buttons = phase("power-button", || {
