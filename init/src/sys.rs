@@ -155,6 +155,21 @@ pub fn load_module_file(file: &fs::File, path: &Path) -> Result<(), ModuleLoadEr
     done(finit_module(file.as_fd(), c"", ModuleInitFlags::empty()))
 }
 
+/// For tests of what must not block: `f`'s result, or a panic naming `what` when it has not
+/// returned after 5 s.
+#[cfg(test)]
+pub fn returns_promptly<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(5))
+        .unwrap_or_else(|_| panic!("{what}: still waiting after 5 s"))
+}
+
 #[cfg(test)]
 pub mod fake {
     //! A recording fake of [`System`] for unit tests.
