@@ -110,6 +110,17 @@ fn trim_with(root: &Path, plugins: Option<&str>) -> std::process::Output {
     command.output().expect("python3 (make deps installs it)")
 }
 
+/// The script stopped, saying `expected`, before it removed anything.
+fn assert_refused(out: std::process::Output, root: &Path, expected: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{expected}: it went ahead");
+    assert!(stderr.contains(expected), "{expected}: {stderr}");
+    assert!(
+        root.join("usr/bin/bash").exists(),
+        "{expected}: files were removed"
+    );
+}
+
 #[test]
 fn only_the_service_and_what_it_links_remain() {
     let Some(dir) = tree() else {
@@ -175,15 +186,7 @@ fn a_library_the_tree_lacks_stops_it_by_name() {
     };
     let root = dir.path();
     fs::remove_file(root.join("usr/lib/x86_64-linux-gnu/libc.so.6")).unwrap();
-    let out = trim(root);
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("/usr/bin/service needs libc.so.6"),
-        "{stderr}"
-    );
-    // Nothing was removed before the refusal.
-    assert!(root.join("usr/bin/bash").exists());
+    assert_refused(trim(root), root, "/usr/bin/service needs libc.so.6");
 }
 
 #[test]
@@ -219,14 +222,7 @@ fn cni_plugins_chooses_the_plugins_and_a_missing_one_stops_it_by_name() {
         ("../../bin/bash", "'../../bin/bash' is not a plugin name"),
         (" ", "CNI_PLUGINS is empty"),
     ] {
-        let out = trim_with(root, Some(plugins));
-        assert!(!out.status.success(), "{plugins}");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains(expected), "{plugins}: {stderr}");
-        assert!(
-            root.join("usr/bin/bash").exists(),
-            "{plugins}: files were removed"
-        );
+        assert_refused(trim_with(root, Some(plugins)), root, expected);
     }
 }
 
@@ -335,14 +331,11 @@ fn the_configurations_modules_stay_with_their_dependencies_and_nothing_else() {
         "modules = [\"bridge\", \"wireguard\"]\n",
     )
     .unwrap();
-    let out = trim(root);
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("/etc/cvm-init/config.toml: modules: 'wireguard': kernel 6.12.0-test has no such module, neither loadable nor built in"),
-        "{stderr}"
+    assert_refused(
+        trim(root),
+        root,
+        "/etc/cvm-init/config.toml: modules: 'wireguard': kernel 6.12.0-test has no such module, neither loadable nor built in",
     );
-    assert!(root.join("usr/bin/bash").exists(), "files were removed");
 }
 
 #[test]
@@ -382,13 +375,6 @@ fn an_alias_several_kernels_or_a_cycle_in_the_modules_stop_it_by_name() {
             None => {}
         }
         fs::write(root.join("etc/cvm-init/config.toml"), config).unwrap();
-        let out = trim(root);
-        assert!(!out.status.success(), "{config}");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains(expected), "{config}: {stderr}");
-        assert!(
-            root.join("usr/bin/bash").exists(),
-            "{config}: files were removed"
-        );
+        assert_refused(trim(root), root, expected);
     }
 }
