@@ -6,7 +6,6 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
@@ -101,7 +100,7 @@ impl Image {
 }
 
 /// Answers requests on `listener` until the process ends, one connection at a time.
-pub fn serve(listener: TcpListener, image: Arc<Image>) {
+pub fn serve(listener: TcpListener, image: Image) {
     for connection in listener.incoming().flatten() {
         if let Err(e) = answer_one(connection, &image) {
             println!("kubelet-standin: test registry: {e}");

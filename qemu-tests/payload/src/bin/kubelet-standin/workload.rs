@@ -9,7 +9,6 @@
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::grpc::{bytes_field, string_field, unary, Msg};
@@ -98,7 +97,7 @@ fn call(socket: &str, method: &str, request: Msg) -> Result<Vec<u8>, String> {
 fn run_pod(socket: &str) -> Result<(), String> {
     let executable =
         std::fs::read("/proc/self/exe").map_err(|e| format!("cannot read /proc/self/exe: {e}"))?;
-    let image = Arc::new(Image::of_executable(&executable));
+    let image = Image::of_executable(&executable);
     let listener =
         TcpListener::bind(REGISTRY).map_err(|e| format!("cannot listen on {REGISTRY}: {e}"))?;
     say(&format!(
@@ -107,8 +106,7 @@ fn run_pod(socket: &str) -> Result<(), String> {
         executable.len(),
         registry::ENTRYPOINT
     ));
-    let served = Arc::clone(&image);
-    std::thread::spawn(move || registry::serve(listener, served));
+    std::thread::spawn(move || registry::serve(listener, image));
     std::fs::create_dir_all(LOG_DIR).map_err(|e| format!("cannot create {LOG_DIR}: {e}"))?;
     std::fs::write(CNI_CONFIG, CNI_NETWORK)
         .map_err(|e| format!("cannot write {CNI_CONFIG}: {e}"))?;
