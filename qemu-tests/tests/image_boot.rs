@@ -216,8 +216,13 @@ fn the_image_boots_through_uefi_to_ready_and_measures_what_was_predicted() {
         "image boot: QEMU start to `cvm-init: ready` in {:.1} s (OVMF, TCG, 1 vCPU)",
         to_ready.as_secs_f64()
     );
-    // The test pod is the kubelet stand-in's (a real kubelet, KUBELET=, runs none).
-    if log.contains("kubelet-standin: this is a stand-in, not a kubelet") {
+    // The test pod is the kubelet stand-in's (a real kubelet, KUBELET=, runs none). The
+    // kubelet's first line may come after `ready`: which kubelet this is, it says there.
+    must(guest.wait_for("kubelet: ", BOOT));
+    if guest
+        .serial_log()
+        .contains("kubelet: kubelet-standin: this is a stand-in, not a kubelet")
+    {
         test_pod(&mut guest);
     } else {
         eprintln!("image boot: no kubelet stand-in, so no test pod");
